@@ -1,0 +1,98 @@
+"""One settings object for the API, the workers and the CLI (env prefix ``ALLOY_``).
+
+The embedded default needs no configuration: a SQLite job store and Celery's ``filesystem://`` transport, both
+under ``ALLOY_HOME`` (default ``~/.alloy``). Production sets ``ALLOY_DATABASE_URL`` (Postgres) and
+``ALLOY_BROKER_URL`` (``redis://``). A ``filesystem://`` URL may carry the broker folder as its path
+(``filesystem:///srv/alloy/broker``); producers and consumers must agree on it, so both take the transport
+options from :meth:`Settings.broker_transport_options`.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path("~/.alloy").expanduser()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALLOY_", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home, description="Where the default job store, broker and data live.")
+    database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///$ALLOY_HOME/alloy.db.")
+    broker_url: str = Field("", description="Celery broker URL; default filesystem:// under $ALLOY_HOME/broker.")
+    # NoDecode: the env value is os.pathsep-separated, not JSON
+    data_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Roots that local sources and outputs must stay inside."
+    )
+    hf_cache: Path | None = None
+    hf_token: SecretStr | None = Field(None, description="Server-wide Hub token, used when a request sends none.")
+    server_key: SecretStr = Field(SecretStr(""), description="Secret for signing/encrypting server-side values.")
+    task_time_limit_s: int = Field(6 * 3600, gt=0)
+    heartbeat_interval_s: float = Field(10.0, gt=0)
+    heartbeat_stale_s: float = Field(120.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    rate_limit_per_minute: int = Field(60, ge=1, description="Submissions per token per minute (in-process).")
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    events_poll_s: float = Field(0.5, gt=0, description="How often the SSE stream re-reads the job row.")
+    readiness_timeout_s: float = Field(1.0, gt=0, description="Broker connect / worker ping timeout for /readyz.")
+
+    @field_validator("data_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part for part in value.split(os.pathsep) if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        self.home = self.home.expanduser()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'alloy.db'}"
+        if not self.broker_url:
+            self.broker_url = f"filesystem://{self.home / 'broker'}"
+        if not self.data_dirs:
+            self.data_dirs = [self.home / "data", Path.cwd()]
+        self.data_dirs = [Path(p).expanduser() for p in self.data_dirs]
+        return self
+
+    @property
+    def broker_dir(self) -> Path | None:
+        """The folder of a ``filesystem://`` broker (``filesystem:///abs/dir``), else None."""
+        if not self.broker_url.startswith("filesystem://"):
+            return None
+        path = self.broker_url.removeprefix("filesystem://")
+        return Path(path) if path else self.home / "broker"
+
+    def broker_transport_options(self) -> dict[str, Any]:
+        """Celery ``broker_transport_options``; the filesystem folders are created here so both sides agree."""
+        folder = self.broker_dir
+        if folder is None:
+            return {}
+        options = {
+            "data_folder_in": folder / "queue",
+            "data_folder_out": folder / "queue",
+            "control_folder": folder / "control",
+            "processed_folder": folder / "processed",
+            "store_processed": False,
+        }
+        for key in ("data_folder_in", "control_folder", "processed_folder"):
+            # the broker folder can carry Hub tokens inside messages: keep it private to this user
+            options[key].mkdir(parents=True, exist_ok=True, mode=0o700)
+        return {key: str(value) if isinstance(value, Path) else value for key, value in options.items()}
+
+    def celery_broker_url(self) -> str:
+        """The URL handed to Celery: ``filesystem://`` carries its folder in the transport options instead."""
+        return "filesystem://" if self.broker_dir is not None else self.broker_url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

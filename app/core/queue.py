@@ -1,0 +1,80 @@
+"""Enqueueing by task name through a Celery *client* app: the API never imports ``workers/``.
+
+Messages carry the job id (and, when a request sent one, the Hub token — see ``enqueue_job``); everything else
+is read from the job row by the worker.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+
+from app.core.config import Settings, get_settings
+
+RUN_JOB_TASK = "alloy.run_job"
+MAX_PRIORITY = 9
+
+
+@lru_cache(maxsize=4)
+def _client_for(broker_url: str, transport_options: tuple[tuple[str, Any], ...]) -> Celery:
+    client = Celery("alloy-client", broker=broker_url, set_as_current=False)
+    client.conf.update(
+        broker_transport_options=dict(transport_options),
+        broker_connection_retry_on_startup=False,
+        broker_connection_max_retries=1,
+        task_serializer="json",
+        accept_content=["json"],
+        task_queue_max_priority=MAX_PRIORITY,
+        task_default_priority=MAX_PRIORITY // 2,
+    )
+    return client
+
+
+def celery_client(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    options = tuple(sorted(settings.broker_transport_options().items()))
+    return _client_for(settings.celery_broker_url(), options)
+
+
+def broker_priority(priority: int, *, broker_url: str) -> int:
+    """Alloy priorities are 0..9, higher first. Redis (kombu) pops the *lowest* number first, AMQP the highest."""
+    priority = max(0, min(MAX_PRIORITY, priority))
+    return MAX_PRIORITY - priority if broker_url.startswith(("redis://", "rediss://", "sentinel://")) else priority
+
+
+def enqueue_job(job_id: str, *, priority: int = 5, queue: str = "merge", hf_token: str | None = None,
+                settings: Settings | None = None) -> None:
+    """Send ``alloy.run_job(job_id)`` after the job row is committed.
+
+    The Hub token (from ``X-HF-Token``) travels only as the message kwarg ``hf_token``: it is never stored in the
+    job row, the report or logs, so it lives in the broker until a worker takes the message and then only in that
+    worker's memory. A job re-enqueued by the reaper has lost it and falls back to the server's ``ALLOY_HF_TOKEN``.
+    Encrypting it into the row instead would keep a long-lived secret at rest for the life of the job table.
+    """
+    settings = settings or get_settings()
+    kwargs = {"hf_token": hf_token} if hf_token else {}
+    celery_client(settings).send_task(
+        RUN_JOB_TASK,
+        args=[job_id],
+        kwargs=kwargs,
+        queue=queue,
+        routing_key=queue,
+        priority=broker_priority(priority, broker_url=settings.broker_url),
+        retry=False,
+        # Celery logs and stores kwargsrepr in headers; mask the token there
+        kwargsrepr=repr({key: "***" for key in kwargs}),
+    )
+
+
+def check_broker(settings: Settings, *, timeout_s: float) -> None:
+    """Raise if the broker can't be reached within the timeout."""
+    with celery_client(settings).connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=timeout_s)
+
+
+def ping_workers(settings: Settings, *, timeout_s: float) -> list[str]:
+    """Names of the workers that answered a control ping within the timeout."""
+    replies = celery_client(settings).control.ping(timeout=timeout_s) or []
+    return sorted(name for reply in replies for name in reply)

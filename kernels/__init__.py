@@ -1,0 +1,83 @@
+"""Public kernel ops. Each call dispatches (``kernels.dispatch``) to the Triton twin or the torch reference,
+which share names and signatures; see ``kernels/reference.py`` for the exact semantics of every op."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kernels.dispatch import kernel, kernel_mode
+
+Tensor = torch.Tensor
+
+
+def fused_task_arithmetic(
+    base: Tensor, finetuned: Sequence[Tensor], weights: Sequence[float], *, scale: float = 1.0,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    fn = kernel("fused_task_arithmetic", base, *finetuned)
+    return fn(base, finetuned, weights, scale=scale, out_dtype=out_dtype)
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    return kernel("pack_bits", mask)(mask)
+
+
+def unpack_bits(packed: Tensor, n: int) -> Tensor:
+    return kernel("unpack_bits", packed)(packed, n)
+
+
+def dare_keep_mask(
+    shape: Sequence[int] | torch.Size, *, density: float, seed: int, source_index: int, name: str,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    probe = torch.empty(0, device=device)  # dispatch decides by device; the op itself takes no tensor
+    fn = kernel("dare_keep_mask", probe)
+    return fn(shape, density=density, seed=seed, source_index=source_index, name=name, device=device)
+
+
+def rank_boundary(x: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
+    return kernel("rank_boundary", x)(x, rank)
+
+
+def select_by_threshold(x: Tensor, threshold: Tensor, tie_quota: Tensor) -> Tensor:
+    return kernel("select_by_threshold", x)(x, threshold, tie_quota)
+
+
+def topk_mask(x: Tensor, *, keep: Tensor, skip: Tensor | None = None) -> Tensor:
+    return kernel("topk_mask", x)(x, keep=keep, skip=skip)
+
+
+def magnitude_histogram(x: Tensor, *, prefix: Tensor, prefix_shift: int, digit_shift: int, digit_bits: int) -> Tensor:
+    fn = kernel("magnitude_histogram", x)
+    return fn(x, prefix=prefix, prefix_shift=prefix_shift, digit_shift=digit_shift, digit_bits=digit_bits)
+
+
+def elect_sign(x: Tensor, weights: Tensor) -> Tensor:
+    return kernel("elect_sign", x)(x, weights)
+
+
+def disjoint_merge(x: Tensor, weights: Tensor, *, mean: bool) -> tuple[Tensor, Tensor]:
+    return kernel("disjoint_merge", x)(x, weights, mean=mean)
+
+
+def ternarize(x: Tensor, mask: Tensor, scale: Tensor) -> Tensor:
+    return kernel("ternarize", x)(x, mask, scale)
+
+
+__all__ = [
+    "disjoint_merge",
+    "elect_sign",
+    "magnitude_histogram",
+    "rank_boundary",
+    "select_by_threshold",
+    "ternarize",
+    "topk_mask",
+    "dare_keep_mask",
+    "fused_task_arithmetic",
+    "kernel",
+    "kernel_mode",
+    "pack_bits",
+    "unpack_bits",
+]

@@ -1,0 +1,68 @@
+"""Pick the implementation of a kernel op: the Triton twin or the torch reference.
+
+``ALLOY_KERNELS`` (read at every call, so tests can flip it): ``auto`` (default) uses Triton when any argument
+tensor is on CUDA and ``kernels.triton_ops`` imports and defines the op, else the reference, silently;
+``torch`` always uses the reference; ``triton`` uses Triton or raises ``KernelUnavailableError`` saying why.
+Only ``kernels/triton_ops.py`` (and ``kernels/triton/``) import triton, lazily, on first use here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from kernels import reference
+from merge_ops.errors import KernelUnavailableError
+
+_MODES = ("auto", "torch", "triton")
+_triton_module: ModuleType | None = None
+_triton_error: str | None = None
+_tried_import = False
+
+
+def _load_triton_ops() -> ModuleType | None:
+    """Import ``kernels.triton_ops`` once; remember why it failed (no triton, no driver, ...)."""
+    global _triton_module, _triton_error, _tried_import
+    if not _tried_import:
+        _tried_import = True
+        try:
+            _triton_module = importlib.import_module("kernels.triton_ops")
+        except Exception as exc:  # ImportError, or triton failing to find a driver at import time
+            _triton_error = f"{type(exc).__name__}: {exc}"
+    return _triton_module
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("ALLOY_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise KernelUnavailableError(f"ALLOY_KERNELS={mode!r}; expected one of {', '.join(_MODES)}", mode=mode)
+    return mode
+
+
+def kernel(op_name: str, *tensors: Any) -> Callable[..., Any]:
+    """The implementation of ``op_name`` for these argument tensors (non-tensors among them are ignored)."""
+    ref = getattr(reference, op_name, None)
+    if ref is None:
+        raise KeyError(f"unknown kernel op {op_name!r}")
+    mode = kernel_mode()
+    if mode == "torch":
+        return ref
+    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+    module = _load_triton_ops() if (on_cuda or mode == "triton") else None
+    triton_fn = getattr(module, op_name, None) if module is not None else None
+    if on_cuda and triton_fn is not None:
+        return triton_fn
+    if mode == "auto":
+        return ref
+    if not on_cuda:
+        why = "its tensors are not on a CUDA device"
+    elif module is None:
+        why = f"kernels.triton_ops does not import ({_triton_error})"
+    else:
+        why = "kernels.triton_ops has no such op"
+    raise KernelUnavailableError(f"ALLOY_KERNELS=triton but op {op_name!r} can't run on Triton: {why}", op=op_name)

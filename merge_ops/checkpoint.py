@@ -1,0 +1,372 @@
+"""Checkpoint reading: a hostile-safe safetensors header parser, lazy tensor loading, sharded indexes, and the
+pickle guard.
+
+Every safetensors file is validated from its header alone before any tensor is touched: the 8-byte header
+length against the file size, the JSON (no duplicate keys), dtype codes, shapes against byte ranges, and
+offsets in range and contiguous (no overlap, no hole — the layout ``safetensors`` itself writes and accepts).
+Only then are tensors read, one at a time, through ``safetensors.safe_open`` (memory-mapped). Pickle files
+(``.bin``/``.pt``) are refused unless ``allow_pickle`` and then only go through ``torch.load(weights_only=True)``.
+Errors name the file and, where there is one, the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from merge_ops.errors import CorruptCheckpointError, IncompatibleModelsError, SourceNotFoundError, UnsafeCheckpointError
+
+#: safetensors dtype code -> (torch dtype, bytes per element). Sub-byte codes (F4, F6_*) are not supported.
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "BOOL": (torch.bool, 1),
+    "U8": (torch.uint8, 1),
+    "I8": (torch.int8, 1),
+    "I16": (torch.int16, 2),
+    "U16": (torch.uint16, 2),
+    "I32": (torch.int32, 4),
+    "U32": (torch.uint32, 4),
+    "I64": (torch.int64, 8),
+    "U64": (torch.uint64, 8),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F32": (torch.float32, 4),
+    "F64": (torch.float64, 8),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, (dtype, _) in DTYPES.items()}
+#: safetensors' own limit; a larger length field is hostile, not a big model.
+MAX_HEADER_BYTES = 100_000_000
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Header facts about one tensor: safetensors dtype code, shape, and the file holding it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    metadata: dict[str, str]
+    infos: dict[str, TensorInfo]
+    #: byte ranges (begin, end) relative to the data section, same keys as ``infos``
+    offsets: dict[str, tuple[int, int]]
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_CODES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} has no safetensors code") from None
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """Parse and validate the header of ``path``; raise ``CorruptCheckpointError`` naming file and tensor."""
+    path = Path(path)
+    try:
+        file_size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _corrupt(path, f"file is {file_size} bytes, too short for the 8-byte header length")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise _corrupt(path, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + header_len > file_size:
+                raise _corrupt(path, f"header length {header_len} runs past the end of the {file_size}-byte file")
+            raw = f.read(header_len)
+    except FileNotFoundError:
+        raise SourceNotFoundError(f"{path}: no such file", file=str(path)) from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _corrupt(path, f"header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _corrupt(path, "__metadata__ must map strings to strings")
+    data_size = file_size - 8 - header_len
+    infos: dict[str, TensorInfo] = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    for name, entry in header.items():
+        info, span = _validate_entry(path, name, entry, data_size)
+        infos[name] = info
+        offsets[name] = span
+    _check_layout(path, offsets, data_size)
+    return SafetensorsHeader(metadata=metadata, infos=infos, offsets=offsets)
+
+
+def _validate_entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[TensorInfo, tuple[int, int]]:
+    if not name:
+        raise _corrupt(path, "empty tensor name")
+    if not isinstance(entry, dict):
+        raise _corrupt(path, "entry is not an object", tensor=name)
+    dtype, shape, span = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _corrupt(path, f"unknown dtype {dtype!r}", tensor=name)
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise _corrupt(path, f"shape {shape!r} is not a list of non-negative integers", tensor=name)
+    if not (isinstance(span, list) and len(span) == 2 and all(_is_uint(o) for o in span)):
+        raise _corrupt(path, f"data_offsets {span!r} is not a pair of non-negative integers", tensor=name)
+    begin, end = span
+    if begin > end:
+        raise _corrupt(path, f"data_offsets {span} begin after end", tensor=name)
+    if end > data_size:
+        raise _corrupt(
+            path, f"data_offsets {span} run past the {data_size}-byte data section (truncated file?)", tensor=name
+        )
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if end - begin != expected:
+        raise _corrupt(
+            path, f"shape {shape} of {dtype} needs {expected} bytes but data_offsets {span} span {end - begin}",
+            tensor=name,
+        )
+    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), file=path), (begin, end)
+
+
+def _check_layout(path: Path, offsets: dict[str, tuple[int, int]], data_size: int) -> None:
+    """Byte ranges must tile the data section: no overlap (aliasing), no hole, nothing trailing."""
+    cursor = 0
+    previous = None
+    for name, (begin, end) in sorted(offsets.items(), key=lambda item: item[1]):
+        if begin < cursor:
+            raise _corrupt(path, f"data_offsets [{begin}, {end}] overlap tensor {previous!r}", tensor=name)
+        if begin > cursor:
+            raise _corrupt(path, f"{begin - cursor} unaccounted bytes before data_offsets [{begin}, {end}]", tensor=name)
+        cursor, previous = end, name
+    if cursor != data_size:
+        raise _corrupt(path, f"data section is {data_size} bytes but tensors cover {cursor}")
+
+
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            # json would silently keep the last one; two readers could then disagree about a tensor
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _corrupt(path: Path, problem: str, *, tensor: str | None = None) -> CorruptCheckpointError:
+    where = f"{path}: tensor {tensor!r}: " if tensor is not None else f"{path}: "
+    context = {"file": str(path), **({"tensor": tensor} if tensor is not None else {})}
+    return CorruptCheckpointError(where + problem, **context)
+
+
+class Checkpoint:
+    """A checkpoint on local disk: one ``.safetensors`` file, an HF folder (single file or sharded with an
+    index), or a pickle file/folder when ``allow_pickle``. ``infos`` come from headers only; ``load`` reads
+    one tensor. Use ``Checkpoint.open``."""
+
+    def __init__(self, path: Path, infos: dict[str, TensorInfo], metadata: dict[str, str]) -> None:
+        self.path = path
+        self.infos = infos
+        self.metadata = metadata
+        self._handles: dict[Path, Any] = {}
+        self._pickled: tuple[Path, dict[str, torch.Tensor]] | None = None
+
+    @classmethod
+    def open(cls, path: Path, *, allow_pickle: bool = False) -> Checkpoint:
+        path = Path(path)
+        if not path.exists():
+            raise SourceNotFoundError(f"{path}: no such file or folder", file=str(path))
+        files = _checkpoint_files(path, allow_pickle=allow_pickle)
+        if files.pickle:
+            return _open_pickle(path, files.weight_map)
+        infos: dict[str, TensorInfo] = {}
+        metadata: dict[str, str] = {}
+        headers = {file: read_safetensors_header(file) for file in dict.fromkeys(files.weight_map.values())}
+        for file, header in headers.items():
+            metadata = metadata or header.metadata
+        if files.indexed:
+            for name, file in files.weight_map.items():
+                info = headers[file].infos.get(name)
+                if info is None:
+                    raise CorruptCheckpointError(
+                        f"{path / INDEX_NAME}: tensor {name!r} is mapped to {file.name} which does not hold it",
+                        file=str(file), tensor=name,
+                    )
+                infos[name] = info
+        else:
+            (header,) = headers.values()
+            infos = dict(header.infos)
+        return cls(path, infos, metadata)
+
+    def load(self, name: str) -> torch.Tensor:
+        info = self.infos.get(name)
+        if info is None:
+            raise IncompatibleModelsError(f"{self.path}: no tensor {name!r}", file=str(self.path), tensor=name)
+        if info.file.suffix.lower() in PICKLE_SUFFIXES:
+            return self._load_pickled(info)
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+        try:
+            return handle.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own SafetensorError; give it a typed home
+            raise _corrupt(info.file, f"cannot read tensor data ({exc})", tensor=name) from exc
+
+    def _load_pickled(self, info: TensorInfo) -> torch.Tensor:
+        # keep one pickle shard loaded (mmap'd where the format allows) so a folder of shards stays bounded
+        if self._pickled is None or self._pickled[0] != info.file:
+            self._pickled = (info.file, load_pickle_state_dict(info.file))
+        return self._pickled[1][info.name]
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+        self._pickled = None
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class _Files:
+    weight_map: dict[str, Path]  # tensor -> file; for unindexed sources a single "" -> file entry
+    indexed: bool
+    pickle: bool
+
+
+def _checkpoint_files(path: Path, *, allow_pickle: bool) -> _Files:
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            return _Files({"": path}, indexed=False, pickle=False)
+        if suffix in PICKLE_SUFFIXES:
+            _guard_pickle(path, allow_pickle)
+            return _Files({"": path}, indexed=False, pickle=True)
+        raise SourceNotFoundError(f"{path}: not a checkpoint (.safetensors, or .bin/.pt with allow_pickle)",
+                                  file=str(path))
+    if (path / INDEX_NAME).is_file():
+        return _Files(_read_index(path / INDEX_NAME), indexed=True, pickle=False)
+    if (path / "model.safetensors").is_file():
+        return _Files({"": path / "model.safetensors"}, indexed=False, pickle=False)
+    candidates = sorted(path.glob("*.safetensors"))
+    if len(candidates) == 1:  # adapter_model.safetensors, task_vector.safetensors, a renamed single file
+        return _Files({"": candidates[0]}, indexed=False, pickle=False)
+    if len(candidates) > 1:
+        raise SourceNotFoundError(
+            f"{path}: {len(candidates)} .safetensors files but no {INDEX_NAME} to say how they fit together",
+            file=str(path),
+        )
+    if (path / PICKLE_INDEX_NAME).is_file():
+        _guard_pickle(path / PICKLE_INDEX_NAME, allow_pickle)
+        return _Files(_read_index(path / PICKLE_INDEX_NAME), indexed=True, pickle=True)
+    pickles = sorted(p for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+    if len(pickles) == 1:
+        _guard_pickle(pickles[0], allow_pickle)
+        return _Files({"": pickles[0]}, indexed=False, pickle=True)
+    raise SourceNotFoundError(f"{path}: no model.safetensors, {INDEX_NAME} or single checkpoint file",
+                              file=str(path))
+
+
+def _read_index(index: Path) -> dict[str, Path]:
+    folder = index.parent.resolve()
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _corrupt(index, f"not a valid index ({exc!r})") from None
+    if not isinstance(weight_map, dict):
+        raise _corrupt(index, "weight_map is not an object")
+    out: dict[str, Path] = {}
+    for name, filename in weight_map.items():
+        if not isinstance(filename, str) or not filename:
+            raise _corrupt(index, f"file {filename!r} is not a file name", tensor=name)
+        file = (folder / filename).resolve()
+        if file.parent != folder:  # "../../x" or an absolute path: the index must not reach outside its folder
+            raise UnsafeCheckpointError(
+                f"{index}: tensor {name!r}: shard {filename!r} is outside the checkpoint folder",
+                file=str(index), tensor=name,
+            )
+        if not file.is_file():
+            raise SourceNotFoundError(f"{index}: tensor {name!r}: shard {filename!r} is missing",
+                                      file=str(file), tensor=name)
+        out[name] = file
+    return out
+
+
+def _guard_pickle(path: Path, allow_pickle: bool) -> None:
+    if not allow_pickle:
+        raise UnsafeCheckpointError(
+            f"{path}: pickle checkpoints can run arbitrary code when loaded; convert to safetensors or set "
+            "allow_pickle: true in the recipe (then loaded with torch.load(weights_only=True))",
+            file=str(path),
+        )
+
+
+def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)``, memory-mapped when the file is in the zip format. Non-tensor
+    entries are dropped; anything the restricted unpickler refuses is an ``UnsafeCheckpointError``."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # legacy (non-zip) pickles can't be mmap'd; anything else is real
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SourceNotFoundError(f"{path}: no such file", file=str(path)) from None
+    except Exception as exc:
+        if type(exc).__name__ == "UnpicklingError":
+            raise UnsafeCheckpointError(f"{path}: refused by the weights-only loader ({exc})",
+                                        file=str(path)) from None
+        raise _corrupt(path, f"cannot load pickle ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict):
+        raise _corrupt(path, f"pickle holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _open_pickle(path: Path, weight_map: dict[str, Path]) -> Checkpoint:
+    files = list(dict.fromkeys(weight_map.values()))
+    infos: dict[str, TensorInfo] = {}
+    for file in files:  # shapes need the pickle itself; mmap keeps this cheap for zip-format files
+        for name, tensor in load_pickle_state_dict(file).items():
+            if weight_map.get(name, file) != file and "" not in weight_map:
+                continue
+            if tensor.dtype not in DTYPE_CODES:
+                raise _corrupt(file, f"unsupported dtype {tensor.dtype}", tensor=name)
+            infos[name] = TensorInfo(name=name, dtype=DTYPE_CODES[tensor.dtype], shape=tuple(tensor.shape), file=file)
+    missing = [n for n in weight_map if n and n not in infos]
+    if missing:
+        raise CorruptCheckpointError(f"{path}: index maps {missing[0]!r} to a file that does not hold it",
+                                     file=str(weight_map[missing[0]]), tensor=missing[0])
+    return Checkpoint(path, infos, {})

@@ -1,0 +1,348 @@
+"""The Alloy recipe: one pydantic model for YAML/JSON recipes, validated before any file is read.
+
+Validation collects every problem (field errors and cross-field rules) into one ``RecipeError`` whose
+``context['errors']`` is a list of ``{loc, msg}``. mergekit configs are translated by ``merge_ops.mergekit_compat``
+into this model first. Torch-free: the API validates recipes without importing torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from merge_ops.errors import RecipeError
+from merge_ops.params import CATALOG, LinesParams, Params, Scope
+
+OutputDtype = Literal["float32", "float16", "bfloat16"]
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class HubSource(_Model):
+    """A Hub repository at a revision (branch, tag or commit), optionally a subfolder."""
+
+    repo: str = Field(pattern=r"^[\w.\-]+(/[\w.\-]+)?$", description="org/name")
+    revision: str = Field("main", min_length=1, max_length=255)
+    subfolder: str | None = None
+
+    def uri(self) -> str:
+        sub = f"/{self.subfolder}" if self.subfolder else ""
+        return f"hf://{self.repo}{sub}@{self.revision}"
+
+
+Source = str | HubSource
+_HF_URI = re.compile(r"^hf://(?P<repo>[\w.\-]+/[\w.\-]+)(?P<sub>(/[\w.\-]+)*)(@(?P<rev>[^@\s]+))?$")
+
+
+def parse_source(source: Source) -> HubSource | Path:
+    """``hf://org/name[/subfolder][@revision]`` or a ``HubSource`` -> HubSource; anything else -> a local path."""
+    if isinstance(source, HubSource):
+        return source
+    if source.startswith("hf://"):
+        match = _HF_URI.match(source)
+        if not match:
+            raise ValueError(f"malformed Hub source {source!r}; expected hf://org/name[/subfolder]@revision")
+        sub = match["sub"].strip("/") or None
+        return HubSource(repo=match["repo"], revision=match["rev"] or "main", subfolder=sub)
+    if not source.strip():
+        raise ValueError("empty source")
+    return Path(source)
+
+
+class ModelEntry(_Model):
+    source: Source
+    weight: float = Field(1.0, ge=-100, le=100, description="w_t; negative weights negate a task vector.")
+    density: float | None = Field(None, gt=0, le=1, description="Per-model override of params.density.")
+
+    @field_validator("source")
+    @classmethod
+    def _parse(cls, value: Source) -> Source:
+        parse_source(value)
+        return value
+
+
+class Filters(_Model):
+    include: list[str] = Field(default_factory=list, description="Only tensors matching one of these merge.")
+    exclude: list[str] = Field(
+        default_factory=list, description="Tensors matching these are copied from the base."
+    )
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"bad regex {pattern!r}: {exc}") from None
+        return patterns
+
+    def merges(self, name: str) -> bool:
+        if self.include and not any(re.search(p, name) for p in self.include):
+            return False
+        return not any(re.search(p, name) for p in self.exclude)
+
+
+class ParamOverride(_Model):
+    """Params for the tensors whose name matches ``filter`` (first matching override wins)."""
+
+    filter: str
+    params: dict[str, Any]
+
+    @field_validator("filter")
+    @classmethod
+    def _compile(cls, pattern: str) -> str:
+        re.compile(pattern)
+        return pattern
+
+
+class HubOutput(_Model):
+    repo: str = Field(pattern=r"^[\w.\-]+/[\w.\-]+$")
+    private: bool = True
+    branch: str = "main"
+    create_pr: bool = False
+    commit_message: str | None = Field(None, max_length=1000)
+
+
+class OutputSpec(_Model):
+    path: str | None = Field(None, description="Local folder; created, must not hold a model already.")
+    hub: HubOutput | None = None
+    shard_size: int | str = Field("5GB", description="Bytes per shard, or '500MB', '5GB', '2GiB'.")
+    copy_files_from: Literal["base"] | int = Field(
+        "base", description="Where config/tokenizer files come from: 'base' or a model index."
+    )
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, value: int | str) -> int:
+        return parse_size(value)
+
+
+def parse_size(value: int | str) -> int:
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", value, flags=re.IGNORECASE)
+        if not match:
+            raise ValueError(f"bad size {value!r}; use bytes or e.g. '500MB', '5GB'")
+        size = int(float(match[1]) * _SIZE_UNITS[(match[2] or "").upper()])
+    if size < 1024:
+        raise ValueError("shard_size must be at least 1KB")
+    return size
+
+
+class Recipe(_Model):
+    """An Alloy merge recipe. ``params`` values may be a number, or a list of numbers interpolated over the
+    layer depth (a mergekit gradient); ``overrides`` set params per tensor-name regex."""
+
+    method: str = Field(description="A method id from GET /v1/methods.")
+    base: Source | None = Field(None, description="The base model θ_0 (required by task-vector methods).")
+    models: list[ModelEntry] = Field(default_factory=list)
+    weights: list[float] | None = Field(None, description="Alternative to per-model weights; one per model.")
+    params: dict[str, Any] = Field(default_factory=dict)
+    overrides: list[ParamOverride] = Field(default_factory=list)
+    lines: LinesParams | None = Field(None, description="LiNeS layer scaling on top of a task-vector method.")
+    scope: Scope | None = Field(None, description="Scope of top-k/σ statistics; default: the method's.")
+    dtype: OutputDtype | None = Field(None, description="Output dtype; default: the base's.")
+    seed: int = Field(0, ge=0, lt=2**63)
+    filters: Filters = Field(default_factory=Filters)
+    vocab_policy: Literal["error", "truncate", "pad_zero", "pad_mean"] = "error"
+    allow_pickle: bool = Field(
+        False, description="Read .bin/.pt checkpoints (with torch weights_only loading)."
+    )
+    # fine-tuning transfer names its three models instead of base + models
+    source_base: Source | None = None
+    source_finetuned: Source | None = None
+    target_base: Source | None = None
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _validate_everything(cls, data: Any, handler: Any) -> Self:
+        """Run field validation and the cross-field rules, and report the problems of both at once."""
+        problems = _cross_field_problems(data) if isinstance(data, dict) else []
+        try:
+            recipe = handler(data)
+        except ValidationError as exc:
+            line_errors = [_as_init_error(e) for e in exc.errors()] + problems
+            raise ValidationError.from_exception_data(cls.__name__, line_errors) from None
+        if problems:
+            raise ValidationError.from_exception_data(cls.__name__, problems)
+        return recipe
+
+    # -- derived values used by the engine --------------------------------------------------------------
+    def model_weights(self) -> list[float]:
+        return list(self.weights) if self.weights is not None else [m.weight for m in self.models]
+
+    def effective_scope(self) -> Scope:
+        return self.scope or CATALOG[self.method].default_scope
+
+    def params_for(
+        self, tensor_name: str, *, layer: int | None = None, num_layers: int | None = None
+    ) -> Params:
+        """The method's params for one tensor: overrides by name, then gradients interpolated over depth."""
+        raw = dict(self.params)
+        for override in self.overrides:
+            if re.search(override.filter, tensor_name):
+                raw.update(override.params)
+                break
+        resolved = {k: _interpolate(v, layer, num_layers) for k, v in raw.items()}
+        return CATALOG[self.method].params.model_validate(resolved)
+
+    def digest(self) -> str:
+        """A stable hash of the recipe (the provenance and idempotency key)."""
+        canonical = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _interpolate(value: Any, layer: int | None, num_layers: int | None) -> Any:
+    """mergekit gradients: a list of anchors spread evenly over the layers, linearly interpolated."""
+    if not isinstance(value, list):
+        return value
+    if len(value) == 1 or layer is None or not num_layers or num_layers < 2:
+        return value[0]
+    position = layer / (num_layers - 1) * (len(value) - 1)
+    low = min(int(position), len(value) - 2)
+    frac = position - low
+    return value[low] * (1 - frac) + value[low + 1] * frac
+
+
+def _as_init_error(error: Any) -> InitErrorDetails:
+    detail: dict[str, Any] = {"type": error["type"], "loc": error["loc"], "input": error.get("input")}
+    if error["type"] in {"value_error", "assertion_error"} or "ctx" not in error:
+        # re-raise custom messages verbatim (the builtin templates can't be re-rendered from ctx alone)
+        detail["type"] = PydanticCustomError("value_error", error["msg"].removeprefix("Value error, "))
+    else:
+        detail["ctx"] = error["ctx"]
+    return detail  # type: ignore[return-value]
+
+
+def _problem(loc: tuple[str | int, ...], msg: str) -> InitErrorDetails:
+    return {"type": PydanticCustomError("recipe_rule", msg), "loc": loc, "input": None}
+
+
+def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
+    """Rules that involve several fields: method, params, base, models, weights, transfer's three models."""
+    problems: list[InitErrorDetails] = []
+    method = data.get("method")
+    info = CATALOG.get(method) if isinstance(method, str) else None
+    if isinstance(method, str) and info is None:
+        problems.append(
+            _problem(("method",), f"unknown method {method!r}; known: {', '.join(sorted(CATALOG))}")
+        )
+    models = data.get("models") or []
+    if info is not None and info.kind == "transfer":
+        for key in ("source_base", "source_finetuned", "target_base"):
+            if not data.get(key):
+                problems.append(_problem((key,), f"method 'transfer' needs {key}"))
+        if models or data.get("base"):
+            problems.append(
+                _problem(
+                    ("models",),
+                    "method 'transfer' takes source_base, source_finetuned and "
+                    "target_base instead of base and models",
+                )
+            )
+    elif info is not None:
+        if info.needs_base and not data.get("base"):
+            problems.append(_problem(("base",), f"method {method!r} needs a base model"))
+        if len(models) < info.min_models:
+            problems.append(
+                _problem(("models",), f"method {method!r} needs at least {info.min_models} model(s)")
+            )
+    weights = data.get("weights")
+    if isinstance(weights, list) and isinstance(models, list) and len(weights) != len(models):
+        problems.append(_problem(("weights",), f"{len(weights)} weights for {len(models)} models"))
+    if info is not None:
+        problems += _params_problems(info.params, data.get("params") or {}, ("params",))
+        for i, override in enumerate(data.get("overrides") or []):
+            if isinstance(override, dict) and isinstance(override.get("params"), dict):
+                merged = {**(data.get("params") or {}), **override["params"]}
+                problems += _params_problems(info.params, merged, ("overrides", i, "params"))
+    return problems
+
+
+def _params_problems(model: type[Params], raw: Any, loc: tuple[str | int, ...]) -> list[InitErrorDetails]:
+    """Validate params with every gradient anchor in turn (each anchor must be valid on its own)."""
+    if not isinstance(raw, dict):
+        return []  # the field validator reports a non-dict
+    lists = {k: v for k, v in raw.items() if isinstance(v, list)}
+    problems: list[InitErrorDetails] = []
+    for key, value in lists.items():
+        if not value or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in value):
+            problems.append(_problem((*loc, key), "a gradient must be a non-empty list of numbers"))
+    if problems:
+        return problems
+    depth = max((len(v) for v in lists.values()), default=1)
+    seen: set[tuple[Any, ...]] = set()
+    for i in range(depth):
+        sample = {k: (v[min(i, len(v) - 1)] if isinstance(v, list) else v) for k, v in raw.items()}
+        try:
+            model.model_validate(sample)
+        except ValidationError as exc:
+            for error in exc.errors():
+                key = (error["loc"], error["msg"])
+                if key not in seen:
+                    seen.add(key)
+                    problems.append(_problem((*loc, *error["loc"]), error["msg"]))
+    return problems
+
+
+def load_recipe(data: dict[str, Any] | str | Path) -> Recipe:
+    """Parse and validate a recipe (a dict, YAML/JSON text, or a file path); mergekit configs are translated."""
+    if isinstance(data, Path) or (
+        isinstance(data, str) and "\n" not in data and data.endswith((".yaml", ".yml", ".json"))
+    ):
+        path = Path(data)
+        try:
+            data = path.read_text()
+        except OSError as exc:
+            raise RecipeError(f"cannot read recipe {path}: {exc.strerror}", errors=[]) from None
+    if isinstance(data, str):
+        try:
+            data = yaml.safe_load(data)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"recipe is not valid YAML/JSON: {exc}", errors=[]) from None
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe must be a mapping", errors=[{"loc": [], "msg": "expected a mapping"}])
+    from merge_ops.mergekit_compat import is_mergekit_config, translate_mergekit
+
+    if is_mergekit_config(data):
+        data = translate_mergekit(data)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise recipe_error(exc) from None
+
+
+def recipe_error(exc: ValidationError) -> RecipeError:
+    errors = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]} for e in exc.errors()]
+    summary = "; ".join(f"{'.'.join(e['loc']) or 'recipe'}: {e['msg']}" for e in errors)
+    return RecipeError(f"invalid recipe: {summary}", errors=errors)

@@ -1,0 +1,86 @@
+"""One registry of merge methods, one per-tensor signature.
+
+A method is a pure function ``(task_vectors[K, *S], ctx, params) -> delta[*S]``: float32 in, float32 out, no I/O,
+no global RNG, no dtype casting. The pipeline adds ``λ·LiNeS(ℓ)·delta`` to the base and casts once (the spec's
+*scale* stage is the pipeline's, so every method returns the unscaled aggregate). Metadata and params live in
+``params.CATALOG`` (torch-free, for the API); ``register_method`` attaches an implementation to a catalog entry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from merge_ops.params import CATALOG, MethodInfo, Params, Scope, method_info
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a method may know about the tensor it merges."""
+
+    name: str
+    #: Per-model weights w_t, float32 [K], on the compute device.
+    weights: torch.Tensor
+    #: Job seed; DARE keys its counter-based generator on (seed, source index, tensor name).
+    seed: int
+    #: Index of each of the K task vectors among the recipe's models (stable under filtering).
+    source_indices: tuple[int, ...]
+    scope: Scope
+    #: Per-model densities when the recipe sets them per model (else None: use params.density).
+    densities: tuple[float, ...] | None = None
+    #: Statistics of a first streaming pass, for ``scope=global`` (see ``merge_ops.global_stats``).
+    global_stats: Any = None
+    #: Method statistics for the job report (kept density, sign-conflict rate, σ...). Methods add
+    #: plain floats here; it is the one mutable part of the context.
+    report: dict[str, float] = field(default_factory=dict)
+
+
+MethodFn = Callable[["torch.Tensor", TensorContext, Any], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class RegisteredMethod:
+    info: MethodInfo
+    fn: MethodFn
+
+    @property
+    def params_model(self) -> type[Params]:
+        return self.info.params
+
+
+_IMPLEMENTATIONS: dict[str, MethodFn] = {}
+
+
+def register_method(*names: str) -> Callable[[MethodFn], MethodFn]:
+    """Attach the decorated function to the catalog entries ``names`` (which must exist)."""
+
+    def decorate(fn: MethodFn) -> MethodFn:
+        for name in names:
+            if name not in CATALOG:
+                raise KeyError(f"{name!r} is not declared in merge_ops.params.CATALOG")
+            if name in _IMPLEMENTATIONS:
+                raise KeyError(f"method {name!r} is registered twice")
+            _IMPLEMENTATIONS[name] = fn
+        return fn
+
+    return decorate
+
+
+def get_method(name: str) -> RegisteredMethod:
+    """The implementation of ``name`` (imports ``merge_ops.methods``, hence torch, on first use)."""
+    info = method_info(name)
+    importlib.import_module("merge_ops.methods")
+    try:
+        return RegisteredMethod(info, _IMPLEMENTATIONS[name])
+    except KeyError:
+        raise NotImplementedError(f"method {name!r} is declared but has no implementation") from None
+
+
+def registered_names() -> list[str]:
+    importlib.import_module("merge_ops.methods")
+    return sorted(_IMPLEMENTATIONS)

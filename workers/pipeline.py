@@ -1,0 +1,319 @@
+"""``run_job``: one job, start to end, as a plain function (the Celery task only calls it).
+
+The job row is the source of truth; the message carries only the id (and a Hub token, which never touches the
+database). Order of events::
+
+    claim (queued -> running, conditional: a redelivered or duplicate message exits here)
+    -> run_merge in this thread; a ticker thread owns every DB write meanwhile: progress at most every
+       progress_interval_s, a heartbeat every heartbeat_interval_s, and it reads cancel_requested
+    -> finish: succeeded | cancelled | failed (typed error code + detail) | back to queued (transient error)
+
+The merged folder is built in a job-scoped scratch folder next to the output and renamed into place by
+run_merge; that scratch folder is wiped before each attempt and after it, so a killed attempt leaves nothing
+behind once the job ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app import crud
+from app.core.config import Settings, get_settings
+from app.db import get_engine, session_scope
+from merge_ops.errors import MergeCancelled, MergeError
+from merge_ops.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+SCRATCH_DIRNAME = ".alloy-scratch"
+
+
+class RetryLater(Exception):
+    """A transient error: the row is back in ``queued``; the task re-sends itself after ``countdown`` seconds."""
+
+    def __init__(self, error: dict[str, Any], *, countdown: float) -> None:
+        super().__init__(error.get("detail", "transient error"))
+        self.error = error
+        self.countdown = countdown
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job_id: str
+    status: str  # succeeded | failed | cancelled | skipped | abandoned
+    error_code: str | None = None
+
+
+def worker_identity() -> str:
+    """Unique per attempt: host, pid and a nonce (a pid can be reused after a kill)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def default_output_dir(settings: Settings, job_id: str) -> Path:
+    """Where a recipe without ``output.path`` lands: inside the first data dir, so the API may serve it."""
+    return settings.data_dirs[0] / "merges" / job_id
+
+
+def scratch_root_for(output_dir: Path, job_id: str) -> Path:
+    # a sibling of the output, so the final rename never crosses filesystems
+    return output_dir.parent / SCRATCH_DIRNAME / job_id
+
+
+def remove_scratch(scratch: Path) -> None:
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        scratch.parent.rmdir()  # only when no other job is using it
+    except OSError:
+        pass
+
+
+def retry_countdown(attempts: int, *, base_s: float = 2.0, cap_s: float = 300.0) -> float:
+    """Exponential backoff with full jitter (AWS style), so retried jobs don't hit a recovering service at once."""
+    return random.uniform(0.5, 1.0) * min(cap_s, base_s * 2 ** max(0, attempts))
+
+
+def _setting(settings: Settings, name: str, default: float) -> float:
+    return float(getattr(settings, name, None) or default)
+
+
+def progress_interval(settings: Settings) -> float:
+    return _setting(settings, "progress_interval_s", min(1.0, settings.heartbeat_interval_s))
+
+
+@contextmanager
+def _session(settings: Settings) -> Iterator[Session]:
+    # crud functions commit their own writes; the scope rolls back and closes
+    with session_scope(get_engine(settings.database_url)) as session:
+        yield session
+
+
+class JobTicker(threading.Thread):
+    """The only writer of the row while the merge runs: progress (rate-limited), heartbeat, cancel flag.
+
+    The merge thread never waits on the database; it hands the latest progress over and reads two events.
+    ``lost`` is set when the row is no longer ours (the reaper requeued it, or another attempt claimed it), so
+    this attempt stops without touching the row again.
+    """
+
+    def __init__(self, job_id: str, *, worker: str, settings: Settings) -> None:
+        super().__init__(name=f"alloy-ticker-{job_id[:8]}", daemon=True)
+        self.job_id = job_id
+        self.worker = worker
+        self.settings = settings
+        self.cancel = threading.Event()
+        self.lost = threading.Event()
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._pending: Any = None
+        self._interval = progress_interval(settings)
+
+    def report(self, progress: Any) -> None:
+        with self._lock:
+            self._pending = progress
+
+    def should_stop(self) -> bool:
+        return self.cancel.is_set() or self.lost.is_set()
+
+    def run(self) -> None:
+        last_beat = time.monotonic()
+        while not self._stop_event.wait(self._interval):
+            try:
+                last_beat = self._tick(last_beat)
+            except Exception:  # a DB hiccup must not kill the merge; the next tick retries
+                log.warning("job %s: progress/heartbeat write failed", self.job_id, exc_info=True)
+
+    def _tick(self, last_beat: float) -> float:
+        with self._lock:
+            progress, self._pending = self._pending, None
+        now = time.monotonic()
+        with _session(self.settings) as session:
+            if not _still_ours(session, self.job_id, self.worker):
+                self.lost.set()
+                return now
+            if progress is not None:
+                write_progress(session, self.job_id, progress)
+                last_beat = now
+            elif now - last_beat >= self.settings.heartbeat_interval_s:
+                crud.heartbeat(session, job_id=self.job_id)
+                last_beat = now
+            if crud.is_cancel_requested(session, job_id=self.job_id):
+                self.cancel.set()
+        return last_beat
+
+    def flush(self) -> None:
+        """Stop ticking and write the last progress (so a finished job shows done == total)."""
+        self._stop_event.set()
+        self.join(timeout=30)
+        with self._lock:
+            progress, self._pending = self._pending, None
+        if progress is not None and not self.lost.is_set():
+            with _session(self.settings) as session:
+                write_progress(session, self.job_id, progress)
+
+
+def write_progress(session: Session, job_id: str, progress: Any) -> None:
+    crud.record_progress(
+        session,
+        job_id=job_id,
+        done=progress.tensors_done,
+        total=progress.tensors_total,
+        bytes_done=progress.bytes_done,
+        bytes_total=progress.bytes_total,
+        eta_s=progress.eta_s,
+    )
+
+
+def _still_ours(session: Session, job_id: str, worker: str) -> bool:
+    job = crud.get_job(session, job_id=job_id)
+    if job is None or job.status != "running":
+        return False
+    owner = getattr(job, "worker", None)
+    return owner is None or owner == worker
+
+
+def _finish(settings: Settings, job_id: str, *, status: str, **fields: Any) -> None:
+    with _session(settings) as session:
+        crud.finish_job(session, job_id=job_id, status=status, **fields)
+
+
+def _resolver(hf_token: str | None, settings: Settings) -> Any:
+    """A Hub client for ``hf://`` sources (the request's token, else the server's), or None without merge_ops.hub."""
+    try:
+        from merge_ops.hub import HubClient
+    except ImportError:
+        return None
+    token = hf_token or (settings.hf_token.get_secret_value() if settings.hf_token else None)
+    return HubClient(token=token, cache_dir=settings.hf_cache)
+
+
+def pick_device() -> str:
+    """One merge task per GPU: a prefork child uses the GPU of its pool index (``-c <gpus>``)."""
+    explicit = os.environ.get("ALLOY_DEVICE")
+    if explicit:
+        return explicit
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    try:
+        from billiard.process import current_process
+
+        index = getattr(current_process(), "index", 0) or 0
+    except ImportError:
+        index = 0
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
+def internal_error(exc: BaseException) -> dict[str, Any]:
+    return {"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}
+
+
+def run_job(
+    job_id: str,
+    *,
+    hf_token: str | None = None,
+    settings: Settings | None = None,
+    merge: Callable[..., Any] | None = None,
+) -> JobOutcome:
+    """Claim the job, merge, record the outcome. Raises ``RetryLater`` for transient errors (row requeued).
+
+    ``merge`` defaults to ``merge_ops.pipeline.run_merge`` (imported here, so importing this module stays cheap).
+    """
+    settings = settings or get_settings()
+    worker = worker_identity()
+    with _session(settings) as session:
+        job = crud.claim_job(session, job_id=job_id, worker=worker)
+        if job is None:
+            # duplicate or redelivered message, cancelled while queued, or already finished: nothing to do
+            log.info("job %s: not claimable, message dropped", job_id)
+            return JobOutcome(job_id, "skipped")
+        recipe_json, attempts = job.recipe_json, job.attempts or 0
+    try:
+        recipe = Recipe.model_validate_json(recipe_json)
+    except Exception as exc:  # validated by the API; a row that no longer parses is a permanent failure
+        error = {"code": "invalid_recipe", "detail": f"stored recipe does not validate: {exc}"}
+        _finish(settings, job_id, status="failed", error=error)
+        return JobOutcome(job_id, "failed", "invalid_recipe")
+
+    output_dir = Path(recipe.output.path) if recipe.output.path else default_output_dir(settings, job_id)
+    scratch = scratch_root_for(output_dir, job_id)
+    remove_scratch(scratch)  # leftovers of a killed attempt of this very job
+    scratch.mkdir(parents=True, exist_ok=True)
+    ticker = JobTicker(job_id, worker=worker, settings=settings)
+    ticker.start()
+    try:
+        if merge is None:
+            from merge_ops.pipeline import run_merge as merge
+        report = merge(
+            recipe,
+            output_dir=output_dir,
+            resolver=_resolver(hf_token, settings),
+            device=pick_device(),
+            progress=ticker.report,
+            should_cancel=ticker.should_stop,
+            scratch_root=scratch,
+        )
+    except MergeCancelled as exc:
+        ticker.flush()
+        if ticker.lost.is_set():
+            log.warning("job %s: row taken over by another attempt; this one stops", job_id)
+            return JobOutcome(job_id, "abandoned")
+        _finish(settings, job_id, status="cancelled", error=exc.to_dict())
+        return JobOutcome(job_id, "cancelled", exc.code)
+    except MergeError as exc:
+        ticker.flush()
+        if ticker.lost.is_set():
+            return JobOutcome(job_id, "abandoned")
+        if exc.transient and attempts + 1 < settings.max_attempts:
+            with _session(settings) as session:
+                requeued = crud.requeue_job(session, job_id=job_id)
+            if requeued:
+                log.info("job %s: transient %s, retrying", job_id, exc.code)
+                raise RetryLater(exc.to_dict(), countdown=retry_countdown(attempts)) from exc
+        _finish(settings, job_id, status="failed", error=exc.to_dict())
+        return JobOutcome(job_id, "failed", exc.code)
+    except BaseException as exc:
+        # SoftTimeLimitExceeded, bugs, MemoryError: permanent, with the exception named on the row
+        ticker.flush()
+        if not ticker.lost.is_set():
+            from celery.exceptions import SoftTimeLimitExceeded
+
+            if isinstance(exc, SoftTimeLimitExceeded):
+                error = {
+                    "code": "time_limit_exceeded",
+                    "detail": f"the merge ran longer than task_time_limit_s={settings.task_time_limit_s}",
+                }
+            else:
+                log.exception("job %s: unexpected error", job_id)
+                error = internal_error(exc)
+            _finish(settings, job_id, status="failed", error=error)
+        if isinstance(exc, Exception):
+            return JobOutcome(job_id, "failed", "internal_error")
+        raise
+    finally:
+        remove_scratch(scratch)
+
+    ticker.flush()
+    if ticker.lost.is_set():
+        # another attempt owns the row now; leave the output to it (run_merge refuses a non-empty output dir)
+        return JobOutcome(job_id, "abandoned")
+    report_dict = json.loads(report.to_json())
+    _finish(settings, job_id, status="succeeded", output_path=str(report.output_path), report=report_dict)
+    return JobOutcome(job_id, "succeeded")
