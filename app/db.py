@@ -49,10 +49,25 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
+_migrated: set[str] = set()
+
+
+def default_engine() -> Engine:
+    """The engine of ``get_settings().database_url``, migrated once per process (CLI entry points)."""
+    from app.core.config import get_settings
+
+    engine = get_engine(get_settings().database_url)
+    if engine.url.render_as_string() not in _migrated:
+        init_db(engine)
+        _migrated.add(engine.url.render_as_string())
+    return engine
+
+
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """A session that rolls back on error and always closes (crud functions commit their own writes)."""
-    session = session_factory(engine)()
+def session_scope(engine: Engine | None = None) -> Iterator[Session]:
+    """A session that rolls back on error and always closes (crud functions commit their own writes).
+    Without an engine: the configured database, migrated first (``default_engine``)."""
+    session = session_factory(engine or default_engine())()
     try:
         yield session
     except BaseException:

@@ -21,7 +21,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from merge_ops.errors import CorruptCheckpointError, IncompatibleModelsError, SourceNotFoundError, UnsafeCheckpointError
+from merge_ops.errors import (
+    CorruptCheckpointError,
+    IncompatibleModelsError,
+    SourceNotFoundError,
+    UnsafeCheckpointError,
+)
 
 #: safetensors dtype code -> (torch dtype, bytes per element). Sub-byte codes (F4, F6_*) are not supported.
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -79,6 +84,14 @@ class SafetensorsHeader:
     offsets: dict[str, tuple[int, int]]
 
 
+def torch_dtype(code: str) -> torch.dtype:
+    """safetensors dtype code ("F32", "BF16", ...) -> torch dtype."""
+    try:
+        return DTYPES[code][0]
+    except KeyError:
+        raise ValueError(f"unknown safetensors dtype code {code!r}") from None
+
+
 def dtype_code(dtype: torch.dtype) -> str:
     try:
         return DTYPE_CODES[dtype]
@@ -99,7 +112,9 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
             if header_len > MAX_HEADER_BYTES:
                 raise _corrupt(path, f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
             if 8 + header_len > file_size:
-                raise _corrupt(path, f"header length {header_len} runs past the end of the {file_size}-byte file")
+                raise _corrupt(
+                    path, f"header length {header_len} runs past the end of the {file_size}-byte file"
+                )
             raw = f.read(header_len)
     except FileNotFoundError:
         raise SourceNotFoundError(f"{path}: no such file", file=str(path)) from None
@@ -142,12 +157,15 @@ def _validate_entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[
         raise _corrupt(path, f"data_offsets {span} begin after end", tensor=name)
     if end > data_size:
         raise _corrupt(
-            path, f"data_offsets {span} run past the {data_size}-byte data section (truncated file?)", tensor=name
+            path,
+            f"data_offsets {span} run past the {data_size}-byte data section (truncated file?)",
+            tensor=name,
         )
     expected = math.prod(shape) * DTYPES[dtype][1]
     if end - begin != expected:
         raise _corrupt(
-            path, f"shape {shape} of {dtype} needs {expected} bytes but data_offsets {span} span {end - begin}",
+            path,
+            f"shape {shape} of {dtype} needs {expected} bytes but data_offsets {span} span {end - begin}",
             tensor=name,
         )
     return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), file=path), (begin, end)
@@ -161,7 +179,9 @@ def _check_layout(path: Path, offsets: dict[str, tuple[int, int]], data_size: in
         if begin < cursor:
             raise _corrupt(path, f"data_offsets [{begin}, {end}] overlap tensor {previous!r}", tensor=name)
         if begin > cursor:
-            raise _corrupt(path, f"{begin - cursor} unaccounted bytes before data_offsets [{begin}, {end}]", tensor=name)
+            raise _corrupt(
+                path, f"{begin - cursor} unaccounted bytes before data_offsets [{begin}, {end}]", tensor=name
+            )
         cursor, previous = end, name
     if cursor != data_size:
         raise _corrupt(path, f"data section is {data_size} bytes but tensors cover {cursor}")
@@ -208,17 +228,17 @@ class Checkpoint:
         if files.pickle:
             return _open_pickle(path, files.weight_map)
         infos: dict[str, TensorInfo] = {}
-        metadata: dict[str, str] = {}
         headers = {file: read_safetensors_header(file) for file in dict.fromkeys(files.weight_map.values())}
-        for file, header in headers.items():
-            metadata = metadata or header.metadata
+        # shards written together carry the same metadata; the first non-empty one speaks for the checkpoint
+        metadata = next((h.metadata for h in headers.values() if h.metadata), {})
         if files.indexed:
             for name, file in files.weight_map.items():
                 info = headers[file].infos.get(name)
                 if info is None:
                     raise CorruptCheckpointError(
                         f"{path / INDEX_NAME}: tensor {name!r} is mapped to {file.name} which does not hold it",
-                        file=str(file), tensor=name,
+                        file=str(file),
+                        tensor=name,
                     )
                 infos[name] = info
         else:
@@ -229,7 +249,9 @@ class Checkpoint:
     def load(self, name: str) -> torch.Tensor:
         info = self.infos.get(name)
         if info is None:
-            raise IncompatibleModelsError(f"{self.path}: no tensor {name!r}", file=str(self.path), tensor=name)
+            raise IncompatibleModelsError(
+                f"{self.path}: no tensor {name!r}", file=str(self.path), tensor=name
+            )
         if info.file.suffix.lower() in PICKLE_SUFFIXES:
             return self._load_pickled(info)
         handle = self._handles.get(info.file)
@@ -274,8 +296,9 @@ def _checkpoint_files(path: Path, *, allow_pickle: bool) -> _Files:
         if suffix in PICKLE_SUFFIXES:
             _guard_pickle(path, allow_pickle)
             return _Files({"": path}, indexed=False, pickle=True)
-        raise SourceNotFoundError(f"{path}: not a checkpoint (.safetensors, or .bin/.pt with allow_pickle)",
-                                  file=str(path))
+        raise SourceNotFoundError(
+            f"{path}: not a checkpoint (.safetensors, or .bin/.pt with allow_pickle)", file=str(path)
+        )
     if (path / INDEX_NAME).is_file():
         return _Files(_read_index(path / INDEX_NAME), indexed=True, pickle=False)
     if (path / "model.safetensors").is_file():
@@ -295,14 +318,16 @@ def _checkpoint_files(path: Path, *, allow_pickle: bool) -> _Files:
     if len(pickles) == 1:
         _guard_pickle(pickles[0], allow_pickle)
         return _Files({"": pickles[0]}, indexed=False, pickle=True)
-    raise SourceNotFoundError(f"{path}: no model.safetensors, {INDEX_NAME} or single checkpoint file",
-                              file=str(path))
+    raise SourceNotFoundError(
+        f"{path}: no model.safetensors, {INDEX_NAME} or single checkpoint file", file=str(path)
+    )
 
 
 def _read_index(index: Path) -> dict[str, Path]:
     folder = index.parent.resolve()
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)["weight_map"]
+        raw = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+        weight_map = raw["weight_map"]
     except (ValueError, KeyError, TypeError) as exc:
         raise _corrupt(index, f"not a valid index ({exc!r})") from None
     if not isinstance(weight_map, dict):
@@ -312,14 +337,17 @@ def _read_index(index: Path) -> dict[str, Path]:
         if not isinstance(filename, str) or not filename:
             raise _corrupt(index, f"file {filename!r} is not a file name", tensor=name)
         file = (folder / filename).resolve()
-        if file.parent != folder:  # "../../x" or an absolute path: the index must not reach outside its folder
+        # "../../x" or an absolute path: an index must not reach outside its own folder
+        if file.parent != folder:
             raise UnsafeCheckpointError(
                 f"{index}: tensor {name!r}: shard {filename!r} is outside the checkpoint folder",
-                file=str(index), tensor=name,
+                file=str(index),
+                tensor=name,
             )
         if not file.is_file():
-            raise SourceNotFoundError(f"{index}: tensor {name!r}: shard {filename!r} is missing",
-                                      file=str(file), tensor=name)
+            raise SourceNotFoundError(
+                f"{index}: tensor {name!r}: shard {filename!r} is missing", file=str(file), tensor=name
+            )
         out[name] = file
     return out
 
@@ -347,8 +375,9 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise SourceNotFoundError(f"{path}: no such file", file=str(path)) from None
     except Exception as exc:
         if type(exc).__name__ == "UnpicklingError":
-            raise UnsafeCheckpointError(f"{path}: refused by the weights-only loader ({exc})",
-                                        file=str(path)) from None
+            raise UnsafeCheckpointError(
+                f"{path}: refused by the weights-only loader ({exc})", file=str(path)
+            ) from None
         raise _corrupt(path, f"cannot load pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):
         raise _corrupt(path, f"pickle holds a {type(obj).__name__}, not a state dict")
@@ -364,9 +393,14 @@ def _open_pickle(path: Path, weight_map: dict[str, Path]) -> Checkpoint:
                 continue
             if tensor.dtype not in DTYPE_CODES:
                 raise _corrupt(file, f"unsupported dtype {tensor.dtype}", tensor=name)
-            infos[name] = TensorInfo(name=name, dtype=DTYPE_CODES[tensor.dtype], shape=tuple(tensor.shape), file=file)
+            infos[name] = TensorInfo(
+                name=name, dtype=DTYPE_CODES[tensor.dtype], shape=tuple(tensor.shape), file=file
+            )
     missing = [n for n in weight_map if n and n not in infos]
     if missing:
-        raise CorruptCheckpointError(f"{path}: index maps {missing[0]!r} to a file that does not hold it",
-                                     file=str(weight_map[missing[0]]), tensor=missing[0])
+        raise CorruptCheckpointError(
+            f"{path}: index maps {missing[0]!r} to a file that does not hold it",
+            file=str(weight_map[missing[0]]),
+            tensor=missing[0],
+        )
     return Checkpoint(path, infos, {})

@@ -106,5 +106,11 @@ class HubTransientError(HubError):
     transient = True
 
 
+class HubConflictError(HubError):
+    """A push based on a branch head that moved meanwhile (another push landed first): nothing was written."""
+
+    code = "hub_conflict"
+
+
 class EvaluatorError(MergeError, ValueError):
     code = "evaluator_error"

@@ -1,7 +1,7 @@
 """Task-vector statistics that help choose a method: per-layer norms, pairwise cosine, sign conflicts.
 
 Streams one tensor at a time like a merge (memory: K task vectors of the largest tensor). Layers are the blocks of
-``merge_ops.lines.block_index``; tensors outside a block are grouped as ``"other"``. The sign-conflict rate of a
+``merge_ops.lines.find_block``; tensors outside a block are grouped as ``"other"``. The sign-conflict rate of a
 layer is the fraction of its entries where some task vectors are positive and others negative (where TIES' sign
 election has to drop something).
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from merge_ops.lines import block_index
+from merge_ops.lines import find_block
 from merge_ops.preflight import FLOAT_CODES, local_path
 from merge_ops.recipe import Source
 from merge_ops.sources import open_source
@@ -52,7 +52,7 @@ def _statistics(ref: Any, srcs: list[Any], labels: list[str]) -> dict[str, Any]:
         ).reshape(k, -1)
         flat64 = taus.double()
         dots += flat64 @ flat64.T
-        block = block_index(name)
+        block = find_block(name)
         key = f"{block[0]}{block[1]}" if block else "other"
         layer = layers.setdefault(
             key, {"layer": key, "index": block[1] if block else None, "sq_norm": [0.0] * k, "conflicts": 0, "numel": 0}

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from merge_ops import __version__
 from merge_ops.errors import IncompatibleModelsError, MergeCancelled, NonFiniteTensorError, OutputError
+from merge_ops.lines import block_map
 from merge_ops.params import CATALOG, MethodInfo
 from merge_ops.preflight import (
     MergePlan,
@@ -100,7 +101,7 @@ class _Engine:
             tuple(m.density or 0.0 for m in recipe.models) if any(m.density for m in recipe.models) else None
         )
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.layer_counts = _layer_counts(plan)
+        self.positions = block_map([t.name for t in plan.tensors if t.action == "merge"])
         self._params_cache: dict[tuple[Any, ...], Any] = {}
 
     # -- loading (runs in the loader thread) ---------------------------------------------------------
@@ -153,13 +154,17 @@ class _Engine:
 
     # -- compute (main thread) -------------------------------------------------------------------------
     def params_for(self, tp: TensorPlan) -> Any:
-        layers = self.layer_counts.get(_stack_key(tp.name))
+        """Params of one tensor: name overrides, and gradients interpolated over the block depth (cached)."""
+        position = self.positions.get(tp.name)
         override = next(
             (i for i, o in enumerate(self.recipe.overrides) if re.search(o.filter, tp.name)), None
         )
-        key = (override, tp.layer if has_gradients(self.recipe) or override is not None else None)
+        depth = position.depth if position and has_gradients(self.recipe) else None
+        key = (override, depth, position.num_blocks if depth is not None else None)
         if key not in self._params_cache:
-            self._params_cache[key] = self.recipe.params_for(tp.name, layer=tp.layer, num_layers=layers)
+            self._params_cache[key] = self.recipe.params_for(
+                tp.name, layer=depth, num_layers=position.num_blocks if position else None
+            )
         return self._params_cache[key]
 
     def merged_delta(
@@ -201,24 +206,6 @@ class _Engine:
                 if not bool(torch.isfinite(loaded.task_vectors).all()):
                     raise self._non_finite(tp.name, loaded)
                 yield tp.name, loaded.task_vectors
-
-
-def _stack_key(name: str) -> str | None:
-    from merge_ops.lines import block_index
-
-    block = block_index(name)
-    return block[0] if block else None
-
-
-def _layer_counts(plan: MergePlan) -> dict[str | None, int]:
-    from merge_ops.lines import block_index
-
-    stacks: dict[str, set[int]] = {}
-    for tp in plan.tensors:
-        block = block_index(tp.name)
-        if block:
-            stacks.setdefault(block[0], set()).add(block[1])
-    return {key: len(indices) for key, indices in stacks.items()}
 
 
 def _prefetched(engine: _Engine, tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, _Loaded]]:
@@ -354,6 +341,8 @@ def _merge_into(
             load_s += loaded.load_s
             c0 = time.perf_counter()
             row: dict[str, Any] = {"name": tp.name, "action": tp.action, "shape": tp.shape, "layer": tp.layer}
+            if (position := engine.positions.get(tp.name)) is not None:
+                row.update(stack=position.stack, depth=position.depth, num_blocks=position.num_blocks)
             if tp.action == "copy":
                 writer.write(tp.name, loaded.base.cpu())
                 row["reason"] = tp.reason
@@ -428,11 +417,9 @@ def _auto_lines_alpha(engine: _Engine, global_stats: Any) -> float:
         merged_l1 += float(
             engine.method.fn(taus, ctx, engine.params_for(plans[name])).abs().sum(dtype=torch.float64)
         )
-    if merged_l1 == 0:
-        return 1.0
     from merge_ops.lines import auto_alpha
 
-    return auto_alpha(sum_l1=sum_l1, merged_l1=merged_l1, num_tasks=engine.k)
+    return auto_alpha(sum_l1=sum_l1, merged_l1=merged_l1, num_models=engine.k)
 
 
 def _totals(

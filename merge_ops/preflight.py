@@ -261,7 +261,7 @@ def element_size(code: str) -> int:
 
 
 def build_plan(recipe: Recipe, info: MethodInfo, sources: Sources) -> MergePlan:
-    from merge_ops.lines import block_index
+    from merge_ops.lines import find_block
 
     tensors: list[TensorPlan] = []
     bytes_read = bytes_written = largest = 0
@@ -281,7 +281,7 @@ def build_plan(recipe: Recipe, info: MethodInfo, sources: Sources) -> MergePlan:
         if action == "copy":
             bytes_read += nbytes
         bytes_written += count * element_size(out_code)
-        block = block_index(name)
+        block = find_block(name)
         tensors.append(
             TensorPlan(
                 name=name,

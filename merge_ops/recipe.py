@@ -134,7 +134,7 @@ class HubOutput(_Model):
 class OutputSpec(_Model):
     path: str | None = Field(None, description="Local folder; created, must not hold a model already.")
     hub: HubOutput | None = None
-    shard_size: int | str = Field("5GB", description="Bytes per shard, or '500MB', '5GB', '2GiB'.")
+    shard_size: int | str = Field(5 * 10**9, description="Bytes per shard, or '500MB', '5GB', '2GiB'.")
     copy_files_from: Literal["base"] | int = Field(
         "base", description="Where config/tokenizer files come from: 'base' or a model index."
     )

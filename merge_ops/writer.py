@@ -122,7 +122,9 @@ class ShardedWriter:
             if data.numel():
                 self._file.write(memoryview(data.numpy()))
         except OSError as exc:
-            raise OutputError(f"cannot write {self.paths[self._shard]}: {exc}", path=str(self.paths[self._shard])) from exc
+            raise OutputError(
+                f"cannot write {self.paths[self._shard]}: {exc}", path=str(self.paths[self._shard])
+            ) from exc
         self._next += 1
 
     def close(self) -> list[Path]:
@@ -139,9 +141,7 @@ class ShardedWriter:
             self._open_next_shard()
         self._close_file()
         if len(self.shards) > 1:
-            weight_map = {
-                name: self.names[i] for i, shard in enumerate(self.shards) for name, _, _ in shard
-            }
+            weight_map = {name: self.names[i] for i, shard in enumerate(self.shards) for name, _, _ in shard}
             index = {"metadata": {"total_size": sum(_nbytes(e) for e in self.plan)}, "weight_map": weight_map}
             index_path = self.directory / INDEX_NAME
             tmp = index_path.with_suffix(".json.tmp")
@@ -176,7 +176,11 @@ class ShardedWriter:
         offset = 0
         for name, dtype, shape in self.shards[self._shard]:
             nbytes = math.prod(shape) * DTYPES[dtype_code(dtype)][1]
-            header[name] = {"dtype": dtype_code(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": dtype_code(dtype),
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # safetensors pads the header with spaces to 8-byte alignment

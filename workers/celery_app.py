@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from celery import Celery, signals
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from app.core.config import Settings, get_settings
 
@@ -23,17 +23,14 @@ log = logging.getLogger(__name__)
 
 MERGE_QUEUE = "merge"
 IO_QUEUE = "io"
+QUEUES = (MERGE_QUEUE, IO_QUEUE)
 
 
 def redis_transport_options(settings: Settings) -> dict[str, Any]:
-    """Priority sub-queues (0 = most urgent) and a visibility timeout past the longest task, so Redis does not
-    redeliver a message whose task is still running (the reaper covers workers that really died)."""
-    return {
-        "queue_order_strategy": "priority",
-        "priority_steps": list(range(10)),
-        "sep": ":",
-        "visibility_timeout": settings.task_time_limit_s + 600,
-    }
+    """Consume the priority sub-queues most urgent first (kombu's default steps and separator, which producers
+    use too, so any client's priorities land where this worker looks), and a visibility timeout past the longest
+    task so Redis does not redeliver a message whose task is still running (the reaper covers dead workers)."""
+    return {"queue_order_strategy": "priority", "visibility_timeout": settings.task_time_limit_s + 600}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -45,7 +42,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.celery_broker_url(),
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
-        "task_queues": [Queue(MERGE_QUEUE), Queue(IO_QUEUE)],
+        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         "task_default_queue": MERGE_QUEUE,
         "task_routes": {"alloy.run_job": {"queue": MERGE_QUEUE}, "alloy.publish_job": {"queue": IO_QUEUE}},
         # at-least-once: ack after the task body, requeue when the pool process dies under it
@@ -89,3 +86,13 @@ def _stop_reaper(sender: Any = None, **_: Any) -> None:
     from workers.reaper import stop_reaper_thread
 
     stop_reaper_thread()
+
+
+@signals.worker_init.connect
+def _preload_engine(sender: Any = None, **_: Any) -> None:
+    """Import torch and the merge engine once in the parent: forked pool processes start warm (seconds saved per
+    child). Nothing CUDA is touched here, so forking stays safe."""
+    try:
+        import merge_ops.pipeline  # noqa: F401
+    except ImportError:  # a broken engine install surfaces as a failed job, with the error on the row
+        log.warning("could not preload merge_ops.pipeline", exc_info=True)

@@ -225,6 +225,39 @@ def internal_error(exc: BaseException) -> dict[str, Any]:
     return {"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}
 
 
+def pin_sources(data: dict[str, Any], pinned: dict[str, str]) -> dict[str, Any]:
+    """Replace Hub sources by the commit-pinned URIs resolved at submission (so a retry reads the same bytes)."""
+    if not pinned:
+        return data
+
+    def pin(value: Any) -> Any:
+        return pinned.get(value, value) if isinstance(value, str) else value
+
+    out = dict(data)
+    for key in ("base", "source_base", "source_finetuned", "target_base"):
+        if key in out:
+            out[key] = pin(out[key])
+    if isinstance(out.get("models"), list):
+        out["models"] = [
+            {**m, "source": pin(m.get("source"))} if isinstance(m, dict) else pin(m) for m in out["models"]
+        ]
+    if isinstance(out.get("sources"), list):
+        out["sources"] = [pin(s) for s in out["sources"]]
+    return out
+
+
+def completed_output(output_dir: Path, recipe: Recipe) -> dict[str, Any] | None:
+    """The report of a finished merge of this recipe already at ``output_dir``: an earlier attempt renamed its
+    output into place and died before recording it. run_merge renames only complete folders, so it is whole."""
+    from merge_ops.pipeline import REPORT_NAME
+
+    try:
+        report = json.loads((output_dir / REPORT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return report if report.get("recipe_digest") == recipe.digest() else None
+
+
 def run_job(
     job_id: str,
     *,
@@ -232,9 +265,9 @@ def run_job(
     settings: Settings | None = None,
     merge: Callable[..., Any] | None = None,
 ) -> JobOutcome:
-    """Claim the job, merge, record the outcome. Raises ``RetryLater`` for transient errors (row requeued).
+    """Claim the job, run it, record the outcome. Raises ``RetryLater`` for transient errors (row requeued).
 
-    ``merge`` defaults to ``merge_ops.pipeline.run_merge`` (imported here, so importing this module stays cheap).
+    ``merge`` defaults to ``merge_ops.pipeline.run_merge`` (imported lazily: importing this module stays cheap).
     """
     settings = settings or get_settings()
     worker = worker_identity()
@@ -244,31 +277,15 @@ def run_job(
             # duplicate or redelivered message, cancelled while queued, or already finished: nothing to do
             log.info("job %s: not claimable, message dropped", job_id)
             return JobOutcome(job_id, "skipped")
-        recipe_json, attempts = job.recipe_json, job.attempts or 0
-    try:
-        recipe = Recipe.model_validate_json(recipe_json)
-    except Exception as exc:  # validated by the API; a row that no longer parses is a permanent failure
-        error = {"code": "invalid_recipe", "detail": f"stored recipe does not validate: {exc}"}
-        _finish(settings, job_id, status="failed", error=error)
-        return JobOutcome(job_id, "failed", "invalid_recipe")
-
-    output_dir = Path(recipe.output.path) if recipe.output.path else default_output_dir(settings, job_id)
-    scratch = scratch_root_for(output_dir, job_id)
-    remove_scratch(scratch)  # leftovers of a killed attempt of this very job
-    scratch.mkdir(parents=True, exist_ok=True)
+        data = pin_sources(json.loads(job.recipe_json), job.pinned_sources)
+        kind, attempts = job.kind, job.attempts or 0
     ticker = JobTicker(job_id, worker=worker, settings=settings)
     ticker.start()
     try:
-        if merge is None:
-            from merge_ops.pipeline import run_merge as merge
-        report = merge(
-            recipe,
-            output_dir=output_dir,
-            resolver=_resolver(hf_token, settings),
-            device=pick_device(),
-            progress=ticker.report,
-            should_cancel=ticker.should_stop,
-            scratch_root=scratch,
+        if kind == "analyze":
+            return _run_analysis(job_id, data, hf_token=hf_token, settings=settings, ticker=ticker)
+        return _run_merge_job(
+            job_id, data, hf_token=hf_token, settings=settings, ticker=ticker, merge=merge, attempts=attempts
         )
     except MergeCancelled as exc:
         ticker.flush()
@@ -293,27 +310,101 @@ def run_job(
         # SoftTimeLimitExceeded, bugs, MemoryError: permanent, with the exception named on the row
         ticker.flush()
         if not ticker.lost.is_set():
-            from celery.exceptions import SoftTimeLimitExceeded
-
-            if isinstance(exc, SoftTimeLimitExceeded):
-                error = {
-                    "code": "time_limit_exceeded",
-                    "detail": f"the merge ran longer than task_time_limit_s={settings.task_time_limit_s}",
-                }
-            else:
-                log.exception("job %s: unexpected error", job_id)
-                error = internal_error(exc)
-            _finish(settings, job_id, status="failed", error=error)
+            _finish(settings, job_id, status="failed", error=_unexpected_error(exc, settings))
         if isinstance(exc, Exception):
             return JobOutcome(job_id, "failed", "internal_error")
         raise
     finally:
-        remove_scratch(scratch)
+        ticker.flush()
 
+
+def _unexpected_error(exc: BaseException, settings: Settings) -> dict[str, Any]:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return {
+            "code": "time_limit_exceeded",
+            "detail": f"the job ran longer than task_time_limit_s={settings.task_time_limit_s}",
+        }
+    if isinstance(exc, Exception):
+        log.error("unexpected error", exc_info=exc)
+    return internal_error(exc)
+
+
+def _validated_recipe(data: dict[str, Any]) -> Recipe:
+    from merge_ops.errors import RecipeError
+    from merge_ops.recipe import recipe_error
+    from pydantic import ValidationError
+
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:  # validated by the API; a row that no longer parses fails permanently
+        raise recipe_error(exc) from None
+    except ValueError as exc:
+        raise RecipeError(f"stored recipe does not validate: {exc}", errors=[]) from None
+
+
+def _run_merge_job(
+    job_id: str,
+    data: dict[str, Any],
+    *,
+    hf_token: str | None,
+    settings: Settings,
+    ticker: JobTicker,
+    merge: Callable[..., Any] | None,
+    attempts: int,
+) -> JobOutcome:
+    recipe = _validated_recipe(data)
+    output_dir = Path(recipe.output.path) if recipe.output.path else default_output_dir(settings, job_id)
+    report = completed_output(output_dir, recipe) if attempts else None
+    if report is None:
+        scratch = scratch_root_for(output_dir, job_id)
+        remove_scratch(scratch)  # leftovers of a killed attempt of this very job
+        scratch.mkdir(parents=True, exist_ok=True)
+        try:
+            if merge is None:
+                from merge_ops.pipeline import run_merge as merge
+            result = merge(
+                recipe,
+                output_dir=output_dir,
+                resolver=_resolver(hf_token, settings),
+                device=pick_device(),
+                progress=ticker.report,
+                should_cancel=ticker.should_stop,
+                scratch_root=scratch,
+            )
+        finally:
+            remove_scratch(scratch)
+        report = json.loads(result.to_json())
     ticker.flush()
     if ticker.lost.is_set():
-        # another attempt owns the row now; leave the output to it (run_merge refuses a non-empty output dir)
+        # another attempt owns the row now (it will find this output complete and record it)
         return JobOutcome(job_id, "abandoned")
-    report_dict = json.loads(report.to_json())
-    _finish(settings, job_id, status="succeeded", output_path=str(report.output_path), report=report_dict)
+    output_path = str(report.get("output_path") or output_dir.resolve())
+    if recipe.output.hub is not None:
+        from workers.publish import hand_over_to_publisher
+
+        hand_over_to_publisher(job_id, output_path=output_path, report=report, hf_token=hf_token, settings=settings)
+        return JobOutcome(job_id, "publishing")
+    _finish(settings, job_id, status="succeeded", output_path=output_path, report=report)
+    return JobOutcome(job_id, "succeeded")
+
+
+def _run_analysis(
+    job_id: str, data: dict[str, Any], *, hf_token: str | None, settings: Settings, ticker: JobTicker
+) -> JobOutcome:
+    """An ``analyze`` job: task-vector statistics of ``sources`` against ``base`` (merge_ops.inspect)."""
+    from merge_ops.errors import RecipeError
+    from merge_ops.inspect import inspect_task_vectors
+
+    base, sources = data.get("base"), data.get("sources") or data.get("models") or []
+    if not base or not sources:
+        raise RecipeError("an analysis needs a base and at least one source", errors=[])
+    stats = inspect_task_vectors(
+        base, list(sources), resolver=_resolver(hf_token, settings), allow_pickle=bool(data.get("allow_pickle"))
+    )
+    ticker.flush()
+    if ticker.lost.is_set():
+        return JobOutcome(job_id, "abandoned")
+    _finish(settings, job_id, status="succeeded", report=stats)
     return JobOutcome(job_id, "succeeded")

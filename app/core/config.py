@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(60, ge=1, description="Submissions per token per minute (in-process).")
     max_body_bytes: int = Field(1_000_000, ge=1024)
     events_poll_s: float = Field(0.5, gt=0, description="How often the SSE stream re-reads the job row.")
+    pin_hub_sources: bool = Field(True, description="Resolve Hub sources to commit SHAs at submission.")
     readiness_timeout_s: float = Field(1.0, gt=0, description="Broker connect / worker ping timeout for /readyz.")
 
     @field_validator("data_dirs", mode="before")

@@ -17,10 +17,9 @@ import base64
 import hashlib
 import json
 import re
-import shutil
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -79,7 +78,8 @@ class Fault:
     """Answer the next ``times`` matching requests with a fault instead of the real reply.
 
     kind: ``status`` (reply ``status``), ``delay`` (sleep ``delay_s`` then reply normally), ``drop`` (close the
-    connection without a reply), ``truncate`` (send headers and ``after_bytes`` of the body, then close).
+    connection without a reply), ``truncate`` (send headers and ``after_bytes`` of the body, then close),
+    ``hook`` (call ``hook()`` — e.g. land a concurrent commit — then reply normally).
     """
 
     method: str
@@ -88,6 +88,7 @@ class Fault:
     status: int = 500
     delay_s: float = 0.0
     after_bytes: int = 0
+    hook: Callable[[], Any] | None = None
     times: int | None = 1  # None: forever
     hits: int = 0
 
@@ -101,9 +102,11 @@ class LoggedRequest:
 
 
 class _HTTPError(Exception):
-    def __init__(self, status: int, message: str, *, code: str | None = None, headers: Mapping[str, str] | None = None):
+    def __init__(self, status: int, message: str, *, code: str | None = None, headers: Mapping[str, str] | None = None,
+                 extra: Mapping[str, Any] | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, dict(headers or {})
+        self.extra = dict(extra or {})
 
 
 class HubServer:
@@ -132,9 +135,10 @@ class HubServer:
 
     def start(self) -> HubServer:
         handler = type("_BoundHandler", (_Handler,), {"hub": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = _QuietServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="hub-server", daemon=True)
         self._thread.start()
         return self
 
@@ -283,6 +287,15 @@ class HubServer:
         return repo
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client that timed out or was cut off by an injected fault is expected here, not a server bug
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     hub: HubServer
     protocol_version = "HTTP/1.1"  # keep-alive, like the client expects; every reply sets Content-Length
@@ -315,11 +328,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             if fault.kind == "status":
-                self._record(method, path, fault.status)
-                self._send_json(fault.status, {"error": "injected fault"})
+                self._send_json(fault.status, {"error": "injected fault"}, method=method)
                 return
             if fault.kind == "delay":
                 time.sleep(fault.delay_s)
+            if fault.kind == "hook" and fault.hook is not None:
+                fault.hook()
             if fault.kind == "truncate":
                 self._truncate_after = fault.after_bytes
         for route_method, pattern, handler in _ROUTES:
@@ -333,7 +347,7 @@ class _Handler(BaseHTTPRequestHandler):
                     if exc.code:
                         headers["X-Error-Code"] = exc.code
                     headers["X-Error-Message"] = exc.message
-                    self._send_json(exc.status, {"error": exc.message}, headers=headers, method=method)
+                    self._send_json(exc.status, {"error": exc.message, **exc.extra}, headers=headers, method=method)
                 return
         self._send_json(404, {"error": f"no route for {method} {path}"})
 
@@ -367,6 +381,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, data: bytes, *, headers: Mapping[str, str] | None = None, method: str = "GET",
               content_length: int | None = None) -> None:
+        method = self.command  # HEAD replies carry headers only
         self._record(method, urlsplit(self.path).path, status)
         self.send_response(status)
         for key, value in (headers or {}).items():
@@ -472,7 +487,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HTTPError(403, f"You don't have the rights to create a model under the namespace {namespace}")
         with hub.lock:
             if repo_id in hub.repos:
-                raise _HTTPError(409, "You already created this model repo", headers={})
+                raise _HTTPError(409, "You already created this model repo", extra={"url": f"{self._base}/{repo_id}"})
             private = payload.get("visibility") == "private" or bool(payload.get("private"))
             hub.create_repo(repo_id, private=private)
         self._send_json(200, {"url": f"{self._base}/{repo_id}", "name": repo_id})
@@ -589,8 +604,3 @@ class _Handler(BaseHTTPRequestHandler):
 def _git_oid_of(path: Path) -> str:
     data = path.read_bytes()
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def copy_tree(src: Path, dst: Path) -> None:
-    """Copy a folder (helper for tests that edit a fetched snapshot without touching the cache)."""
-    shutil.copytree(src, dst, symlinks=False)

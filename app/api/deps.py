@@ -1,0 +1,146 @@
+"""Annotated dependencies: settings, DB session, the caller's token, submission rate limit, request bodies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import yaml
+from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.models import ApiToken
+from app.services.errors import (
+    MalformedBodyError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+)
+from app.services.jobs import SourcePinner
+from app.services.tokens import find_token
+from merge_ops.errors import RecipeError
+
+_bearer = HTTPBearer(auto_error=False, description="An API token from `alloy token create`.")
+JSON_TYPES = ("application/json",)
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    session = request.app.state.sessionmaker()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def require_token(session: SessionDep,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> ApiToken:
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise UnauthorizedError("a bearer API token is required")
+    token = find_token(session, secret=credentials.credentials)
+    if token is None:
+        raise UnauthorizedError("invalid or revoked API token")
+    return token
+
+
+CurrentToken = Annotated[ApiToken, Depends(require_token)]
+
+
+def limit_submissions(request: Request, token: CurrentToken) -> None:
+    retry_after = request.app.state.rate_limiter.acquire(token.id)
+    if retry_after is not None:
+        raise RateLimitedError("too many submissions for this token; retry later", retry_after_s=retry_after)
+
+
+SubmissionAllowed = Depends(limit_submissions)
+
+
+def hf_token_header(
+    x_hf_token: Annotated[str | None, Header(description="Hugging Face token for private sources or pushes; "
+                                                          "never stored.")] = None,
+) -> str | None:
+    return x_hf_token or None
+
+
+HfToken = Annotated[str | None, Depends(hf_token_header)]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255,
+                                              description="Repeat-safe submission key (per token).")]
+
+
+def get_pinner(settings: SettingsDep, hf_token: HfToken) -> SourcePinner | None:
+    """Pins Hub sources to commits at submission, through ``merge_ops.hub`` (no pinning if it isn't installed)."""
+    if not settings.pin_hub_sources:
+        return None
+    try:
+        from merge_ops.hub import HubClient
+    except ImportError:
+        return None
+    token = hf_token or (settings.hf_token.get_secret_value() if settings.hf_token else None)
+    return HubClient(token=token, cache_dir=settings.hf_cache).resolve
+
+
+PinnerDep = Annotated[SourcePinner | None, Depends(get_pinner)]
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body over {limit} bytes", limit=limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body over {limit} bytes", limit=limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+
+
+async def parse_body(request: Request, *, allow_yaml: bool) -> Any:
+    """The request body as JSON (default) or YAML, size-limited; syntax errors are 400, not 422."""
+    media_type = _media_type(request)
+    is_yaml = media_type in YAML_TYPES
+    if not (media_type in JSON_TYPES or media_type.endswith("+json") or (allow_yaml and is_yaml)):
+        accepted = ", ".join(JSON_TYPES + (YAML_TYPES[:1] if allow_yaml else ()))
+        raise UnsupportedMediaTypeError(f"unsupported Content-Type {media_type!r}; send {accepted}")
+    raw = await _read_limited(request, request.app.state.settings.max_body_bytes)
+    try:
+        text = raw.decode("utf-8")
+        return yaml.safe_load(text) if is_yaml else json.loads(text)
+    except UnicodeDecodeError:
+        raise MalformedBodyError("request body is not UTF-8") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "YAML" if is_yaml else "JSON"
+        raise MalformedBodyError(f"request body is not valid {kind}: {str(exc).splitlines()[0]}") from None
+
+
+async def recipe_body(request: Request) -> dict[str, Any]:
+    body = await parse_body(request, allow_yaml=True)
+    if not isinstance(body, dict):
+        raise RecipeError("a recipe must be a JSON object or a YAML mapping",
+                          errors=[{"loc": [], "msg": "expected a mapping"}])
+    return body
+
+
+async def json_body(request: Request) -> Any:
+    return await parse_body(request, allow_yaml=False)
+
+
+RecipeBody = Annotated[dict[str, Any], Depends(recipe_body)]
+JsonBody = Annotated[Any, Depends(json_body)]

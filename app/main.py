@@ -1,0 +1,92 @@
+"""The FastAPI application factory: ``create_app(settings)``; ``uvicorn app.main:app`` builds one from the
+environment on first access (no import-time side effects)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import require_token
+from app.api.metrics import make_registry
+from app.api.openapi_docs import extra_components
+from app.api.problems import install_problem_handlers
+from app.api.routes import analyses, batches, health, merges, methods, recipes
+from app.core.config import Settings, get_settings
+from app.core.ratelimit import SlidingWindowLimiter
+from app.db import init_db, make_engine, session_factory
+
+API_VERSION = "1.0.0"
+DESCRIPTION = """Model merging as a service: submit a recipe, follow the job, fetch the merged model.
+
+Every `/v1` route needs `Authorization: Bearer <token>` (`alloy token create`). Errors are RFC 9457
+`application/problem+json` with a stable `code`."""
+
+
+def _operation_id(route: APIRoute) -> str:
+    return f"{route.tags[0]}-{route.name}" if route.tags else route.name
+
+
+def _v1_router() -> APIRouter:
+    # the token dependency on the whole router: no /v1 route can be reached without a valid token
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+    for module in (merges, batches, methods, recipes, analyses):
+        v1.include_router(module.router)
+    return v1
+
+
+def _install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in extra_components().items():
+                components.setdefault(name, definition)
+            schema["components"]["schemas"] = dict(sorted(components.items()))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(init_db, engine)
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="Alloy", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan,
+                  generate_unique_id_function=_operation_id)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = session_factory(engine)
+    app.state.rate_limiter = SlidingWindowLimiter(settings.rate_limit_per_minute, window_s=60.0)
+    app.state.metrics_registry = make_registry(app.state.sessionmaker)
+    install_problem_handlers(app)
+    app.include_router(health.router)
+    app.include_router(_v1_router())
+    try:
+        from app.web import router as web_router
+    except ModuleNotFoundError as exc:  # the web form is optional; a broken one must still fail loudly
+        if exc.name != "app.web":
+            raise
+    else:
+        app.include_router(web_router)
+    _install_openapi(app)
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

@@ -1,0 +1,130 @@
+"""Request and response models of the HTTP API (the recipe itself is ``merge_ops.recipe.Recipe``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from merge_ops.recipe import Source
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobKind = Literal["merge", "analyze"]
+Priority = Field(5, ge=0, le=9, description="0..9, higher runs first.")
+
+
+class ErrorItem(BaseModel):
+    loc: list[str]
+    msg: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str = Field(description="Stable machine-readable error code.")
+    errors: list[ErrorItem] | None = None
+
+
+class Progress(BaseModel):
+    tensors_done: int
+    tensors_total: int | None
+    bytes_done: int
+    bytes_total: int | None
+    eta_s: float | None
+    fraction: float | None = Field(description="tensors_done / tensors_total, when the total is known.")
+
+
+class Output(BaseModel):
+    path: str | None
+    url: str | None
+    commit: str | None
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: JobKind
+    status: JobStatus
+    url: str
+    priority: int
+    batch_id: str | None
+    attempts: int
+    cancel_requested: bool
+    progress: Progress
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None
+    output: Output
+    error: Problem | None
+    recipe: dict[str, Any]
+    recipe_digest: str
+    pinned_sources: dict[str, str]
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    recipes: list[dict[str, Any] | str] = Field(
+        min_length=1, max_length=100, description="Recipes as JSON objects or YAML text (Alloy or mergekit)."
+    )
+    priority: int = Priority
+
+
+class BatchOut(BaseModel):
+    id: str
+    url: str
+    priority: int
+    created_at: datetime
+    total: int
+    counts: dict[str, int] = Field(description="Jobs by status (every status listed).")
+    jobs: list[JobOut]
+
+
+class AnalysisRequest(BaseModel):
+    """Statistics of task vectors (norms, sign conflicts, overlap) for ``sources`` against ``base``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[Source] = Field(min_length=1, max_length=32)
+    base: Source | None = None
+    allow_pickle: bool = False
+    priority: int = Priority
+
+
+class MethodOut(BaseModel):
+    name: str
+    pretty_name: str
+    reference_url: str
+    summary: str
+    needs_base: bool
+    kind: str
+    default_scope: str
+    min_models: int
+    params_schema: dict[str, Any]
+    defaults: dict[str, Any]
+
+
+class Check(BaseModel):
+    ok: bool
+    detail: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"]
+    checks: dict[str, Check]

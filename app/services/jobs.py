@@ -1,0 +1,243 @@
+"""Job submission, lookup and cancellation: the one implementation behind the API, the web form and the CLI.
+
+Order of a submission (style.md, habit 8): validate the recipe and confine its paths, pin Hub sources, insert the
+row, commit, and only then enqueue the id, so a worker never receives an id it cannot read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import crud
+from app.core.config import Settings
+from app.core.queue import enqueue_job
+from app.models import ACTIVE_STATUSES, JOB_STATUSES, ApiToken, Batch, Job
+from app.services.errors import (
+    BatchNotFoundError,
+    BrokerUnavailableError,
+    IdempotencyKeyReusedError,
+    InvalidCursorError,
+    JobNotCancellableError,
+    JobNotFoundError,
+)
+from app.services.paths import confine_recipe_paths, confine_sources
+from merge_ops.errors import RecipeError
+from merge_ops.recipe import HubSource, Recipe, load_recipe, parse_source
+
+#: Pins a Hub source to a commit (``merge_ops.hub.HubClient.resolve``); raises HubError subclasses.
+SourcePinner = Callable[[HubSource], HubSource]
+
+
+@dataclass(frozen=True)
+class Submission:
+    job: Job
+    created: bool  # False: an existing job was returned (Idempotency-Key or identical active recipe)
+
+
+def prepare_recipe(raw: dict[str, Any] | str, *, settings: Settings) -> Recipe:
+    """Parse (Alloy or mergekit), validate and confine paths; raises RecipeError listing every problem."""
+    return confine_recipe_paths(load_recipe(raw), roots=settings.data_dirs)
+
+
+def recipe_sources(recipe: Recipe) -> list[Any]:
+    sources = [recipe.base, recipe.source_base, recipe.source_finetuned, recipe.target_base]
+    return [s for s in sources + [m.source for m in recipe.models] if s is not None]
+
+
+def pin_hub_sources(sources: Sequence[Any], pinner: SourcePinner | None) -> dict[str, str]:
+    """{submitted uri: pinned uri} for every Hub source, so a job reads the same commit on every attempt."""
+    if pinner is None:
+        return {}
+    pinned: dict[str, str] = {}
+    for source in sources:
+        parsed = parse_source(HubSource.model_validate(source) if isinstance(source, dict) else source)
+        if isinstance(parsed, HubSource) and parsed.uri() not in pinned:
+            pinned[parsed.uri()] = pinner(parsed).uri()
+    return pinned
+
+
+def _existing_for_key(session: Session, *, owner: ApiToken, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.owner_token_id == owner.id, Job.idempotency_key == key)).first()
+
+
+def _existing_active(session: Session, *, owner: ApiToken, digest: str, kind: str) -> Job | None:
+    return session.scalars(
+        select(Job).where(Job.owner_token_id == owner.id, Job.recipe_digest == digest, Job.kind == kind,
+                          Job.status.in_(ACTIVE_STATUSES), Job.batch_id.is_(None))
+        .order_by(Job.created_at.desc())
+    ).first()
+
+
+def _enqueue_or_fail(session: Session, job: Job, *, settings: Settings, hf_token: str | None) -> None:
+    try:
+        enqueue_job(job.id, priority=job.priority, hf_token=hf_token, settings=settings)
+    except Exception as exc:  # any broker failure: the row must not stay queued with no message behind it
+        error = BrokerUnavailableError(f"the job queue is unreachable: {type(exc).__name__}")
+        crud.finish_job(session, job_id=job.id, status="failed", error=error.to_dict())
+        # free the Idempotency-Key so the client's retry with the same key submits again
+        session.execute(update(Job).where(Job.id == job.id).values(idempotency_key=None))
+        session.commit()
+        raise error from None
+
+
+def _submit(session: Session, *, kind: str, payload: dict[str, Any], digest: str, owner: ApiToken,
+            settings: Settings, idempotency_key: str | None, hf_token: str | None, priority: int,
+            pinned: dict[str, str], dedupe_active: bool) -> Submission:
+    if idempotency_key:
+        existing = _existing_for_key(session, owner=owner, key=idempotency_key)
+        if existing is not None:
+            if existing.recipe_digest != digest:
+                raise IdempotencyKeyReusedError("this Idempotency-Key was used with a different request",
+                                                job_id=existing.id)
+            return Submission(existing, created=False)
+    if dedupe_active:
+        existing = _existing_active(session, owner=owner, digest=digest, kind=kind)
+        if existing is not None:
+            return Submission(existing, created=False)
+    job = Job(kind=kind, owner_token_id=owner.id, status="queued", recipe_json=json.dumps(payload),
+              recipe_digest=digest, idempotency_key=idempotency_key or None, priority=priority,
+              pinned_sources_json=json.dumps(pinned) if pinned else None)
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        # a concurrent request with the same Idempotency-Key won the insert
+        session.rollback()
+        existing = _existing_for_key(session, owner=owner, key=idempotency_key or "")
+        if existing is None:
+            raise
+        return Submission(existing, created=False)
+    _enqueue_or_fail(session, job, settings=settings, hf_token=hf_token)
+    return Submission(job, created=True)
+
+
+def submit_merge(session: Session, recipe: Recipe, *, owner: ApiToken, settings: Settings,
+                 idempotency_key: str | None = None, hf_token: str | None = None, priority: int = 5,
+                 pinner: SourcePinner | None = None) -> Submission:
+    """Record and enqueue a merge of a recipe from ``prepare_recipe``. The same ``idempotency_key``, or the
+    same recipe while an earlier job for it is queued or running, returns that job instead."""
+    pinned = pin_hub_sources(recipe_sources(recipe), pinner)
+    payload = recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return _submit(session, kind="merge", payload=payload, digest=recipe.digest(), owner=owner, settings=settings,
+                   idempotency_key=idempotency_key, hf_token=hf_token, priority=priority, pinned=pinned,
+                   dedupe_active=True)
+
+
+def prepare_analysis(request: dict[str, Any], *, settings: Settings) -> dict[str, Any]:
+    """An analysis request with confined paths, as stored in the job row: {sources, base, allow_pickle}."""
+    sources = confine_sources(request["sources"], roots=settings.data_dirs)
+    base = request.get("base")
+    if base is not None:
+        try:
+            [base] = confine_sources([base], roots=settings.data_dirs, loc="base")
+        except RecipeError as exc:
+            exc.context["errors"] = [{"loc": ["base"], "msg": e["msg"]} for e in exc.context["errors"]]
+            raise
+    return {"sources": sources, "base": base, "allow_pickle": bool(request.get("allow_pickle", False))}
+
+
+def submit_analysis(session: Session, analysis: dict[str, Any], *, owner: ApiToken, settings: Settings,
+                    idempotency_key: str | None = None, hf_token: str | None = None, priority: int = 5,
+                    pinner: SourcePinner | None = None) -> Submission:
+    """Record and enqueue an ``analyze`` job (the worker runs the engine's inspect; its report holds the stats)."""
+    pinned = pin_hub_sources([*analysis["sources"], analysis.get("base")], pinner) if pinner else {}
+    digest = hashlib.sha256(json.dumps({"analyze": analysis}, sort_keys=True).encode()).hexdigest()
+    return _submit(session, kind="analyze", payload=analysis, digest=digest, owner=owner, settings=settings,
+                   idempotency_key=idempotency_key, hf_token=hf_token, priority=priority, pinned=pinned,
+                   dedupe_active=True)
+
+
+def submit_batch(session: Session, recipes: Sequence[Recipe], *, owner: ApiToken, settings: Settings,
+                 priority: int = 5, hf_token: str | None = None,
+                 pinner: SourcePinner | None = None) -> tuple[Batch, list[Job]]:
+    """One job per recipe (no de-duplication: a batch asks for each), committed together, then enqueued."""
+    pinned = [pin_hub_sources(recipe_sources(r), pinner) for r in recipes]
+    batch = Batch(owner_token_id=owner.id, priority=priority)
+    session.add(batch)
+    session.flush()
+    jobs = [
+        Job(kind="merge", owner_token_id=owner.id, status="queued", batch_id=batch.id, priority=priority,
+            recipe_json=json.dumps(r.model_dump(mode="json", by_alias=True, exclude_none=True)),
+            recipe_digest=r.digest(), pinned_sources_json=json.dumps(p) if p else None)
+        for r, p in zip(recipes, pinned, strict=True)
+    ]
+    session.add_all(jobs)
+    session.commit()
+    for job in jobs:
+        _enqueue_or_fail(session, job, settings=settings, hf_token=hf_token)
+    return batch, jobs
+
+
+def visible_job(session: Session, job_id: str, *, caller: ApiToken) -> Job:
+    """The job if the caller owns it (or is an admin); others' jobs are indistinguishable from missing ones."""
+    job = crud.get_job(session, job_id=job_id)
+    if job is None or not (caller.admin or job.owner_token_id == caller.id):
+        raise JobNotFoundError(f"no job {job_id}")
+    return job
+
+
+def cancel(session: Session, job_id: str, *, caller: ApiToken) -> Job:
+    """A queued job is cancelled at once and never starts (workers claim only queued rows); a running one gets
+    ``cancel_requested`` and its worker stops between tensors. Cancelling a cancelled job is a no-op."""
+    job = visible_job(session, job_id, caller=caller)
+    if job.status in {"succeeded", "failed"}:
+        raise JobNotCancellableError(f"job {job_id} already {job.status}", status=job.status)
+    crud.cancel_job(session, job_id=job_id)
+    return visible_job(session, job_id, caller=caller)
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidCursorError("malformed cursor; pass next_cursor from the previous page") from None
+
+
+def list_jobs(session: Session, *, caller: ApiToken, status: str | None = None, kind: str | None = None,
+              batch_id: str | None = None, cursor: str | None = None, limit: int = 50) -> tuple[list[Job], str | None]:
+    """Newest first, keyset-paginated on (created_at, id); only the caller's jobs unless it is an admin."""
+    query = select(Job)
+    if not caller.admin:
+        query = query.where(Job.owner_token_id == caller.id)
+    if status:
+        query = query.where(Job.status == status)
+    if kind:
+        query = query.where(Job.kind == kind)
+    if batch_id:
+        query = query.where(Job.batch_id == batch_id)
+    if cursor:
+        created, job_id = _decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all())
+    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def batch_status(session: Session, batch_id: str, *, caller: ApiToken) -> tuple[Batch, dict[str, int], list[Job]]:
+    batch = session.get(Batch, batch_id)
+    if batch is None or not (caller.admin or batch.owner_token_id == caller.id):
+        raise BatchNotFoundError(f"no batch {batch_id}")
+    counts = dict.fromkeys(JOB_STATUSES, 0)
+    for status, count in session.execute(
+        select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
+    ):
+        counts[status] = count
+    jobs = list(session.scalars(select(Job).where(Job.batch_id == batch_id).order_by(Job.created_at, Job.id)))
+    return batch, counts, jobs

@@ -1,0 +1,101 @@
+"""Confine local source and output paths to the configured data dirs (``ALLOY_DATA_DIRS``).
+
+A path is accepted when its ``os.path.realpath`` lies inside the realpath of a root: this catches ``..``,
+symlinks that leave a root and absolute paths elsewhere. ``..`` is refused outright even when it would land back
+inside. A relative path is looked up in each root in order; the first root where it exists decides (an escaping
+symlink there is an error, not a reason to try the next root). Accepted paths are rewritten to their absolute
+realpath, so the worker reads exactly what was checked and the recipe digest does not depend on spelling.
+Hub sources (``hf://`` or a ``{repo, revision}`` object) are not paths and pass through.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path, PurePath
+from typing import Any
+
+from merge_ops.recipe import HubSource, Recipe
+from app.services.errors import PathNotAllowedError
+
+#: Recipe fields that hold one source.
+_SOURCE_FIELDS = ("base", "source_base", "source_finetuned", "target_base")
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def confine_path(raw: str, *, roots: Sequence[Path], must_exist: bool) -> Path:
+    """The absolute realpath of ``raw`` inside one of ``roots``; raises ValueError saying why not."""
+    if ".." in PurePath(raw).parts:
+        raise _Refused("'..' is not allowed in paths")
+    real_roots = [os.path.realpath(root) for root in roots]
+    if os.path.isabs(raw):
+        real = os.path.realpath(raw)
+        if not any(_inside(real, root) for root in real_roots):
+            raise _Refused(f"{raw!r} is outside the data dirs")
+        if must_exist and not os.path.exists(real):
+            raise _Refused(f"{raw!r} does not exist")
+        return Path(real)
+    for root in real_roots:
+        if os.path.lexists(os.path.join(root, raw)):
+            real = os.path.realpath(os.path.join(root, raw))
+            if not _inside(real, root):
+                raise _Refused(f"{raw!r} resolves outside the data dirs (symlink)")
+            if must_exist and not os.path.exists(real):
+                raise _Refused(f"{raw!r} does not exist")
+            return Path(real)
+    if must_exist or not real_roots:
+        raise _Refused(f"{raw!r} was not found in the data dirs")
+    real = os.path.realpath(os.path.join(real_roots[0], raw))
+    if not _inside(real, real_roots[0]):
+        raise _Refused(f"{raw!r} resolves outside the data dirs (symlink)")
+    return Path(real)
+
+
+def _confine_source(value: Any, loc: list[str], roots: Sequence[Path], errors: list[dict[str, Any]]) -> Any:
+    if value is None or isinstance(value, dict | HubSource) or str(value).startswith("hf://"):
+        return value
+    try:
+        return str(confine_path(str(value), roots=roots, must_exist=True))
+    except _Refused as exc:
+        errors.append({"loc": loc, "msg": str(exc)})
+        return value
+
+
+def confine_recipe_paths(recipe: Recipe, *, roots: Sequence[Path]) -> Recipe:
+    """The recipe with every local path absolute and inside ``roots``; PathNotAllowedError lists each offender."""
+    data = recipe.model_dump(mode="json", by_alias=True)
+    errors: list[dict[str, Any]] = []
+    for field in _SOURCE_FIELDS:
+        data[field] = _confine_source(data.get(field), [field], roots, errors)
+    for index, model in enumerate(data.get("models") or []):
+        model["source"] = _confine_source(model["source"], ["models", str(index), "source"], roots, errors)
+    output = data.get("output") or {}
+    if output.get("path"):
+        try:
+            output["path"] = str(confine_path(output["path"], roots=roots, must_exist=False))
+        except _Refused as exc:
+            errors.append({"loc": ["output", "path"], "msg": str(exc)})
+    if errors:
+        raise _not_allowed(errors)
+    return Recipe.model_validate(data)
+
+
+def confine_sources(sources: Sequence[Any], *, roots: Sequence[Path], loc: str = "sources") -> list[Any]:
+    """Confine a plain list of sources (an analysis request)."""
+    errors: list[dict[str, Any]] = []
+    confined = [_confine_source(s, [loc, str(i)], roots, errors) for i, s in enumerate(sources)]
+    if errors:
+        raise _not_allowed(errors)
+    return confined
+
+
+def _not_allowed(errors: list[dict[str, Any]]) -> PathNotAllowedError:
+    summary = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors)
+    return PathNotAllowedError(f"path not allowed: {summary}", errors=errors)

@@ -1,0 +1,214 @@
+"""First streaming pass for ``scope=global``: per-model statistics over every merged tensor, memory bounded.
+
+The paper versions of TIES and ComPEFT rank (and take σ over) a whole model as one vector. Alloy never builds
+that vector: ``compute_global_stats`` iterates the tensors (``batches()`` yields ``(name, τ[K, *S])``) three
+times and keeps only O(K·2^11) counters plus a few floats per model:
+
+1. element count N, float64 Στ, Στ², Σ|τ| (σ is the unbiased std of the uncompressed τ), the DARE-masked Σ|τ|
+   (for ``rescale=l1``), and a histogram of the top 11 bits of each |τ| bit pattern;
+2. a histogram of the next 11 bits inside the chosen top bucket;
+3. a histogram of the last 9 bits inside the chosen bucket, per tensor.
+
+That is an exact MSB-first radix select of the k-th largest magnitude (non-negative float32 bit patterns are
+monotonic in the value). The last pass also counts, per tensor, the elements equal to the threshold, so ties are
+taken by lowest flat index in iteration order (tensor by tensor, row-major within a tensor): the tensor's
+``tie_quota``. Methods then select with ``GlobalStats.selection_mask`` (|τ| > threshold, plus the tensor's quota
+of ties) and read ``sigma``/``l1``.
+
+Density, top_removed and the sparsifier come from the recipe's top-level params: under ``scope=global`` they are
+one choice per model for the whole model (per-tensor overrides of them do not re-rank globally).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kernels import dare_keep_mask, magnitude_histogram, select_by_threshold
+from kernels.reference import INF_BITS
+from merge_ops.methods._scope import floor_count, kept_count
+from merge_ops.params import Sparsify
+
+Batches = Callable[[], Iterable[tuple[str, torch.Tensor]]]
+#: (prefix_shift, digit_shift, digit_bits): bits 20..30, then 9..19, then 0..8 of |x| (bit 31 is always 0).
+_RADIX_PASSES = ((31, 20, 11), (20, 9, 11), (9, 0, 9))
+
+
+@dataclass(frozen=True)
+class RankCut:
+    """The first ``rank[k]`` elements of model k in the global order (|τ| desc, iteration order asc)."""
+
+    rank: tuple[int, ...]
+    threshold: tuple[float, ...]
+    #: tensor name -> per-model number of elements equal to the threshold that are inside the cut
+    tie_quota: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def mask(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        k = rows.shape[0]
+        threshold = torch.tensor(self.threshold, dtype=torch.float32, device=rows.device)
+        quota = torch.tensor(self.tie_quota.get(name, (0,) * k), dtype=torch.int64, device=rows.device)
+        return select_by_threshold(rows, threshold, quota)
+
+
+@dataclass(frozen=True)
+class GlobalStats:
+    numel: int
+    #: per model: unbiased std of the uncompressed τ over all tensors (0 when numel < 2)
+    sigma: tuple[float, ...]
+    #: per model: Σ|τ| over all tensors
+    l1: tuple[float, ...]
+    #: per model: Σ|mask_dare·τ| (only for sparsify=dare with rescale=l1)
+    dare_kept_l1: tuple[float, ...] | None = None
+    #: elements with global rank < upper.rank are candidates (top-k, or top_removed + density for Breadcrumbs)
+    upper: RankCut | None = None
+    #: Breadcrumbs: elements with global rank < lower.rank are the removed outliers
+    lower: RankCut | None = None
+
+    def selection_mask(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Bool [K, n] mask of tensor ``name`` (rows = its K task vectors flattened) inside the global band."""
+        if self.upper is None:
+            return torch.ones_like(rows, dtype=torch.bool)
+        mask = self.upper.mask(name, rows)
+        if self.lower is not None and any(self.lower.rank):
+            mask &= ~self.lower.mask(name, rows)
+        return mask
+
+
+def compute_global_stats(
+    batches: Batches,
+    *,
+    params: Any,
+    densities: Sequence[float] | None = None,
+    seed: int = 0,
+    source_indices: Sequence[int] | None = None,
+) -> GlobalStats:
+    """Stream ``batches()`` (called up to three times, same order each time) and return the per-model statistics
+    the sparsifier in ``params`` needs under ``scope=global``."""
+    sparsify = Sparsify(getattr(params, "sparsify", Sparsify.none))
+    needs_rank = sparsify in (Sparsify.magnitude, Sparsify.compeft, Sparsify.breadcrumbs)
+    dare_l1 = sparsify == Sparsify.dare and getattr(params, "rescale", "inverse") == "l1"
+
+    numel = 0
+    k: int | None = None
+    sums = sq_sums = abs_sums = kept_abs = None
+    top_hist: torch.Tensor | None = None
+    for name, tv in batches():
+        rows = tv.reshape(tv.shape[0], -1).to(torch.float64)
+        if k is None:
+            k = tv.shape[0]
+            sums, sq_sums, abs_sums, kept_abs = (torch.zeros(k, dtype=torch.float64) for _ in range(4))
+            top_hist = torch.zeros(k, 1 << 11, dtype=torch.int64)
+        numel += rows.shape[1]
+        sums += rows.sum(dim=1).cpu()
+        sq_sums += rows.square().sum(dim=1).cpu()
+        abs_sums += rows.abs().sum(dim=1).cpu()
+        if dare_l1:
+            for i in range(k):
+                keep = dare_keep_mask(tv.shape[1:], density=_density(params, densities, i), seed=seed,
+                                      source_index=_source(source_indices, i), name=name, device=tv.device)
+                kept_abs[i] += rows[i].abs()[keep.reshape(-1)].sum().cpu()
+        if needs_rank:
+            top_hist += _histogram(tv, torch.zeros(k, dtype=torch.int64), _RADIX_PASSES[0])
+    if k is None:
+        return GlobalStats(numel=0, sigma=(), l1=())
+    assert sums is not None and sq_sums is not None and abs_sums is not None and kept_abs is not None
+
+    sigma = tuple(_unbiased_std(s, q, numel) for s, q in zip(sums.tolist(), sq_sums.tolist(), strict=True))
+    stats: dict[str, Any] = {"numel": numel, "sigma": sigma, "l1": tuple(abs_sums.tolist())}
+    if dare_l1:
+        stats["dare_kept_l1"] = tuple(kept_abs.tolist())
+    if needs_rank:
+        assert top_hist is not None
+        density = torch.tensor([_density(params, densities, i) for i in range(k)], dtype=torch.float64)
+        keep = kept_count(density, numel)
+        if sparsify == Sparsify.breadcrumbs:
+            skip = floor_count(torch.full((k,), float(params.top_removed), dtype=torch.float64), numel)
+            upper_rank = (skip + keep).clamp(max=numel)
+            stats["lower"] = _radix_select(batches, skip.tolist(), top_hist) if bool((skip > 0).any()) else None
+        else:
+            upper_rank = keep
+        stats["upper"] = _radix_select(batches, upper_rank.tolist(), top_hist)
+    return GlobalStats(**stats)
+
+
+def _density(params: Any, densities: Sequence[float] | None, i: int) -> float:
+    return float(densities[i]) if densities is not None else float(params.density)
+
+
+def _source(source_indices: Sequence[int] | None, i: int) -> int:
+    return int(source_indices[i]) if source_indices is not None else i
+
+
+def _unbiased_std(total: float, total_sq: float, n: int) -> float:
+    if n < 2:
+        return 0.0
+    variance = (total_sq - total * total / n) / (n - 1)
+    return max(variance, 0.0) ** 0.5
+
+
+def _histogram(tv: torch.Tensor, prefix: torch.Tensor, radix_pass: tuple[int, int, int]) -> torch.Tensor:
+    prefix_shift, digit_shift, digit_bits = radix_pass
+    rows = tv.reshape(tv.shape[0], -1)
+    return magnitude_histogram(rows, prefix=prefix.to(tv.device), prefix_shift=prefix_shift,
+                               digit_shift=digit_shift, digit_bits=digit_bits).cpu()
+
+
+def _descend(hist: torch.Tensor, remaining: list[int]) -> tuple[list[int], list[int]]:
+    """Per model, the bucket holding the ``remaining``-th largest element (counting from the top bucket), and
+    how many elements lie in higher buckets."""
+    buckets, above = [], []
+    for row, r in zip(hist.tolist(), remaining, strict=True):
+        seen = 0
+        for bucket in range(len(row) - 1, -1, -1):
+            if seen + row[bucket] >= r:
+                break
+            seen += row[bucket]
+        buckets.append(bucket)
+        above.append(seen)
+    return buckets, above
+
+
+def _radix_select(batches: Batches, ranks: list[int], top_hist: torch.Tensor) -> RankCut:
+    """Exact threshold and per-tensor tie quotas of the first ``ranks[k]`` elements of each model."""
+    k = len(ranks)
+    active = [r > 0 for r in ranks]
+    remaining = [max(r, 1) for r in ranks]
+    greater = [0] * k
+    prefix = [0] * k
+    hist = top_hist
+    per_tensor_ties: list[tuple[str, list[int]]] = []
+    for step, radix_pass in enumerate(_RADIX_PASSES):
+        buckets, above = _descend(hist, remaining)
+        digit_bits = radix_pass[2]
+        for i in range(k):
+            prefix[i] = (prefix[i] << digit_bits) | buckets[i]
+            greater[i] += above[i]
+            remaining[i] -= above[i]
+        if step + 1 == len(_RADIX_PASSES):
+            break
+        next_pass = _RADIX_PASSES[step + 1]
+        prefix_tensor = torch.tensor(prefix, dtype=torch.int64)
+        hist = torch.zeros(k, 1 << next_pass[2], dtype=torch.int64)
+        last = step + 2 == len(_RADIX_PASSES)
+        for name, tv in batches():
+            counts = _histogram(tv, prefix_tensor, next_pass)
+            hist += counts
+            if last:
+                # counts at each model's final bucket are filled in below, once the bucket is known
+                per_tensor_ties.append((name, counts))  # type: ignore[arg-type]
+    # prefix now holds the full 31-bit pattern of the threshold; remaining = ties taken from the threshold value
+    threshold_bits = [p if a else INF_BITS for p, a in zip(prefix, active, strict=True)]
+    threshold = torch.tensor(threshold_bits, dtype=torch.int32).view(torch.float32).tolist()
+    tie_quota: dict[str, tuple[int, ...]] = {}
+    left = [r if a else 0 for r, a in zip(remaining, active, strict=True)]
+    final_digit = [p & ((1 << _RADIX_PASSES[-1][2]) - 1) for p in prefix]
+    for name, counts in per_tensor_ties:
+        ties = [int(counts[i, final_digit[i]]) for i in range(k)]  # type: ignore[call-overload]
+        take = [min(t, q) for t, q in zip(ties, left, strict=True)]
+        if any(take):
+            tie_quota[name] = tuple(take)
+            left = [q - t for q, t in zip(left, take, strict=True)]
+    return RankCut(rank=tuple(ranks), threshold=tuple(threshold), tie_quota=tie_quota)

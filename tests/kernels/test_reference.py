@@ -1,0 +1,239 @@
+"""The torch reference ops against brute-force oracles written from interfaces.md and the spec."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from merge_ops.errors import KernelUnavailableError
+
+SIZES = [1, 7, 8, 9, 1023, 4097]
+
+
+def _oracle_mix32(x: int) -> int:
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) % 2**32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) % 2**32
+    return x ^ (x >> 16)
+
+
+def _oracle_keep(i: int, *, density: float, seed: int, source_index: int, name: str) -> bool:
+    name_hash = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little")
+    m = _oracle_mix32
+    key = m((seed & 0xFFFFFFFF) ^ m((seed >> 32) ^ m(source_index ^ m(name_hash))))
+    h = m(m((i & 0xFFFFFFFF) ^ key) ^ (i >> 32))
+    return (h >> 8) < int(density * 2**24)
+
+
+# -- fused task arithmetic --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_task_arithmetic_matches_float64_formula(k, out_dtype):
+    g = torch.Generator().manual_seed(k)
+    base = torch.randn(1023, generator=g).to(torch.bfloat16)
+    fts = [(base.float() + 0.01 * torch.randn(1023, generator=g)).to(torch.bfloat16) for _ in range(k)]
+    weights = torch.rand(k, generator=g).tolist()
+    got = kernels.fused_task_arithmetic(base, fts, weights, scale=0.7, out_dtype=out_dtype)
+    b64 = base.double()
+    want = b64 + 0.7 * sum(w * (t.double() - b64) for w, t in zip(weights, fts, strict=True))
+    assert got.dtype == out_dtype and got.shape == base.shape
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[out_dtype]
+    torch.testing.assert_close(got.double(), want.to(out_dtype).double(), atol=tol, rtol=tol)
+
+
+def test_fused_task_arithmetic_one_model_scale_one_is_that_model():
+    base = torch.randn(4, 5)
+    ft = torch.randn(4, 5)
+    got = kernels.fused_task_arithmetic(base, [ft], [1.0], out_dtype=torch.float32)
+    torch.testing.assert_close(got, ft, atol=1e-6, rtol=0)
+
+
+def test_fused_task_arithmetic_rejects_mismatched_weights():
+    with pytest.raises(ValueError):
+        kernels.fused_task_arithmetic(torch.zeros(3), [torch.zeros(3)], [1.0, 2.0], out_dtype=torch.float32)
+
+
+# -- bit packing ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [0, *SIZES])
+def test_pack_bits_matches_numpy_little_endian(n):
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.4
+    packed = kernels.pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+    assert np.array_equal(packed.numpy(), np.packbits(mask.numpy(), bitorder="little"))
+    assert torch.equal(kernels.unpack_bits(packed, n), mask)
+
+
+def test_pack_bits_flattens_any_shape():
+    mask = torch.rand(3, 5, 7) < 0.5
+    assert torch.equal(kernels.unpack_bits(kernels.pack_bits(mask), mask.numel()), mask.reshape(-1))
+
+
+def test_unpack_bits_rejects_too_few_bytes():
+    with pytest.raises(ValueError):
+        kernels.unpack_bits(torch.zeros(1, dtype=torch.uint8), 9)
+
+
+# -- DARE keep mask ---------------------------------------------------------------------------------------------
+def test_mix32_tensor_matches_python_oracle():
+    values = torch.randint(0, 2**32, (2000,), dtype=torch.int64, generator=torch.Generator().manual_seed(0))
+    values[:3] = torch.tensor([0, 2**32 - 1, 0x7FEB352D])
+    got = reference._mix32_tensor(values).tolist()
+    assert got == [_oracle_mix32(v) for v in values.tolist()]
+    assert [reference.mix32(v) for v in values.tolist()[:50]] == got[:50]
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_dare_keep_mask_matches_the_formula(density):
+    args = dict(density=density, seed=(7 << 40) + 3, source_index=2, name="model.layers.0.mlp.weight")
+    mask = kernels.dare_keep_mask((37, 29), **args).reshape(-1)
+    assert mask.dtype == torch.bool
+    assert mask.tolist() == [_oracle_keep(i, **args) for i in range(mask.numel())]
+
+
+def test_dare_counter_above_2_32_uses_the_high_word():
+    # the int64 tensor path handles flat indices beyond 2^32 without allocating them
+    key = reference.dare_key(seed=1, source_index=0, name="w")
+    index = torch.tensor([2**32 + 5, 2**33 + 7, 5], dtype=torch.int64)
+    h = reference._mix32_tensor(reference._mix32_tensor((index & 0xFFFFFFFF) ^ key) ^ (index >> 32))
+    for i, value in zip(index.tolist(), h.tolist(), strict=True):
+        assert value == _oracle_mix32(_oracle_mix32((i & 0xFFFFFFFF) ^ key) ^ (i >> 32))
+
+
+def test_dare_numpy_and_torch_paths_agree():
+    key = reference.dare_key(seed=11, source_index=4, name="x")
+    threshold = reference.dare_threshold(0.3)
+    fast = torch.from_numpy(reference._dare_keep_numpy(5000, key=key, threshold=threshold))
+    index = torch.arange(5000, dtype=torch.int64)
+    slow = (reference._mix32_tensor(reference._mix32_tensor(index ^ key) ^ (index >> 32)) >> 8) < threshold
+    assert torch.equal(fast, slow)
+
+
+def test_dare_keep_mask_density_one_keeps_all_and_rate_is_binomial():
+    assert bool(kernels.dare_keep_mask((100, 3), density=1.0, seed=0, source_index=0, name="a").all())
+    n, p = 200_000, 0.1
+    kept = int(kernels.dare_keep_mask((n,), density=p, seed=5, source_index=1, name="b").sum())
+    assert abs(kept - n * p) < 5 * (n * p * (1 - p)) ** 0.5
+
+
+def test_dare_keep_mask_is_keyed_by_seed_source_and_name():
+    base = dict(density=0.5, seed=1, source_index=0, name="a")
+    mask = kernels.dare_keep_mask((4096,), **base)
+    assert torch.equal(mask, kernels.dare_keep_mask((4096,), **base))
+    for change in ({"seed": 2}, {"source_index": 1}, {"name": "b"}):
+        assert not torch.equal(mask, kernels.dare_keep_mask((4096,), **{**base, **change}))
+
+
+# -- exact selection --------------------------------------------------------------------------------------------
+def _oracle_band(x: torch.Tensor, keep: list[int], skip: list[int]) -> torch.Tensor:
+    """Sort each row by (|x| desc, index asc) and take ranks [skip, skip + keep)."""
+    out = torch.zeros_like(x, dtype=torch.bool)
+    for r, row in enumerate(x.double()):
+        order = sorted(range(row.numel()), key=lambda i: (-abs(row[i].item()), i))
+        for i in order[skip[r] : skip[r] + keep[r]]:
+            out[r, i] = True
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_topk_mask_exact_tie_rule(seed):
+    g = torch.Generator().manual_seed(seed)
+    rows, n = 4, 53
+    # small integers force many ties, including ±equal magnitudes and zeros
+    x = torch.randint(-4, 5, (rows, n), generator=g).float()
+    keep = torch.randint(0, n + 1, (rows,), generator=g)
+    skip = torch.randint(0, n + 1, (rows,), generator=g).minimum(n - keep)
+    got = kernels.topk_mask(x, keep=keep, skip=skip)
+    assert torch.equal(got, _oracle_band(x, keep.tolist(), skip.tolist()))
+    assert got.sum(dim=1).tolist() == keep.tolist()
+
+
+def test_topk_mask_continuous_values_and_single_count():
+    x = torch.randn(3, 1000, generator=torch.Generator().manual_seed(1))
+    got = kernels.topk_mask(x, keep=torch.tensor(200))
+    assert got.sum(dim=1).tolist() == [200, 200, 200]
+    assert torch.equal(got, _oracle_band(x, [200] * 3, [0] * 3))
+
+
+def test_rank_boundary_and_select_by_threshold_roundtrip():
+    x = torch.tensor([[1.0, -2.0, 2.0, 0.0, 2.0, -0.0]])
+    threshold, quota = kernels.rank_boundary(x, torch.tensor([2]))
+    assert threshold.item() == 2.0 and quota.item() == 2
+    assert kernels.select_by_threshold(x, threshold, quota).tolist() == [[False, True, True, False, False, False]]
+    threshold, quota = kernels.rank_boundary(x, torch.tensor([0]))
+    assert not kernels.select_by_threshold(x, threshold, quota).any()
+    threshold, quota = kernels.rank_boundary(x, torch.tensor([6]))
+    assert kernels.select_by_threshold(x, threshold, quota).all()
+
+
+def test_magnitude_histogram_matches_bit_counting():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 777, generator=g) * 10.0 ** torch.randint(-6, 6, (2, 777), generator=g)
+    bits = x.abs().view(torch.int32).long()
+    prefix = (bits[:, 0] >> 20).clone()
+    got = kernels.magnitude_histogram(x, prefix=prefix, prefix_shift=20, digit_shift=9, digit_bits=11)
+    for r in range(2):
+        want = torch.zeros(2048, dtype=torch.int64)
+        for b in bits[r].tolist():
+            if b >> 20 == prefix[r].item():
+                want[(b >> 9) & 2047] += 1
+        assert torch.equal(got[r], want)
+    everything = kernels.magnitude_histogram(x, prefix=torch.zeros(2, dtype=torch.int64), prefix_shift=31,
+                                             digit_shift=20, digit_bits=11)
+    assert everything.sum(dim=1).tolist() == [777, 777]
+
+
+# -- consensus --------------------------------------------------------------------------------------------------
+def test_elect_sign_zero_sum_is_positive():
+    x = torch.tensor([[1.0, -1.0, 0.0, -3.0], [-1.0, 1.0, 0.0, 1.0]])
+    assert kernels.elect_sign(x, torch.tensor([1.0, 1.0])).tolist() == [1.0, 1.0, 1.0, -1.0]
+    # weights vote: the heavier model wins
+    assert kernels.elect_sign(x, torch.tensor([1.0, 3.0])).tolist() == [-1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("mean", [True, False])
+def test_disjoint_merge_matches_elementwise_reference(mean):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(-3, 4, (5, 64), generator=g).float()
+    w = torch.tensor([1.0, 0.5, 2.0, -1.0, 0.25])
+    got, contributors = kernels.disjoint_merge(x, w, mean=mean)
+    for j in range(64):
+        weighted = [w[t].item() * x[t, j].item() for t in range(5)]
+        gamma = 1.0 if sum(weighted) >= 0 else -1.0
+        agree = [t for t in range(5) if weighted[t] != 0 and (weighted[t] > 0) == (gamma > 0)]
+        total = sum(weighted[t] for t in agree)
+        if mean:
+            divisor = sum(w[t].item() for t in agree)
+            total = total / (divisor if divisor != 0 else 1.0)
+        assert got[j].item() == pytest.approx(total, rel=1e-6, abs=1e-6)
+        assert contributors[j].item() == len(agree)
+
+
+def test_ternarize_values():
+    x = torch.tensor([[0.5, -2.0, 0.0, 3.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    assert kernels.ternarize(x, mask, torch.tensor([0.25])).tolist() == [[0.25, -0.25, 0.0, 0.0]]
+
+
+# -- dispatch ---------------------------------------------------------------------------------------------------
+def test_dispatch_modes(monkeypatch):
+    x = torch.zeros(3)
+    monkeypatch.setenv("ALLOY_KERNELS", "torch")
+    assert kernels.kernel("pack_bits", x) is reference.pack_bits
+    monkeypatch.setenv("ALLOY_KERNELS", "auto")
+    assert kernels.kernel("pack_bits", x) is reference.pack_bits  # CPU tensors: the reference, silently
+    monkeypatch.setenv("ALLOY_KERNELS", "triton")
+    with pytest.raises(KernelUnavailableError):
+        kernels.kernel("pack_bits", x)
+    monkeypatch.setenv("ALLOY_KERNELS", "cuda-please")
+    with pytest.raises(KernelUnavailableError):
+        kernels.kernel("pack_bits", x)
+    monkeypatch.delenv("ALLOY_KERNELS")
+    with pytest.raises(KeyError):
+        kernels.kernel("no_such_op", x)

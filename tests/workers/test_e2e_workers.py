@@ -1,0 +1,108 @@
+"""Real `celery worker` subprocesses on a real Redis, with a real SQLite job store: crash safety end to end."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import crud
+
+from .helpers import (
+    assert_output_matches,
+    expected_task_arithmetic,
+    make_models,
+    stray_files,
+    task_arithmetic_recipe,
+)
+
+pytestmark = pytest.mark.slow
+
+# A model big enough that a merge takes a few seconds on 2 CPU cores (real size, no sleep hook):
+# 8 layers at hidden 384, ~45 MB per checkpoint in float32.
+LONG_MERGE = {"hidden": 384, "layers": 8, "vocab": 256}
+
+
+def finished_runs(*workers: Any) -> int:
+    """How many task runs ended by finishing a job (the worker logs the task's return value)."""
+    return sum(len(re.findall(r"succeeded in [\d.]+s: '(?:succeeded|failed|cancelled)'", w.log())) for w in workers)
+
+
+@pytest.fixture
+def long_models(alloy_settings: Any) -> tuple[Path, list[Path]]:
+    return make_models(alloy_settings.data_dirs[0] / "models", **LONG_MERGE)
+
+
+def test_worker_killed_mid_merge_job_completes_once_on_a_new_worker(job_store, celery_worker, alloy_settings,
+                                                                   long_models):
+    base, fts = long_models
+    data = alloy_settings.data_dirs[0]
+    out = data / "out"
+    first = celery_worker(name="doomed")
+    job_id = job_store.submit(task_arithmetic_recipe(base, fts, out, lam=0.7))
+    job = job_store.wait_for(job_id, ("running",), timeout=60, where=lambda j: (j.tensors_done or 0) >= 3)
+    assert job.tensors_done < job.tensors_total, "the merge finished before the kill; make LONG_MERGE bigger"
+    first.kill9()
+    time.sleep(0.5)
+    assert job_store.job(job_id).status == "running"  # nobody is left to finish it
+
+    second = celery_worker(name="rescuer")
+    job = job_store.wait_for(job_id, timeout=120)
+    assert job.status == "succeeded", (job.error_code, job.error_detail, second.log()[-3000:])
+    assert job.attempts == 1
+    assert finished_runs(first, second) == 1
+    assert_output_matches(out, expected_task_arithmetic(base, fts, lam=0.7, weights=[1.0, 1.0]))
+    assert stray_files(data) == []
+    assert sorted(p.name for p in data.iterdir()) == ["models", "out"]
+
+
+def test_redis_restart_while_jobs_are_queued_loses_none(job_store, celery_worker, redis_server, alloy_settings):
+    base, fts = make_models(alloy_settings.data_dirs[0] / "models")
+    ids = [job_store.submit(task_arithmetic_recipe(base, fts, None, lam=0.1 * (i + 1))) for i in range(4)]
+    redis_server.restart()  # no persistence: every queued message is gone
+    worker = celery_worker(name="after-restart")
+    for job_id in ids:
+        job = job_store.wait_for(job_id, timeout=90)
+        assert job.status == "succeeded", (job.error_code, job.error_detail, worker.log()[-3000:])
+        assert_output_matches(Path(job.output_path), _expected_for(job, base, fts))
+
+
+def _expected_for(job: Any, base: Path, fts: list[Path]) -> dict[str, Any]:
+    lam = job.recipe["params"]["lambda"]
+    return expected_task_arithmetic(base, fts, lam=lam, weights=[1.0, 1.0])
+
+
+def test_cancel_queued_and_running_jobs(job_store, celery_worker, alloy_settings, long_models):
+    base, fts = long_models
+    data = alloy_settings.data_dirs[0]
+    worker = celery_worker(name="canceller")
+    running = job_store.submit(task_arithmetic_recipe(base, fts, data / "running"))
+    queued = job_store.submit(task_arithmetic_recipe(base, fts, data / "queued"))
+    job_store.wait_for(running, ("running",), timeout=60, where=lambda j: (j.tensors_done or 0) >= 1)
+    with job_store.session() as session:
+        assert crud.cancel_job(session, job_id=queued) == "cancelled"
+        assert crud.cancel_job(session, job_id=running) == "running"  # the worker stops between tensors
+    job = job_store.wait_for(running, timeout=60)
+    assert job.status == "cancelled" and job.error_code == "cancelled"
+    assert job.tensors_done < job.tensors_total
+    # the queued job's message is consumed and dropped: it never starts
+    follow_up = job_store.submit(task_arithmetic_recipe(*make_models(data / "small"), data / "after"))
+    assert job_store.wait_for(follow_up, timeout=60).status == "succeeded"
+    cancelled = job_store.job(queued)
+    assert cancelled.status == "cancelled" and cancelled.started_at is None
+    assert not (data / "running").exists() and not (data / "queued").exists()
+    assert stray_files(data) == []
+    assert worker.alive()
+
+
+def test_permanent_error_fails_once_through_a_real_worker(job_store, celery_worker, alloy_settings):
+    base, fts = make_models(alloy_settings.data_dirs[0] / "models")
+    recipe = task_arithmetic_recipe(base, [fts[0], base.parent / "gone"], None)
+    worker = celery_worker(name="permanent")
+    job_id = job_store.submit(recipe)
+    job = job_store.wait_for(job_id, timeout=60)
+    assert (job.status, job.error_code, job.attempts) == ("failed", "source_not_found", 0)
+    assert finished_runs(worker) == 1

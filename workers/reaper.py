@@ -1,0 +1,173 @@
+"""The reaper: the job row, not the broker, guarantees that every accepted job ends.
+
+A broker can lose or delay an in-flight message (filesystem://: lost when the whole worker is SIGKILLed; Redis:
+redelivered only after ``visibility_timeout``; Redis restarted without persistence: queued messages gone). Each
+pass therefore:
+
+* requeues running jobs whose heartbeat is older than ``heartbeat_stale_s`` (attempts += 1) and re-sends them,
+  or fails them with ``worker_lost`` once ``max_attempts`` runs have died, so a job that kills its worker (OOM,
+  segfault) stops instead of looping;
+* re-sends queued jobs nobody claimed for ``queued_resend_s`` (a duplicate message is harmless: claim_job is a
+  conditional update, the second message finds the row running or finished and exits).
+
+Every worker runs a reaper thread (started on ``worker_ready``), so recovery happens as soon as any worker is up;
+all writes are conditional, so several reapers are safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.pool import NullPool
+
+from app import crud
+from app.core.config import Settings, get_settings
+from app.db import make_engine, session_scope
+from app.models import Job, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReapResult:
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, int]:
+        return {key: len(value) for key, value in asdict(self).items()}
+
+
+def queued_resend_s(settings: Settings) -> float:
+    return float(getattr(settings, "queued_resend_s", None) or settings.heartbeat_stale_s)
+
+
+def reaper_interval_s(settings: Settings) -> float:
+    return float(getattr(settings, "reaper_interval_s", None) or settings.heartbeat_interval_s)
+
+
+def worker_lost_error(attempts: int) -> dict[str, Any]:
+    return {
+        "code": "worker_lost",
+        "detail": (
+            f"the worker running this job stopped {attempts} times without finishing it (killed, out of memory, "
+            "or its machine went away); giving up instead of retrying forever"
+        ),
+        "context": {"attempts": attempts},
+    }
+
+
+def _default_enqueue(job_id: str, *, priority: int, settings: Settings) -> None:
+    from app.core.queue import enqueue_job
+
+    enqueue_job(job_id, priority=priority, settings=settings)
+
+
+def reap_once(
+    settings: Settings | None = None,
+    *,
+    engine: Engine | None = None,
+    enqueue: Callable[..., None] = _default_enqueue,
+) -> ReapResult:
+    settings = settings or get_settings()
+    # NullPool: this runs in the prefork parent, whose children must not inherit open SQLite connections
+    engine = engine or make_engine(settings.database_url, poolclass=NullPool)
+    result = ReapResult()
+    with session_scope(engine) as session:
+        for job in crud.stale_running_jobs(session, older_than=settings.heartbeat_stale_s):
+            runs = (job.attempts or 0) + 1  # this run died too
+            if runs >= settings.max_attempts:
+                if crud.finish_job(session, job_id=job.id, status="failed", error=worker_lost_error(runs)):
+                    log.warning("job %s: worker lost %d times, failed", job.id, runs)
+                    result.failed.append(job.id)
+            elif crud.requeue_job(session, job_id=job.id):
+                log.warning("job %s: heartbeat stale, requeued (attempt %d)", job.id, runs + 1)
+                result.requeued.append(job.id)
+        cutoff = utcnow() - timedelta(seconds=queued_resend_s(settings))
+        # queued jobs not claimed for a while; created_at/heartbeat_at bound how often one is re-sent
+        stale_queued = session.scalars(
+            select(Job).where(Job.status == "queued", Job.created_at < cutoff).order_by(Job.priority.desc())
+        ).all()
+        session.commit()
+        priorities = {job.id: job.priority for job in stale_queued}
+        priorities.update({job_id: _priority(session, job_id) for job_id in result.requeued})
+    for job_id in result.requeued:
+        if _send(enqueue, job_id, priorities[job_id], settings):
+            _last_resend[job_id] = time.monotonic()
+    for job in stale_queued:
+        if job.id not in result.requeued and _resend_due(job.id, settings):
+            if _send(enqueue, job.id, job.priority, settings):
+                result.resent.append(job.id)
+    return result
+
+
+def _priority(session: Any, job_id: str) -> int:
+    job = crud.get_job(session, job_id=job_id)
+    return job.priority if job is not None else 5
+
+
+# in-process memory of the last re-send per queued job, so a long backlog is not re-sent every pass
+_last_resend: dict[str, float] = {}
+
+
+def _resend_due(job_id: str, settings: Settings) -> bool:
+    now = time.monotonic()
+    last = _last_resend.get(job_id)
+    if last is not None and now - last < queued_resend_s(settings):
+        return False
+    _last_resend[job_id] = now
+    if len(_last_resend) > 100_000:
+        _last_resend.clear()
+    return True
+
+
+def _send(enqueue: Callable[..., None], job_id: str, priority: int, settings: Settings) -> bool:
+    try:
+        enqueue(job_id, priority=priority, settings=settings)
+        return True
+    except Exception:  # broker down: the row stays queued and the next pass re-sends it
+        log.warning("job %s: re-send failed; will retry", job_id, exc_info=True)
+        _last_resend.pop(job_id, None)
+        return False
+
+
+class _ReaperThread(threading.Thread):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="alloy-reaper", daemon=True)
+        self.settings = settings
+        self.stop_event = threading.Event()
+        self.engine = make_engine(settings.database_url, poolclass=NullPool)
+
+    def run(self) -> None:
+        interval = reaper_interval_s(self.settings)
+        while not self.stop_event.wait(interval):
+            try:
+                outcome = reap_once(self.settings, engine=self.engine)
+                if outcome.requeued or outcome.failed or outcome.resent:
+                    log.info("reaper: %s", outcome.as_dict())
+            except Exception:
+                log.warning("reaper pass failed", exc_info=True)
+
+
+_thread: _ReaperThread | None = None
+
+
+def start_reaper_thread(settings: Settings) -> None:
+    global _thread
+    if _thread is None or not _thread.is_alive():
+        _thread = _ReaperThread(settings)
+        _thread.start()
+
+
+def stop_reaper_thread() -> None:
+    global _thread
+    if _thread is not None:
+        _thread.stop_event.set()
+        _thread = None

@@ -1,0 +1,39 @@
+"""Thin Celery tasks: each calls one plain function and maps ``RetryLater`` to a delayed re-send.
+
+The job row, not Celery, records outcomes (``task_ignore_result``). A task body never raises for a job that
+failed: the row says so, and the message is acknowledged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers import pipeline
+from workers.celery_app import app
+
+
+@app.task(name="alloy.run_job", bind=True, max_retries=None)
+def run_job(self: Any, job_id: str, hf_token: str | None = None) -> str:
+    try:
+        return pipeline.run_job(job_id, hf_token=hf_token).status
+    except pipeline.RetryLater as exc:
+        # the row is back in queued; re-send with backoff (attempts on the row bound the retries)
+        raise self.retry(countdown=exc.countdown, exc=None) from None
+
+
+@app.task(name="alloy.publish_job", bind=True, max_retries=None)
+def publish_job(self: Any, job_id: str, output_path: str, hf_token: str | None = None) -> str:
+    from workers.publish import publish_job as publish
+
+    try:
+        return publish(job_id, output_path=output_path, hf_token=hf_token, attempt=self.request.retries).status
+    except pipeline.RetryLater as exc:
+        raise self.retry(countdown=exc.countdown, exc=None) from None
+
+
+@app.task(name="alloy.reap")
+def reap() -> dict[str, int]:
+    """One reaper pass, for deployments that prefer celery beat to the per-worker reaper thread."""
+    from workers.reaper import reap_once
+
+    return reap_once().as_dict()
