@@ -6,7 +6,13 @@ routes CUDA tensors here; importing it needs triton. The kernels live in ``kerne
 from __future__ import annotations
 
 from kernels.triton.consensus import disjoint_merge, elect_sign
-from kernels.triton.elementwise import dare_keep_mask, fused_task_arithmetic, pack_bits, ternarize, unpack_bits
+from kernels.triton.elementwise import (
+    dare_keep_mask,
+    fused_task_arithmetic,
+    pack_bits,
+    ternarize,
+    unpack_bits,
+)
 from kernels.triton.select import magnitude_histogram, rank_boundary, select_by_threshold, topk_mask
 
 __all__ = [

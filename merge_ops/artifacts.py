@@ -224,8 +224,8 @@ def compress_task_vector(
     scope = str(getattr(scope, "value", scope))
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    owned = not hasattr(source, "task_vector")
-    src: ModelSource = open_source(Path(source), allow_pickle=allow_pickle) if owned else source  # type: ignore[arg-type]
+    owned = isinstance(source, str | Path)  # a source we open is a source we close
+    src = open_source(Path(source), allow_pickle=allow_pickle) if isinstance(source, str | Path) else source
     base_ckpt = Checkpoint.open(base, allow_pickle=allow_pickle) if base is not None else None
     try:
         reader = _TauReader(src, base_ckpt)
@@ -297,8 +297,9 @@ def _global_threshold(reader: _TauReader, *, density: float, alpha: float) -> _G
 
 
 def _abs_bits(tau: torch.Tensor) -> torch.Tensor:
-    # for non-negative finite float32 the int32 bit pattern orders exactly like the value
-    return tau.reshape(-1).abs().view(torch.int32).to(torch.int64)
+    # for non-negative finite float32 the int32 bit pattern orders exactly like the value; int32 (not int64)
+    # keeps the per-tensor working set at the size of τ itself
+    return tau.reshape(-1).abs().view(torch.int32)
 
 
 def _bin_of_kth(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -347,7 +348,7 @@ def _write_compressed(
     scope: str,
     global_plan: _GlobalThreshold | None,
     sparse: bool,
-) -> dict[str, int | float]:
+) -> dict[str, Any]:
     entries: dict[str, dict[str, Any]] = {}
     elements = kept_total = original = compressed = 0
     ties_left = global_plan.ties if global_plan else 0
@@ -356,10 +357,11 @@ def _write_compressed(
             flat = tau.reshape(-1)
             if global_plan is not None:
                 bits = _abs_bits(flat)
-                ties = bits == global_plan.bits
-                take = min(ties_left, int(ties.sum()))
-                mask = (bits > global_plan.bits) | (ties & (ties.cumsum(0) <= take))
-                ties_left -= take
+                mask = bits > global_plan.bits
+                if ties_left:  # ties at the threshold: lowest flat index first, until the budget is spent
+                    tie_positions = (bits == global_plan.bits).nonzero().reshape(-1)[:ties_left]
+                    mask[tie_positions] = True
+                    ties_left -= tie_positions.numel()
                 scale = torch.tensor([alpha * global_plan.sigma], dtype=torch.float32)
             else:
                 mask2d, scale = ternary_mask_and_scale(tau, density=density, alpha=alpha, scope=scope)
@@ -435,7 +437,7 @@ class _TailHeaderWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        self._data.write(memoryview(data.numpy()))
+        self._data.write(data.numpy().data)
         end = self.offset + data.numel()
         self.header[name] = {
             "dtype": dtype_code(tensor.dtype),

@@ -92,36 +92,36 @@ def compute_global_stats(
     dare_l1 = sparsify == Sparsify.dare and getattr(params, "rescale", "inverse") == "l1"
 
     numel = 0
-    k: int | None = None
-    sums = sq_sums = abs_sums = kept_abs = None
+    # rows of totals: Στ, Στ², Σ|τ|, Σ|DARE-kept τ| (float64, per model)
+    totals: torch.Tensor | None = None
     top_hist: torch.Tensor | None = None
     for name, tv in batches():
         rows = tv.reshape(tv.shape[0], -1).to(torch.float64)
-        if k is None:
-            k = tv.shape[0]
-            sums, sq_sums, abs_sums, kept_abs = (torch.zeros(k, dtype=torch.float64) for _ in range(4))
+        k = rows.shape[0]
+        if totals is None or top_hist is None:
+            totals = torch.zeros(4, k, dtype=torch.float64)
             top_hist = torch.zeros(k, 1 << 11, dtype=torch.int64)
         numel += rows.shape[1]
-        sums += rows.sum(dim=1).cpu()
-        sq_sums += rows.square().sum(dim=1).cpu()
-        abs_sums += rows.abs().sum(dim=1).cpu()
+        totals[0] += rows.sum(dim=1).cpu()
+        totals[1] += rows.square().sum(dim=1).cpu()
+        totals[2] += rows.abs().sum(dim=1).cpu()
         if dare_l1:
             for i in range(k):
                 keep = dare_keep_mask(tv.shape[1:], density=_density(params, densities, i), seed=seed,
                                       source_index=_source(source_indices, i), name=name, device=tv.device)
-                kept_abs[i] += rows[i].abs()[keep.reshape(-1)].sum().cpu()
+                totals[3, i] += rows[i].abs()[keep.reshape(-1)].sum().cpu()
         if needs_rank:
             top_hist += _histogram(tv, torch.zeros(k, dtype=torch.int64), _RADIX_PASSES[0])
-    if k is None:
+    if totals is None or top_hist is None:
         return GlobalStats(numel=0, sigma=(), l1=())
-    assert sums is not None and sq_sums is not None and abs_sums is not None and kept_abs is not None
+    k = totals.shape[1]
+    sums, sq_sums, abs_sums, kept_abs = totals
 
     sigma = tuple(_unbiased_std(s, q, numel) for s, q in zip(sums.tolist(), sq_sums.tolist(), strict=True))
     stats: dict[str, Any] = {"numel": numel, "sigma": sigma, "l1": tuple(abs_sums.tolist())}
     if dare_l1:
         stats["dare_kept_l1"] = tuple(kept_abs.tolist())
     if needs_rank:
-        assert top_hist is not None
         density = torch.tensor([_density(params, densities, i) for i in range(k)], dtype=torch.float64)
         keep = kept_count(density, numel)
         if sparsify == Sparsify.breadcrumbs:
@@ -176,16 +176,15 @@ def _radix_select(batches: Batches, ranks: list[int], top_hist: torch.Tensor) ->
     k = len(ranks)
     active = [r > 0 for r in ranks]
     remaining = [max(r, 1) for r in ranks]
-    greater = [0] * k
     prefix = [0] * k
     hist = top_hist
-    per_tensor_ties: list[tuple[str, list[int]]] = []
+    # last pass: per tensor, the non-zero (model, digit) -> count cells (sparse: few tensors hit the bucket)
+    per_tensor_ties: list[tuple[str, dict[tuple[int, int], int]]] = []
     for step, radix_pass in enumerate(_RADIX_PASSES):
         buckets, above = _descend(hist, remaining)
         digit_bits = radix_pass[2]
         for i in range(k):
             prefix[i] = (prefix[i] << digit_bits) | buckets[i]
-            greater[i] += above[i]
             remaining[i] -= above[i]
         if step + 1 == len(_RADIX_PASSES):
             break
@@ -197,16 +196,17 @@ def _radix_select(batches: Batches, ranks: list[int], top_hist: torch.Tensor) ->
             counts = _histogram(tv, prefix_tensor, next_pass)
             hist += counts
             if last:
-                # counts at each model's final bucket are filled in below, once the bucket is known
-                per_tensor_ties.append((name, counts))  # type: ignore[arg-type]
+                cells = {(int(i), int(d)): int(counts[i, d]) for i, d in counts.nonzero().tolist()}
+                if cells:
+                    per_tensor_ties.append((name, cells))
     # prefix now holds the full 31-bit pattern of the threshold; remaining = ties taken from the threshold value
     threshold_bits = [p if a else INF_BITS for p, a in zip(prefix, active, strict=True)]
     threshold = torch.tensor(threshold_bits, dtype=torch.int32).view(torch.float32).tolist()
     tie_quota: dict[str, tuple[int, ...]] = {}
     left = [r if a else 0 for r, a in zip(remaining, active, strict=True)]
     final_digit = [p & ((1 << _RADIX_PASSES[-1][2]) - 1) for p in prefix]
-    for name, counts in per_tensor_ties:
-        ties = [int(counts[i, final_digit[i]]) for i in range(k)]  # type: ignore[call-overload]
+    for name, cells in per_tensor_ties:
+        ties = [cells.get((i, final_digit[i]), 0) for i in range(k)]
         take = [min(t, q) for t, q in zip(ties, left, strict=True)]
         if any(take):
             tie_quota[name] = tuple(take)

@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -39,6 +40,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.file_download import repo_folder_name
 from tqdm.auto import tqdm
 
 from merge_ops.errors import (
@@ -74,7 +76,13 @@ SAFETENSORS_PATTERNS = ("*.safetensors",)
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 # Side files a merge copies or reads: configs, indexes, tokenizer, adapter and task-vector manifests (all *.json).
 SIDE_FILE_PATTERNS = (
-    "*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "vocab.json", "spiece.model",
+    "*.json",
+    "tokenizer.model",
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
     "sentencepiece.bpe.model",
 )
 MODEL_CARD_TAGS = ("merge", "alloy")
@@ -131,38 +139,55 @@ class HubClient:
         """The same source with ``revision`` pinned to the commit sha it points at now."""
         info = self._retrying(
             lambda: self._api.model_info(source.repo, revision=source.revision, timeout=self.timeout_s),
-            what=source.uri(), repo=source.repo, revision=source.revision,
+            what=source.uri(),
+            repo=source.repo,
+            revision=source.revision,
         )
         if not info.sha or not _COMMIT_SHA.match(info.sha):
             raise HubError(f"the Hub did not return a commit sha for {source.uri()}", repo=source.repo)
         if source.subfolder:
             prefix = f"{source.subfolder.strip('/')}/"
             if not any(s.rfilename.startswith(prefix) for s in info.siblings or []):
-                raise HubNotFoundError(f"no folder {source.subfolder!r} in {source.repo}@{info.sha[:12]}",
-                                       repo=source.repo, revision=info.sha, subfolder=source.subfolder)
+                raise HubNotFoundError(
+                    f"no folder {source.subfolder!r} in {source.repo}@{info.sha[:12]}",
+                    repo=source.repo,
+                    revision=info.sha,
+                    subfolder=source.subfolder,
+                )
         return source.model_copy(update={"revision": info.sha})
 
     def fetch(self, source: HubSource, *, allow_pickle: bool = False) -> Path:
         """A local folder holding only the files a merge needs, at a pinned commit (resolved first if needed)."""
         pinned = source if _COMMIT_SHA.match(source.revision) else self.resolve(source)
         sha, sub = pinned.revision, (pinned.subfolder or "").strip("/")
+        snapshot = (
+            self.cache_dir / repo_folder_name(repo_id=pinned.repo, repo_type="model") / "snapshots" / sha
+        )
+        folder = snapshot / sub if sub else snapshot
         manifest = self._manifest_path(pinned.repo, sha, sub, allow_pickle)
-        cached = self._cached_folder(manifest)
-        if cached is not None:
-            return cached
+        if _complete(snapshot, manifest):
+            return folder
         info = self._retrying(
-            lambda: self._api.model_info(pinned.repo, revision=sha, files_metadata=True, timeout=self.timeout_s),
-            what=pinned.uri(), repo=pinned.repo, revision=sha,
+            lambda: self._api.model_info(
+                pinned.repo, revision=sha, files_metadata=True, timeout=self.timeout_s
+            ),
+            what=pinned.uri(),
+            repo=pinned.repo,
+            revision=sha,
         )
         sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
         wanted = select_files(sizes, subfolder=sub, allow_pickle=allow_pickle, label=pinned.uri())
-        snapshot = self.cache_dir / f"models--{pinned.repo.replace('/', '--')}" / "snapshots" / sha
-        self._check_disk_space({f: sizes[f] for f in wanted if not (snapshot / f).is_file()}, label=pinned.uri())
-        paths = [self._download(pinned.repo, name, sha) for name in wanted]
-        snapshot = paths[0].parents[len(PurePosixPath(wanted[0]).parts) - 1]
-        folder = snapshot / sub if sub else snapshot
-        _write_json_atomic(manifest, {"folder": str(folder), "files": {f: sizes[f] for f in wanted},
-                                      "snapshot": str(snapshot)})
+        self._check_disk_space(
+            {f: sizes[f] for f in wanted if not (snapshot / f).is_file()}, label=pinned.uri()
+        )
+        for name in wanted:
+            path = self._download(pinned.repo, name, sha)
+            if (
+                path != snapshot / name
+            ):  # the cache layout is huggingface_hub's; fail loudly if it ever changes
+                raise HubError(f"unexpected cache path {path} for {name}", repo=pinned.repo, file=name)
+        # relative names only: the cache may be mounted at different paths in different workers
+        _write_json_atomic(manifest, {"files": {f: sizes[f] for f in wanted}})
         logger.info("fetched %s (%d files) into %s", pinned.uri(), len(wanted), folder)
         return folder
 
@@ -189,87 +214,148 @@ class HubClient:
         files = check_publishable(folder)
         if license is None and base_model:
             license = self._license_of(base_model[0])
-        metadata = model_card_metadata(base_model=base_model or [], method=method, license=license,
-                                       extra_tags=extra_tags)
+        metadata = model_card_metadata(
+            base_model=base_model or [], method=method, license=license, extra_tags=extra_tags
+        )
         existing = (folder / "README.md").read_text() if (folder / "README.md").is_file() else None
         card = render_model_card(metadata, existing=existing, body=card_body)
         files = [f for f in files if f != "README.md"]
         message = target.commit_message or f"Alloy merge{f' ({method})' if method else ''}"
         repo = target.repo
 
-        self._retrying(lambda: self._api.create_repo(repo, private=target.private, exist_ok=True, repo_type="model"),
-                       what=f"create {repo}", repo=repo)
+        self._retrying(
+            lambda: self._api.create_repo(repo, private=target.private, exist_ok=True, repo_type="model"),
+            what=f"create {repo}",
+            repo=repo,
+        )
         head = self._branch_head(repo, target.branch)
+
+        # A unique id in the commit description lets a retry recognise its own commit when the first answer was
+        # lost after the Hub applied it (the retry then sees the branch moved, by us).
+        push_id = f"alloy-push-id: {uuid.uuid4().hex}"
 
         def commit() -> Any:
             operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
             operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
             return self._api.create_commit(
-                repo, operations, commit_message=message, revision=target.branch, create_pr=target.create_pr,
+                repo,
+                operations,
+                commit_message=message,
+                commit_description=push_id,
+                revision=target.branch,
+                create_pr=target.create_pr,
                 parent_commit=head,
             )
 
-        info = self._retrying(commit, what=f"push to {repo}@{target.branch}", repo=repo, branch=target.branch)
+        try:
+            info = self._retrying(
+                commit, what=f"push to {repo}@{target.branch}", repo=repo, branch=target.branch
+            )
+        except HubConflictError:
+            landed = self._find_commit(repo, target.branch, push_id, since=head)
+            if landed is None:
+                raise
+            logger.info("push to %s@%s had landed before its reply was lost: %s", repo, target.branch, landed)
+            return PublishResult(
+                commit_sha=landed,
+                url=f"{self.endpoint}/{repo}/commit/{landed}",
+                repo=repo,
+                revision=target.branch,
+            )
         revision = target.branch
         if info.pr_url:
             revision = f"refs/pr/{info.pr_url.rstrip('/').rsplit('/', 1)[-1]}"
         logger.info("pushed %d files to %s@%s as %s", len(files) + 1, repo, revision, info.oid)
-        return PublishResult(commit_sha=info.oid, url=info.pr_url or info.commit_url, repo=repo, revision=revision,
-                             pr_url=info.pr_url)
+        return PublishResult(
+            commit_sha=info.oid,
+            url=info.pr_url or info.commit_url,
+            repo=repo,
+            revision=revision,
+            pr_url=info.pr_url,
+        )
 
-    def push_task_vector(self, folder: Path, target: HubOutput, *, base_model: str,
-                         method: str = "compeft") -> PublishResult:
+    def push_task_vector(
+        self, folder: Path, target: HubOutput, *, base_model: str, method: str = "compeft"
+    ) -> PublishResult:
         """Push a compressed task vector (ComPEFT artifact folder) as its own repo."""
-        return self.publish(folder, target, base_model=[base_model], method=method,
-                            extra_tags=TASK_VECTOR_TAGS)
+        return self.publish(
+            folder, target, base_model=[base_model], method=method, extra_tags=TASK_VECTOR_TAGS
+        )
 
     # -- internals -----------------------------------------------------------------------------------------
     def _branch_head(self, repo: str, branch: str) -> str:
         """The current head of ``branch`` (created from main when missing): the push's parent commit."""
         try:
-            return self._retrying(lambda: self._api.repo_info(repo, revision=branch, timeout=self.timeout_s).sha,
-                                  what=f"{repo}@{branch}", repo=repo, revision=branch)
+            return self._head_of(repo, branch)
         except HubNotFoundError as exc:
             if exc.context.get("missing") != "revision":
                 raise
-        self._retrying(lambda: self._api.create_branch(repo, branch=branch, exist_ok=True),
-                       what=f"create branch {branch} in {repo}", repo=repo)
-        return self._retrying(lambda: self._api.repo_info(repo, revision=branch, timeout=self.timeout_s).sha,
-                              what=f"{repo}@{branch}", repo=repo, revision=branch)
+        self._retrying(
+            lambda: self._api.create_branch(repo, branch=branch, exist_ok=True),
+            what=f"create branch {branch} in {repo}",
+            repo=repo,
+        )
+        return self._head_of(repo, branch)
+
+    def _find_commit(self, repo: str, branch: str, marker: str, *, since: str) -> str | None:
+        """The sha of the commit on ``branch`` after ``since`` whose description is ``marker``, if any."""
+        commits = self._retrying(
+            lambda: self._api.list_repo_commits(repo, revision=branch),
+            what=f"commits of {repo}@{branch}",
+            repo=repo,
+            revision=branch,
+        )
+        for commit in commits:
+            if commit.commit_id == since:
+                return None
+            if commit.message.strip() == marker:
+                return commit.commit_id
+        return None
+
+    def _head_of(self, repo: str, revision: str) -> str:
+        sha = self._retrying(
+            lambda: self._api.repo_info(repo, revision=revision, timeout=self.timeout_s).sha,
+            what=f"{repo}@{revision}",
+            repo=repo,
+            revision=revision,
+        )
+        if not sha:
+            raise HubError(f"the Hub did not return a commit sha for {repo}@{revision}", repo=repo)
+        return sha
 
     def _license_of(self, repo: str) -> str | None:
         """The base's license from its card, when the Hub knows it (best effort: a card is never worth a failure)."""
         try:
             info = self._api.model_info(repo, timeout=self.timeout_s)
-        except (HfHubHTTPError, *_NETWORK_ERRORS, ValueError):
+        except Exception as exc:  # noqa: BLE001 - any failure here just leaves the license out
+            logger.info("no license for %s from the Hub (%s)", repo, type(exc).__name__)
             return None
         license_ = getattr(info.card_data, "license", None) if info.card_data else None
         return license_ if isinstance(license_, str) else None
 
     def _download(self, repo: str, filename: str, sha: str) -> Path:
-        return Path(self._retrying(
-            lambda: hf_hub_download(repo, filename, revision=sha, cache_dir=self.cache_dir, token=self._token,
-                                    endpoint=self.endpoint, etag_timeout=self.timeout_s, tqdm_class=_Silent),
-            what=f"{repo}/{filename}@{sha[:12]}", repo=repo, revision=sha, file=filename,
-        ))
+        return Path(
+            self._retrying(
+                lambda: hf_hub_download(
+                    repo,
+                    filename,
+                    revision=sha,
+                    cache_dir=self.cache_dir,
+                    token=self._token,
+                    endpoint=self.endpoint,
+                    etag_timeout=self.timeout_s,
+                    tqdm_class=_Silent,
+                ),
+                what=f"{repo}/{filename}@{sha[:12]}",
+                repo=repo,
+                revision=sha,
+                file=filename,
+            )
+        )
 
     def _manifest_path(self, repo: str, sha: str, subfolder: str, allow_pickle: bool) -> Path:
         key = hashlib.sha256(f"{subfolder}|{allow_pickle}".encode()).hexdigest()[:16]
         return self.cache_dir / ".alloy-manifests" / f"{repo.replace('/', '--')}--{sha}--{key}.json"
-
-    @staticmethod
-    def _cached_folder(manifest: Path) -> Path | None:
-        """The folder of a complete earlier fetch, if every file is still there with its size."""
-        try:
-            record = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            return None
-        snapshot = Path(record["snapshot"])
-        for name, size in record["files"].items():
-            path = snapshot / name
-            if not path.is_file() or path.stat().st_size != size:
-                return None
-        return Path(record["folder"])
 
     def _check_disk_space(self, missing: dict[str, int], *, label: str) -> None:
         needed = sum(missing.values())
@@ -281,7 +367,9 @@ class HubClient:
             raise OutputError(
                 f"not enough disk space in the Hub cache for {label}: {needed} bytes to download"
                 f" (+{self.disk_headroom_bytes} headroom), {free} free",
-                needed_bytes=needed, free_bytes=free, cache_dir=str(self.cache_dir),
+                needed_bytes=needed,
+                free_bytes=free,
+                cache_dir=str(self.cache_dir),
             )
 
     def _retrying(self, call: Callable[[], T], *, what: str, **context: Any) -> T:
@@ -297,11 +385,18 @@ class HubClient:
                     raise error from exc
                 if attempt == self.max_attempts:
                     raise HubTransientError(
-                        f"{error.detail} (gave up after {attempt} attempts)", **{**error.context, "attempts": attempt}
+                        f"{error.detail} (gave up after {attempt} attempts)",
+                        **{**error.context, "attempts": attempt},
                     ) from exc
                 delay = min(self.backoff_s * 2 ** (attempt - 1), 30.0) * random.uniform(0.5, 1.0)
-                logger.warning("%s failed (%s); retry %d/%d in %.1fs", what, error.detail, attempt,
-                               self.max_attempts - 1, delay)
+                logger.warning(
+                    "%s failed (%s); retry %d/%d in %.1fs",
+                    what,
+                    error.detail,
+                    attempt,
+                    self.max_attempts - 1,
+                    delay,
+                )
                 time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -325,11 +420,16 @@ def _map_one(exc: BaseException, *, what: str, context: dict[str, Any]) -> HubEr
     status = _status_of(exc)
     ctx = {**context, **({"status": status} if status else {})}
     if isinstance(exc, GatedRepoError):
-        return HubAccessError(f"{what}: gated repo; request access on the Hub and use a token that has it", **ctx)
+        return HubAccessError(
+            f"{what}: gated repo; request access on the Hub and use a token that has it", **ctx
+        )
     if isinstance(exc, RepositoryNotFoundError):
-        if status == 401:  # the Hub answers 401 for both missing and private repos when the token can't see them
-            return HubAccessError(f"{what}: repository not found, or private and the token (if any) has no access",
-                                  **ctx)
+        if (
+            status == 401
+        ):  # the Hub answers 401 for both missing and private repos when the token can't see them
+            return HubAccessError(
+                f"{what}: repository not found, or private and the token (if any) has no access", **ctx
+            )
         return HubNotFoundError(f"{what}: repository not found", **ctx, missing="repo")
     if isinstance(exc, RevisionNotFoundError):
         return HubNotFoundError(f"{what}: revision not found", **ctx, missing="revision")
@@ -341,7 +441,9 @@ def _map_one(exc: BaseException, *, what: str, context: dict[str, Any]) -> HubEr
         if status == 404:
             return HubNotFoundError(f"{what}: not found", **ctx)
         if status in (409, 412):
-            return HubConflictError(f"{what}: the branch moved while pushing (another push landed first)", **ctx)
+            return HubConflictError(
+                f"{what}: the branch moved while pushing (another push landed first)", **ctx
+            )
         if status in _TRANSIENT_STATUS:
             return HubTransientError(f"{what}: Hub error {status}", **ctx)
         return HubError(f"{what}: Hub refused the request ({status}): {_server_message(exc)}", **ctx)
@@ -361,12 +463,13 @@ def _server_message(exc: BaseException) -> str:
 
 
 # -- file selection and checks -------------------------------------------------------------------------------
-def select_files(files: dict[str, int] | Iterable[str], *, subfolder: str = "", allow_pickle: bool = False,
-                 label: str = "") -> list[str]:
+def select_files(
+    files: dict[str, int] | Iterable[str], *, subfolder: str = "", allow_pickle: bool = False, label: str = ""
+) -> list[str]:
     """The repo paths a merge needs, directly under ``subfolder``: safetensors weights (or, with
     ``allow_pickle``, pickle weights when there is no safetensors) plus side files. Sorted, for stable order."""
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    local = {f[len(prefix):]: f for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]}
+    local = {f[len(prefix) :]: f for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :]}
 
     def matching(patterns: tuple[str, ...]) -> list[str]:
         return [full for name, full in local.items() if any(fnmatch.fnmatch(name, p) for p in patterns)]
@@ -378,11 +481,13 @@ def select_files(files: dict[str, int] | Iterable[str], *, subfolder: str = "", 
             raise UnsafeCheckpointError(
                 f"{label} has only pickle weights ({', '.join(sorted(pickles))}); pickle files can run code when"
                 " loaded. Use a safetensors revision, or set allow_pickle: true in the recipe",
-                source=label, files=sorted(pickles),
+                source=label,
+                files=sorted(pickles),
             )
         if not pickles:
-            raise SourceNotFoundError(f"{label} has no model weights (no *.safetensors or pickle files)",
-                                      source=label)
+            raise SourceNotFoundError(
+                f"{label} has no model weights (no *.safetensors or pickle files)", source=label
+            )
         weights = pickles
     return sorted(set(weights) | set(matching(SIDE_FILE_PATTERNS)))
 
@@ -392,26 +497,40 @@ def check_publishable(folder: Path) -> list[str]:
     every shard the index names on disk. A half-written folder must never reach the Hub."""
     if not folder.is_dir():
         raise OutputError(f"nothing to push: {folder} is not a folder", path=str(folder))
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     if not any(f.endswith(".safetensors") for f in files):
         raise OutputError(f"refusing to push {folder}: it holds no safetensors weights", path=str(folder))
     for index in (f for f in files if f.endswith(".safetensors.index.json")):
         try:
             shards = set(json.loads((folder / index).read_text())["weight_map"].values())
         except (OSError, ValueError, KeyError, AttributeError) as exc:
-            raise OutputError(f"refusing to push {folder}: unreadable {index} ({exc})", path=str(folder)) from None
+            raise OutputError(
+                f"refusing to push {folder}: unreadable {index} ({exc})", path=str(folder)
+            ) from None
         base = PurePosixPath(index).parent
         missing = sorted(s for s in shards if (base / s).as_posix() not in files)
         if missing:
-            raise OutputError(f"refusing to push {folder}: shards named by {index} are missing: {missing}",
-                              path=str(folder), missing=missing)
+            raise OutputError(
+                f"refusing to push {folder}: shards named by {index} are missing: {missing}",
+                path=str(folder),
+                missing=missing,
+            )
     return files
 
 
 # -- model card ------------------------------------------------------------------------------------------------
-def model_card_metadata(*, base_model: list[str], method: str | None = None, license: str | None = None,
-                        library_name: str = "transformers", extra_tags: Iterable[str] = ()) -> dict[str, Any]:
+def model_card_metadata(
+    *,
+    base_model: list[str],
+    method: str | None = None,
+    license: str | None = None,
+    library_name: str = "transformers",
+    extra_tags: Iterable[str] = (),
+) -> dict[str, Any]:
     """YAML front matter the Hub understands: base_model list (with relation ``merge`` when several),
     tags [merge, alloy, <method>], library_name, and license when known."""
     tags = list(dict.fromkeys([*MODEL_CARD_TAGS, *([method] if method else []), *extra_tags]))
@@ -430,7 +549,9 @@ def model_card_metadata(*, base_model: list[str], method: str | None = None, lic
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n?", flags=re.DOTALL)
 
 
-def render_model_card(metadata: dict[str, Any], *, existing: str | None = None, body: str | None = None) -> str:
+def render_model_card(
+    metadata: dict[str, Any], *, existing: str | None = None, body: str | None = None
+) -> str:
     """A README.md: ``metadata`` merged into an existing card's front matter (its keys win; tags are united),
     followed by ``body``, the existing body, or a one-line default."""
     front: dict[str, Any] = {}
@@ -440,14 +561,29 @@ def render_model_card(metadata: dict[str, Any], *, existing: str | None = None, 
         if match:
             loaded = yaml.safe_load(match[1]) or {}
             front = loaded if isinstance(loaded, dict) else {}
-            old_body = existing[match.end():]
+            old_body = existing[match.end() :]
         else:
             old_body = existing
     merged = {**metadata, **front}
     if "tags" in front or "tags" in metadata:
-        merged["tags"] = list(dict.fromkeys([*metadata.get("tags", []), *(front.get("tags") or [])]))
+        theirs = front.get("tags") or []
+        theirs = [theirs] if isinstance(theirs, str) else list(theirs)
+        merged["tags"] = list(dict.fromkeys([*metadata.get("tags", []), *theirs]))
     text = body if body is not None else (old_body.strip() or "This model was merged with Alloy.")
     return f"---\n{yaml.safe_dump(merged, sort_keys=False, allow_unicode=True)}---\n\n{text.strip()}\n"
+
+
+def _complete(snapshot: Path, manifest: Path) -> bool:
+    """Whether an earlier fetch completed and every file it listed is still in the snapshot, with its size."""
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    for name, size in files.items():
+        path = snapshot / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

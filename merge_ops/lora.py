@@ -65,7 +65,7 @@ class LoraConfig:
         try:
             return cls(
                 r=int(raw["r"]),
-                lora_alpha=float(raw.get("lora_alpha", raw["r"])),
+                lora_alpha=float(raw.get("lora_alpha") or 8),  # PEFT's LoraConfig default
                 use_rslora=bool(raw.get("use_rslora", False)),
                 fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
                 rank_pattern={str(k): int(v) for k, v in (raw.get("rank_pattern") or {}).items()},

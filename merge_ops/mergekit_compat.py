@@ -11,7 +11,8 @@ mergekit (spec "mergekit recipes give mergekit's result"):
   ``none``; sign election on the weighted sum with zero -> +1 is Alloy's rule already; ``scope`` per_tensor.
 - Breadcrumbs ``gamma`` (default 0.01) is the top fraction removed: ``top_removed = gamma``, or 0 where density
   is 1 (mergekit returns the tensor unpruned), or ``1 − density`` where density + gamma > 1 (mergekit shrinks
-  the removed top to hit the density). mergekit ≤ 0.1.4 zeroes tensors with ⌊gamma·n⌋ = 0: a bug Alloy does not
+  the removed top to hit the density; per tensor it then removes n − ⌊density·n⌋, which can exceed
+  ⌊(1 − density)·n⌋ by one). mergekit ≤ 0.1.4 zeroes tensors with ⌊gamma·n⌋ = 0: a bug Alloy does not
   copy (it removes nothing there).
 - ``weight`` is required per model (model or top-level ``parameters``), as in mergekit (model_stock ignores it).
 - Parameter values: a number, a gradient (list of numbers over depth), or a filtered list
@@ -135,6 +136,8 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         settings["lambda"] = global_params.get("lambda", 1.0)
         if stage_params["sparsify"] == "dare":
             settings["rescale"] = "l1" if global_params.get("rescale", True) else "none"
+        elif global_params.get("rescale", False):
+            fail(["parameters", "rescale"], f"rescale: true is only supported for DARE methods, not {method!r}")
         if stage_params["sparsify"] != "none":
             settings["density"] = global_params.get("density", 1.0)
         if stage_params["sparsify"] == "breadcrumbs":
@@ -204,7 +207,7 @@ def _models(data: dict[str, Any], method: str, global_params: dict[str, Any], fa
         models.append(model)
     if any_density:
         default = global_params.get("density", 1.0)
-        for i, model in enumerate(models):
+        for model in models:
             if "density" not in model:
                 if not _is_number(default):
                     fail(["parameters", "density"], "with per-model densities the top-level density must be a number")

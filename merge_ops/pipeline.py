@@ -25,10 +25,12 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+import kernels
 from merge_ops import __version__
+from merge_ops.checkpoint import torch_dtype
 from merge_ops.errors import IncompatibleModelsError, MergeCancelled, NonFiniteTensorError, OutputError
 from merge_ops.lines import block_map
-from merge_ops.params import CATALOG, MethodInfo
+from merge_ops.params import CATALOG, MethodInfo, StagesParams
 from merge_ops.preflight import (
     MergePlan,
     Sources,
@@ -86,8 +88,9 @@ class MergeReport(BaseModel):
 class _Loaded:
     name: str
     base: torch.Tensor  # as stored (for copies and the output dtype)
-    task_vectors: torch.Tensor | None  # [K, *S] float32, None for copies
+    task_vectors: torch.Tensor | None  # [K, *S] float32, None for copies and the fused path
     load_s: float
+    finetuned: list[torch.Tensor] | None = None  # the K inputs as stored, for the fused path
 
 
 class _Engine:
@@ -103,16 +106,23 @@ class _Engine:
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.positions = block_map([t.name for t in plan.tensors if t.action == "merge"])
         self._params_cache: dict[tuple[Any, ...], Any] = {}
+        self.fused_weights = _fused_weights(recipe, sources)
 
     # -- loading (runs in the loader thread) ---------------------------------------------------------
-    def load(self, tp: TensorPlan) -> _Loaded:
+    def load(self, tp: TensorPlan, *, as_task_vectors: bool = False) -> _Loaded:
+        """The base and the inputs of one tensor: raw for the fused path, else task vectors [K, *S] float32."""
         start = time.perf_counter()
         with (
             torch.cuda.stream(self.side_stream) if self.side_stream is not None else contextlib.nullcontext()
         ):
             base = self._to_device(self.sources.reference.load(tp.name))
-            taus = None
-            if tp.action == "merge":
+            taus = finetuned = None
+            if tp.action == "merge" and self.fused_weights is not None and not as_task_vectors:
+                finetuned = [
+                    base if self.sources.reference_is_input and i == 0 else self._to_device(src.load(tp.name))
+                    for i, src in enumerate(self.sources.inputs)
+                ]
+            elif tp.action == "merge":
                 base_f = base.float()
                 taus = torch.empty((self.k, *base.shape), dtype=torch.float32, device=self.device)
                 for i, src in enumerate(self.sources.inputs):
@@ -127,7 +137,7 @@ class _Engine:
                         taus[i] = self._aligned_task_vector(src, tp.name, base_f)
             if self.side_stream is not None:
                 self.side_stream.synchronize()
-        return _Loaded(tp.name, base, taus, time.perf_counter() - start)
+        return _Loaded(tp.name, base, taus, time.perf_counter() - start, finetuned)
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -172,7 +182,7 @@ class _Engine:
     ) -> tuple[torch.Tensor, TensorContext]:
         assert loaded.task_vectors is not None
         taus = loaded.task_vectors
-        if not bool(torch.isfinite(taus).all()):
+        if not all_finite(taus):
             raise self._non_finite(tp.name, loaded)
         ctx = TensorContext(
             name=tp.name,
@@ -186,12 +196,28 @@ class _Engine:
         delta = self.method.fn(taus, ctx, self.params_for(tp))
         return delta, ctx
 
+    def fused_output(self, loaded: _Loaded, tp: TensorPlan, scale: float) -> torch.Tensor:
+        """base + scale·Σ w_t(θ_t − base) in one pass (kernels.fused_task_arithmetic), cast to the output dtype.
+        NaN/Inf in any input reaches the output, so checking the output finds every poisoned input."""
+        assert loaded.finetuned is not None and self.fused_weights is not None
+        out = kernels.fused_task_arithmetic(
+            loaded.base,
+            loaded.finetuned,
+            self.fused_weights,
+            scale=scale,
+            out_dtype=torch_dtype(tp.out_dtype),
+        )
+        if not all_finite(out):
+            raise self._non_finite(tp.name, loaded)
+        return out
+
     def _non_finite(self, name: str, loaded: _Loaded) -> NonFiniteTensorError:
         if not bool(torch.isfinite(loaded.base.float()).all()):
             culprit = self.sources.reference_label
         else:
-            assert loaded.task_vectors is not None
-            bad = [i for i in range(self.k) if not bool(torch.isfinite(loaded.task_vectors[i]).all())]
+            inputs = loaded.finetuned if loaded.finetuned is not None else loaded.task_vectors
+            assert inputs is not None
+            bad = [i for i in range(self.k) if not bool(torch.isfinite(inputs[i].float()).all())]
             culprit = ", ".join(self.sources.labels[i] for i in bad)
         return NonFiniteTensorError(
             f"tensor {name} holds NaN or Inf in {culprit}", tensor=name, source=culprit
@@ -201,9 +227,9 @@ class _Engine:
         """(name, [K, *S]) for every merged tensor, for the first passes (global statistics, LiNeS α)."""
         for tp in self.plan.tensors:
             if tp.action == "merge":
-                loaded = self.load(tp)
+                loaded = self.load(tp, as_task_vectors=True)
                 assert loaded.task_vectors is not None
-                if not bool(torch.isfinite(loaded.task_vectors).all()):
+                if not all_finite(loaded.task_vectors):
                     raise self._non_finite(tp.name, loaded)
                 yield tp.name, loaded.task_vectors
 
@@ -314,7 +340,7 @@ def _merge_into(
             "alpha_auto": lines.alpha is None,
         }
 
-    writer_plan = [(t.name, _torch_dtype(t.out_dtype), tuple(t.shape)) for t in plan.tensors]
+    writer_plan = [(t.name, torch_dtype(t.out_dtype), tuple(t.shape)) for t in plan.tensors]
     metadata = {
         "format": "pt",
         "alloy_version": __version__,
@@ -349,13 +375,18 @@ def _merge_into(
                 if tp.reason == "not a floating tensor":
                     copied_non_float.append(tp.name)
             else:
-                delta, ctx = engine.merged_delta(loaded, tp, global_stats)
                 scale = float(getattr(engine.params_for(tp), "lambda_", 1.0)) * scales.get(tp.name, 1.0)
-                out = loaded.base.float().add_(delta, alpha=scale) if scale != 0 else loaded.base.float()
-                if not bool(torch.isfinite(out).all()):
-                    raise NonFiniteTensorError(f"merging {tp.name} overflowed to NaN/Inf", tensor=tp.name)
-                writer.write(tp.name, out.to(_torch_dtype(tp.out_dtype)).cpu())
-                row.update({"scale": scale, **{k: round(float(v), 6) for k, v in ctx.report.items()}})
+                row["scale"] = scale
+                if engine.fused_weights is not None:
+                    out = engine.fused_output(loaded, tp, scale)
+                else:
+                    delta, ctx = engine.merged_delta(loaded, tp, global_stats)
+                    out = loaded.base.float().add_(delta, alpha=scale) if scale != 0 else loaded.base.float()
+                    if not all_finite(out):
+                        raise NonFiniteTensorError(f"merging {tp.name} overflowed to NaN/Inf", tensor=tp.name)
+                    out = out.to(torch_dtype(tp.out_dtype))
+                    row.update({k: round(float(v), 6) for k, v in ctx.report.items()})
+                writer.write(tp.name, out.cpu())
                 if tp.name in scales:
                     row["lines_scale"] = scales[tp.name]
             compute_s += time.perf_counter() - c0
@@ -422,6 +453,38 @@ def _auto_lines_alpha(engine: _Engine, global_stats: Any) -> float:
     return auto_alpha(sum_l1=sum_l1, merged_l1=merged_l1, num_models=engine.k)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN/Inf. One reduction (a sum is non-finite iff an element is, or the sum
+    overflows); only then the exact elementwise check, so the common case costs one read and no bool tensor."""
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def _fused_weights(recipe: Recipe, sources: Sources) -> list[float] | None:
+    """Weights for the one-pass path, when the merge is a plain weighted sum of full checkpoints: soups, task
+    arithmetic, LiNeS, and ``stages`` without sparsify/consensus. None when the generic path is needed."""
+    full_inputs = all(s.kind == "checkpoint" and not s.sparse_coverage for s in sources.inputs)
+    if not full_inputs or recipe.vocab_policy != "error" or recipe.overrides or has_gradients(recipe):
+        return None
+    info = CATALOG[recipe.method]
+    params = info.params.model_validate(recipe.params)
+    weights = list(sources.weights)
+    if info.kind == "soup":
+        total = sum(weights)
+        if getattr(params, "normalize", True):
+            return [w / total for w in weights] if total != 0 else None
+        return weights
+    if recipe.method == "lines" or (
+        isinstance(params, StagesParams)
+        and params.sparsify == "none"
+        and params.consensus == "none"
+        and params.aggregate == "sum"
+    ):
+        return weights
+    return None
+
+
 def _totals(
     rows: list[dict[str, Any]], plan: MergePlan, files: list[Path], side: list[str]
 ) -> dict[str, Any]:
@@ -441,12 +504,6 @@ def _totals(
         if values:
             totals[key] = round(sum(v * w for v, w in values) / max(1, sum(w for _, w in values)), 6)
     return totals
-
-
-def _torch_dtype(code: str) -> torch.dtype:
-    from merge_ops.checkpoint import torch_dtype
-
-    return torch_dtype(code)
 
 
 def _peak_rss() -> int:

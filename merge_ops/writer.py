@@ -120,7 +120,7 @@ class ShardedWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         try:
             if data.numel():
-                self._file.write(memoryview(data.numpy()))
+                self._file.write(data.numpy().data)
         except OSError as exc:
             raise OutputError(
                 f"cannot write {self.paths[self._shard]}: {exc}", path=str(self.paths[self._shard])

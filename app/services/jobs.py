@@ -31,8 +31,7 @@ from app.services.errors import (
     JobNotCancellableError,
     JobNotFoundError,
 )
-from app.services.paths import confine_recipe_paths, confine_sources
-from merge_ops.errors import RecipeError
+from app.services.paths import confine_analysis_sources, confine_recipe_paths
 from merge_ops.recipe import HubSource, Recipe, load_recipe, parse_source
 
 #: Pins a Hub source to a commit (``merge_ops.hub.HubClient.resolve``); raises HubError subclasses.
@@ -136,14 +135,7 @@ def submit_merge(session: Session, recipe: Recipe, *, owner: ApiToken, settings:
 
 def prepare_analysis(request: dict[str, Any], *, settings: Settings) -> dict[str, Any]:
     """An analysis request with confined paths, as stored in the job row: {sources, base, allow_pickle}."""
-    sources = confine_sources(request["sources"], roots=settings.data_dirs)
-    base = request.get("base")
-    if base is not None:
-        try:
-            [base] = confine_sources([base], roots=settings.data_dirs, loc="base")
-        except RecipeError as exc:
-            exc.context["errors"] = [{"loc": ["base"], "msg": e["msg"]} for e in exc.context["errors"]]
-            raise
+    sources, base = confine_analysis_sources(request["sources"], request.get("base"), roots=settings.data_dirs)
     return {"sources": sources, "base": base, "allow_pickle": bool(request.get("allow_pickle", False))}
 
 

@@ -87,13 +87,14 @@ def confine_recipe_paths(recipe: Recipe, *, roots: Sequence[Path]) -> Recipe:
     return Recipe.model_validate(data)
 
 
-def confine_sources(sources: Sequence[Any], *, roots: Sequence[Path], loc: str = "sources") -> list[Any]:
-    """Confine a plain list of sources (an analysis request)."""
+def confine_analysis_sources(sources: Sequence[Any], base: Any, *, roots: Sequence[Path]) -> tuple[list[Any], Any]:
+    """Confine an analysis request's ``sources`` and ``base``, reporting the problems of both at once."""
     errors: list[dict[str, Any]] = []
-    confined = [_confine_source(s, [loc, str(i)], roots, errors) for i, s in enumerate(sources)]
+    confined = [_confine_source(s, ["sources", str(i)], roots, errors) for i, s in enumerate(sources)]
+    confined_base = _confine_source(base, ["base"], roots, errors)
     if errors:
         raise _not_allowed(errors)
-    return confined
+    return confined, confined_base
 
 
 def _not_allowed(errors: list[dict[str, Any]]) -> PathNotAllowedError:

@@ -140,7 +140,9 @@ def build_tasks(*, n_train: int = 256, n_val: int = 64, n_test: int = 160, seed:
         by[i] = [line for f in sorted((chat / lang).glob("*.yml")) for line in _dialogue_lines(f)]
     tasks.append(_split("chat_language", languages, "a sentence in {}", by, **sizes))
 
-    return tasks
+    order = ["movie_sentiment", "chat_language", "roget_category", "moral_foundation", "inquirer_valence",
+             "convention_party", "debate_speaker"]
+    return sorted(tasks, key=lambda t: order.index(t.name))
 
 
 def _dialogue_lines(path: Path) -> list[str]:

@@ -33,7 +33,7 @@ from benchmarks.quality.finetune import finetune
 from merge_ops.evaluators import EvaluatorSpec, build_evaluator
 from merge_ops.greedy_soup import load_state_dict
 
-LAMBDA_GRID = (0.3, 0.5, 0.7, 1.0, 1.5)
+LAMBDA_GRID = (0.3, 0.5, 0.7, 1.0)
 #: method -> searches λ?  (soups and Model Stock have no strength to choose)
 METHODS: dict[str, bool] = {
     "model_soup": False, "task_arithmetic": True, "ties": True, "dare_linear": True, "dare_ties": True,
@@ -46,11 +46,11 @@ SOUPS = {"model_soup", "greedy_soup"}  # averages of the fine-tunes: no base in 
 @dataclass
 class Settings:
     out: Path
-    steps: int = 30
+    steps: int = 20
     n_train: int = 256
-    n_val: int = 48
-    n_test: int = 160
-    max_length: int = 32
+    n_val: int = 32
+    n_test: int = 80
+    max_length: int = 24
     subsets: tuple[int, ...] = (2, 4, 0)  # 0 = all tasks
     num_tasks: int | None = None
     lambdas: tuple[float, ...] = LAMBDA_GRID
@@ -98,6 +98,7 @@ def merge(recipe: dict[str, Any], out: Path, *, settings: Settings) -> float:
     """Run one merge (the CLI, or the same service function in-process); the engine's seconds."""
     if out.exists():
         shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if settings.merge_via == "cli":
         recipe_path = out.with_suffix(".yaml")
         recipe_path.write_text(yaml.safe_dump(recipe))
@@ -187,8 +188,15 @@ def run_seed(seed: int, settings: Settings, *, log: Any = print) -> SeedResult:
     ft_dirs = []
     for i, task in enumerate(tasks):
         folder = work / "finetuned" / task.name
-        result.finetune_s[task.name] = finetune(task, base_dir=base_dir(), out_dir=folder, seed=seed * 1000 + i,
-                                                steps=settings.steps, max_length=settings.max_length)
+        marker = folder / "finetune.json"
+        wanted = {"seed": seed * 1000 + i, "steps": settings.steps, "max_length": settings.max_length,
+                  "n_train": len(task.train)}
+        if marker.exists() and json.loads(marker.read_text())["settings"] == wanted:  # resume a stopped run
+            result.finetune_s[task.name] = json.loads(marker.read_text())["seconds"]
+        else:
+            result.finetune_s[task.name] = finetune(task, base_dir=base_dir(), out_dir=folder, seed=wanted["seed"],
+                                                    steps=settings.steps, max_length=settings.max_length)
+            marker.write_text(json.dumps({"settings": wanted, "seconds": result.finetune_s[task.name]}))
         ft_dirs.append(folder)
         log(f"seed {seed}: fine-tuned {task.name} in {result.finetune_s[task.name]:.1f}s")
     base_sd = load_state_dict(base_dir())
@@ -221,11 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/quality/results"))
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--tasks", type=int, default=6, help="use the first N tasks (7 are built)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = Settings(out=args.out, steps=args.steps)
+    settings = Settings(out=args.out, steps=args.steps, num_tasks=args.tasks)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     started = time.perf_counter()

@@ -24,8 +24,15 @@ def _weighted(x_ptr, w_ptr, t, n, col, inside):
 
 @triton.jit
 def _consensus_kernel(
-    x_ptr, w_ptr, merged_ptr, contributors_ptr, n,
-    K: tl.constexpr, ELECT_ONLY: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    merged_ptr,
+    contributors_ptr,
+    n,
+    K: tl.constexpr,
+    ELECT_ONLY: tl.constexpr,
+    MEAN: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     col = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = col < n
@@ -66,8 +73,15 @@ def _launch(x: Tensor, weights: Tensor, *, elect_only: bool, mean: bool) -> tupl
     contributors = None if elect_only else _common.new_output(inner, dtype=torch.int64, device=x.device)
     if n:
         _consensus_kernel[(triton.cdiv(n, _BLOCK),)](
-            x.contiguous(), w.contiguous(), merged, contributors if contributors is not None else merged, n,
-            K=k, ELECT_ONLY=elect_only, MEAN=mean, BLOCK=_BLOCK,
+            x.contiguous(),
+            w.contiguous(),
+            merged,
+            contributors if contributors is not None else merged,
+            n,
+            K=k,
+            ELECT_ONLY=elect_only,
+            MEAN=mean,
+            BLOCK=_BLOCK,
         )
     return merged, contributors
 

@@ -33,16 +33,37 @@ def _add_delta(acc, theta_ptr, weight, base, offs, mask):
 
 @triton.jit
 def _task_arithmetic_kernel(
-    out_ptr, base_ptr, acc_ptr,
-    t0, t1, t2, t3, t4, t5, t6, t7,
-    w0, w1, w2, w3, w4, w5, w6, w7,
-    scale, n,
-    K: tl.constexpr, HAS_ACC: tl.constexpr, FINAL: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    out_ptr,
+    base_ptr,
+    acc_ptr,
+    t0,
+    t1,
+    t2,
+    t3,
+    t4,
+    t5,
+    t6,
+    t7,
+    w0,
+    w1,
+    w2,
+    w3,
+    w4,
+    w5,
+    w6,
+    w7,
+    scale,
+    n,
+    K: tl.constexpr,
+    HAS_ACC: tl.constexpr,
+    FINAL: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     base = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_ACC:
+    if HAS_ACC:  # noqa: SIM108  (a constexpr branch: only one side is compiled)
         acc = tl.load(acc_ptr + offs, mask=mask, other=0.0)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -105,7 +126,9 @@ def fused_task_arithmetic(
     base_c = base.contiguous()
     thetas = [t.contiguous() for t in finetuned]
     grid = (triton.cdiv(n, _BLOCK),)
-    groups = [range(i, min(i + MAX_SOURCES, len(thetas))) for i in range(0, len(thetas), MAX_SOURCES)] or [range(0)]
+    groups = [range(i, min(i + MAX_SOURCES, len(thetas))) for i in range(0, len(thetas), MAX_SOURCES)] or [
+        range(0)
+    ]
     acc = torch.empty(n, dtype=torch.float32, device=base.device) if len(groups) > 1 else base_c
     out_bf16 = out_dtype == torch.bfloat16
     target = out.view(torch.int16) if out_bf16 else out
@@ -113,8 +136,18 @@ def fused_task_arithmetic(
         ptrs = [thetas[i] for i in group] + [base_c] * (MAX_SOURCES - len(group))
         ws = [float(weights[i]) for i in group] + [0.0] * (MAX_SOURCES - len(group))
         _task_arithmetic_kernel[grid](
-            target, base_c, acc, *ptrs, *ws, float(scale), n,
-            K=len(group), HAS_ACC=g > 0, FINAL=g == len(groups) - 1, OUT_BF16=out_bf16, BLOCK=_BLOCK,
+            target,
+            base_c,
+            acc,
+            *ptrs,
+            *ws,
+            float(scale),
+            n,
+            K=len(group),
+            HAS_ACC=g > 0,
+            FINAL=g == len(groups) - 1,
+            OUT_BF16=out_bf16,
+            BLOCK=_BLOCK,
         )
     return out
 
@@ -214,7 +247,9 @@ def dare_keep_mask(
     if numel:
         key = reference.dare_key(seed=seed, source_index=source_index, name=name)
         # density 1 gives threshold 2^24, which every 24-bit hash is below: all kept, no special case needed
-        _dare_keep_kernel[(triton.cdiv(numel, _BLOCK),)](out.view(torch.uint8), key, threshold, numel, BLOCK=_BLOCK)
+        _dare_keep_kernel[(triton.cdiv(numel, _BLOCK),)](
+            out.view(torch.uint8), key, threshold, numel, BLOCK=_BLOCK
+        )
     return out.view(tuple(shape))
 
 
@@ -238,8 +273,9 @@ def _ternarize_kernel(x_ptr, mask_ptr, scale_ptr, out_ptr, n, blocks_per_row, BL
 def ternarize(x: Tensor, mask: Tensor, scale: Tensor) -> Tensor:
     """ComPEFT on ``x[R, n]``: ``scale[r]·sgn(x)`` where ``mask``, else 0; float32, exactly in {−s, 0, +s}."""
     if x.dim() != 2 or mask.shape != x.shape:
-        raise ValueError(f"ternarize takes x[R, n] and a mask of the same shape, got {tuple(x.shape)}, "
-                         f"{tuple(mask.shape)}")
+        raise ValueError(
+            f"ternarize takes x[R, n] and a mask of the same shape, got {tuple(x.shape)}, {tuple(mask.shape)}"
+        )
     _common.check_float(x, "x")
     rows, n = x.shape
     scale32 = scale.to(device=x.device, dtype=torch.float32).reshape(-1).expand(rows).contiguous()

@@ -35,8 +35,15 @@ def _magnitude_bits(x_ptr, offs, mask):
 
 @triton.jit
 def _histogram_kernel(
-    x_ptr, prefix_ptr, partial_ptr, n, programs_per_row, prefix_shift, digit_shift,
-    NUM_BINS: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    prefix_ptr,
+    partial_ptr,
+    n,
+    programs_per_row,
+    prefix_shift,
+    digit_shift,
+    NUM_BINS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """partial[row, program, :] = histogram of the digits of the row's elements whose pattern has the prefix.
     Grid-stride over the row; per-program int32 counts (each < 2^31), summed in int64 by the launcher."""
@@ -64,7 +71,15 @@ def _histogram(rows: Tensor, prefix: Tensor, prefix_shift: int, digit_shift: int
     programs = max(1, min(triton.cdiv(n, _HIST_BLOCK), _common.persistent_programs(rows.device) // max(r, 1)))
     partial = torch.empty(r * programs * bins, dtype=torch.int32, device=rows.device)
     _histogram_kernel[(r * programs,)](
-        rows, prefix, partial, n, programs, prefix_shift, digit_shift, NUM_BINS=bins, BLOCK=_HIST_BLOCK,
+        rows,
+        prefix,
+        partial,
+        n,
+        programs,
+        prefix_shift,
+        digit_shift,
+        NUM_BINS=bins,
+        BLOCK=_HIST_BLOCK,
     )
     return partial.view(r, programs, bins).sum(dim=1, dtype=torch.int64)
 
@@ -159,8 +174,7 @@ def _tie_count_kernel(x_ptr, threshold_ptr, counts_ptr, n, blocks_per_row, BLOCK
 
 
 @triton.jit
-def _boundary_select(bits, threshold_ptr, quota_ptr, offsets_ptr, row, pid, inside,
-                     PARTIAL: tl.constexpr):
+def _boundary_select(bits, threshold_ptr, quota_ptr, offsets_ptr, row, pid, inside, PARTIAL: tl.constexpr):
     threshold = tl.load(threshold_ptr + row).to(tl.int32, bitcast=True)
     quota = tl.load(quota_ptr + row)
     tie = inside & (bits == threshold)
@@ -175,8 +189,20 @@ def _boundary_select(bits, threshold_ptr, quota_ptr, offsets_ptr, row, pid, insi
 
 @triton.jit
 def _select_kernel(
-    x_ptr, out_ptr, hi_threshold, hi_quota, hi_offsets, lo_threshold, lo_quota, lo_offsets, n, blocks_per_row,
-    HAS_LO: tl.constexpr, HI_PARTIAL: tl.constexpr, LO_PARTIAL: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    hi_threshold,
+    hi_quota,
+    hi_offsets,
+    lo_threshold,
+    lo_quota,
+    lo_offsets,
+    n,
+    blocks_per_row,
+    HAS_LO: tl.constexpr,
+    HI_PARTIAL: tl.constexpr,
+    LO_PARTIAL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """out = selected(hi boundary) and not selected(lo boundary): top-k when HAS_LO is false, else a band."""
     pid = tl.program_id(0).to(tl.int64)
@@ -186,8 +212,7 @@ def _select_kernel(
     bits = _magnitude_bits(x_ptr, row * n + col, inside)
     keep = _boundary_select(bits, hi_threshold, hi_quota, hi_offsets, row, pid, inside, HI_PARTIAL)
     if HAS_LO:
-        drop = _boundary_select(bits, lo_threshold, lo_quota, lo_offsets, row, pid, inside,
-                                LO_PARTIAL)
+        drop = _boundary_select(bits, lo_threshold, lo_quota, lo_offsets, row, pid, inside, LO_PARTIAL)
         keep = keep & (drop == 0)
     tl.store(out_ptr + row * n + col, keep.to(tl.uint8), mask=inside)
 
@@ -197,7 +222,9 @@ class _Boundary:
 
     def __init__(self, rows: Tensor, threshold: Tensor, quota: Tensor, ties: Tensor | None) -> None:
         r, n = rows.shape
-        self.threshold = threshold.to(device=rows.device, dtype=torch.float32).reshape(-1).expand(r).contiguous()
+        self.threshold = (
+            threshold.to(device=rows.device, dtype=torch.float32).reshape(-1).expand(r).contiguous()
+        )
         self.quota = quota.to(device=rows.device, dtype=torch.int64).reshape(-1).expand(r).contiguous()
         blocks = triton.cdiv(n, _BLOCK)
         # one host sync decides the path; without known tie counts any positive quota may split its ties
@@ -218,8 +245,20 @@ def _select(rows: Tensor, hi: _Boundary, lo: _Boundary | None) -> Tensor:
         blocks = triton.cdiv(n, _BLOCK)
         low = lo if lo is not None else hi
         _select_kernel[(r * blocks,)](
-            rows, out.view(torch.uint8), hi.threshold, hi.quota, hi.offsets, low.threshold, low.quota, low.offsets,
-            n, blocks, HAS_LO=lo is not None, HI_PARTIAL=hi.partial, LO_PARTIAL=low.partial, BLOCK=_BLOCK,
+            rows,
+            out.view(torch.uint8),
+            hi.threshold,
+            hi.quota,
+            hi.offsets,
+            low.threshold,
+            low.quota,
+            low.offsets,
+            n,
+            blocks,
+            HAS_LO=lo is not None,
+            HI_PARTIAL=hi.partial,
+            LO_PARTIAL=low.partial,
+            BLOCK=_BLOCK,
         )
     return out
 

@@ -20,7 +20,12 @@ from merge_ops.artifacts import (
     extract_task_vector,
 )
 from merge_ops.checkpoint import Checkpoint, read_safetensors_header
-from merge_ops.errors import CorruptCheckpointError, IncompatibleModelsError, NonFiniteTensorError, OutputError
+from merge_ops.errors import (
+    CorruptCheckpointError,
+    IncompatibleModelsError,
+    NonFiniteTensorError,
+    OutputError,
+)
 from merge_ops.sources import open_source
 from tests.utils.factories import load_all, make_checkpoint, make_llama_like, make_lora_adapter
 
@@ -44,7 +49,7 @@ def oracle(taus: dict[str, torch.Tensor], *, density: float, alpha: float, scope
         out, start = {}, 0
         for n in names:
             size = taus[n].numel()
-            out[n] = (keep[start:start + size].reshape(1, -1), (alpha * sigma).reshape(1))
+            out[n] = (keep[start : start + size].reshape(1, -1), (alpha * sigma).reshape(1))
             start += size
         return out
     out = {}
@@ -58,12 +63,16 @@ def oracle(taus: dict[str, torch.Tensor], *, density: float, alpha: float, scope
     return out
 
 
-def assert_matches_oracle(taus, restored: dict[str, torch.Tensor], stored_scales, *, density, alpha, scope) -> None:
+def assert_matches_oracle(
+    taus, restored: dict[str, torch.Tensor], stored_scales, *, density, alpha, scope
+) -> None:
     expected = oracle(taus, density=density, alpha=alpha, scope=scope)
     for name, tau in taus.items():
         keep, sigma = expected[name]
         scale = stored_scales[name].double()
-        torch.testing.assert_close(scale.expand_as(sigma) if scale.numel() == 1 else scale, sigma, rtol=2e-6, atol=0)
+        torch.testing.assert_close(
+            scale.expand_as(sigma) if scale.numel() == 1 else scale, sigma, rtol=2e-6, atol=0
+        )
         rows = tau.reshape(keep.shape)
         # exact: the restored tensor is ±(stored float32 scale) on kept nonzero entries, 0 elsewhere
         signs = torch.sign(rows) * keep
@@ -106,7 +115,9 @@ def test_extract_refuses_mismatch_and_existing_output(tmp_path: Path, models: di
 
 @pytest.mark.parametrize("scope", ["global", "per_tensor", "per_row"])
 @pytest.mark.parametrize("density", [0.2, 1.0])
-def test_compress_then_decompress_is_exact(tmp_path: Path, models: dict[str, Path], scope: str, density: float) -> None:
+def test_compress_then_decompress_is_exact(
+    tmp_path: Path, models: dict[str, Path], scope: str, density: float
+) -> None:
     tv = extract_task_vector(models["base"], models["ft"], tmp_path / "tv")
     report = compress_task_vector(tv, tmp_path / "c", density=density, alpha=1.5, scope=scope)
     restored_dir = decompress(tmp_path / "c", tmp_path / "d", shard_size=4096)
@@ -119,7 +130,9 @@ def test_compress_then_decompress_is_exact(tmp_path: Path, models: dict[str, Pat
     assert report.elements == n
     if scope == "global":
         assert report.kept == max(1, math.floor(density * n))  # no τ is exactly 0 in this fixture
-        assert report.sigma == pytest.approx(float(torch.cat([t.reshape(-1).double() for t in taus.values()]).std()))
+        assert report.sigma == pytest.approx(
+            float(torch.cat([t.reshape(-1).double() for t in taus.values()]).std())
+        )
     with Checkpoint.open(restored_dir) as ckpt:
         assert ckpt.metadata["alloy_format"] == "task_vector"
 
@@ -171,8 +184,9 @@ def test_global_threshold_is_exact_over_wide_magnitudes(tmp_path: Path, seed: in
     gen = torch.Generator().manual_seed(seed)
     taus = {}
     for i in range(4):
-        t = torch.randn(37 + i * 50, generator=gen) * torch.pow(10.0, torch.randint(-40, 30, (37 + i * 50,),
-                                                                                        generator=gen).float())
+        t = torch.randn(37 + i * 50, generator=gen) * torch.pow(
+            10.0, torch.randint(-40, 30, (37 + i * 50,), generator=gen).float()
+        )
         t[::7] = 0.125  # a block of exact ties
         taus[f"t{i}"] = t
     tv = make_tv(tmp_path / "tv", taus)
@@ -186,7 +200,9 @@ def test_global_threshold_is_exact_over_wide_magnitudes(tmp_path: Path, seed: in
 
 def test_index_list_when_smaller_than_mask(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
-    tv = make_tv(tmp_path / "tv", {"big": torch.randn(4096, generator=gen), "small": torch.randn(64, generator=gen)})
+    tv = make_tv(
+        tmp_path / "tv", {"big": torch.randn(4096, generator=gen), "small": torch.randn(64, generator=gen)}
+    )
     compress_task_vector(tv, tmp_path / "sparse", density=0.01, scope="per_tensor")
     compress_task_vector(tv, tmp_path / "dense", density=0.5, scope="per_tensor")
     sparse = read_safetensors_header(tmp_path / "sparse" / "model.safetensors").infos
@@ -221,7 +237,12 @@ def test_non_finite_task_vector_is_refused(tmp_path: Path) -> None:
 
 def test_bad_parameters(tmp_path: Path) -> None:
     tv = make_tv(tmp_path / "tv", {"a": torch.ones(3)})
-    for kwargs in ({"density": 0.0}, {"density": 1.5}, {"density": 0.5, "alpha": 0}, {"density": 0.5, "scope": "x"}):
+    for kwargs in (
+        {"density": 0.0},
+        {"density": 1.5},
+        {"density": 0.5, "alpha": 0},
+        {"density": 0.5, "scope": "x"},
+    ):
         with pytest.raises(ValueError):
             compress_task_vector(tv, tmp_path / "c", **kwargs)
 
@@ -237,7 +258,9 @@ def _rewrite(path: Path, edit) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
-@pytest.mark.parametrize("case", ["kept_count", "shape", "indices_out_of_range", "mask_popcount", "metadata_json"])
+@pytest.mark.parametrize(
+    "case", ["kept_count", "shape", "indices_out_of_range", "mask_popcount", "metadata_json"]
+)
 def test_hostile_compressed_file_is_refused(tmp_path: Path, case: str) -> None:
     gen = torch.Generator().manual_seed(0)
     density = 0.01 if case == "indices_out_of_range" else 0.5

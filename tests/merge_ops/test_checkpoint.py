@@ -60,13 +60,22 @@ HOSTILE = {
     "offsets_reversed": ({"w": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}, b"\0" * 8, None, "w"),
     "offsets_not_pair": ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0]}}, b"\0" * 8, None, "w"),
     "shape_vs_bytes": ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "w"),
-    "overlap": ({"a": f32_entry([2], 0), "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
-                b"\0" * 12, None, "b"),
+    "overlap": (
+        {"a": f32_entry([2], 0), "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+        b"\0" * 12,
+        None,
+        "b",
+    ),
     "hole": ({"a": f32_entry([1], 0), "b": f32_entry([1], 8)}, b"\0" * 12, None, "b"),
     "trailing_bytes": ({"a": f32_entry([1], 0)}, b"\0" * 12, None, None),
     "bad_metadata": ({"__metadata__": {"k": 1}, "a": f32_entry([1], 0)}, b"\0" * 4, None, None),
-    "duplicate_key": (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
-                      b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, None, None),
+    "duplicate_key": (
+        b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+        b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+        b"\0" * 4,
+        None,
+        None,
+    ),
     "entry_not_object": ({"a": [1, 2]}, b"", None, "a"),
 }
 
@@ -102,7 +111,9 @@ def test_truncated_data_names_the_cut_tensor(tmp_path: Path) -> None:
 
 
 def test_error_pickles_and_keeps_context(tmp_path: Path) -> None:
-    path = raw_file(tmp_path / "x.safetensors", {"w": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}}, b"\0")
+    path = raw_file(
+        tmp_path / "x.safetensors", {"w": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}}, b"\0"
+    )
     with pytest.raises(CorruptCheckpointError) as err:
         Checkpoint.open(path)
     clone = pickle.loads(pickle.dumps(err.value))
@@ -122,7 +133,12 @@ def test_single_file_and_folder_load_exactly(tmp_path: Path) -> None:
         with Checkpoint.open(path) as ckpt:
             assert ckpt.metadata["note"] == "hi"
             assert {n: i.dtype for n, i in ckpt.infos.items()} == {
-                "w": "F32", "h": "BF16", "i": "I64", "flag": "BOOL", "scalar": "F16"}
+                "w": "F32",
+                "h": "BF16",
+                "i": "I64",
+                "flag": "BOOL",
+                "scalar": "F16",
+            }
             assert ckpt.infos["scalar"].shape == ()
             for name, tensor in tensors.items():
                 assert torch.equal(ckpt.load(name), tensor)
@@ -188,9 +204,11 @@ def test_missing_sources(tmp_path: Path) -> None:
 
 
 def test_unknown_tensor_is_a_typed_error(tmp_path: Path) -> None:
-    with Checkpoint.open(make_checkpoint(tmp_path / "m", {"w": torch.ones(2)})) as ckpt:
-        with pytest.raises(IncompatibleModelsError, match="'v'"):
-            ckpt.load("v")
+    with (
+        Checkpoint.open(make_checkpoint(tmp_path / "m", {"w": torch.ones(2)})) as ckpt,
+        pytest.raises(IncompatibleModelsError, match="'v'"),
+    ):
+        ckpt.load("v")
 
 
 # ----------------------------------------------------------------------------------------------- pickles

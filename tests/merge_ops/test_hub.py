@@ -30,21 +30,30 @@ from merge_ops.errors import (
 from merge_ops.hub import HubClient, model_card_metadata, render_model_card, select_files
 from merge_ops.recipe import HubOutput, HubSource, parse_source
 from tests.utils.factories import make_checkpoint
-from tests.utils.hub_fixtures import READ_TOKEN, WRITE_TOKEN, hub_client, hub_server  # noqa: F401
-from tests.utils.hub_server import HubServer
+from tests.utils.hub_server import READ_TOKEN, WRITE_TOKEN, HubServer
+
+# hub_server / hub_client fixtures (also meant for tests/conftest.py: pytest_plugins = ["tests.utils.hub_fixtures"])
+pytest_plugins = ["tests.utils.hub_fixtures"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _model(folder: Path, *, seed: int = 0, sharded: bool = True) -> Path:
     gen = torch.Generator().manual_seed(seed)
-    tensors = {"embed.weight": torch.randn(8, 4, generator=gen), "layers.0.weight": torch.randn(4, 4, generator=gen),
-               "layers.1.weight": torch.randn(4, 4, generator=gen), "norm.weight": torch.randn(4, generator=gen)}
+    tensors = {
+        "embed.weight": torch.randn(8, 4, generator=gen),
+        "layers.0.weight": torch.randn(4, 4, generator=gen),
+        "layers.1.weight": torch.randn(4, 4, generator=gen),
+        "norm.weight": torch.randn(4, generator=gen),
+    }
     return make_checkpoint(folder, tensors, sharded_max_bytes=200 if sharded else None)
 
 
@@ -64,9 +73,15 @@ def base_repo(hub_server: HubServer, tmp_path: Path) -> tuple[str, Path]:
     (model / "generation_config.json").write_text('{"do_sample": false}')
     hub_server.create_repo("alloy/base")
     hub_server.upload_folder("alloy/base", model)
-    hub_server.upload("alloy/base", {"README.md": b"---\nlicense: apache-2.0\n---\n# base\n",
-                                     "training_args.bin": b"\x80\x04pickle", "images/plot.png": b"\x89PNG",
-                                     "pytorch_model.bin": b"\x80\x04pickle"})
+    hub_server.upload(
+        "alloy/base",
+        {
+            "README.md": b"---\nlicense: apache-2.0\n---\n# base\n",
+            "training_args.bin": b"\x80\x04pickle",
+            "images/plot.png": b"\x89PNG",
+            "pytorch_model.bin": b"\x80\x04pickle",
+        },
+    )
     return "alloy/base", model
 
 
@@ -241,7 +256,9 @@ def test_dropped_connection_is_retried(hub_server, base_repo, tmp_path) -> None:
 
 def test_download_cut_midway_resumes_with_a_range_read(hub_server, hub_client, tmp_path) -> None:
     # huggingface_hub writes in 10 MiB chunks, so only a cut after the first chunk resumes with a Range read
-    big = make_checkpoint(tmp_path / "big", {"w": torch.randn(3_000_000, generator=torch.Generator().manual_seed(0))})
+    big = make_checkpoint(
+        tmp_path / "big", {"w": torch.randn(3_000_000, generator=torch.Generator().manual_seed(0))}
+    )
     hub_server.create_repo("alloy/big")
     hub_server.upload_folder("alloy/big", big)
     hub_server.inject("GET", "model.safetensors", kind="truncate", after_bytes=11 * 2**20, times=1)
@@ -270,7 +287,9 @@ def test_download_failing_every_time_names_the_file(hub_server, base_repo, tmp_p
 
 
 @pytest.mark.slow
-def test_download_dropping_midway_every_time_fails_with_the_file_named(hub_server, base_repo, tmp_path) -> None:
+def test_download_dropping_midway_every_time_fails_with_the_file_named(
+    hub_server, base_repo, tmp_path
+) -> None:
     # huggingface_hub resumes a cut download itself (5 tries, 1 s apart) before HubClient's own retry.
     hub_server.inject("GET", "model-00001-of-00002.safetensors", kind="truncate", after_bytes=0, times=None)
     with pytest.raises(HubTransientError, match="model-00001-of-00002.safetensors"):
@@ -280,8 +299,12 @@ def test_download_dropping_midway_every_time_fails_with_the_file_named(hub_serve
 # -- publish ------------------------------------------------------------------------------------------------
 def test_publish_then_pull_back_byte_identical(hub_server, hub_client, base_repo, tmp_path) -> None:
     merged = _model(tmp_path / "merged", seed=3)
-    result = hub_client.publish(merged, HubOutput(repo="alloy/merged", commit_message="merge v1"),
-                                base_model=["alloy/base", "alloy/ft"], method="ties")
+    result = hub_client.publish(
+        merged,
+        HubOutput(repo="alloy/merged", commit_message="merge v1"),
+        base_model=["alloy/base", "alloy/ft"],
+        method="ties",
+    )
     assert result.commit_sha == hub_server.head("alloy/merged")
     assert result.url == f"{hub_server.url}/alloy/merged/commit/{result.commit_sha}"
     assert hub_server.commits[result.commit_sha].message == "merge v1"
@@ -324,7 +347,9 @@ def test_publish_as_pull_request(hub_server, hub_client, tmp_path) -> None:
     merged = _model(tmp_path / "m")
     result = hub_client.publish(merged, HubOutput(repo="alloy/merged", create_pr=True), method="dare_ties")
     assert result.pr_url == result.url == f"{hub_server.url}/alloy/merged/discussions/1"
-    assert result.revision == "refs/pr/1" and hub_server.head("alloy/merged", "refs/pr/1") == result.commit_sha
+    assert (
+        result.revision == "refs/pr/1" and hub_server.head("alloy/merged", "refs/pr/1") == result.commit_sha
+    )
     assert hub_server.head("alloy/merged") == main_before
     pulled = hub_client.fetch(HubSource(repo="alloy/merged", revision="refs/pr/1"))
     assert _digests(pulled) == _digests(merged)
@@ -334,12 +359,26 @@ def test_concurrent_push_is_a_conflict_not_an_overwrite(hub_server, hub_client, 
     hub_server.create_repo("alloy/merged")
     other = {}
     # another push lands between our read of the branch head and our commit
-    hub_server.inject("POST", "/preupload/", kind="hook",
-                      hook=lambda: other.setdefault("sha", hub_server.upload("alloy/merged", {"theirs.txt": b"x"})))
+    hub_server.inject(
+        "POST",
+        "/preupload/",
+        kind="hook",
+        hook=lambda: other.setdefault("sha", hub_server.upload("alloy/merged", {"theirs.txt": b"x"})),
+    )
     with pytest.raises(HubConflictError, match="branch moved"):
         hub_client.publish(_model(tmp_path / "m"), HubOutput(repo="alloy/merged"))
     assert hub_server.head("alloy/merged") == other["sha"]
     assert "model.safetensors.index.json" not in hub_server.files_at("alloy/merged")
+
+
+def test_commit_whose_reply_was_lost_is_not_pushed_twice(hub_server, hub_client, tmp_path) -> None:
+    before = hub_server.create_repo("alloy/merged")
+    hub_server.inject("POST", "/commit/", kind="lose_reply", times=1)
+    result = hub_client.publish(_model(tmp_path / "m"), HubOutput(repo="alloy/merged"))
+    assert result.commit_sha == hub_server.head("alloy/merged")
+    assert hub_server.commits[result.commit_sha].parent == before  # exactly one commit landed
+    assert len(hub_server.requests(method="POST", path_contains="/commit/")) == 2  # the retry got 412
+    assert hub_server.requests(method="GET", path_contains="/commits/")  # ...and found its push id
 
 
 def test_publish_without_write_access_fails_at_once(hub_server, base_repo, tmp_path) -> None:
@@ -358,7 +397,9 @@ def test_publish_retries_a_transient_commit_failure(hub_server, hub_client, tmp_
     hub_server.inject("POST", "/preupload/", kind="drop", times=1)
     merged = _model(tmp_path / "m")
     result = hub_client.publish(merged, HubOutput(repo="alloy/merged"))
-    assert _digests(hub_client.fetch(HubSource(repo="alloy/merged", revision=result.commit_sha))) == _digests(merged)
+    assert _digests(hub_client.fetch(HubSource(repo="alloy/merged", revision=result.commit_sha))) == _digests(
+        merged
+    )
 
 
 def test_incomplete_folder_is_never_pushed(hub_server, hub_client, tmp_path) -> None:
@@ -404,7 +445,9 @@ def test_lfs_upload_and_download_round_trip(tmp_path) -> None:
             print(json.dumps({{"sha": result.commit_sha, "folder": str(folder)}}))
         """)
         env = {**os.environ, "HF_HUB_DISABLE_XET": "1", "PYTHONPATH": str(REPO_ROOT)}
-        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         out = json.loads(done.stdout.strip().splitlines()[-1])
     finally:
@@ -419,18 +462,51 @@ def test_lfs_upload_and_download_round_trip(tmp_path) -> None:
 
 # -- pure helpers -------------------------------------------------------------------------------------------
 def test_select_files() -> None:
-    files = ["model.safetensors", "pytorch_model.bin", "config.json", "tokenizer.model", "README.md",
-             "adapter_config.json", "sub/model.safetensors", "sub/config.json", "optimizer.pt"]
-    assert select_files(files) == ["adapter_config.json", "config.json", "model.safetensors", "tokenizer.model"]
+    files = [
+        "model.safetensors",
+        "pytorch_model.bin",
+        "config.json",
+        "tokenizer.model",
+        "README.md",
+        "adapter_config.json",
+        "sub/model.safetensors",
+        "sub/config.json",
+        "optimizer.pt",
+    ]
+    assert select_files(files) == [
+        "adapter_config.json",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+    ]
     assert select_files(files, subfolder="sub") == ["sub/config.json", "sub/model.safetensors"]
-    assert select_files(["pytorch_model.bin", "config.json"], allow_pickle=True) == ["config.json",
-                                                                                     "pytorch_model.bin"]
+    assert select_files(["pytorch_model.bin", "config.json"], allow_pickle=True) == [
+        "config.json",
+        "pytorch_model.bin",
+    ]
 
 
 def test_model_card_metadata_and_render() -> None:
     meta = model_card_metadata(base_model=["org/base"], method="task_arithmetic", license="llama3")
-    assert meta == {"base_model": ["org/base"], "library_name": "transformers",
-                    "tags": ["merge", "alloy", "task_arithmetic"], "license": "llama3"}
+    assert meta == {
+        "base_model": ["org/base"],
+        "library_name": "transformers",
+        "tags": ["merge", "alloy", "task_arithmetic"],
+        "license": "llama3",
+    }
     card = render_model_card(meta, body="# Body")
     assert card.startswith("---\n") and card.endswith("# Body\n")
     assert yaml.safe_load(card.split("---")[1]) == meta
+
+
+def test_cache_dir_and_endpoint_come_from_the_environment(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("ALLOY_HF_CACHE", str(tmp_path / "env-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/")
+    client = HubClient()
+    assert client.cache_dir == tmp_path / "env-cache" and client.endpoint == "http://127.0.0.1:9"
+    assert HubClient(endpoint="http://hub.local", cache_dir=tmp_path).endpoint == "http://hub.local"
+
+
+def test_existing_card_with_a_single_string_tag() -> None:
+    card = render_model_card({"tags": ["merge", "alloy"]}, existing="---\ntags: mine\n---\nbody\n")
+    assert yaml.safe_load(card.split("---")[1])["tags"] == ["merge", "alloy", "mine"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import weakref
 from pathlib import Path
@@ -74,8 +73,7 @@ def test_headers_come_first_and_tensors_are_not_retained(tmp_path: Path) -> None
         tensor = torch.full(shape, float(i))
         writer.write(name, tensor)
         refs.append(weakref.ref(tensor))
-        del tensor
-        gc.collect()
+        del tensor  # refcounting frees it at once unless the writer kept a reference
         shard = writer.paths[writer._shard_of[i]]
         done_in_shard = sum(1 for j in range(i + 1) if writer._shard_of[j] == writer._shard_of[i])
         # at most one io buffer (8 KiB) of the streamed bytes may still be in user space
@@ -110,10 +108,13 @@ def test_out_of_plan_writes_are_refused(tmp_path: Path) -> None:
 
 def test_exception_inside_with_removes_partial_files(tmp_path: Path) -> None:
     tensors = _tensors(4)
-    with pytest.raises(ZeroDivisionError), ShardedWriter(tmp_path, plan=_plan(tensors), shard_size=5000, metadata={}) as w:
+    with (
+        pytest.raises(ZeroDivisionError),
+        ShardedWriter(tmp_path, plan=_plan(tensors), shard_size=5000, metadata={}) as w,
+    ):
         w.write("layers.0.weight", tensors["layers.0.weight"])
         w.write("layers.1.weight", tensors["layers.1.weight"])
-        1 / 0
+        raise ZeroDivisionError
     assert list(tmp_path.iterdir()) == []
 
 
@@ -136,14 +137,28 @@ def test_empty_plan_writes_an_empty_model(tmp_path: Path) -> None:
 
 def test_copy_side_files(tmp_path: Path) -> None:
     src = make_llama_like(tmp_path / "src")
-    for name in ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                 "README.md", "merges.txt"):
+    for name in (
+        "generation_config.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "README.md",
+        "merges.txt",
+    ):
         (src / name).write_text(name)
     (src / "tokenizer_link.json").symlink_to(src / "tokenizer.json")  # HF cache style links are followed
     copied = copy_side_files(src, tmp_path / "dst")
     assert copied == sorted(copied)
-    assert set(copied) == {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                           "special_tokens_map.json", "tokenizer.model", "merges.txt", "tokenizer_link.json"}
+    assert set(copied) == {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "merges.txt",
+        "tokenizer_link.json",
+    }
     assert not (tmp_path / "dst" / "README.md").exists()
     assert not (tmp_path / "dst" / "model.safetensors").exists()
     assert not (tmp_path / "dst" / "tokenizer_link.json").is_symlink()
@@ -172,8 +187,14 @@ def test_peak_memory_is_a_few_tensors_not_the_plan(tmp_path: Path) -> None:
     import sys
 
     root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "out")], cwd=root,
-                            capture_output=True, text=True, check=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "out")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     growth_mib = int(result.stdout.strip())
     assert growth_mib < 48, f"peak RSS grew {growth_mib} MiB while writing 192 MiB"
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) == 6

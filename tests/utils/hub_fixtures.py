@@ -1,6 +1,6 @@
-"""Pytest fixtures for the local Hub server. ``tests/conftest.py`` imports them:
+"""Pytest fixtures for the local Hub server. ``tests/conftest.py`` registers them:
 
-    from tests.utils.hub_fixtures import hub_server, hub_client  # noqa: F401
+    pytest_plugins = ["tests.utils.hub_fixtures"]
 
 ``hub_server`` is a fresh, empty server per test (loopback, free port) with two tokens: ``WRITE_TOKEN`` writes
 (and reads) the ``alloy`` namespace, ``READ_TOKEN`` reads nothing private. ``hub_client`` is a ``HubClient``
@@ -14,10 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.utils.hub_server import HubServer
-
-WRITE_TOKEN = "hf_alloy_write_token"
-READ_TOKEN = "hf_alloy_read_token"
+from tests.utils.hub_server import READ_TOKEN, WRITE_TOKEN, HubServer
 
 
 @pytest.fixture
@@ -36,5 +33,10 @@ def hub_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
 def hub_client(hub_server: HubServer, tmp_path: Path):
     from merge_ops.hub import HubClient
 
-    return HubClient(token=WRITE_TOKEN, cache_dir=tmp_path / "hf-cache", endpoint=hub_server.url,
-                     backoff_s=0.01, timeout_s=5.0)
+    return HubClient(
+        token=WRITE_TOKEN,
+        cache_dir=tmp_path / "hf-cache",
+        endpoint=hub_server.url,
+        backoff_s=0.01,
+        timeout_s=5.0,
+    )

@@ -28,12 +28,17 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+#: Tokens the ``hub_server`` fixture registers: WRITE_TOKEN writes (and reads) the ``alloy`` namespace,
+#: READ_TOKEN is a valid token with access to nothing private.
+WRITE_TOKEN = "hf_alloy_write_token"
+READ_TOKEN = "hf_alloy_read_token"
 _REPO = r"(?P<repo>[\w.\-]+/[\w.\-]+)"
 _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     (m, re.compile(p), h)
     for m, p, h in [
         ("GET", rf"^/api/models/{_REPO}(/revision/(?P<rev>[^/]+))?$", "_model_info"),
         ("GET", rf"^/api/models/{_REPO}/refs$", "_refs"),
+        ("GET", rf"^/api/models/{_REPO}/commits/(?P<rev>[^/]+)$", "_list_commits"),
         ("POST", r"^/api/repos/create$", "_create_repo"),
         ("POST", r"^/api/validate-yaml$", "_validate_yaml"),
         ("POST", rf"^/api/models/{_REPO}/branch/(?P<branch>.+)$", "_create_branch"),
@@ -61,6 +66,7 @@ class Commit:
     parent: str | None
     message: str
     files: dict[str, StoredFile]
+    description: str = ""
 
 
 @dataclass
@@ -79,7 +85,8 @@ class Fault:
 
     kind: ``status`` (reply ``status``), ``delay`` (sleep ``delay_s`` then reply normally), ``drop`` (close the
     connection without a reply), ``truncate`` (send headers and ``after_bytes`` of the body, then close),
-    ``hook`` (call ``hook()`` — e.g. land a concurrent commit — then reply normally).
+    ``hook`` (call ``hook()`` — e.g. land a concurrent commit — then reply normally), ``lose_reply`` (do the
+    work, then close the connection instead of replying: a commit that landed but whose answer was lost).
     """
 
     method: str
@@ -102,8 +109,15 @@ class LoggedRequest:
 
 
 class _HTTPError(Exception):
-    def __init__(self, status: int, message: str, *, code: str | None = None, headers: Mapping[str, str] | None = None,
-                 extra: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, dict(headers or {})
         self.extra = dict(extra or {})
@@ -119,7 +133,9 @@ class HubServer:
         self.lfs_threshold = lfs_threshold
         self.repos: dict[str, Repo] = {}
         self.commits: dict[str, Commit] = {}
-        self.tokens: dict[str, tuple[set[str], set[str]]] = {}  # token -> (readable, writable) namespaces/repos
+        self.tokens: dict[
+            str, tuple[set[str], set[str]]
+        ] = {}  # token -> (readable, writable) namespaces/repos
         self.faults: list[Fault] = []
         self.log: list[LoggedRequest] = []
         self.lock = threading.RLock()
@@ -137,8 +153,9 @@ class HubServer:
         handler = type("_BoundHandler", (_Handler,), {"hub": self})
         self._httpd = _QuietServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="hub-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-server", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -166,7 +183,14 @@ class HubServer:
             repo.branches["main"] = sha
             return sha
 
-    def upload(self, repo_id: str, files: Mapping[str, bytes | Path], *, branch: str = "main", message: str = "upload") -> str:
+    def upload(
+        self,
+        repo_id: str,
+        files: Mapping[str, bytes | Path],
+        *,
+        branch: str = "main",
+        message: str = "upload",
+    ) -> str:
         """Commit ``files`` (path in repo -> bytes or a local file) on ``branch``; returns the commit sha."""
         with self.lock:
             repo = self.repos[repo_id]
@@ -179,9 +203,13 @@ class HubServer:
             repo.branches[branch] = sha
             return sha
 
-    def upload_folder(self, repo_id: str, folder: Path, *, path_in_repo: str = "", branch: str = "main") -> str:
+    def upload_folder(
+        self, repo_id: str, folder: Path, *, path_in_repo: str = "", branch: str = "main"
+    ) -> str:
         prefix = f"{path_in_repo.strip('/')}/" if path_in_repo else ""
-        files = {prefix + p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+        files = {
+            prefix + p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()
+        }
         return self.upload(repo_id, files, branch=branch)
 
     def create_tag(self, repo_id: str, tag: str, *, revision: str = "main") -> str:
@@ -233,11 +261,17 @@ class HubServer:
         git_oid = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
         return StoredFile(sha256=sha256, size=len(data), git_oid=git_oid, lfs=lfs)
 
-    def _new_commit(self, parent: str | None, message: str, files: dict[str, StoredFile]) -> str:
+    def _new_commit(
+        self, parent: str | None, message: str, files: dict[str, StoredFile], description: str = ""
+    ) -> str:
         tree = {path: f.sha256 for path, f in sorted(files.items())}
-        body = json.dumps({"parent": parent, "message": message, "tree": tree, "t": time.time_ns()}, sort_keys=True)
+        body = json.dumps(
+            {"parent": parent, "message": message, "tree": tree, "t": time.time_ns()}, sort_keys=True
+        )
         sha = hashlib.sha1(body.encode()).hexdigest()
-        self.commits[sha] = Commit(sha=sha, parent=parent, message=message, files=files)
+        self.commits[sha] = Commit(
+            sha=sha, parent=parent, message=message, files=files, description=description
+        )
         return sha
 
     def _resolve_revision(self, repo: Repo, revision: str) -> str:
@@ -277,7 +311,9 @@ class HubServer:
             # like the Hub: 401 when anonymous (missing and private look the same), 404 otherwise
             raise _HTTPError(401 if token is None else 404, "Repository not found", code="RepoNotFound")
         if repo.gated and not self._grants(token, repo_id, write=False):
-            raise _HTTPError(401 if token is None else 403, f"Access to model {repo_id} is restricted.", code="GatedRepo")
+            raise _HTTPError(
+                401 if token is None else 403, f"Access to model {repo_id} is restricted.", code="GatedRepo"
+            )
         return repo
 
     def _writable_repo(self, repo_id: str, headers: Mapping[str, str]) -> Repo:
@@ -322,6 +358,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         fault = self._take_fault(method, path)
         self._truncate_after: int | None = None
+        self._lose_reply = False
         if fault is not None:
             if fault.kind == "drop":
                 self._record(method, path, 0)
@@ -336,6 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
                 fault.hook()
             if fault.kind == "truncate":
                 self._truncate_after = fault.after_bytes
+            self._lose_reply = fault.kind == "lose_reply"
         for route_method, pattern, handler in _ROUTES:
             match = pattern.match(path) if route_method == method else None
             if match:
@@ -347,7 +385,9 @@ class _Handler(BaseHTTPRequestHandler):
                     if exc.code:
                         headers["X-Error-Code"] = exc.code
                     headers["X-Error-Message"] = exc.message
-                    self._send_json(exc.status, {"error": exc.message, **exc.extra}, headers=headers, method=method)
+                    self._send_json(
+                        exc.status, {"error": exc.message, **exc.extra}, headers=headers, method=method
+                    )
                 return
         self._send_json(404, {"error": f"no route for {method} {path}"})
 
@@ -379,10 +419,20 @@ class _Handler(BaseHTTPRequestHandler):
         with self.hub.lock:
             self.hub.log.append(LoggedRequest(method, path, status, "Authorization" in self.headers))
 
-    def _send(self, status: int, data: bytes, *, headers: Mapping[str, str] | None = None, method: str = "GET",
-              content_length: int | None = None) -> None:
+    def _send(
+        self,
+        status: int,
+        data: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        method: str = "GET",
+        content_length: int | None = None,
+    ) -> None:
         method = self.command  # HEAD replies carry headers only
         self._record(method, urlsplit(self.path).path, status)
+        if self._lose_reply:
+            self.close_connection = True
+            return
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -397,9 +447,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.wfile.write(data)
 
-    def _send_json(self, status: int, payload: Any, *, headers: Mapping[str, str] | None = None, method: str = "GET") -> None:
+    def _send_json(
+        self, status: int, payload: Any, *, headers: Mapping[str, str] | None = None, method: str = "GET"
+    ) -> None:
         data = json.dumps(payload).encode()
-        self._send(status, data, headers={"Content-Type": "application/json", **(headers or {})}, method=method)
+        self._send(
+            status, data, headers={"Content-Type": "application/json", **(headers or {})}, method=method
+        )
 
     @property
     def _base(self) -> str:
@@ -421,8 +475,15 @@ class _Handler(BaseHTTPRequestHandler):
                 if f.lfs:
                     sibling["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": 134}
             siblings.append(sibling)
-        info: dict[str, Any] = {"id": repo, "modelId": repo, "sha": sha, "private": record.private,
-                                "gated": "auto" if record.gated else False, "siblings": siblings, "tags": []}
+        info: dict[str, Any] = {
+            "id": repo,
+            "modelId": repo,
+            "sha": sha,
+            "private": record.private,
+            "gated": "auto" if record.gated else False,
+            "siblings": siblings,
+            "tags": [],
+        }
         if "README.md" in files:
             card = hub._blob_path(files["README.md"].sha256).read_text()
             if match := re.match(r"^---\n(.*?)\n---", card, flags=re.DOTALL):
@@ -433,14 +494,40 @@ class _Handler(BaseHTTPRequestHandler):
         with self.hub.lock:
             record = self.hub._readable_repo(repo, self.headers)
             refs = {
-                "branches": [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": s} for n, s in record.branches.items()],
-                "tags": [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": s} for n, s in record.tags.items()],
+                "branches": [
+                    {"name": n, "ref": f"refs/heads/{n}", "targetCommit": s}
+                    for n, s in record.branches.items()
+                ],
+                "tags": [
+                    {"name": n, "ref": f"refs/tags/{n}", "targetCommit": s} for n, s in record.tags.items()
+                ],
                 "converts": [],
             }
             if self.query.get("include_prs"):
-                refs["pullRequests"] = [{"name": f"refs/pr/{i}", "ref": f"refs/pr/{i}", "targetCommit": s}
-                                        for i, s in enumerate(record.pull_requests, start=1)]
+                refs["pullRequests"] = [
+                    {"name": f"refs/pr/{i}", "ref": f"refs/pr/{i}", "targetCommit": s}
+                    for i, s in enumerate(record.pull_requests, start=1)
+                ]
         self._send_json(200, refs)
+
+    def _list_commits(self, method: str, *, body: bytes, repo: str, rev: str) -> None:
+        hub = self.hub
+        with hub.lock:
+            sha: str | None = hub._resolve_revision(hub._readable_repo(repo, self.headers), rev)
+            items = []
+            while sha is not None:
+                commit = hub.commits[sha]
+                items.append(
+                    {
+                        "id": sha,
+                        "title": commit.message,
+                        "message": commit.description,
+                        "authors": [{"user": "alloy"}],
+                        "date": "2026-01-01T00:00:00.000Z",
+                    }
+                )
+                sha = commit.parent
+        self._send_json(200, items)
 
     def _resolve(self, method: str, *, body: bytes, repo: str, rev: str, path: str) -> None:
         hub = self.hub
@@ -451,8 +538,12 @@ class _Handler(BaseHTTPRequestHandler):
         if stored is None:
             raise _HTTPError(404, "Entry not found", code="EntryNotFound", headers={"X-Repo-Commit": sha})
         etag = stored.sha256 if stored.lfs else stored.git_oid
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": sha,
+            "ETag": f'"{etag}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         if stored.lfs:
             headers.update({"X-Linked-Etag": f'"{stored.sha256}"', "X-Linked-Size": str(stored.size)})
         blob = hub._blob_path(stored.sha256)
@@ -463,7 +554,9 @@ class _Handler(BaseHTTPRequestHandler):
             start = int(ranged[1])
             end = int(ranged[2]) if ranged[2] else stored.size - 1
             if start >= stored.size:
-                raise _HTTPError(416, "Range Not Satisfiable", headers={"Content-Range": f"bytes */{stored.size}"})
+                raise _HTTPError(
+                    416, "Range Not Satisfiable", headers={"Content-Range": f"bytes */{stored.size}"}
+                )
             with blob.open("rb") as handle:
                 handle.seek(start)
                 data = handle.read(end - start + 1)
@@ -484,10 +577,14 @@ class _Handler(BaseHTTPRequestHandler):
         if payload.get("type", "model") != "model":
             raise _HTTPError(400, "only model repos are served here")
         if not hub._grants(token, repo_id, write=True):
-            raise _HTTPError(403, f"You don't have the rights to create a model under the namespace {namespace}")
+            raise _HTTPError(
+                403, f"You don't have the rights to create a model under the namespace {namespace}"
+            )
         with hub.lock:
             if repo_id in hub.repos:
-                raise _HTTPError(409, "You already created this model repo", extra={"url": f"{self._base}/{repo_id}"})
+                raise _HTTPError(
+                    409, "You already created this model repo", extra={"url": f"{self._base}/{repo_id}"}
+                )
             private = payload.get("visibility") == "private" or bool(payload.get("private"))
             hub.create_repo(repo_id, private=private)
         self._send_json(200, {"url": f"{self._base}/{repo_id}", "name": repo_id})
@@ -505,8 +602,10 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 for key in ("base_model", "tags"):
                     value = meta.get(key)
-                    if value is not None and not (isinstance(value, str) or (
-                            isinstance(value, list) and all(isinstance(v, str) for v in value))):
+                    if value is not None and not (
+                        isinstance(value, str)
+                        or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+                    ):
                         errors.append({"message": f'"{key}" must be a string or an array of strings'})
         if errors:
             self._send_json(400, {"errors": errors}, headers={"X-Error-Message": errors[0]["message"]})
@@ -528,10 +627,19 @@ class _Handler(BaseHTTPRequestHandler):
         with hub.lock:
             hub._writable_repo(repo, self.headers)
         files = json.loads(body)["files"]
-        self._send_json(200, {"files": [
-            {"path": f["path"], "uploadMode": "lfs" if hub._is_lfs(int(f["size"])) else "regular", "shouldIgnore": False}
-            for f in files
-        ]})
+        self._send_json(
+            200,
+            {
+                "files": [
+                    {
+                        "path": f["path"],
+                        "uploadMode": "lfs" if hub._is_lfs(int(f["size"])) else "regular",
+                        "shouldIgnore": False,
+                    }
+                    for f in files
+                ]
+            },
+        )
 
     def _lfs_batch(self, method: str, *, body: bytes, repo: str) -> None:
         hub = self.hub
@@ -546,8 +654,11 @@ class _Handler(BaseHTTPRequestHandler):
             if not hub._blob_path(obj["oid"]).exists():
                 entry["actions"] = {"upload": {"href": f"{self._base}/lfs-upload/{obj['oid']}", "header": {}}}
             objects.append(entry)
-        self._send_json(200, {"transfer": "basic", "objects": objects},
-                        headers={"Content-Type": "application/vnd.git-lfs+json"})
+        self._send_json(
+            200,
+            {"transfer": "basic", "objects": objects},
+            headers={"Content-Type": "application/vnd.git-lfs+json"},
+        )
 
     def _lfs_upload(self, method: str, *, body: bytes, oid: str) -> None:
         if hashlib.sha256(body).hexdigest() != oid:
@@ -588,7 +699,7 @@ class _Handler(BaseHTTPRequestHandler):
                         raise _HTTPError(404, "A file with this name doesn't exist", code="EntryNotFound")
                 elif key != "header":
                     raise _HTTPError(400, f"unsupported commit operation {key!r}")
-            sha = hub._new_commit(head, header.get("summary") or "", tree)
+            sha = hub._new_commit(head, header.get("summary") or "", tree, header.get("description") or "")
             pr_url = None
             if create_pr:
                 record.pull_requests.append(sha)
@@ -597,8 +708,16 @@ class _Handler(BaseHTTPRequestHandler):
                 record.pull_requests[int(rev.rsplit("/", 1)[1]) - 1] = sha
             else:
                 record.branches[rev] = sha
-        self._send_json(200, {"success": True, "commitOid": sha, "commitUrl": f"{self._base}/{repo}/commit/{sha}",
-                              "pullRequestUrl": pr_url, "commitMessage": header.get("summary")})
+        self._send_json(
+            200,
+            {
+                "success": True,
+                "commitOid": sha,
+                "commitUrl": f"{self._base}/{repo}/commit/{sha}",
+                "pullRequestUrl": pr_url,
+                "commitMessage": header.get("summary"),
+            },
+        )
 
 
 def _git_oid_of(path: Path) -> str:

@@ -343,11 +343,11 @@ def api_server(alloy_env: dict[str, str], tmp_path: Path, job_store: JobStore) -
 
 
 def wait_for_http_status(client: Any, job_id: str, statuses: tuple[str, ...] = TERMINAL, *,
-                         timeout: float = 60) -> dict[str, Any]:
-    """Poll GET /v1/merges/{id} until the job is in one of ``statuses``; returns the body."""
+                         timeout: float = 60, where: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+    """Poll GET /v1/merges/{id} until the job is in one of ``statuses`` (and ``where(body)``); returns the body."""
 
     def ready() -> dict[str, Any] | None:
         body = client.get(f"/v1/merges/{job_id}").raise_for_status().json()
-        return body if body["status"] in statuses else None
+        return body if body["status"] in statuses and (where is None or where(body)) else None
 
     return wait_until(ready, timeout=timeout, interval=0.1, what=f"job {job_id} in {statuses}")

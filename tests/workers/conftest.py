@@ -8,3 +8,17 @@ from tests.utils.services import (  # noqa: F401  (pytest fixtures)
     job_store,
     redis_server,
 )
+
+
+import pytest  # noqa: E402
+
+from .helpers import make_models  # noqa: E402
+
+# A model big enough that a merge takes a few seconds on 2 CPU cores (real size, no sleep hook): 8 layers at
+# hidden 512 (~84 MB per checkpoint in float32), a base and 3 fine-tunes. Built once per session (~15 s).
+LONG_MERGE = {"hidden": 512, "layers": 8, "vocab": 64, "k": 3}
+
+
+@pytest.fixture(scope="session")
+def long_models(tmp_path_factory: pytest.TempPathFactory):
+    return make_models(tmp_path_factory.mktemp("long-models"), **LONG_MERGE)
