@@ -114,10 +114,24 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, log_le
         local = LocalWorker(worker_command(concurrency=workers, name=f"alloy-local-{os.getpid()}@%h"))
         local.start()
     started = time.monotonic()
+    # uvicorn handles SIGINT/SIGTERM itself (graceful shutdown), then restores these handlers and re-raises the
+    # signal: ours turns it into an exception, so the worker is stopped below instead of being orphaned.
+    previous = {sig: signal.signal(sig, _raise_shutdown) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        # uvicorn installs SIGINT/SIGTERM handlers and returns after a graceful shutdown
         uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level=log_level)
+    except _Shutdown:
+        pass
     finally:
         if local is not None:
             local.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         log.info("alloy serve stopped after %.0fs", time.monotonic() - started)
+
+
+class _Shutdown(Exception):
+    """SIGINT/SIGTERM reached ``serve`` (after uvicorn's own graceful shutdown)."""
+
+
+def _raise_shutdown(signum: int, _frame: object) -> None:
+    raise _Shutdown(signal.Signals(signum).name)

@@ -122,7 +122,9 @@ class HubClient:
         disk_headroom_bytes: int = 0,
     ) -> None:
         self._token: str | bool = token or False
-        self.cache_dir = Path(cache_dir or os.environ.get("ALLOY_HF_CACHE") or constants.HF_HUB_CACHE)
+        self.cache_dir = Path(
+            cache_dir or os.environ.get("ALLOY_HF_CACHE") or constants.HF_HUB_CACHE
+        ).expanduser()
         # explicit endpoint beats HF_ENDPOINT, which huggingface_hub only reads at import time
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
         self.max_attempts = max(1, max_attempts)

@@ -51,6 +51,10 @@ class SoupParams(Params):
     normalize: bool = Field(True, description="Divide by the sum of weights (false: plain weighted sum).")
 
 
+class GreedySoupParams(Params):
+    """No parameters: the recipe's ``evaluator`` chooses the ingredients; the soup is their uniform mean."""
+
+
 class ModelStockParams(Params):
     filter_wise: bool = Field(
         False, description="Compute the angle per row instead of per tensor (mergekit)."

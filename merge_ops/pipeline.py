@@ -75,6 +75,8 @@ class MergeReport(BaseModel):
     peak_cuda_bytes: int | None = None
     copied_non_float: list[str]
     lines: dict[str, Any] | None = None
+    #: greedy_soup: every ingredient's score, the order tried and the chosen ingredients
+    greedy_soup: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -262,6 +264,16 @@ def run_merge(
     Raises typed ``MergeError``s; on any failure (or ``should_cancel()`` turning true between tensors) the scratch
     folder is removed and nothing is left at ``output_dir``.
     """
+    if recipe.method == "greedy_soup":
+        return _run_greedy_soup(
+            recipe,
+            output_dir=output_dir,
+            resolver=resolver,
+            device=device,
+            progress=progress,
+            should_cancel=should_cancel,
+            scratch_root=scratch_root,
+        )
     started = time.perf_counter()
     target = Path(output_dir or recipe.output.path or "")
     if not str(target) or str(target) == ".":
@@ -294,6 +306,34 @@ def run_merge(
         raise
     finally:
         sources.close()
+
+
+def _run_greedy_soup(
+    recipe: Recipe, *, output_dir: Path | None, resolver: Any, device: str, **run: Any
+) -> MergeReport:
+    """Choose ingredients with the evaluator (whole models in memory, see ``merge_ops.greedy_soup``), then stream
+    the chosen soup like any merge; the report carries every score."""
+    from merge_ops.evaluators.base import build_evaluator
+    from merge_ops.greedy_soup import evaluator_model_dir, run_greedy_soup, soup_recipe
+
+    target = Path(output_dir or recipe.output.path or "")
+    if str(target) in {"", "."}:
+        raise OutputError("no output folder: set output.path in the recipe or pass --out")
+    check_output(target)
+    assert recipe.evaluator is not None  # the recipe validator requires it
+    evaluator = build_evaluator(
+        recipe.evaluator, model_dir=evaluator_model_dir(recipe, resolver=resolver), device=device
+    )
+    result = run_greedy_soup(
+        recipe, evaluator=evaluator, resolver=resolver, should_cancel=run.get("should_cancel")
+    )
+    report = run_merge(
+        soup_recipe(recipe, result), output_dir=target, resolver=resolver, device=device, **run
+    )
+    report.method = "greedy_soup"
+    report.greedy_soup = result.model_dump(mode="json")
+    (target / REPORT_NAME).write_text(report.to_json())
+    return report
 
 
 def _merge_into(

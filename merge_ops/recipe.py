@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from merge_ops.errors import RecipeError
+from merge_ops.evaluators.spec import EvaluatorSpec
 from merge_ops.params import CATALOG, LinesParams, Params, Scope
 
 OutputDtype = Literal["float32", "float16", "bfloat16"]
@@ -277,6 +278,8 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
             problems.append(
                 _problem(("models",), f"method {method!r} needs at least {info.min_models} model(s)")
             )
+    if method == "greedy_soup" and not data.get("evaluator"):
+        problems.append(_problem(("evaluator",), "method 'greedy_soup' needs an evaluator"))
     weights = data.get("weights")
     if isinstance(weights, list) and isinstance(models, list) and len(weights) != len(models):
         problems.append(_problem(("weights",), f"{len(weights)} weights for {len(models)} models"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from sqlalchemy import text
+
 from app.core.config import Settings
+from app.db import make_engine
 from app.main import create_app
 from app.services.tokens import create_token
 
@@ -46,6 +50,28 @@ class Api:
         return found
 
 
+#: A SQLAlchemy URL of a throwaway Postgres database; when set, every API test also runs against it.
+POSTGRES_URL = os.environ.get("ALLOY_TEST_POSTGRES")
+STORES = ["sqlite", *(["postgres"] if POSTGRES_URL else [])]
+
+
+def reset_postgres(url: str) -> None:
+    """Drop Alloy's tables so each test migrates an empty database (the URL must name a test database)."""
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS jobs, batches, api_tokens, alembic_version CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(params=STORES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgres":
+        assert POSTGRES_URL is not None
+        reset_postgres(POSTGRES_URL)
+        return POSTGRES_URL
+    return f"sqlite:///{tmp_path / 'alloy.db'}"
+
+
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "home": tmp_path / "home",
@@ -61,10 +87,12 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-def start_api(tmp_path: Path, **overrides: Any) -> Iterator[Api]:
+def start_api(tmp_path: Path, database_url: str | None = None, **overrides: Any) -> Iterator[Api]:
     data = tmp_path / "data"
     for name in ("base", "ft1", "ft2", "ft3"):
         (data / name).mkdir(parents=True, exist_ok=True)
+    if database_url:
+        overrides["database_url"] = database_url
     settings = make_settings(tmp_path, **overrides)
     app = create_app(settings)
     with TestClient(app) as client:
@@ -76,8 +104,8 @@ def start_api(tmp_path: Path, **overrides: Any) -> Iterator[Api]:
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[Api]:
-    yield from start_api(tmp_path)
+def api(tmp_path: Path, database_url: str) -> Iterator[Api]:
+    yield from start_api(tmp_path, database_url)
 
 
 def recipe(**changes: Any) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from app.services.tokens import create_token, ensure_token, find_token
 
 
 @pytest.fixture
-def session(tmp_path: Path) -> Iterator[Session]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'crud.db'}")
+def session(database_url: str) -> Iterator[Session]:
+    engine = make_engine(database_url)
     init_db(engine)
     init_db(engine)  # idempotent
     with session_factory(engine)() as session:

@@ -12,8 +12,8 @@ from tests.app.conftest import Api, recipe, start_api
 
 
 @pytest.fixture
-def limited(tmp_path: Path) -> Iterator[Api]:
-    yield from start_api(tmp_path, rate_limit_per_minute=2, max_body_bytes=2048)
+def limited(tmp_path: Path, database_url: str) -> Iterator[Api]:
+    yield from start_api(tmp_path, database_url, rate_limit_per_minute=2, max_body_bytes=2048)
 
 
 def test_submissions_are_rate_limited_per_token(limited: Api) -> None:

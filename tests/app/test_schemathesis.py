@@ -40,6 +40,7 @@ def alloy_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 schema = schemathesis.pytest.from_fixture("alloy_schema")
 
 
+@pytest.mark.slow
 @schema.parametrize()
 @settings(max_examples=12, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])

@@ -230,13 +230,17 @@ def test_delta_equals_peft_merge_and_unload(tmp_path: Path, config: dict) -> Non
             return torch.nn.Linear(i, o, bias=False)
 
     blocks = torch.nn.ModuleList(
-        [torch.nn.ModuleDict({"q_proj": layer(6, 10), "v_proj": layer(6, 10), "o_proj": layer(10, 6)}) for _ in range(2)]
+        [
+            torch.nn.ModuleDict({"q_proj": layer(6, 10), "v_proj": layer(6, 10), "o_proj": layer(10, 6)})
+            for _ in range(2)
+        ]
     )
     model = torch.nn.Module()
     model.blocks = blocks
     original = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    lora_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                                  **config)
+    lora_config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **config
+    )
     wrapped = peft.get_peft_model(model, lora_config)
     wrapped.save_pretrained(tmp_path / "adapter")
     merged = {n: p.detach() for n, p in wrapped.merge_and_unload().state_dict().items()}
@@ -245,6 +249,8 @@ def test_delta_equals_peft_merge_and_unload(tmp_path: Path, config: dict) -> Non
     for name in original:
         if name in adapter.infos:
             assert adapter.infos[name].shape == tuple(original[name].shape)
-            torch.testing.assert_close(adapter.delta(name), merged[name] - original[name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                adapter.delta(name), merged[name] - original[name], rtol=1e-5, atol=1e-6
+            )
         else:
             assert torch.equal(merged[name], original[name])

@@ -137,7 +137,7 @@ def test_validation_does_not_import_torch() -> None:
 
     code = (
         "import sys; from merge_ops.recipe import load_recipe; import merge_ops.params;"
-        "load_recipe({'merge_method': 'ties', 'base_model': 'b', 'models': [{'model': 'a'}]});"
+        "load_recipe({'merge_method': 'ties', 'base_model': 'b', 'models': [{'model': 'a', 'parameters': {'weight': 1}}]});"
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -9,8 +9,6 @@ from typing import Any
 
 import pytest
 
-from app import crud
-
 from .helpers import (
     assert_output_matches,
     expected_task_arithmetic,
@@ -63,29 +61,6 @@ def test_redis_restart_while_jobs_are_queued_loses_none(job_store, celery_worker
 def _expected_for(job: Any, base: Path, fts: list[Path]) -> dict[str, Any]:
     lam = job.recipe["params"]["lambda"]
     return expected_task_arithmetic(base, fts, lam=lam, weights=[1.0, 1.0])
-
-
-def test_cancel_queued_and_running_jobs(job_store, celery_worker, alloy_settings, long_models):
-    base, fts = long_models
-    data = alloy_settings.data_dirs[0]
-    worker = celery_worker(name="canceller")
-    running = job_store.submit(task_arithmetic_recipe(base, fts, data / "running"))
-    queued = job_store.submit(task_arithmetic_recipe(base, fts, data / "queued"))
-    job_store.wait_for(running, ("running",), timeout=60, where=lambda j: (j.tensors_done or 0) >= 1)
-    with job_store.session() as session:
-        assert crud.cancel_job(session, job_id=queued) == "cancelled"
-        assert crud.cancel_job(session, job_id=running) == "running"  # the worker stops between tensors
-    job = job_store.wait_for(running, timeout=60)
-    assert job.status == "cancelled" and job.error_code == "cancelled"
-    assert job.tensors_done < job.tensors_total
-    # the queued job's message is consumed and dropped: it never starts
-    follow_up = job_store.submit(task_arithmetic_recipe(*make_models(data / "small"), data / "after"))
-    assert job_store.wait_for(follow_up, timeout=60).status == "succeeded"
-    cancelled = job_store.job(queued)
-    assert cancelled.status == "cancelled" and cancelled.started_at is None
-    assert not (data / "running").exists() and not (data / "queued").exists()
-    assert stray_files(data) == []
-    assert worker.alive()
 
 
 def test_permanent_error_fails_once_through_a_real_worker(job_store, celery_worker, alloy_settings):

