@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from merge_ops.errors import MergeError
+from merge_ops.recipe import hub_lineage
 
 
 def _hub_client(needed: bool) -> Any:
@@ -46,7 +47,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if recipe.output.hub is not None and resolver is None:
         resolver = _hub_client(True)
     if recipe.output.hub is not None:
-        result = resolver.publish(Path(report.output_path or ""), recipe.output.hub)
+        result = resolver.publish(Path(report.output_path or ""), recipe.output.hub,
+                                  base_model=hub_lineage(recipe) or None, method=recipe.method)
         print(f"pushed to {result.url} at {result.commit_sha}")
     totals = report.totals
     print(f"merged {totals['merged']} tensors ({totals['copied']} copied) in {report.timings['total_s']:.2f}s "

@@ -13,7 +13,11 @@ Tensor = torch.Tensor
 
 
 def fused_task_arithmetic(
-    base: Tensor, finetuned: Sequence[Tensor], weights: Sequence[float], *, scale: float = 1.0,
+    base: Tensor,
+    finetuned: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    scale: float = 1.0,
     out_dtype: torch.dtype,
 ) -> Tensor:
     fn = kernel("fused_task_arithmetic", base, *finetuned)
@@ -29,7 +33,12 @@ def unpack_bits(packed: Tensor, n: int) -> Tensor:
 
 
 def dare_keep_mask(
-    shape: Sequence[int] | torch.Size, *, density: float, seed: int, source_index: int, name: str,
+    shape: Sequence[int] | torch.Size,
+    *,
+    density: float,
+    seed: int,
+    source_index: int,
+    name: str,
     device: torch.device | str | None = None,
 ) -> Tensor:
     probe = torch.empty(0, device=device)  # dispatch decides by device; the op itself takes no tensor
@@ -49,7 +58,9 @@ def topk_mask(x: Tensor, *, keep: Tensor, skip: Tensor | None = None) -> Tensor:
     return kernel("topk_mask", x)(x, keep=keep, skip=skip)
 
 
-def magnitude_histogram(x: Tensor, *, prefix: Tensor, prefix_shift: int, digit_shift: int, digit_bits: int) -> Tensor:
+def magnitude_histogram(
+    x: Tensor, *, prefix: Tensor, prefix_shift: int, digit_shift: int, digit_bits: int
+) -> Tensor:
     fn = kernel("magnitude_histogram", x)
     return fn(x, prefix=prefix, prefix_shift=prefix_shift, digit_shift=digit_shift, digit_bits=digit_bits)
 

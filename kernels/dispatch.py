@@ -40,7 +40,9 @@ def _load_triton_ops() -> ModuleType | None:
 def kernel_mode() -> str:
     mode = os.environ.get("ALLOY_KERNELS", "auto").strip().lower() or "auto"
     if mode not in _MODES:
-        raise KernelUnavailableError(f"ALLOY_KERNELS={mode!r}; expected one of {', '.join(_MODES)}", mode=mode)
+        raise KernelUnavailableError(
+            f"ALLOY_KERNELS={mode!r}; expected one of {', '.join(_MODES)}", mode=mode
+        )
     return mode
 
 
@@ -65,4 +67,6 @@ def kernel(op_name: str, *tensors: Any) -> Callable[..., Any]:
         why = f"kernels.triton_ops does not import ({_triton_error})"
     else:
         why = "kernels.triton_ops has no such op"
-    raise KernelUnavailableError(f"ALLOY_KERNELS=triton but op {op_name!r} can't run on Triton: {why}", op=op_name)
+    raise KernelUnavailableError(
+        f"ALLOY_KERNELS=triton but op {op_name!r} can't run on Triton: {why}", op=op_name
+    )

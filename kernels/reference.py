@@ -197,15 +197,22 @@ def rank_boundary(x: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
     threshold = torch.full((rows,), float("inf"), dtype=torch.float32, device=x.device)
     quota = torch.zeros(rows, dtype=torch.int64, device=x.device)
     # kthvalue takes one k per call: group rows by rank (usually one group; per-model densities give K)
-    for r in torch.unique(rank).tolist():
+    distinct = torch.unique(rank).tolist()
+    for r in distinct:
         if r == 0:
             continue
-        sel = (rank == r).nonzero().squeeze(1)
-        block = magnitude.index_select(0, sel)
+        if len(distinct) == 1:  # the common case: no row copy
+            sel, block = None, magnitude
+        else:
+            sel = (rank == r).nonzero().squeeze(1)
+            block = magnitude.index_select(0, sel)
         value = torch.kthvalue(block, n - r + 1, dim=1).values  # the r-th largest magnitude
         greater = (block > value.unsqueeze(1)).sum(dim=1)
-        threshold[sel] = value
-        quota[sel] = r - greater
+        if sel is None:
+            threshold, quota = value, r - greater
+        else:
+            threshold[sel] = value
+            quota[sel] = r - greater
     return threshold, quota
 
 
@@ -237,7 +244,9 @@ def topk_mask(x: Tensor, *, keep: Tensor, skip: Tensor | None = None) -> Tensor:
     counts allow per-model densities. Exact; never ``torch.quantile``."""
     rows = x.shape[0]
     keep = keep.to(device=x.device, dtype=torch.int64).expand(rows)
-    skip = (torch.zeros_like(keep) if skip is None else skip.to(device=x.device, dtype=torch.int64)).expand(rows)
+    skip = (torch.zeros_like(keep) if skip is None else skip.to(device=x.device, dtype=torch.int64)).expand(
+        rows
+    )
     upper = select_by_threshold(x, *rank_boundary(x, skip + keep))
     if bool((skip > 0).any()):
         upper &= ~select_by_threshold(x, *rank_boundary(x, skip))
@@ -257,8 +266,10 @@ def magnitude_histogram(
     bits = magnitude_bits(x).reshape(rows, -1)
     digit = ((bits >> digit_shift) & (buckets - 1)).to(torch.int64)
     row_base = torch.arange(rows, device=x.device, dtype=torch.int64).unsqueeze(1) * buckets
-    flat = (digit + row_base)
-    in_prefix = (bits >> prefix_shift).to(torch.int64) == prefix.to(device=x.device, dtype=torch.int64).unsqueeze(1)
+    flat = digit + row_base
+    in_prefix = (bits >> prefix_shift).to(torch.int64) == prefix.to(
+        device=x.device, dtype=torch.int64
+    ).unsqueeze(1)
     counts = torch.bincount(flat[in_prefix], minlength=rows * buckets)
     return counts.view(rows, buckets)
 

@@ -1,6 +1,9 @@
 """Triton twins of the ops in ``kernels.reference``: same names, same signatures, same results (exact where the
 reference is exact, within float32 rounding elsewhere). ``kernels.dispatch`` imports this module lazily and
 routes CUDA tensors here; importing it needs triton. The kernels live in ``kernels/triton/``.
+
+``fused_sparse_merge`` (sparsify + TIES consensus + aggregate in one pass) has no reference twin yet, so the
+dispatcher can't route to it; its tests compare it with the composition of reference ops.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from kernels.triton.elementwise import (
     ternarize,
     unpack_bits,
 )
+from kernels.triton.fused import fused_sparse_merge
 from kernels.triton.select import magnitude_histogram, rank_boundary, select_by_threshold, topk_mask
 
 __all__ = [
     "dare_keep_mask",
     "disjoint_merge",
     "elect_sign",
+    "fused_sparse_merge",
     "fused_task_arithmetic",
     "magnitude_histogram",
     "pack_bits",

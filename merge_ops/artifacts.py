@@ -28,7 +28,7 @@ import math
 import shutil
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -267,33 +267,56 @@ class _GlobalThreshold:
 
 def _global_threshold(reader: _TauReader, *, density: float, alpha: float) -> _GlobalThreshold:
     """Exact global k-th largest |τ| and σ in two streaming passes (bounded memory: two histograms)."""
-    count, mean, m2 = 0, 0.0, 0.0
+    moments = (0, 0.0, 0.0)
     high = torch.zeros(1 << 15, dtype=torch.int64)  # |τ| is non-negative: its sign bit is 0
     for _, tau in reader:
-        n = tau.numel()
-        if n == 0:
-            continue
-        t64 = tau.reshape(-1).to(torch.float64)
-        t_mean = float(t64.mean())
-        t_m2 = float(((t64 - t_mean) ** 2).sum())
-        # Chan et al.'s pairwise update: exact-enough σ without holding the model
-        delta = t_mean - mean
-        total = count + n
-        mean += delta * n / total
-        m2 += t_m2 + delta * delta * count * n / total
-        count = total
+        moments = _combine_moments(moments, _moments(tau.reshape(-1)))
         high += torch.bincount(_abs_bits(tau) >> 16, minlength=1 << 15)
+    count, _, m2 = moments
     if count == 0:
         return _GlobalThreshold(sigma=0.0, k=0, bits=0, ties=0)
     sigma = math.sqrt(m2 / (count - 1)) if count > 1 else 0.0
     k = max(1, math.floor(density * count))
+    bits, ties = _kth_largest_bits(high, k, lambda: (_abs_bits(tau) for _, tau in reader))
+    return _GlobalThreshold(sigma=sigma, k=k, bits=bits, ties=ties)
+
+
+def _kth_largest_bits(
+    high: torch.Tensor, k: int, second_pass: Callable[[], Iterable[torch.Tensor]]
+) -> tuple[int, int]:
+    """From the histogram of the high 16 bits of every |τ| bit pattern and one more pass over the patterns:
+    the exact pattern T of the k-th largest, and how many entries equal to T are kept (k minus those above T)."""
     h, above = _bin_of_kth(high, k)
     low = torch.zeros(1 << 16, dtype=torch.int64)
-    for _, tau in reader:
-        bits = _abs_bits(tau)
+    for bits in second_pass():
         low += torch.bincount(bits[(bits >> 16) == h] & 0xFFFF, minlength=1 << 16)
     lo, above_in_bin = _bin_of_kth(low, k - above)
-    return _GlobalThreshold(sigma=sigma, k=k, bits=(h << 16) | lo, ties=k - above - above_in_bin)
+    return (h << 16) | lo, k - above - above_in_bin
+
+
+#: elements per float64 chunk when summing moments: temporaries stay at 32 MiB whatever the tensor size
+_CHUNK = 1 << 22
+
+Moments = tuple[int, float, float]  # count, mean, M2 = Σ(x − mean)²
+
+
+def _moments(flat: torch.Tensor) -> Moments:
+    out: Moments = (0, 0.0, 0.0)
+    for chunk in flat.split(_CHUNK):
+        c64 = chunk.to(torch.float64)
+        c_mean = float(c64.mean())
+        out = _combine_moments(out, (chunk.numel(), c_mean, float(c64.sub_(c_mean).square_().sum())))
+    return out
+
+
+def _combine_moments(a: Moments, b: Moments) -> Moments:
+    """Chan et al.'s pairwise update: σ over the whole vector without holding it."""
+    (na, ma, m2a), (nb, mb, m2b) = a, b
+    if nb == 0:
+        return a
+    n = na + nb
+    delta = mb - ma
+    return n, ma + delta * nb / n, m2a + m2b + delta * delta * na * nb / n
 
 
 def _abs_bits(tau: torch.Tensor) -> torch.Tensor:
@@ -309,16 +332,32 @@ def _bin_of_kth(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return b, int(at_or_above[b + 1]) if b + 1 < hist.numel() else 0
 
 
+def topk_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly k entries of a 1-D float32 tensor, the largest by |value|, ties by lowest index
+    (by the same bit histogram as the global scope: no sort, no int64 index tensor)."""
+    if k >= flat.numel():
+        return torch.ones_like(flat, dtype=torch.bool)
+    bits = _abs_bits(flat)
+    threshold, ties = _kth_largest_bits(torch.bincount(bits >> 16, minlength=1 << 15), k, lambda: [bits])
+    mask = bits > threshold
+    mask[(bits == threshold).nonzero().reshape(-1)[:ties]] = True
+    return mask
+
+
 def topk_rows_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Keep exactly k entries per row of a 2-D tensor, the largest by value, ties by lowest column."""
     rows, m = magnitude.shape
     if k >= m:
         return torch.ones_like(magnitude, dtype=torch.bool)
     threshold = magnitude.kthvalue(m - k + 1, dim=1, keepdim=True).values  # the k-th largest per row
-    above = magnitude > threshold
+    mask = magnitude >= threshold
     ties = magnitude == threshold
-    need = k - above.sum(dim=1, keepdim=True)
-    return above | (ties & (ties.cumsum(dim=1) <= need))
+    need = k - (mask.sum(dim=1) - ties.sum(dim=1))  # places left for ties after the entries above
+    excess = (ties.sum(dim=1) > need).nonzero().reshape(-1)
+    if excess.numel():  # more equal entries than places: keep the lowest columns (rare; only those rows)
+        sub = ties[excess]
+        mask[excess] = (mask[excess] & ~sub) | (sub & (sub.cumsum(dim=1) <= need[excess, None]))
+    return mask
 
 
 def ternary_mask_and_scale(
@@ -328,15 +367,28 @@ def ternary_mask_and_scale(
     alpha: float,
     scope: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor / per-row ComPEFT: (keep mask [rows, m], float32 scale [rows]) for ``tau``."""
-    rows = tau.reshape(tau.shape[0], -1) if scope == "per_row" and tau.dim() >= 2 else tau.reshape(1, -1)
-    m = rows.shape[1]
-    if m == 0:
-        return torch.zeros_like(rows, dtype=torch.bool), torch.zeros(rows.shape[0], dtype=torch.float32)
-    k = max(1, math.floor(density * m))
-    mask = topk_rows_mask(rows.abs(), k)
-    sigma = rows.to(torch.float64).std(dim=1) if m > 1 else torch.zeros(rows.shape[0], dtype=torch.float64)
-    return mask, (alpha * sigma).to(torch.float32)
+    """Per-tensor / per-row ComPEFT: (flat keep mask, float32 scale [rows]) for ``tau``."""
+    if scope == "per_row" and tau.dim() >= 2:
+        rows = tau.reshape(tau.shape[0], -1)
+        m = rows.shape[1]
+        if m == 0:
+            return torch.zeros(0, dtype=torch.bool), torch.zeros(rows.shape[0], dtype=torch.float32)
+        mask = topk_rows_mask(rows.abs(), max(1, math.floor(density * m))).reshape(-1)
+        if m > 1:
+            block = max(1, _CHUNK // m)  # float64 std a block of rows at a time
+            sigma = torch.cat([r.to(torch.float64).std(dim=1) for r in rows.split(block)])
+        else:  # the unbiased std of one element is undefined; σ = 0 makes such a row all zero
+            sigma = torch.zeros(rows.shape[0], dtype=torch.float64)
+        return mask, (alpha * sigma).to(torch.float32)
+    flat = tau.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(1, dtype=torch.float32)
+    count, _, m2 = _moments(flat)
+    sigma = math.sqrt(m2 / (count - 1)) if count > 1 else 0.0
+    return topk_mask(flat, max(1, math.floor(density * n))), torch.tensor(
+        [alpha * sigma], dtype=torch.float32
+    )
 
 
 def _write_compressed(
@@ -364,8 +416,7 @@ def _write_compressed(
                     ties_left -= tie_positions.numel()
                 scale = torch.tensor([alpha * global_plan.sigma], dtype=torch.float32)
             else:
-                mask2d, scale = ternary_mask_and_scale(tau, density=density, alpha=alpha, scope=scope)
-                mask = mask2d.reshape(-1)
+                mask, scale = ternary_mask_and_scale(tau, density=density, alpha=alpha, scope=scope)
             mask &= flat != 0  # sgn(0) = 0: a kept zero decompresses to zero without a position
             positions = mask.nonzero().reshape(-1)
             kept = positions.numel()

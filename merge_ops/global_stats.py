@@ -107,8 +107,14 @@ def compute_global_stats(
         totals[2] += rows.abs().sum(dim=1).cpu()
         if dare_l1:
             for i in range(k):
-                keep = dare_keep_mask(tv.shape[1:], density=_density(params, densities, i), seed=seed,
-                                      source_index=_source(source_indices, i), name=name, device=tv.device)
+                keep = dare_keep_mask(
+                    tv.shape[1:],
+                    density=_density(params, densities, i),
+                    seed=seed,
+                    source_index=_source(source_indices, i),
+                    name=name,
+                    device=tv.device,
+                )
                 totals[3, i] += rows[i].abs()[keep.reshape(-1)].sum().cpu()
         if needs_rank:
             top_hist += _histogram(tv, torch.zeros(k, dtype=torch.int64), _RADIX_PASSES[0])
@@ -127,7 +133,9 @@ def compute_global_stats(
         if sparsify == Sparsify.breadcrumbs:
             skip = floor_count(torch.full((k,), float(params.top_removed), dtype=torch.float64), numel)
             upper_rank = (skip + keep).clamp(max=numel)
-            stats["lower"] = _radix_select(batches, skip.tolist(), top_hist) if bool((skip > 0).any()) else None
+            stats["lower"] = (
+                _radix_select(batches, skip.tolist(), top_hist) if bool((skip > 0).any()) else None
+            )
         else:
             upper_rank = keep
         stats["upper"] = _radix_select(batches, upper_rank.tolist(), top_hist)
@@ -152,8 +160,13 @@ def _unbiased_std(total: float, total_sq: float, n: int) -> float:
 def _histogram(tv: torch.Tensor, prefix: torch.Tensor, radix_pass: tuple[int, int, int]) -> torch.Tensor:
     prefix_shift, digit_shift, digit_bits = radix_pass
     rows = tv.reshape(tv.shape[0], -1)
-    return magnitude_histogram(rows, prefix=prefix.to(tv.device), prefix_shift=prefix_shift,
-                               digit_shift=digit_shift, digit_bits=digit_bits).cpu()
+    return magnitude_histogram(
+        rows,
+        prefix=prefix.to(tv.device),
+        prefix_shift=prefix_shift,
+        digit_shift=digit_shift,
+        digit_bits=digit_bits,
+    ).cpu()
 
 
 def _descend(hist: torch.Tensor, remaining: list[int]) -> tuple[list[int], list[int]]:

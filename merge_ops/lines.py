@@ -64,7 +64,9 @@ def block_map(names: Iterable[str]) -> dict[str, BlockPosition]:
     indices: dict[str, set[int]] = defaultdict(set)
     for stack, index in found.values():
         indices[stack].add(index)
-    ranks = {stack: {index: rank for rank, index in enumerate(sorted(values))} for stack, values in indices.items()}
+    ranks = {
+        stack: {index: rank for rank, index in enumerate(sorted(values))} for stack, values in indices.items()
+    }
     return {
         name: BlockPosition(stack, index, ranks[stack][index], len(indices[stack]))
         for name, (stack, index) in found.items()
@@ -112,8 +114,12 @@ def block_report(names: Iterable[str]) -> dict[str, dict[str, object]]:
         if position is None:
             report[name] = {"side": tensor_side(name)}
         else:
-            report[name] = {"stack": position.stack, "block": position.index, "depth": position.depth,
-                            "num_blocks": position.num_blocks}
+            report[name] = {
+                "stack": position.stack,
+                "block": position.index,
+                "depth": position.depth,
+                "num_blocks": position.num_blocks,
+            }
     return report
 
 

@@ -66,10 +66,26 @@ _TENSOR_PARAMS: dict[str, set[str]] = {
     "breadcrumbs": {"weight", "density", "gamma"},
     "breadcrumbs_ties": {"weight", "density", "gamma"},
 }
-_TOP_FIELDS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
-               "name"}
-_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp32": "float32",
-           "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+_TOP_FIELDS = {
+    "merge_method",
+    "models",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "name",
+}
+_DTYPES = {
+    "float32": "float32",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "half": "float16",
+    "float": "float32",
+}
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
 
@@ -91,7 +107,10 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
             fail([key], f"mergekit field {key!r} is not supported by Alloy")
     method = data.get("merge_method")
     if method not in _METHODS:
-        fail(["merge_method"], f"mergekit merge_method {method!r} is not supported; supported: {', '.join(_METHODS)}")
+        fail(
+            ["merge_method"],
+            f"mergekit merge_method {method!r} is not supported; supported: {', '.join(_METHODS)}",
+        )
         raise _error(errors)
     alloy_method, stage_params, normalize_default = _METHODS[method]
 
@@ -120,7 +139,10 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
             recipe["dtype"] = _DTYPES[dtype]
     tokenizer_source = data.get("tokenizer_source")
     if tokenizer_source not in (None, "base"):
-        fail(["tokenizer_source"], "only tokenizer_source: base is supported (Alloy copies the base's tokenizer)")
+        fail(
+            ["tokenizer_source"],
+            "only tokenizer_source: base is supported (Alloy copies the base's tokenizer)",
+        )
 
     settings: dict[str, Any] = {}
     if method == "linear":
@@ -137,7 +159,9 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
         if stage_params["sparsify"] == "dare":
             settings["rescale"] = "l1" if global_params.get("rescale", True) else "none"
         elif global_params.get("rescale", False):
-            fail(["parameters", "rescale"], f"rescale: true is only supported for DARE methods, not {method!r}")
+            fail(
+                ["parameters", "rescale"], f"rescale: true is only supported for DARE methods, not {method!r}"
+            )
         if stage_params["sparsify"] != "none":
             settings["density"] = global_params.get("density", 1.0)
         if stage_params["sparsify"] == "breadcrumbs":
@@ -167,7 +191,9 @@ def _error(errors: list[dict[str, Any]]) -> RecipeError:
     return RecipeError(f"unsupported mergekit config: {summary}", errors=errors)
 
 
-def _models(data: dict[str, Any], method: str, global_params: dict[str, Any], fail: Any) -> tuple[list[dict], bool]:
+def _models(
+    data: dict[str, Any], method: str, global_params: dict[str, Any], fail: Any
+) -> tuple[list[dict], bool]:
     raw_models = data.get("models")
     if not isinstance(raw_models, list) or not raw_models:
         fail(["models"], "mergekit config needs a non-empty models list")
@@ -189,10 +215,15 @@ def _models(data: dict[str, Any], method: str, global_params: dict[str, Any], fa
         model: dict[str, Any] = {"source": _source(entry["model"], [*loc, "model"], fail)}
         for key, value in params.items():
             if key not in _TENSOR_PARAMS[method]:
-                fail([*loc, "parameters", key], f"per-model parameter {key!r} is not supported for {method!r}")
+                fail(
+                    [*loc, "parameters", key], f"per-model parameter {key!r} is not supported for {method!r}"
+                )
             elif not _is_number(value):
-                fail([*loc, "parameters", key], f"per-model {key} must be a single number in Alloy "
-                     "(gradients and filters are supported in the top-level parameters)")
+                fail(
+                    [*loc, "parameters", key],
+                    f"per-model {key} must be a single number in Alloy "
+                    "(gradients and filters are supported in the top-level parameters)",
+                )
         weight = params.get("weight", global_params.get("weight"))
         if method != "model_stock":
             if weight is None:
@@ -210,7 +241,10 @@ def _models(data: dict[str, Any], method: str, global_params: dict[str, Any], fa
         for model in models:
             if "density" not in model:
                 if not _is_number(default):
-                    fail(["parameters", "density"], "with per-model densities the top-level density must be a number")
+                    fail(
+                        ["parameters", "density"],
+                        "with per-model densities the top-level density must be a number",
+                    )
                     continue
                 model["density"] = float(default)
     return models, any_density
@@ -292,7 +326,9 @@ def _expand_filters(settings: dict[str, Any], fail: Any) -> tuple[dict[str, Any]
     return base, overrides
 
 
-def _breadcrumbs_params(params: dict[str, Any], model_densities: list[float] | None, fail: Any) -> dict[str, Any]:
+def _breadcrumbs_params(
+    params: dict[str, Any], model_densities: list[float] | None, fail: Any
+) -> dict[str, Any]:
     """mergekit density/gamma -> Alloy density/top_removed (see the module docstring)."""
     out = dict(params)
     density = out.get("density", 1.0)
@@ -303,8 +339,11 @@ def _breadcrumbs_params(params: dict[str, Any], model_densities: list[float] | N
             fail(["parameters", "gamma"], "with per-model densities gamma must be a single number")
             return out
         if gamma > 0 and any(d >= 1 or d + gamma > 1 for d in model_densities):
-            fail(["parameters", "gamma"], "per-model densities with density = 1 or density + gamma > 1 "
-                 "(mergekit prunes those models differently) are not supported")
+            fail(
+                ["parameters", "gamma"],
+                "per-model densities with density = 1 or density + gamma > 1 "
+                "(mergekit prunes those models differently) are not supported",
+            )
         out["top_removed"] = float(gamma)
         out["density"] = min(model_densities)  # only validated: the per-model densities are what is used
         return out
@@ -316,7 +355,9 @@ def _breadcrumbs_params(params: dict[str, Any], model_densities: list[float] | N
     if not all(_is_number(x) for x in anchors_d + anchors_g):
         fail(["parameters", "gamma"], "density and gamma must be numbers or lists of numbers")
     elif any(d + g > 1 for d in anchors_d for g in anchors_g) or any(d >= 1 for d in anchors_d):
-        fail(["parameters", "gamma"], "gradients of density/gamma where density + gamma > 1 or density = 1 "
-             "are not supported")
+        fail(
+            ["parameters", "gamma"],
+            "gradients of density/gamma where density + gamma > 1 or density = 1 are not supported",
+        )
     out["top_removed"] = gamma
     return out

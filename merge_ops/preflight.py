@@ -90,13 +90,13 @@ class TransferDelta:
         self.base.close()
 
 
-def local_path(source: Source, *, resolver: Any = None) -> Path:
+def local_path(source: Source, *, resolver: Any = None, allow_pickle: bool = False) -> Path:
     """A local folder/file for ``source``: Hub sources are fetched through the resolver (a ``HubClient``)."""
     parsed = parse_source(source)
     if isinstance(parsed, HubSource):
         if resolver is None:
             raise SourceNotFoundError(f"{parsed.uri()} is a Hub source but no Hub client is configured")
-        return Path(resolver.fetch(parsed))
+        return Path(resolver.fetch(parsed, allow_pickle=allow_pickle))
     if not parsed.exists():
         raise SourceNotFoundError(f"source not found: {parsed}", source=str(parsed))
     return parsed
@@ -126,7 +126,8 @@ def open_sources(recipe: Recipe, info: MethodInfo, resolver: Any) -> Sources:
     opened: list[Any] = []
 
     def open_(source: Source) -> ModelSource:
-        src = open_source(local_path(source, resolver=resolver), allow_pickle=recipe.allow_pickle)
+        path = local_path(source, resolver=resolver, allow_pickle=recipe.allow_pickle)
+        src = open_source(path, allow_pickle=recipe.allow_pickle)
         opened.append(src)
         return src
 

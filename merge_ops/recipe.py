@@ -175,6 +175,7 @@ class Recipe(_Model):
     seed: int = Field(0, ge=0, lt=2**63)
     filters: Filters = Field(default_factory=Filters)
     vocab_policy: Literal["error", "truncate", "pad_zero", "pad_mean"] = "error"
+    evaluator: EvaluatorSpec | None = Field(None, description="Held-out scorer for greedy_soup.")
     allow_pickle: bool = Field(
         False, description="Read .bin/.pt checkpoints (with torch weights_only loading)."
     )
@@ -316,6 +317,13 @@ def _params_problems(model: type[Params], raw: Any, loc: tuple[str | int, ...]) 
                     seen.add(key)
                     problems.append(_problem((*loc, *error["loc"]), error["msg"]))
     return problems
+
+
+def hub_lineage(recipe: Recipe) -> list[str]:
+    """Hub repo ids of the recipe's sources, base first: the model card's ``base_model``."""
+    sources = [recipe.base, recipe.target_base, recipe.source_finetuned, *(m.source for m in recipe.models)]
+    parsed = [parse_source(s) for s in sources if s is not None]
+    return list(dict.fromkeys(p.repo for p in parsed if isinstance(p, HubSource)))
 
 
 def load_recipe(data: dict[str, Any] | str | Path) -> Recipe:

@@ -63,6 +63,10 @@ const Charts = (() => {
     if (!pts.length) return missing(title, "No data points.");
     const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
     const xr = niceTicks(Math.min(...xs), Math.max(...xs), Math.min(8, new Set(xs).size));
+    if (opts.bars) { // half a slot of room on both sides, so the first and last bars stay inside the axes
+      xr.lo = Math.min(...xs) - 0.5; xr.hi = Math.max(...xs) + 0.5;
+      xr.ticks = xr.ticks.filter((t) => t >= xr.lo && t <= xr.hi);
+    }
     const yr = niceTicks(opts.yMin ?? Math.min(0, ...ys), opts.yMax ?? Math.max(...ys));
     const sx = (x) => m.l + ((x - xr.lo) / (xr.hi - xr.lo || 1)) * (W - m.l - m.r);
     const sy = (y) => H - m.b - ((y - yr.lo) / (yr.hi - yr.lo || 1)) * (H - m.t - m.b);
@@ -82,7 +86,8 @@ const Charts = (() => {
       const color = PALETTE[i % PALETTE.length];
       const sorted = [...s.points].sort((a, b) => a[0] - b[0]);
       if (opts.bars) {
-        const bw = Math.max(2, ((W - m.l - m.r) / Math.max(1, new Set(xs).size)) / (series.length + 1));
+        const slot = (W - m.l - m.r) / (xr.hi - xr.lo || 1);
+        const bw = Math.max(2, (slot * 0.8) / series.length);
         sorted.forEach(([x, y]) => {
           const r = el("rect", { x: sx(x) - (bw * series.length) / 2 + i * bw, y: Math.min(sy(y), sy(0)), width: bw, height: Math.abs(sy(0) - sy(y)), fill: color });
           r.append(el("title", {}, `${s.label} · layer ${x}: ${fmt(y)}`));

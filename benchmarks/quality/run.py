@@ -53,6 +53,7 @@ class Settings:
     max_length: int = 24
     subsets: tuple[int, ...] = (0, 4, 2)  # 0 = all tasks (first, so a cut-short run has them)
     num_tasks: int | None = None
+    task_names: tuple[str, ...] | None = None  # pick tasks by name (the fast test), in this order
     lambdas: tuple[float, ...] = LAMBDA_GRID
     methods: tuple[str, ...] = tuple(METHODS)
     merge_via: str = "cli"  # or "api": merge_ops.pipeline.run_merge in-process (the fast test)
@@ -176,6 +177,8 @@ def _mean(scores: dict[str, float]) -> float:
 
 def run_seed(seed: int, settings: Settings, *, log: Any = print) -> SeedResult:
     tasks = build_tasks(n_train=settings.n_train, n_val=settings.n_val, n_test=settings.n_test)
+    if settings.task_names:
+        tasks = [next(t for t in tasks if t.name == name) for name in settings.task_names]
     if settings.num_tasks:
         tasks = tasks[: settings.num_tasks]
     work = settings.out / f"seed{seed}"

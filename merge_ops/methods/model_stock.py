@@ -19,13 +19,19 @@ from merge_ops.registry import TensorContext, register_method
 
 
 @register_method("model_stock")
-def merge_model_stock(task_vectors: torch.Tensor, ctx: TensorContext, params: ModelStockParams) -> torch.Tensor:
+def merge_model_stock(
+    task_vectors: torch.Tensor, ctx: TensorContext, params: ModelStockParams
+) -> torch.Tensor:
     tv = task_vectors.float()
     n_models = tv.shape[0]
     mean_delta = tv.mean(dim=0)
     if n_models < 2:
         return mean_delta
-    rows = tv.reshape(n_models, tv.shape[1], -1) if params.filter_wise and tv.dim() >= 3 else tv.reshape(n_models, 1, -1)
+    rows = (
+        tv.reshape(n_models, tv.shape[1], -1)
+        if params.filter_wise and tv.dim() >= 3
+        else tv.reshape(n_models, 1, -1)
+    )
     norms = rows.norm(dim=-1)  # [N, R]
     cosines = []
     for i in range(n_models):

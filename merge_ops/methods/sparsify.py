@@ -43,7 +43,9 @@ def sparsify(task_vectors: torch.Tensor, ctx: TensorContext, params: Any) -> tor
         return tv
     if kind == Sparsify.dare:
         return _dare(tv, ctx, params)
-    if tv.dim() == 1 and (kind == Sparsify.breadcrumbs or (kind == Sparsify.compeft and ctx.scope != Scope.global_)):
+    if tv.dim() == 1 and (
+        kind == Sparsify.breadcrumbs or (kind == Sparsify.compeft and ctx.scope != Scope.global_)
+    ):
         return tv  # 0-dim tensors (stacked as [K]): Breadcrumbs keeps them; ComPEFT has no std of one value
     view = scope_view(tv, ctx.scope)
     if ctx.scope == Scope.global_:
@@ -84,8 +86,14 @@ def _dare(tv: torch.Tensor, ctx: TensorContext, params: Any) -> torch.Tensor:
         if density >= 1.0:
             out[i] = tv[i]  # the identity, exactly (no ÷1.0, no l1 ratio)
             continue
-        keep = dare_keep_mask(tv.shape[1:], density=density, seed=ctx.seed,
-                              source_index=ctx.source_indices[i], name=ctx.name, device=tv.device)
+        keep = dare_keep_mask(
+            tv.shape[1:],
+            density=density,
+            seed=ctx.seed,
+            source_index=ctx.source_indices[i],
+            name=ctx.name,
+            device=tv.device,
+        )
         out[i] = torch.where(keep, tv[i], 0.0)
         if params.rescale == "inverse":
             out[i] /= density

@@ -165,7 +165,9 @@ def test_rank_boundary_and_select_by_threshold_roundtrip():
     x = torch.tensor([[1.0, -2.0, 2.0, 0.0, 2.0, -0.0]])
     threshold, quota = kernels.rank_boundary(x, torch.tensor([2]))
     assert threshold.item() == 2.0 and quota.item() == 2
-    assert kernels.select_by_threshold(x, threshold, quota).tolist() == [[False, True, True, False, False, False]]
+    assert kernels.select_by_threshold(x, threshold, quota).tolist() == [
+        [False, True, True, False, False, False]
+    ]
     threshold, quota = kernels.rank_boundary(x, torch.tensor([0]))
     assert not kernels.select_by_threshold(x, threshold, quota).any()
     threshold, quota = kernels.rank_boundary(x, torch.tensor([6]))
@@ -184,8 +186,9 @@ def test_magnitude_histogram_matches_bit_counting():
             if b >> 20 == prefix[r].item():
                 want[(b >> 9) & 2047] += 1
         assert torch.equal(got[r], want)
-    everything = kernels.magnitude_histogram(x, prefix=torch.zeros(2, dtype=torch.int64), prefix_shift=31,
-                                             digit_shift=20, digit_bits=11)
+    everything = kernels.magnitude_histogram(
+        x, prefix=torch.zeros(2, dtype=torch.int64), prefix_shift=31, digit_shift=20, digit_bits=11
+    )
     assert everything.sum(dim=1).tolist() == [777, 777]
 
 

@@ -31,7 +31,7 @@ def _compile_all(arch: int) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.triton import consensus, elementwise, select
+    from kernels.triton import consensus, elementwise, fused, select
 
     def ta_sig(k_dtypes, out):
         sig = {"out_ptr": f"*{out}", "base_ptr": "*fp32", "acc_ptr": "*fp32"}
@@ -153,6 +153,42 @@ def _compile_all(arch: int) -> int:
             for k, e, m in [(1, True, False), (5, False, True), (8, False, False)]
         ]
     )
+
+    fused_sig = {
+        "x_ptr": "*bf16",
+        "w_ptr": "*fp32",
+        "out_ptr": "*fp32",
+        "R": "i32",
+        "m": "i32",
+        "blocks": "i32",
+    }
+    fused_sig.update({name: "*fp32" for name in ("hi_thr", "lo_thr", "dare_scale")})
+    fused_sig.update(
+        {name: "*i64" for name in ("hi_quota", "hi_off", "lo_quota", "lo_off", "dare_key", "dare_thr")}
+    )
+    fused_sig["plain_divisor"] = "fp32"
+    for mode, has_lo, partial, consensus_, mean in (
+        (1, True, True, True, True),
+        (1, False, False, False, True),
+        (2, False, False, True, False),
+        (0, False, False, False, False),
+    ):
+        CASES.append(
+            (
+                fused._fused_sparse_merge_kernel,
+                fused_sig,
+                dict(
+                    K=5,
+                    MODE=mode,
+                    HAS_LO=has_lo,
+                    HI_PARTIAL=partial,
+                    LO_PARTIAL=partial,
+                    CONSENSUS=consensus_,
+                    MEAN=mean,
+                    BLOCK=1024,
+                ),
+            )
+        )
 
     failures = 0
     for fn, sig, consts in CASES:

@@ -34,9 +34,19 @@ def units(tv: torch.Tensor, scope: str) -> torch.Tensor:
     return tv.reshape(k, 1, -1)
 
 
-def sparsify(tv: torch.Tensor, *, kind: str, densities: list[float], top_removed: float = 0.0, alpha: float = 1.0,
-             rescale: str = "inverse", scope: str = "per_tensor", name: str = "t", seed: int = 0,
-             sources: list[int] | None = None) -> torch.Tensor:
+def sparsify(
+    tv: torch.Tensor,
+    *,
+    kind: str,
+    densities: list[float],
+    top_removed: float = 0.0,
+    alpha: float = 1.0,
+    rescale: str = "inverse",
+    scope: str = "per_tensor",
+    name: str = "t",
+    seed: int = 0,
+    sources: list[int] | None = None,
+) -> torch.Tensor:
     tv = tv.double()
     out = torch.zeros_like(tv)
     sources = sources or list(range(tv.shape[0]))
@@ -47,7 +57,9 @@ def sparsify(tv: torch.Tensor, *, kind: str, densities: list[float], top_removed
             if densities[t] >= 1:
                 out[t] = tv[t]
                 continue
-            mask = dare_keep_mask(tv.shape[1:], density=densities[t], seed=seed, source_index=sources[t], name=name)
+            mask = dare_keep_mask(
+                tv.shape[1:], density=densities[t], seed=seed, source_index=sources[t], name=name
+            )
             masked = tv[t] * mask
             if rescale == "inverse":
                 masked = masked / densities[t]

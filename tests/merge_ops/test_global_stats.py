@@ -13,7 +13,13 @@ from merge_ops.registry import get_method
 from tests.merge_ops import method_oracle as oracle
 from tests.merge_ops.test_methods import make_ctx
 
-SHAPES = {"embed.weight": (6, 5), "layers.0.w": (4, 7), "layers.0.b": (7,), "logit_scale": (), "layers.1.w": (3, 3, 2)}
+SHAPES = {
+    "embed.weight": (6, 5),
+    "layers.0.w": (4, 7),
+    "layers.0.b": (7,),
+    "logit_scale": (),
+    "layers.1.w": (3, 3, 2),
+}
 
 
 def model(k: int, seed: int, *, integers: bool) -> dict[str, torch.Tensor]:
@@ -41,12 +47,14 @@ def merge_global(method: str, tensors, *, densities=None, weights=(1.0, 0.5, 2.0
     registered = get_method(method)
     p = registered.params_model.model_validate(params)
     k = len(weights)
-    stats = compute_global_stats(lambda: iter(tensors.items()), params=p, densities=densities, seed=3,
-                                 source_indices=list(range(k)))
+    stats = compute_global_stats(
+        lambda: iter(tensors.items()), params=p, densities=densities, seed=3, source_indices=list(range(k))
+    )
     out = {}
     for name, tv in tensors.items():
-        ctx = make_ctx(k, name=name, weights=list(weights), scope=Scope.global_, densities=densities,
-                       global_stats=stats)
+        ctx = make_ctx(
+            k, name=name, weights=list(weights), scope=Scope.global_, densities=densities, global_stats=stats
+        )
         out[name] = registered.fn(tv, ctx, p)
     return out, stats
 
@@ -55,23 +63,35 @@ def oracle_concat(method: str, tensors, *, densities=None, weights=(1.0, 0.5, 2.
     p = CATALOG[method].params.model_validate(params)
     flat = concatenated(tensors).double()
     k = flat.shape[0]
-    sparse = oracle.sparsify(flat, kind=p.sparsify.value, densities=list(densities or [p.density] * k),
-                             top_removed=p.top_removed, alpha=p.alpha)
+    sparse = oracle.sparsify(
+        flat,
+        kind=p.sparsify.value,
+        densities=list(densities or [p.density] * k),
+        top_removed=p.top_removed,
+        alpha=p.alpha,
+    )
     mean = p.aggregate == "mean"
     out = split(oracle.aggregate(sparse, list(weights), consensus=p.consensus.value, mean=mean), tensors)
     if p.sparsify == "breadcrumbs":  # 0-dim tensors pass Breadcrumbs unchanged, whatever the scope
         for name, t in tensors.items():
             if t.dim() == 1:
-                out[name] = oracle.aggregate(t.double(), list(weights), consensus=p.consensus.value, mean=mean)
+                out[name] = oracle.aggregate(
+                    t.double(), list(weights), consensus=p.consensus.value, mean=mean
+                )
     return out
 
 
 @pytest.mark.parametrize("integers", [False, True])
 @pytest.mark.parametrize(
     ("method", "params"),
-    [("ties", {}), ("ties", {"density": 0.5}), ("compeft", {"density": 0.3, "alpha": 1.5}),
-     ("breadcrumbs", {"density": 0.4, "top_removed": 0.1}), ("breadcrumbs_ties", {}),
-     ("stages", {"sparsify": "magnitude", "density": 0.05})],
+    [
+        ("ties", {}),
+        ("ties", {"density": 0.5}),
+        ("compeft", {"density": 0.3, "alpha": 1.5}),
+        ("breadcrumbs", {"density": 0.4, "top_removed": 0.1}),
+        ("breadcrumbs_ties", {}),
+        ("stages", {"sparsify": "magnitude", "density": 0.05}),
+    ],
 )
 def test_global_scope_equals_concatenated_model(method, params, integers):
     tensors = model(3, seed=1, integers=integers)

@@ -123,3 +123,18 @@ def test_mismatched_ingredients_are_an_error(tmp_path: Path) -> None:
     b = make_checkpoint(tmp_path / "b", {"w": torch.zeros(4, 3)})
     with pytest.raises(EvaluatorError, match="shape"):
         run_greedy_soup(recipe_of([str(a), str(b)]), evaluator=ConstantEvaluator())
+
+
+def test_the_written_soup_is_the_mean_of_the_chosen(tmp_path: Path) -> None:
+    """The pipeline writes ``soup_recipe`` as a linear merge: the uniform mean the evaluator accepted."""
+    from merge_ops.pipeline import run_merge
+
+    gen = torch.Generator().manual_seed(1)
+    paths = write_models(tmp_path, [0.3 * torch.randn(3, 4, generator=gen) for _ in range(3)])
+    recipe = recipe_of(paths)
+    result = run_greedy_soup(recipe, evaluator=DistanceEvaluator())
+    run_merge(soup_recipe(recipe, result), output_dir=tmp_path / "soup")
+    written = load_state_dict(tmp_path / "soup")
+    states = [load_state_dict(Path(paths[i])) for i in result.chosen]
+    torch.testing.assert_close(written["w"], torch.stack([s["w"] for s in states]).mean(0), rtol=1e-6, atol=1e-6)
+    assert -float((written["w"] - TARGET).square().sum()) == pytest.approx(result.final_score, rel=1e-5)

@@ -6,9 +6,11 @@ import pytest
 
 from merge_ops.lines import auto_alpha, block_map, block_report, find_block, lines_scales, tensor_side
 
-LLAMA = (["model.embed_tokens.weight"]
-         + [f"model.layers.{i}.{p}" for i in range(4) for p in ("self_attn.q_proj.weight", "mlp.up_proj.weight")]
-         + ["model.norm.weight", "lm_head.weight"])
+LLAMA = (
+    ["model.embed_tokens.weight"]
+    + [f"model.layers.{i}.{p}" for i in range(4) for p in ("self_attn.q_proj.weight", "mlp.up_proj.weight")]
+    + ["model.norm.weight", "lm_head.weight"]
+)
 
 
 @pytest.mark.parametrize(
@@ -35,7 +37,8 @@ def test_llama_ramp_and_head_policy():
     scales = lines_scales(LLAMA, alpha=0.5, beta=0.3)
     assert scales["model.embed_tokens.weight"] == 0.5
     assert [scales[f"model.layers.{i}.mlp.up_proj.weight"] for i in range(4)] == pytest.approx(
-        [0.5, 0.6, 0.7, 0.8])
+        [0.5, 0.6, 0.7, 0.8]
+    )
     assert scales["model.norm.weight"] == scales["lm_head.weight"] == 0.5
     head = lines_scales(LLAMA, alpha=0.5, beta=0.3, head_scale="alpha_plus_beta")
     assert head["lm_head.weight"] == head["model.norm.weight"] == pytest.approx(0.8)
@@ -43,7 +46,9 @@ def test_llama_ramp_and_head_policy():
 
 
 def test_encoder_decoder_stacks_ramp_separately():
-    names = [f"encoder.block.{i}.layer.0.w" for i in range(3)] + [f"decoder.block.{i}.layer.1.w" for i in range(5)]
+    names = [f"encoder.block.{i}.layer.0.w" for i in range(3)] + [
+        f"decoder.block.{i}.layer.1.w" for i in range(5)
+    ]
     blocks = block_map(names)
     assert blocks["encoder.block.2.layer.0.w"].num_blocks == 3
     assert blocks["decoder.block.2.layer.1.w"].num_blocks == 5
@@ -77,8 +82,12 @@ def test_sides_and_report():
     assert tensor_side("model.layers.0.mlp.w") == "block"
     assert tensor_side("logit_scale") == "other"
     report = block_report(LLAMA)
-    assert report["model.layers.3.mlp.up_proj.weight"] == {"stack": "model.", "block": 3, "depth": 3,
-                                                          "num_blocks": 4}
+    assert report["model.layers.3.mlp.up_proj.weight"] == {
+        "stack": "model.",
+        "block": 3,
+        "depth": 3,
+        "num_blocks": 4,
+    }
     assert report["lm_head.weight"] == {"side": "output"}
 
 

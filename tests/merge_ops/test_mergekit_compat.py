@@ -17,10 +17,17 @@ from tests.merge_ops.test_methods import make_ctx
 
 
 def config(method: str, *, params: dict | None = None, models: list | None = None, **extra) -> dict:
-    models = models or [{"model": "org/a", "parameters": {"weight": 0.6}},
-                        {"model": "org/b", "parameters": {"weight": 0.4}}]
-    return {"merge_method": method, "base_model": "org/base", "models": models, "parameters": params or {},
-            **extra}
+    models = models or [
+        {"model": "org/a", "parameters": {"weight": 0.6}},
+        {"model": "org/b", "parameters": {"weight": 0.4}},
+    ]
+    return {
+        "merge_method": method,
+        "base_model": "org/base",
+        "models": models,
+        "parameters": params or {},
+        **extra,
+    }
 
 
 def test_detection():
@@ -36,8 +43,16 @@ def test_detection():
         ("ties", {"sparsify": "magnitude", "consensus": "ties_sign", "aggregate": "mean", "density": 1.0}),
         ("dare_linear", {"sparsify": "dare", "aggregate": "sum", "rescale": "l1", "density": 1.0}),
         ("dare_ties", {"sparsify": "dare", "consensus": "ties_sign", "aggregate": "sum", "rescale": "l1"}),
-        ("breadcrumbs", {"sparsify": "breadcrumbs", "aggregate": "sum", "density": 1.0, "top_removed": 0.0,
-                         "lambda": 1.0}),
+        (
+            "breadcrumbs",
+            {
+                "sparsify": "breadcrumbs",
+                "aggregate": "sum",
+                "density": 1.0,
+                "top_removed": 0.0,
+                "lambda": 1.0,
+            },
+        ),
         ("breadcrumbs_ties", {"sparsify": "breadcrumbs", "consensus": "ties_sign", "aggregate": "sum"}),
     ],
 )
@@ -45,7 +60,10 @@ def test_mergekit_defaults(method, expected):
     recipe = translate_mergekit(config(method))
     assert recipe["method"] == method
     assert expected.items() <= recipe["params"].items()
-    assert recipe["models"] == [{"source": "hf://org/a", "weight": 0.6}, {"source": "hf://org/b", "weight": 0.4}]
+    assert recipe["models"] == [
+        {"source": "hf://org/a", "weight": 0.6},
+        {"source": "hf://org/b", "weight": 0.4},
+    ]
     assert recipe["base"] == "hf://org/base"
     load_recipe(config(method))  # the translation is a valid Alloy recipe
 
@@ -70,13 +88,23 @@ def test_breadcrumbs_gamma_and_density():
 def test_per_model_density_and_top_level_weight():
     models = [{"model": "org/a", "parameters": {"density": 0.3}}, {"model": "org/b"}]
     recipe = translate_mergekit(config("ties", params={"weight": 0.5, "density": 0.7}, models=models))
-    assert recipe["models"] == [{"source": "hf://org/a", "weight": 0.5, "density": 0.3},
-                                {"source": "hf://org/b", "weight": 0.5, "density": 0.7}]
+    assert recipe["models"] == [
+        {"source": "hf://org/a", "weight": 0.5, "density": 0.3},
+        {"source": "hf://org/b", "weight": 0.5, "density": 0.7},
+    ]
 
 
 def test_gradient_and_filtered_lists_become_overrides():
-    cfg = config("ties", params={"density": [{"filter": "mlp", "value": [0.2, 0.8]},
-                                             {"filter": "self_attn", "value": 0.3}, {"value": 0.9}]})
+    cfg = config(
+        "ties",
+        params={
+            "density": [
+                {"filter": "mlp", "value": [0.2, 0.8]},
+                {"filter": "self_attn", "value": 0.3},
+                {"value": 0.9},
+            ]
+        },
+    )
     recipe = load_recipe(cfg)
     assert recipe.params_for("model.layers.0.mlp.up.weight", layer=0, num_layers=3).density == 0.2
     assert recipe.params_for("model.layers.2.mlp.up.weight", layer=2, num_layers=3).density == 0.8
@@ -91,11 +119,20 @@ def test_filtered_list_without_catch_all_uses_mergekit_default():
 
 
 def test_two_filtered_params_combine_exactly():
-    cfg = config("breadcrumbs", params={"density": [{"filter": "mlp", "value": 0.5}, {"value": 0.8}],
-                                        "gamma": [{"filter": "layers.1.", "value": 0.1}, {"value": 0.01}]})
+    cfg = config(
+        "breadcrumbs",
+        params={
+            "density": [{"filter": "mlp", "value": 0.5}, {"value": 0.8}],
+            "gamma": [{"filter": "layers.1.", "value": 0.1}, {"value": 0.01}],
+        },
+    )
     recipe = load_recipe(cfg)
-    cases = {"layers.1.mlp.w": (0.5, 0.1), "layers.2.mlp.w": (0.5, 0.01), "layers.1.attn.w": (0.8, 0.1),
-             "layers.2.attn.w": (0.8, 0.01)}
+    cases = {
+        "layers.1.mlp.w": (0.5, 0.1),
+        "layers.2.mlp.w": (0.5, 0.01),
+        "layers.1.attn.w": (0.8, 0.1),
+        "layers.2.attn.w": (0.8, 0.01),
+    }
     for name, (density, top) in cases.items():
         p = recipe.params_for(name)
         assert (p.density, p.top_removed) == (density, pytest.approx(top)), name
@@ -109,12 +146,20 @@ def test_two_filtered_params_combine_exactly():
         (config("ties", tokenizer_source="union"), ["tokenizer_source"]),
         (config("ties", params={"epsilon": 0.1}), ["parameters", "epsilon"]),
         (config("ties", params={"rescale": True}), ["parameters", "rescale"]),
-        (config("ties", models=[{"model": "org/a+org/lora", "parameters": {"weight": 1}}]), ["models", 0, "model"]),
+        (
+            config("ties", models=[{"model": "org/a+org/lora", "parameters": {"weight": 1}}]),
+            ["models", 0, "model"],
+        ),
         (config("ties", models=[{"model": "org/a"}]), ["models", 0, "parameters", "weight"]),
-        (config("ties", models=[{"model": "org/a", "parameters": {"weight": [0.1, 0.2]}}]),
-         ["models", 0, "parameters", "weight"]),
+        (
+            config("ties", models=[{"model": "org/a", "parameters": {"weight": [0.1, 0.2]}}]),
+            ["models", 0, "parameters", "weight"],
+        ),
         (config("ties", dtype="int8"), ["dtype"]),
-        ({"merge_method": "ties", "models": [{"model": "org/a", "parameters": {"weight": 1}}]}, ["base_model"]),
+        (
+            {"merge_method": "ties", "models": [{"model": "org/a", "parameters": {"weight": 1}}]},
+            ["base_model"],
+        ),
     ],
 )
 def test_rejections_name_the_field(cfg, loc):

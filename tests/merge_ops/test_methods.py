@@ -9,15 +9,39 @@ from merge_ops.params import CATALOG, Scope
 from merge_ops.registry import TensorContext, get_method, registered_names
 from tests.merge_ops import method_oracle as oracle
 
-STAGE_PRESETS = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "compeft"]
+STAGE_PRESETS = [
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "compeft",
+]
 SHAPES = [(), (1,), (7,), (5, 9), (4, 3, 6)]
 
 
-def make_ctx(k: int, *, name: str = "model.layers.0.mlp.weight", weights=None, scope=Scope.per_tensor,
-             densities=None, seed: int = 3, sources=None, global_stats=None) -> TensorContext:
+def make_ctx(
+    k: int,
+    *,
+    name: str = "model.layers.0.mlp.weight",
+    weights=None,
+    scope=Scope.per_tensor,
+    densities=None,
+    seed: int = 3,
+    sources=None,
+    global_stats=None,
+) -> TensorContext:
     w = torch.ones(k) if weights is None else torch.tensor(weights, dtype=torch.float32)
-    return TensorContext(name=name, weights=w, seed=seed, source_indices=tuple(sources or range(k)), scope=scope,
-                         densities=None if densities is None else tuple(densities), global_stats=global_stats)
+    return TensorContext(
+        name=name,
+        weights=w,
+        seed=seed,
+        source_indices=tuple(sources or range(k)),
+        scope=scope,
+        densities=None if densities is None else tuple(densities),
+        global_stats=global_stats,
+    )
 
 
 def run(method: str, tv: torch.Tensor, ctx: TensorContext, **params) -> torch.Tensor:
@@ -29,10 +53,21 @@ def oracle_stages(method: str, tv: torch.Tensor, ctx: TensorContext, **overrides
     p = CATALOG[method].params.model_validate(overrides)
     k = tv.shape[0]
     densities = list(ctx.densities) if ctx.densities else [p.density] * k
-    sparse = oracle.sparsify(tv, kind=p.sparsify.value, densities=densities, top_removed=p.top_removed,
-                             alpha=p.alpha, rescale=p.rescale, scope=ctx.scope.value, name=ctx.name, seed=ctx.seed,
-                             sources=list(ctx.source_indices))
-    return oracle.aggregate(sparse, ctx.weights.tolist(), consensus=p.consensus.value, mean=p.aggregate == "mean")
+    sparse = oracle.sparsify(
+        tv,
+        kind=p.sparsify.value,
+        densities=densities,
+        top_removed=p.top_removed,
+        alpha=p.alpha,
+        rescale=p.rescale,
+        scope=ctx.scope.value,
+        name=ctx.name,
+        seed=ctx.seed,
+        sources=list(ctx.source_indices),
+    )
+    return oracle.aggregate(
+        sparse, ctx.weights.tolist(), consensus=p.consensus.value, mean=p.aggregate == "mean"
+    )
 
 
 def random_tv(k: int, shape, seed: int) -> torch.Tensor:
@@ -83,8 +118,14 @@ def test_presets_match_oracle(method, scope, shape, seed):
 @pytest.mark.parametrize("aggregate", ["sum", "mean"])
 def test_stage_combinations_with_per_model_densities(sparsify, consensus, aggregate):
     tv = torch.randint(-5, 6, (3, 8, 10), generator=torch.Generator().manual_seed(9)).float()  # many ties
-    params = {"sparsify": sparsify, "consensus": consensus, "aggregate": aggregate, "density": 0.3,
-              "top_removed": 0.1 if sparsify == "breadcrumbs" else 0.0, "rescale": "l1"}
+    params = {
+        "sparsify": sparsify,
+        "consensus": consensus,
+        "aggregate": aggregate,
+        "density": 0.3,
+        "top_removed": 0.1 if sparsify == "breadcrumbs" else 0.0,
+        "rescale": "l1",
+    }
     ctx = make_ctx(3, densities=[0.2, 0.5, 0.9], weights=[1.0, 2.0, 0.5])
     got = run("stages", tv, ctx, **params)
     want = oracle_stages("stages", tv, ctx, **params)
@@ -184,7 +225,9 @@ def test_model_stock_matches_oracle(filter_wise, shape):
     common = random_tv(1, shape, 9)
     tv = common + 0.7 * random_tv(4, shape, 10)  # correlated fine-tunes: cos in (0, 1)
     got = run("model_stock", tv, make_ctx(4), filter_wise=filter_wise)
-    torch.testing.assert_close(got.double(), oracle.model_stock(tv, filter_wise=filter_wise), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        got.double(), oracle.model_stock(tv, filter_wise=filter_wise), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_model_stock_edges():

@@ -40,7 +40,9 @@ def run(method: str, tv: torch.Tensor, *, weights=None, sources=None, scope=Scop
 
 
 @PROPERTY_SETTINGS
-@given(method=st.sampled_from(TASK_VECTOR_METHODS), tv=stacks(k_min=2), scope=st.sampled_from(list(Scope)[:2]))
+@given(
+    method=st.sampled_from(TASK_VECTOR_METHODS), tv=stacks(k_min=2), scope=st.sampled_from(list(Scope)[:2])
+)
 def test_zero_task_vectors_give_the_base(method, tv, scope):
     zero = torch.zeros_like(tv)
     assert torch.equal(run(method, zero, scope=scope), torch.zeros(tv.shape[1:]))
@@ -56,8 +58,11 @@ def test_task_arithmetic_one_model_lambda_one_is_that_model(tv):
 
 
 @PROPERTY_SETTINGS
-@given(tv=stacks(k_min=1, k_max=1), sparsify=st.sampled_from(["magnitude", "dare", "breadcrumbs"]),
-       scope=st.sampled_from(list(Scope)[:2]))
+@given(
+    tv=stacks(k_min=1, k_max=1),
+    sparsify=st.sampled_from(["magnitude", "dare", "breadcrumbs"]),
+    scope=st.sampled_from(list(Scope)[:2]),
+)
 def test_density_one_without_consensus_is_the_identity(tv, sparsify, scope):
     out = run("stages", tv, sparsify=sparsify, density=1.0, top_removed=0.0, scope=scope)
     assert torch.equal(out, tv[0])
@@ -73,8 +78,11 @@ def test_dare_density_one_is_the_identity(tv, rescale, seed):
 
 
 @PROPERTY_SETTINGS
-@given(tv=stacks(k_min=1, k_max=1), copies=st.integers(1, 5),
-       method=st.sampled_from(["linear", "model_soup", "model_stock"]))
+@given(
+    tv=stacks(k_min=1, k_max=1),
+    copies=st.integers(1, 5),
+    method=st.sampled_from(["linear", "model_soup", "model_stock"]),
+)
 def test_soup_of_identical_models_is_that_model(tv, copies, method):
     identical = tv.repeat(copies, *([1] * (tv.dim() - 1)))
     out = run(method, identical)
@@ -86,8 +94,14 @@ def test_soup_of_identical_models_is_that_model(tv, copies, method):
 
 
 @PROPERTY_SETTINGS
-@given(names=st.lists(st.from_regex(r"\A(model\.)?(layers|h|blocks)\.[0-9]{1,2}\.[a-z]{1,5}\Z|\A[a-z_.]{1,12}\Z"),
-                      min_size=1, max_size=20, unique=True))
+@given(
+    names=st.lists(
+        st.from_regex(r"\A(model\.)?(layers|h|blocks)\.[0-9]{1,2}\.[a-z]{1,5}\Z|\A[a-z_.]{1,12}\Z"),
+        min_size=1,
+        max_size=20,
+        unique=True,
+    )
+)
 def test_lines_alpha_one_beta_zero_is_the_identity(names):
     assert set(lines_scales(names, alpha=1.0, beta=0.0).values()) == {1.0}
     for head in ("alpha", "alpha_plus_beta"):
@@ -95,23 +109,36 @@ def test_lines_alpha_one_beta_zero_is_the_identity(names):
 
 
 @PROPERTY_SETTINGS
-@given(method=st.sampled_from(TASK_VECTOR_METHODS), tv=stacks(k_min=2), data=st.data(),
-       scope=st.sampled_from(list(Scope)[:2]))
+@given(
+    method=st.sampled_from(TASK_VECTOR_METHODS),
+    tv=stacks(k_min=2),
+    data=st.data(),
+    scope=st.sampled_from(list(Scope)[:2]),
+)
 def test_permuting_models_changes_nothing(method, tv, data, scope):
     k = tv.shape[0]
     perm = data.draw(st.permutations(range(k)))
     weights = data.draw(st.lists(st.sampled_from([0.25, 0.5, 1.0, 2.0]), min_size=k, max_size=k))
     sources = list(range(10, 10 + k))
     out = run(method, tv, weights=weights, sources=sources, scope=scope)
-    permuted = run(method, tv[list(perm)], weights=[weights[i] for i in perm], sources=[sources[i] for i in perm],
-                   scope=scope)
+    permuted = run(
+        method,
+        tv[list(perm)],
+        weights=[weights[i] for i in perm],
+        sources=[sources[i] for i in perm],
+        scope=scope,
+    )
     scale = max(1.0, float(tv.abs().max()))
     torch.testing.assert_close(permuted, out, rtol=1e-5, atol=1e-5 * scale)
 
 
 @PROPERTY_SETTINGS
-@given(method=st.sampled_from(TASK_VECTOR_METHODS), tv=stacks(), c=st.sampled_from([0.25, 0.5, 2.0, 8.0]),
-       scope=st.sampled_from(list(Scope)[:2]))
+@given(
+    method=st.sampled_from(TASK_VECTOR_METHODS),
+    tv=stacks(),
+    c=st.sampled_from([0.25, 0.5, 2.0, 8.0]),
+    scope=st.sampled_from(list(Scope)[:2]),
+)
 def test_scaling_task_vectors_scales_sum_aggregated_deltas(method, tv, c, scope):
     # powers of two scale floats exactly, so rankings and ties are unchanged and the property is exact-ish
     params = {"aggregate": "sum"} if "aggregate" in CATALOG[method].params.model_fields else {}
