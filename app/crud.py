@@ -11,12 +11,17 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from app.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, utcnow
+
+
+def _execute(session: Session, statement: Any) -> CursorResult[Any]:
+    """Run a DML statement; its result carries ``rowcount`` (how many rows the condition matched)."""
+    return cast(CursorResult[Any], session.execute(statement))
 
 
 def get_job(session: Session, *, job_id: str) -> Job | None:
@@ -26,12 +31,21 @@ def get_job(session: Session, *, job_id: str) -> Job | None:
 def claim_job(session: Session, *, job_id: str, worker: str) -> Job | None:
     """queued -> running, only if still queued and not asked to cancel; None when not claimable."""
     now = utcnow()
-    result = session.execute(
+    result = _execute(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False))
-        .values(status="running", worker=worker, started_at=now, heartbeat_at=now, finished_at=None,
-                tensors_done=0, bytes_done=0, eta_s=None)
-        .execution_options(synchronize_session=False)
+        .values(
+            status="running",
+            worker=worker,
+            started_at=now,
+            heartbeat_at=now,
+            finished_at=None,
+            tensors_done=0,
+            bytes_done=0,
+            eta_s=None,
+        )
+        .execution_options(synchronize_session=False),
     )
     session.commit()
     if result.rowcount != 1:
@@ -39,24 +53,42 @@ def claim_job(session: Session, *, job_id: str, worker: str) -> Job | None:
     return get_job(session, job_id=job_id)
 
 
-def record_progress(session: Session, *, job_id: str, done: int, total: int | None, bytes_done: int = 0,
-                    bytes_total: int | None = None, eta_s: float | None = None) -> bool:
+def record_progress(
+    session: Session,
+    *,
+    job_id: str,
+    done: int,
+    total: int | None,
+    bytes_done: int = 0,
+    bytes_total: int | None = None,
+    eta_s: float | None = None,
+) -> bool:
     """Progress of a running job; doubles as its heartbeat. False when the job is no longer running."""
-    result = session.execute(
+    result = _execute(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status == "running")
-        .values(tensors_done=done, tensors_total=total, bytes_done=bytes_done, bytes_total=bytes_total,
-                eta_s=eta_s, heartbeat_at=utcnow())
-        .execution_options(synchronize_session=False)
+        .values(
+            tensors_done=done,
+            tensors_total=total,
+            bytes_done=bytes_done,
+            bytes_total=bytes_total,
+            eta_s=eta_s,
+            heartbeat_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False),
     )
     session.commit()
     return result.rowcount == 1
 
 
 def heartbeat(session: Session, *, job_id: str) -> bool:
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == "running").values(heartbeat_at=utcnow())
-        .execution_options(synchronize_session=False)
+    result = _execute(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False),
     )
     session.commit()
     return result.rowcount == 1
@@ -74,9 +106,17 @@ def _report_text(report: Any) -> str | None:
     return json.dumps(report)
 
 
-def finish_job(session: Session, *, job_id: str, status: str, output_path: str | None = None,
-               output_url: str | None = None, output_commit: str | None = None, report: Any = None,
-               error: Mapping[str, Any] | None = None) -> bool:
+def finish_job(
+    session: Session,
+    *,
+    job_id: str,
+    status: str,
+    output_path: str | None = None,
+    output_url: str | None = None,
+    output_commit: str | None = None,
+    report: Any = None,
+    error: Mapping[str, Any] | None = None,
+) -> bool:
     """Move an active job to a terminal status. ``error`` is ``MergeError.to_dict()``; ``report`` a dict, JSON
     text or an object with ``to_json()``. False when the job had already ended."""
     if status not in TERMINAL_STATUSES:
@@ -90,8 +130,12 @@ def finish_job(session: Session, *, job_id: str, status: str, output_path: str |
         values["duration_s"] = (now - job.started_at).total_seconds()
     if status == "succeeded" and job.tensors_total is not None:
         values["tensors_done"] = job.tensors_total
-    for key, value in {"output_path": output_path, "output_url": output_url, "output_commit": output_commit,
-                       "report_json": _report_text(report)}.items():
+    for key, value in {
+        "output_path": output_path,
+        "output_url": output_url,
+        "output_commit": output_commit,
+        "report_json": _report_text(report),
+    }.items():
         if value is not None:
             values[key] = str(value) if key == "output_path" else value
     if error is not None:
@@ -99,16 +143,25 @@ def finish_job(session: Session, *, job_id: str, status: str, output_path: str |
         values["error_detail"] = str(error.get("detail", ""))
         context = error.get("context")
         values["error_context_json"] = json.dumps(context, default=str) if context else None
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES)).values(**values)
-        .execution_options(synchronize_session=False)
+    result = _execute(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
+        .values(**values)
+        .execution_options(synchronize_session=False),
     )
     session.commit()
     return result.rowcount == 1
 
 
-def set_output(session: Session, *, job_id: str, output_url: str | None = None, output_commit: str | None = None,
-               report: Any = None) -> None:
+def set_output(
+    session: Session,
+    *,
+    job_id: str,
+    output_url: str | None = None,
+    output_commit: str | None = None,
+    report: Any = None,
+) -> None:
     """Attach a later result (a Hub push on the io queue) to a job, whatever its status."""
     values: dict[str, Any] = {}
     if output_url is not None:
@@ -118,8 +171,9 @@ def set_output(session: Session, *, job_id: str, output_url: str | None = None, 
     if report is not None:
         values["report_json"] = _report_text(report)
     if values:
-        session.execute(update(Job).where(Job.id == job_id).values(**values)
-                        .execution_options(synchronize_session=False))
+        session.execute(
+            update(Job).where(Job.id == job_id).values(**values).execution_options(synchronize_session=False)
+        )
         session.commit()
 
 
@@ -134,13 +188,21 @@ def cancel_job(session: Session, *, job_id: str) -> str | None:
     tensors). Returns the status after the call, or None if the job does not exist."""
     now = utcnow()
     session.execute(
-        update(Job).where(Job.id == job_id, Job.status == "queued")
-        .values(status="cancelled", cancel_requested=True, finished_at=now, error_code="cancelled",
-                error_detail="cancelled before it started")
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(
+            status="cancelled",
+            cancel_requested=True,
+            finished_at=now,
+            error_code="cancelled",
+            error_detail="cancelled before it started",
+        )
         .execution_options(synchronize_session=False)
     )
     session.execute(
-        update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True)
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(cancel_requested=True)
         .execution_options(synchronize_session=False)
     )
     session.commit()
@@ -164,10 +226,12 @@ def stale_running_jobs(session: Session, *, older_than: datetime | timedelta | f
 
 def requeue_job(session: Session, *, job_id: str) -> bool:
     """running -> queued with attempts += 1 (the reaper re-enqueues it after this returns True)."""
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == "running")
+    result = _execute(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
         .values(status="queued", attempts=Job.attempts + 1, worker=None, heartbeat_at=None)
-        .execution_options(synchronize_session=False)
+        .execution_options(synchronize_session=False),
     )
     session.commit()
     return result.rowcount == 1

@@ -43,8 +43,9 @@ def _v1_router() -> APIRouter:
 def _install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name, definition in extra_components().items():
                 components.setdefault(name, definition)
@@ -65,8 +66,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         engine.dispose()
 
-    app = FastAPI(title="Alloy", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan,
-                  generate_unique_id_function=_operation_id)
+    app = FastAPI(
+        title="Alloy",
+        version=API_VERSION,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
+    )
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = session_factory(engine)

@@ -16,8 +16,9 @@ def openapi_document() -> dict[str, Any]:
 
     # settings that touch nothing on disk: the document must not depend on the machine
     with tempfile.TemporaryDirectory() as home:
-        settings = Settings(home=Path(home), database_url="sqlite://", broker_url="memory://",
-                            data_dirs=[Path(home)])
+        settings = Settings(
+            home=Path(home), database_url="sqlite://", broker_url="memory://", data_dirs=[Path(home)]
+        )
         return create_app(settings).openapi()
 
 

@@ -27,22 +27,40 @@ DEFAULT_QUEUES = ("merge", "io")
 
 
 def worker_command(
-    *, queues: Sequence[str] = DEFAULT_QUEUES, concurrency: int = 1, name: str | None = None,
+    *,
+    queues: Sequence[str] = DEFAULT_QUEUES,
+    concurrency: int = 1,
+    name: str | None = None,
     loglevel: str = "info",
 ) -> list[str]:
     """The Celery CLI line of one worker: prefork (time limits and worker-lost detection need it), one task per
     pool process, no gossip/mingle chatter (workers share nothing but the broker and the job store)."""
     command = [
-        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-        "-Q", ",".join(queues), "-c", str(concurrency), "--pool", "prefork",
-        "--without-gossip", "--without-mingle", "-l", loglevel,
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "-Q",
+        ",".join(queues),
+        "-c",
+        str(concurrency),
+        "--pool",
+        "prefork",
+        "--without-gossip",
+        "--without-mingle",
+        "-l",
+        loglevel,
     ]
     if name:
         command += ["-n", name]
     return command
 
 
-def run_worker(*, queues: Sequence[str] = DEFAULT_QUEUES, concurrency: int = 1, name: str | None = None) -> None:
+def run_worker(
+    *, queues: Sequence[str] = DEFAULT_QUEUES, concurrency: int = 1, name: str | None = None
+) -> None:
     """Replace this process by a Celery worker (scale out: one per GPU host, ``-Q merge -c <gpus>``)."""
     _init_job_store()
     command = worker_command(queues=queues, concurrency=concurrency, name=name)

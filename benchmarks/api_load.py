@@ -58,8 +58,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-def run_client(index: int, *, url: str, token: str, base: str, models: list[str], deadline: float,
-               polls_per_submit: int, poll_interval_s: float, samples: Samples) -> None:
+def run_client(
+    index: int,
+    *,
+    url: str,
+    token: str,
+    base: str,
+    models: list[str],
+    deadline: float,
+    polls_per_submit: int,
+    poll_interval_s: float,
+    samples: Samples,
+) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
         n = 0
@@ -95,20 +105,26 @@ def run_client(index: int, *, url: str, token: str, base: str, models: list[str]
 
 
 def report(samples: Samples, *, clients: int, duration_s: float, busy_jobs: int | None) -> None:
-    print(f"clients={clients} duration={duration_s:.0f}s submits={len(samples.submit_s)} "
-          f"status_calls={len(samples.status_s)} errors={samples.errors or 0}"
-          + (f" jobs_running_or_queued_at_end={busy_jobs}" if busy_jobs is not None else ""))
+    print(
+        f"clients={clients} duration={duration_s:.0f}s submits={len(samples.submit_s)} "
+        f"status_calls={len(samples.status_s)} errors={samples.errors or 0}"
+        + (f" jobs_running_or_queued_at_end={busy_jobs}" if busy_jobs is not None else "")
+    )
     for name, values in (("submit", samples.submit_s), ("status", samples.status_s)):
         if values:
-            print(f"{name:>6}: p50 {percentile(values, 50) * 1000:7.1f} ms   p99 {percentile(values, 99) * 1000:7.1f} ms"
-                  f"   mean {statistics.fmean(values) * 1000:7.1f} ms   ({len(values) / duration_s:.1f}/s)")
+            print(
+                f"{name:>6}: p50 {percentile(values, 50) * 1000:7.1f} ms   p99 {percentile(values, 99) * 1000:7.1f} ms"
+                f"   mean {statistics.fmean(values) * 1000:7.1f} ms   ({len(values) / duration_s:.1f}/s)"
+            )
 
 
 def count_active(url: str, token: str) -> int | None:
     try:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=10) as client:
-            return sum(len(client.get("/v1/merges", params={"status": s}).json().get("items", []))
-                       for s in ("queued", "running"))
+            return sum(
+                len(client.get("/v1/merges", params={"status": s}).json().get("items", []))
+                for s in ("queued", "running")
+            )
     except (httpx.HTTPError, ValueError):
         return None
 
@@ -123,15 +139,25 @@ def spawned_service(home: Path, *, rate_limit: int) -> Iterator[tuple[str, str, 
 
     data = home / "data"
     base = write_synthetic_model(data / "base", layers=4, hidden=128, vocab=512, seed=0)
-    models = [write_synthetic_model(data / f"ft{i}", layers=4, hidden=128, vocab=512, seed=i, base_seed=0)
-              for i in (1, 2)]
+    models = [
+        write_synthetic_model(data / f"ft{i}", layers=4, hidden=128, vocab=512, seed=i, base_seed=0)
+        for i in (1, 2)
+    ]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALLOY_")}
-    env.update({"ALLOY_HOME": str(home), "ALLOY_DATA_DIRS": str(data), "ALLOY_RATE_LIMIT_PER_MINUTE": str(rate_limit),
-                "PYTHONPATH": str(REPO_ROOT)})
-    code = f"from app.serve import serve; serve(host='127.0.0.1', port={port}, workers=1, log_level='warning')"
+    env.update(
+        {
+            "ALLOY_HOME": str(home),
+            "ALLOY_DATA_DIRS": str(data),
+            "ALLOY_RATE_LIMIT_PER_MINUTE": str(rate_limit),
+            "PYTHONPATH": str(REPO_ROOT),
+        }
+    )
+    code = (
+        f"from app.serve import serve; serve(host='127.0.0.1', port={port}, workers=1, log_level='warning')"
+    )
     log = (home / "serve.log").open("wb")
     process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -162,7 +188,9 @@ def spawned_service(home: Path, *, rate_limit: int) -> Iterator[tuple[str, str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url")
     parser.add_argument("--token")
     parser.add_argument("--base", help="base model path (as the service sees it)")
@@ -178,9 +206,20 @@ def main(argv: list[str] | None = None) -> int:
         samples = Samples()
         deadline = time.monotonic() + args.duration
         threads = [
-            threading.Thread(target=run_client, kwargs=dict(
-                index=i, url=url, token=token, base=base, models=models, deadline=deadline,
-                polls_per_submit=args.polls_per_submit, poll_interval_s=args.poll_interval, samples=samples))
+            threading.Thread(
+                target=run_client,
+                kwargs=dict(
+                    index=i,
+                    url=url,
+                    token=token,
+                    base=base,
+                    models=models,
+                    deadline=deadline,
+                    polls_per_submit=args.polls_per_submit,
+                    poll_interval_s=args.poll_interval,
+                    samples=samples,
+                ),
+            )
             for i in range(args.clients)
         ]
         started = time.monotonic()
@@ -188,12 +227,18 @@ def main(argv: list[str] | None = None) -> int:
             thread.start()
         for thread in threads:
             thread.join()
-        report(samples, clients=args.clients, duration_s=time.monotonic() - started,
-               busy_jobs=count_active(url, token))
+        report(
+            samples,
+            clients=args.clients,
+            duration_s=time.monotonic() - started,
+            busy_jobs=count_active(url, token),
+        )
 
     if args.spawn:
-        with tempfile.TemporaryDirectory(prefix="alloy-load-") as tmp, \
-                spawned_service(Path(tmp), rate_limit=1_000_000) as (url, token, base, models):
+        with (
+            tempfile.TemporaryDirectory(prefix="alloy-load-") as tmp,
+            spawned_service(Path(tmp), rate_limit=1_000_000) as (url, token, base, models),
+        ):
             load(url, token, base, models)
         return 0
     if not (args.url and args.token and args.base and args.model):

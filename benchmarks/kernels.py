@@ -7,6 +7,7 @@ Needs a CUDA GPU and triton; without them it says so and exits with status 2. Me
 floor of a K-way merge is reading K+1 tensors and writing one, so "ratio" = effective GB/s of the op over the
 copy's (read + write) GB/s; 1.0 means the op runs at copy speed. Effective bytes count each input read once and
 each output written once (the radix select's 4 histogram passes and the select pass each count as a read).
+The torch column is the eager reference (for TIES: topk_mask -> where -> disjoint_merge, unfused).
 """
 
 from __future__ import annotations
@@ -106,7 +107,23 @@ def main(argv: list[str] | None = None) -> int:
             lambda s=stack, w=wt: ref.disjoint_merge(s, w, mean=True),
             k * n * 4 + n * (4 + 8),
         )
-        del thetas, stack
+        tv = torch.stack(thetas)  # stored dtype, as the pipeline reads it
+        keep_k = torch.full((k,), n // 5, device=dev)
+
+        def unfused_ties(tv=tv, keep_k=keep_k, w=wt):
+            rows_ = tv.view(tv.shape[0], -1)
+            sparse = torch.where(ref.topk_mask(rows_, keep=keep_k), rows_.float(), 0.0)
+            return ref.disjoint_merge(sparse, w, mean=True)
+
+        bench(
+            f"ties fused_sparse_merge K={k}",
+            lambda tv=tv, keep_k=keep_k, w=wt: tri.fused_sparse_merge(
+                tv.view(tv.shape[0], 1, -1), w, keep=keep_k, consensus=True, mean=True
+            ),
+            unfused_ties,
+            5 * k * n * size + n * 4,
+        )
+        del thetas, stack, tv
 
     x = randn(1, n)
     keep = torch.tensor([n // 5], device=dev)
@@ -123,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: ref.topk_mask(x, keep=keep, skip=skip),
         9 * n * size + n,
     )
-    xr = x.view(args.rows, -1)
+    xr = x.view(-1)[: (n // args.rows) * args.rows].view(args.rows, -1)
     keep_r = torch.full((args.rows,), xr.shape[1] // 5, device=dev)
     bench(
         f"topk_mask per_row ({args.rows} rows)",

@@ -385,10 +385,8 @@ def ternary_mask_and_scale(
     if n == 0:
         return torch.zeros(0, dtype=torch.bool), torch.zeros(1, dtype=torch.float32)
     count, _, m2 = _moments(flat)
-    sigma = math.sqrt(m2 / (count - 1)) if count > 1 else 0.0
-    return topk_mask(flat, max(1, math.floor(density * n))), torch.tensor(
-        [alpha * sigma], dtype=torch.float32
-    )
+    std = math.sqrt(m2 / (count - 1)) if count > 1 else 0.0
+    return topk_mask(flat, max(1, math.floor(density * n))), torch.tensor([alpha * std], dtype=torch.float32)
 
 
 def _write_compressed(

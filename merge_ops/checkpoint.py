@@ -120,8 +120,8 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
         raise SourceNotFoundError(f"{path}: no such file", file=str(path)) from None
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _corrupt(path, f"header is not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nesting bombs
+        raise _corrupt(path, f"header is not valid JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

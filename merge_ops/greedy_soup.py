@@ -62,7 +62,9 @@ class GreedySoupResult(BaseModel):
 def evaluator_model_dir(recipe: Recipe, *, resolver: Any = None) -> Path:
     """The folder whose config/tokenizer the evaluator uses: ``evaluator.model``, else the base, else model 0."""
     spec = getattr(recipe, "evaluator", None)
-    source: Source = (spec.model if spec is not None and spec.model else None) or recipe.base or recipe.models[0].source
+    source: Source = (
+        (spec.model if spec is not None and spec.model else None) or recipe.base or recipe.models[0].source
+    )
     return local_path(source, resolver=resolver)
 
 
@@ -120,7 +122,11 @@ def run_greedy_soup(
             chosen.append(index)
     return GreedySoupResult(
         ingredients=[IngredientScore(index=i, source=labels[i], score=s) for i, s in enumerate(scores)],
-        order=order, steps=steps, chosen=chosen, final_score=best, evaluations=done,
+        order=order,
+        steps=steps,
+        chosen=chosen,
+        final_score=best,
+        evaluations=done,
         seconds=round(time.perf_counter() - started, 4),
     )
 
@@ -129,14 +135,18 @@ def _add_to_mean(soup: StateDict, ingredient: StateDict, *, count: int, label: s
     """The uniform mean of ``count`` models (``soup``) with one more added; non-float tensors stay the soup's."""
     if soup.keys() != ingredient.keys():
         missing = sorted(soup.keys() ^ ingredient.keys())
-        raise EvaluatorError(f"{label} does not have the same tensors as the soup: {', '.join(missing[:5])}",
-                             tensors=missing[:20])
+        raise EvaluatorError(
+            f"{label} does not have the same tensors as the soup: {', '.join(missing[:5])}",
+            tensors=missing[:20],
+        )
     mixed = {}
     for name, tensor in soup.items():
         other = ingredient[name]
         if tensor.shape != other.shape:
-            raise EvaluatorError(f"{label}: tensor {name} has shape {tuple(other.shape)}, "
-                                 f"the soup has {tuple(tensor.shape)}", tensor=name)
+            raise EvaluatorError(
+                f"{label}: tensor {name} has shape {tuple(other.shape)}, the soup has {tuple(tensor.shape)}",
+                tensor=name,
+            )
         mixed[name] = (tensor * count + other) / (count + 1) if tensor.is_floating_point() else tensor
     return mixed
 
@@ -144,6 +154,11 @@ def _add_to_mean(soup: StateDict, ingredient: StateDict, *, count: int, label: s
 def soup_recipe(recipe: Recipe, result: GreedySoupResult) -> Recipe:
     """The ``linear`` recipe that writes the chosen soup: the chosen models (in joining order), weight 1 each."""
     data = recipe.model_dump(mode="json", by_alias=True, exclude={"evaluator"})
-    data.update(method="linear", params={}, overrides=[], weights=None,
-                models=[{**data["models"][i], "weight": 1.0} for i in result.chosen])
+    data.update(
+        method="linear",
+        params={},
+        overrides=[],
+        weights=None,
+        models=[{**data["models"][i], "weight": 1.0} for i in result.chosen],
+    )
     return Recipe.model_validate(data)

@@ -109,6 +109,11 @@ class _Engine:
         self.positions = block_map([t.name for t in plan.tensors if t.action == "merge"])
         self._params_cache: dict[tuple[Any, ...], Any] = {}
         self.fused_weights = _fused_weights(recipe, sources)
+        # A soup without normalize is Σ w_t·θ_t: task vectors against a zero reference, and no base added.
+        info = CATALOG[recipe.method]
+        self.zero_reference = info.kind == "soup" and not getattr(
+            info.params.model_validate(recipe.params), "normalize", True
+        )
 
     # -- loading (runs in the loader thread) ---------------------------------------------------------
     def load(self, tp: TensorPlan, *, as_task_vectors: bool = False) -> _Loaded:
@@ -125,12 +130,13 @@ class _Engine:
                     for i, src in enumerate(self.sources.inputs)
                 ]
             elif tp.action == "merge":
-                base_f = base.float()
+                base_f = torch.zeros_like(base, dtype=torch.float32) if self.zero_reference else base.float()
                 taus = torch.empty((self.k, *base.shape), dtype=torch.float32, device=self.device)
                 for i, src in enumerate(self.sources.inputs):
                     if (
                         self.sources.reference_is_input
                         and i == 0
+                        and not self.zero_reference
                         or src.sparse_coverage
                         and tp.name not in src.infos
                     ):
@@ -358,7 +364,11 @@ def _merge_into(
         from merge_ops.global_stats import compute_global_stats
 
         global_stats = compute_global_stats(
-            engine.iter_task_vectors, params=recipe.params_for(""), densities=engine.densities
+            engine.iter_task_vectors,
+            params=recipe.params_for(""),
+            densities=engine.densities,
+            seed=recipe.seed,
+            source_indices=tuple(range(engine.k)),
         )
         timings["global_stats_s"] = round(time.perf_counter() - t0, 4)
 
@@ -421,7 +431,8 @@ def _merge_into(
                     out = engine.fused_output(loaded, tp, scale)
                 else:
                     delta, ctx = engine.merged_delta(loaded, tp, global_stats)
-                    out = loaded.base.float().add_(delta, alpha=scale) if scale != 0 else loaded.base.float()
+                    start = torch.zeros_like(delta) if engine.zero_reference else loaded.base.float()
+                    out = start.add_(delta, alpha=scale) if scale != 0 else start
                     if not all_finite(out):
                         raise NonFiniteTensorError(f"merging {tp.name} overflowed to NaN/Inf", tensor=tp.name)
                     out = out.to(torch_dtype(tp.out_dtype))
@@ -512,9 +523,8 @@ def _fused_weights(recipe: Recipe, sources: Sources) -> list[float] | None:
     weights = list(sources.weights)
     if info.kind == "soup":
         total = sum(weights)
-        if getattr(params, "normalize", True):
-            return [w / total for w in weights] if total != 0 else None
-        return weights
+        normalized = getattr(params, "normalize", True)
+        return [w / total for w in weights] if normalized and total != 0 else None
     if recipe.method == "lines" or (
         isinstance(params, StagesParams)
         and params.sparsify == "none"

@@ -318,13 +318,14 @@ def numel(shape: Any) -> int:
 
 
 def global_pass_needed(recipe: Recipe, info: MethodInfo) -> bool:
-    params = (
-        CATALOG[recipe.method].params.model_validate(recipe.params) if not has_gradients(recipe) else None
-    )
+    params = recipe.params_for("")  # global statistics use the top-level params (gradient lists: first value)
     return (
         isinstance(params, StagesParams)
         and recipe.effective_scope() is Scope.global_
-        and params.sparsify in {"magnitude", "breadcrumbs", "compeft"}
+        and (
+            params.sparsify in {"magnitude", "breadcrumbs", "compeft"}
+            or (params.sparsify == "dare" and params.rescale == "l1")
+        )
     )
 
 

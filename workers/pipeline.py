@@ -15,6 +15,7 @@ behind once the job ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -76,10 +77,8 @@ def scratch_root_for(output_dir: Path, job_id: str) -> Path:
 
 def remove_scratch(scratch: Path) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
-    try:
+    with contextlib.suppress(OSError):
         scratch.parent.rmdir()  # only when no other job is using it
-    except OSError:
-        pass
 
 
 def retry_countdown(attempts: int, *, base_s: float = 2.0, cap_s: float = 300.0) -> float:
@@ -332,9 +331,10 @@ def _unexpected_error(exc: BaseException, settings: Settings) -> dict[str, Any]:
 
 
 def _validated_recipe(data: dict[str, Any]) -> Recipe:
+    from pydantic import ValidationError
+
     from merge_ops.errors import RecipeError
     from merge_ops.recipe import recipe_error
-    from pydantic import ValidationError
 
     try:
         return Recipe.model_validate(data)
@@ -361,9 +361,11 @@ def _run_merge_job(
         scratch = scratch_root_for(output_dir, job_id)
         remove_scratch(scratch)  # leftovers of a killed attempt of this very job
         scratch.mkdir(parents=True, exist_ok=True)
+        if merge is None:
+            from merge_ops.pipeline import run_merge
+
+            merge = run_merge
         try:
-            if merge is None:
-                from merge_ops.pipeline import run_merge as merge
             result = merge(
                 recipe,
                 output_dir=output_dir,
@@ -384,7 +386,9 @@ def _run_merge_job(
     if recipe.output.hub is not None:
         from workers.publish import hand_over_to_publisher
 
-        hand_over_to_publisher(job_id, output_path=output_path, report=report, hf_token=hf_token, settings=settings)
+        hand_over_to_publisher(
+            job_id, output_path=output_path, report=report, hf_token=hf_token, settings=settings
+        )
         return JobOutcome(job_id, "publishing")
     _finish(settings, job_id, status="succeeded", output_path=output_path, report=report)
     return JobOutcome(job_id, "succeeded")
@@ -401,7 +405,10 @@ def _run_analysis(
     if not base or not sources:
         raise RecipeError("an analysis needs a base and at least one source", errors=[])
     stats = inspect_task_vectors(
-        base, list(sources), resolver=_resolver(hf_token, settings), allow_pickle=bool(data.get("allow_pickle"))
+        base,
+        list(sources),
+        resolver=_resolver(hf_token, settings),
+        allow_pickle=bool(data.get("allow_pickle")),
     )
     ticker.flush()
     if ticker.lost.is_set():

@@ -34,12 +34,22 @@ def hand_over_to_publisher(
     kwargs: dict[str, Any] = {"output_path": output_path}
     if hf_token:
         kwargs["hf_token"] = hf_token
-    app.send_task(PUBLISH_TASK, args=[job_id], kwargs=kwargs, queue=IO_QUEUE, routing_key=IO_QUEUE,
-                  kwargsrepr=repr({k: ("***" if k == "hf_token" else v) for k, v in kwargs.items()}))
+    app.send_task(
+        PUBLISH_TASK,
+        args=[job_id],
+        kwargs=kwargs,
+        queue=IO_QUEUE,
+        routing_key=IO_QUEUE,
+        kwargsrepr=repr({k: ("***" if k == "hf_token" else v) for k, v in kwargs.items()}),
+    )
 
 
 def publish_job(
-    job_id: str, *, output_path: str, hf_token: str | None = None, attempt: int = 0,
+    job_id: str,
+    *,
+    output_path: str,
+    hf_token: str | None = None,
+    attempt: int = 0,
     settings: Settings | None = None,
 ) -> JobOutcome:
     """Push ``output_path`` to the recipe's ``output.hub`` and finish the row with the commit and URL."""
@@ -72,9 +82,20 @@ def publish_job(
     except Exception as exc:
         ticker.flush()
         log.exception("job %s: publish failed", job_id)
-        _finish(settings, job_id, status="failed", error={"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"})
+        _finish(
+            settings,
+            job_id,
+            status="failed",
+            error={"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"},
+        )
         return JobOutcome(job_id, "failed", "internal_error")
     ticker.flush()
-    _finish(settings, job_id, status="succeeded", output_path=output_path, output_url=result.url,
-            output_commit=result.commit_sha)
+    _finish(
+        settings,
+        job_id,
+        status="succeeded",
+        output_path=output_path,
+        output_url=result.url,
+        output_commit=result.commit_sha,
+    )
     return JobOutcome(job_id, "succeeded")

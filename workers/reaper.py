@@ -102,9 +102,9 @@ def reap_once(
         if _send(enqueue, job_id, priorities[job_id], settings):
             _last_resend[job_id] = time.monotonic()
     for job in stale_queued:
-        if job.id not in result.requeued and _resend_due(job.id, settings):
-            if _send(enqueue, job.id, job.priority, settings):
-                result.resent.append(job.id)
+        due = job.id not in result.requeued and _resend_due(job.id, settings)
+        if due and _send(enqueue, job.id, job.priority, settings):
+            result.resent.append(job.id)
     return result
 
 

@@ -26,7 +26,9 @@ def publish_job(self: Any, job_id: str, output_path: str, hf_token: str | None =
     from workers.publish import publish_job as publish
 
     try:
-        return publish(job_id, output_path=output_path, hf_token=hf_token, attempt=self.request.retries).status
+        return publish(
+            job_id, output_path=output_path, hf_token=hf_token, attempt=self.request.retries
+        ).status
     except pipeline.RetryLater as exc:
         raise self.retry(countdown=exc.countdown, exc=None) from None
 

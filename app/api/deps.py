@@ -45,8 +45,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def require_token(session: SessionDep,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> ApiToken:
+def require_token(
+    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> ApiToken:
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise UnauthorizedError("a bearer API token is required")
     token = find_token(session, secret=credentials.credentials)
@@ -68,15 +69,18 @@ SubmissionAllowed = Depends(limit_submissions)
 
 
 def hf_token_header(
-    x_hf_token: Annotated[str | None, Header(description="Hugging Face token for private sources or pushes; "
-                                                          "never stored.")] = None,
+    x_hf_token: Annotated[
+        str | None, Header(description="Hugging Face token for private sources or pushes; never stored.")
+    ] = None,
 ) -> str | None:
     return x_hf_token or None
 
 
 HfToken = Annotated[str | None, Depends(hf_token_header)]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255,
-                                              description="Repeat-safe submission key (per token).")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", max_length=255, description="Repeat-safe submission key (per token)."),
+]
 
 
 def get_pinner(settings: SettingsDep, hf_token: HfToken) -> SourcePinner | None:
@@ -133,8 +137,10 @@ async def parse_body(request: Request, *, allow_yaml: bool) -> Any:
 async def recipe_body(request: Request) -> dict[str, Any]:
     body = await parse_body(request, allow_yaml=True)
     if not isinstance(body, dict):
-        raise RecipeError("a recipe must be a JSON object or a YAML mapping",
-                          errors=[{"loc": [], "msg": "expected a mapping"}])
+        raise RecipeError(
+            "a recipe must be a JSON object or a YAML mapping",
+            errors=[{"loc": [], "msg": "expected a mapping"}],
+        )
     return body
 
 

@@ -23,31 +23,52 @@ PROBLEM_CONTENT = {"application/problem+json": {"schema": PROBLEM_REF}}
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"description": description, "content": PROBLEM_CONTENT}
     for status, description in [
-        (400, "Malformed body or cursor"), (401, "Missing or invalid API token"), (404, "Not found"),
-        (409, "Conflict with the job's state"), (413, "Body too large"), (415, "Unsupported Content-Type"),
-        (422, "Validation failed; `errors` lists every problem"), (429, "Rate limited; see Retry-After"),
+        (400, "Malformed body or cursor"),
+        (401, "Missing or invalid API token"),
+        (404, "Not found"),
+        (409, "Conflict with the job's state"),
+        (413, "Body too large"),
+        (415, "Unsupported Content-Type"),
+        (422, "Validation failed; `errors` lists every problem"),
+        (429, "Rate limited; see Retry-After"),
         (503, "Queue unreachable"),
     ]
 }
 
 
 def recipe_request_body() -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/RecipeRequest"}},
-        "application/yaml": {"schema": {"type": "string", "description": "An Alloy or mergekit YAML recipe."}},
-    }}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/RecipeRequest"}},
+                "application/yaml": {
+                    "schema": {"type": "string", "description": "An Alloy or mergekit YAML recipe."}
+                },
+            },
+        }
+    }
 
 
 def json_request_body(model: type[BaseModel]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    }
 
 
 def extra_components() -> dict[str, Any]:
     """Schemas referenced by the hand-written request bodies and problem responses."""
     params_models = {info.params for info in CATALOG.values()}
-    models: list[type[BaseModel]] = [Recipe, BatchRequest, AnalysisRequest, Problem, *sorted(
-        params_models, key=lambda m: m.__name__)]
+    models: list[type[BaseModel]] = [
+        Recipe,
+        BatchRequest,
+        AnalysisRequest,
+        Problem,
+        *sorted(params_models, key=lambda m: m.__name__),
+    ]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     schemas: dict[str, Any] = dict(top.get("$defs", {}))
     variants = {}
@@ -58,15 +79,17 @@ def extra_components() -> dict[str, Any]:
             "description": f"{info.pretty_name}: {info.summary} ({info.reference_url})",
             "allOf": [{"$ref": REF.format(model="Recipe")}],
             "type": "object",
-            "properties": {"method": {"type": "string", "enum": [name]},
-                           "params": {"$ref": REF.format(model=info.params.__name__)}},
+            "properties": {
+                "method": {"type": "string", "enum": [name]},
+                "params": {"$ref": REF.format(model=info.params.__name__)},
+            },
             "required": ["method"],
         }
         variants[name] = REF.format(model=variant)
     schemas["RecipeRequest"] = {
         "title": "RecipeRequest",
         "description": "An Alloy recipe; `params` follow the chosen method's params model (a param may also be "
-                       "a list of numbers, interpolated over layer depth).",
+        "a list of numbers, interpolated over layer depth).",
         "oneOf": [{"$ref": ref} for ref in variants.values()],
         "discriminator": {"propertyName": "method", "mapping": variants},
     }

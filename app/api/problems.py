@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -58,9 +59,21 @@ STATUS_BY_CODE: dict[str, int] = {
     "internal_error": 500,
 }
 
-_TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found", 405: "Method not allowed",
-           409: "Conflict", 413: "Payload too large", 415: "Unsupported media type", 422: "Unprocessable content",
-           429: "Too many requests", 500: "Internal server error", 502: "Bad gateway", 503: "Service unavailable"}
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Payload too large",
+    415: "Unsupported media type",
+    422: "Unprocessable content",
+    429: "Too many requests",
+    500: "Internal server error",
+    502: "Bad gateway",
+    503: "Service unavailable",
+}
 
 
 def status_for(code: str) -> int:
@@ -69,8 +82,13 @@ def status_for(code: str) -> int:
 
 def problem_body(code: str, detail: str, *, status: int | None = None, **extra: Any) -> dict[str, Any]:
     status = status or status_for(code)
-    body: dict[str, Any] = {"type": f"urn:alloy:problem:{code}", "title": _TITLES.get(status, "Error"),
-                            "status": status, "detail": detail, "code": code}
+    body: dict[str, Any] = {
+        "type": f"urn:alloy:problem:{code}",
+        "title": _TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
     body.update({key: value for key, value in extra.items() if value is not None})
     return body
 
@@ -81,7 +99,7 @@ def error_problem(error: dict[str, Any]) -> dict[str, Any]:
     return problem_body(error["code"], error.get("detail", ""), errors=context.get("errors") or None)
 
 
-def problem_response(body: dict[str, Any], *, headers: dict[str, str] | None = None) -> JSONResponse:
+def problem_response(body: dict[str, Any], *, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=body["status"], media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
@@ -112,7 +130,9 @@ def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
 
 def _http_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
+    code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(
+        exc.status_code, "http_error"
+    )
     detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "error")
     return problem_response(problem_body(code, detail, status=exc.status_code), headers=exc.headers)
 

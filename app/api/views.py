@@ -18,21 +18,41 @@ def job_out(job: Job, *, url: str) -> JobOut:
     fraction = min(1.0, job.tensors_done / total) if total else (1.0 if job.status == "succeeded" else None)
     error = job.error
     return JobOut(
-        id=job.id, kind=job.kind, status=job.status, url=url, priority=job.priority,  # type: ignore[arg-type]
-        batch_id=job.batch_id, attempts=job.attempts, cancel_requested=job.cancel_requested,
-        progress=Progress(tensors_done=job.tensors_done, tensors_total=total, bytes_done=job.bytes_done,
-                          bytes_total=job.bytes_total, eta_s=job.eta_s, fraction=fraction),
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        id=job.id,
+        kind=job.kind,  # type: ignore[arg-type]  # the DB column holds one of JobKind
+        status=job.status,  # type: ignore[arg-type]
+        url=url,
+        priority=job.priority,
+        batch_id=job.batch_id,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        progress=Progress(
+            tensors_done=job.tensors_done,
+            tensors_total=total,
+            bytes_done=job.bytes_done,
+            bytes_total=job.bytes_total,
+            eta_s=job.eta_s,
+            fraction=fraction,
+        ),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
         duration_s=job.duration_s,
         output=Output(path=job.output_path, url=job.output_url, commit=job.output_commit),
         error=Problem.model_validate(error_problem(error)) if error and job.status != "succeeded" else None,
-        recipe=job.recipe, recipe_digest=job.recipe_digest, pinned_sources=job.pinned_sources,
+        recipe=job.recipe,
+        recipe_digest=job.recipe_digest,
+        pinned_sources=job.pinned_sources,
     )
 
 
 def batch_out(request: Request, batch: Batch, *, counts: dict[str, int], jobs: list[Job]) -> BatchOut:
     return BatchOut(
-        id=batch.id, url=str(request.url_for("get_batch", batch_id=batch.id)), priority=batch.priority,
-        created_at=batch.created_at, total=len(jobs), counts=counts,
+        id=batch.id,
+        url=str(request.url_for("get_batch", batch_id=batch.id)),
+        priority=batch.priority,
+        created_at=batch.created_at,
+        total=len(jobs),
+        counts=counts,
         jobs=[job_out(job, url=job_url(request, job.id)) for job in jobs],
     )

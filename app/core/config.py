@@ -25,25 +25,43 @@ def _default_home() -> Path:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALLOY_", extra="ignore")
 
-    home: Path = Field(default_factory=_default_home, description="Where the default job store, broker and data live.")
-    database_url: str = Field("", description="SQLAlchemy URL; default sqlite:///$ALLOY_HOME/alloy.db.")
-    broker_url: str = Field("", description="Celery broker URL; default filesystem:// under $ALLOY_HOME/broker.")
+    home: Path = Field(
+        default_factory=_default_home, description="Where the default job store, broker and data live."
+    )
+    database_url: str = Field(
+        default="", description="SQLAlchemy URL; default sqlite:///$ALLOY_HOME/alloy.db."
+    )
+    broker_url: str = Field(
+        default="", description="Celery broker URL; default filesystem:// under $ALLOY_HOME/broker."
+    )
     # NoDecode: the env value is os.pathsep-separated, not JSON
     data_dirs: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Roots that local sources and outputs must stay inside."
     )
     hf_cache: Path | None = None
-    hf_token: SecretStr | None = Field(None, description="Server-wide Hub token, used when a request sends none.")
-    server_key: SecretStr = Field(SecretStr(""), description="Secret for signing/encrypting server-side values.")
-    task_time_limit_s: int = Field(6 * 3600, gt=0)
-    heartbeat_interval_s: float = Field(10.0, gt=0)
-    heartbeat_stale_s: float = Field(120.0, gt=0)
-    max_attempts: int = Field(3, ge=1)
-    rate_limit_per_minute: int = Field(60, ge=1, description="Submissions per token per minute (in-process).")
-    max_body_bytes: int = Field(1_000_000, ge=1024)
-    events_poll_s: float = Field(0.5, gt=0, description="How often the SSE stream re-reads the job row.")
-    pin_hub_sources: bool = Field(True, description="Resolve Hub sources to commit SHAs at submission.")
-    readiness_timeout_s: float = Field(1.0, gt=0, description="Broker connect / worker ping timeout for /readyz.")
+    hf_token: SecretStr | None = Field(
+        default=None, description="Server-wide Hub token, used when a request sends none."
+    )
+    server_key: SecretStr = Field(
+        default=SecretStr(""), description="Secret for signing/encrypting server-side values."
+    )
+    task_time_limit_s: int = Field(default=6 * 3600, gt=0)
+    heartbeat_interval_s: float = Field(default=10.0, gt=0)
+    heartbeat_stale_s: float = Field(default=120.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    rate_limit_per_minute: int = Field(
+        default=60, ge=1, description="Submissions per token per minute (in-process)."
+    )
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    events_poll_s: float = Field(
+        default=0.5, gt=0, description="How often the SSE stream re-reads the job row."
+    )
+    pin_hub_sources: bool = Field(
+        default=True, description="Resolve Hub sources to commit SHAs at submission."
+    )
+    readiness_timeout_s: float = Field(
+        default=1.0, gt=0, description="Broker connect / worker ping timeout for /readyz."
+    )
 
     @field_validator("data_dirs", mode="before")
     @classmethod
@@ -77,17 +95,17 @@ class Settings(BaseSettings):
         folder = self.broker_dir
         if folder is None:
             return {}
-        options = {
-            "data_folder_in": folder / "queue",
-            "data_folder_out": folder / "queue",
-            "control_folder": folder / "control",
-            "processed_folder": folder / "processed",
+        queue_dir, control_dir, processed_dir = folder / "queue", folder / "control", folder / "processed"
+        for path in (queue_dir, control_dir, processed_dir):
+            # the broker folder can carry Hub tokens inside messages: keep it private to this user
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return {
+            "data_folder_in": str(queue_dir),
+            "data_folder_out": str(queue_dir),
+            "control_folder": str(control_dir),
+            "processed_folder": str(processed_dir),
             "store_processed": False,
         }
-        for key in ("data_folder_in", "control_folder", "processed_folder"):
-            # the broker folder can carry Hub tokens inside messages: keep it private to this user
-            options[key].mkdir(parents=True, exist_ok=True, mode=0o700)
-        return {key: str(value) if isinstance(value, Path) else value for key, value in options.items()}
 
     def celery_broker_url(self) -> str:
         """The URL handed to Celery: ``filesystem://`` carries its folder in the transport options instead."""

@@ -41,11 +41,21 @@ def celery_client(settings: Settings | None = None) -> Celery:
 def broker_priority(priority: int, *, broker_url: str) -> int:
     """Alloy priorities are 0..9, higher first. Redis (kombu) pops the *lowest* number first, AMQP the highest."""
     priority = max(0, min(MAX_PRIORITY, priority))
-    return MAX_PRIORITY - priority if broker_url.startswith(("redis://", "rediss://", "sentinel://")) else priority
+    return (
+        MAX_PRIORITY - priority
+        if broker_url.startswith(("redis://", "rediss://", "sentinel://"))
+        else priority
+    )
 
 
-def enqueue_job(job_id: str, *, priority: int = 5, queue: str = "merge", hf_token: str | None = None,
-                settings: Settings | None = None) -> None:
+def enqueue_job(
+    job_id: str,
+    *,
+    priority: int = 5,
+    queue: str = "merge",
+    hf_token: str | None = None,
+    settings: Settings | None = None,
+) -> None:
     """Send ``alloy.run_job(job_id)`` after the job row is committed.
 
     The Hub token (from ``X-HF-Token``) travels only as the message kwarg ``hf_token``: it is never stored in the

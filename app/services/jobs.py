@@ -67,13 +67,21 @@ def pin_hub_sources(sources: Sequence[Any], pinner: SourcePinner | None) -> dict
 
 
 def _existing_for_key(session: Session, *, owner: ApiToken, key: str) -> Job | None:
-    return session.scalars(select(Job).where(Job.owner_token_id == owner.id, Job.idempotency_key == key)).first()
+    return session.scalars(
+        select(Job).where(Job.owner_token_id == owner.id, Job.idempotency_key == key)
+    ).first()
 
 
 def _existing_active(session: Session, *, owner: ApiToken, digest: str, kind: str) -> Job | None:
     return session.scalars(
-        select(Job).where(Job.owner_token_id == owner.id, Job.recipe_digest == digest, Job.kind == kind,
-                          Job.status.in_(ACTIVE_STATUSES), Job.batch_id.is_(None))
+        select(Job)
+        .where(
+            Job.owner_token_id == owner.id,
+            Job.recipe_digest == digest,
+            Job.kind == kind,
+            Job.status.in_(ACTIVE_STATUSES),
+            Job.batch_id.is_(None),
+        )
         .order_by(Job.created_at.desc())
     ).first()
 
@@ -90,23 +98,42 @@ def _enqueue_or_fail(session: Session, job: Job, *, settings: Settings, hf_token
         raise error from None
 
 
-def _submit(session: Session, *, kind: str, payload: dict[str, Any], digest: str, owner: ApiToken,
-            settings: Settings, idempotency_key: str | None, hf_token: str | None, priority: int,
-            pinned: dict[str, str], dedupe_active: bool) -> Submission:
+def _submit(
+    session: Session,
+    *,
+    kind: str,
+    payload: dict[str, Any],
+    digest: str,
+    owner: ApiToken,
+    settings: Settings,
+    idempotency_key: str | None,
+    hf_token: str | None,
+    priority: int,
+    pinned: dict[str, str],
+    dedupe_active: bool,
+) -> Submission:
     if idempotency_key:
         existing = _existing_for_key(session, owner=owner, key=idempotency_key)
         if existing is not None:
             if existing.recipe_digest != digest:
-                raise IdempotencyKeyReusedError("this Idempotency-Key was used with a different request",
-                                                job_id=existing.id)
+                raise IdempotencyKeyReusedError(
+                    "this Idempotency-Key was used with a different request", job_id=existing.id
+                )
             return Submission(existing, created=False)
     if dedupe_active:
         existing = _existing_active(session, owner=owner, digest=digest, kind=kind)
         if existing is not None:
             return Submission(existing, created=False)
-    job = Job(kind=kind, owner_token_id=owner.id, status="queued", recipe_json=json.dumps(payload),
-              recipe_digest=digest, idempotency_key=idempotency_key or None, priority=priority,
-              pinned_sources_json=json.dumps(pinned) if pinned else None)
+    job = Job(
+        kind=kind,
+        owner_token_id=owner.id,
+        status="queued",
+        recipe_json=json.dumps(payload),
+        recipe_digest=digest,
+        idempotency_key=idempotency_key or None,
+        priority=priority,
+        pinned_sources_json=json.dumps(pinned) if pinned else None,
+    )
     session.add(job)
     try:
         session.commit()
@@ -121,47 +148,99 @@ def _submit(session: Session, *, kind: str, payload: dict[str, Any], digest: str
     return Submission(job, created=True)
 
 
-def submit_merge(session: Session, recipe: Recipe, *, owner: ApiToken, settings: Settings,
-                 idempotency_key: str | None = None, hf_token: str | None = None, priority: int = 5,
-                 pinner: SourcePinner | None = None) -> Submission:
+def submit_merge(
+    session: Session,
+    recipe: Recipe,
+    *,
+    owner: ApiToken,
+    settings: Settings,
+    idempotency_key: str | None = None,
+    hf_token: str | None = None,
+    priority: int = 5,
+    pinner: SourcePinner | None = None,
+) -> Submission:
     """Record and enqueue a merge of a recipe from ``prepare_recipe``. The same ``idempotency_key``, or the
     same recipe while an earlier job for it is queued or running, returns that job instead."""
     pinned = pin_hub_sources(recipe_sources(recipe), pinner)
     payload = recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
-    return _submit(session, kind="merge", payload=payload, digest=recipe.digest(), owner=owner, settings=settings,
-                   idempotency_key=idempotency_key, hf_token=hf_token, priority=priority, pinned=pinned,
-                   dedupe_active=True)
+    return _submit(
+        session,
+        kind="merge",
+        payload=payload,
+        digest=recipe.digest(),
+        owner=owner,
+        settings=settings,
+        idempotency_key=idempotency_key,
+        hf_token=hf_token,
+        priority=priority,
+        pinned=pinned,
+        dedupe_active=True,
+    )
 
 
 def prepare_analysis(request: dict[str, Any], *, settings: Settings) -> dict[str, Any]:
     """An analysis request with confined paths, as stored in the job row: {sources, base, allow_pickle}."""
-    sources, base = confine_analysis_sources(request["sources"], request.get("base"), roots=settings.data_dirs)
+    sources, base = confine_analysis_sources(
+        request["sources"], request.get("base"), roots=settings.data_dirs
+    )
     return {"sources": sources, "base": base, "allow_pickle": bool(request.get("allow_pickle", False))}
 
 
-def submit_analysis(session: Session, analysis: dict[str, Any], *, owner: ApiToken, settings: Settings,
-                    idempotency_key: str | None = None, hf_token: str | None = None, priority: int = 5,
-                    pinner: SourcePinner | None = None) -> Submission:
+def submit_analysis(
+    session: Session,
+    analysis: dict[str, Any],
+    *,
+    owner: ApiToken,
+    settings: Settings,
+    idempotency_key: str | None = None,
+    hf_token: str | None = None,
+    priority: int = 5,
+    pinner: SourcePinner | None = None,
+) -> Submission:
     """Record and enqueue an ``analyze`` job (the worker runs the engine's inspect; its report holds the stats)."""
     pinned = pin_hub_sources([*analysis["sources"], analysis.get("base")], pinner) if pinner else {}
     digest = hashlib.sha256(json.dumps({"analyze": analysis}, sort_keys=True).encode()).hexdigest()
-    return _submit(session, kind="analyze", payload=analysis, digest=digest, owner=owner, settings=settings,
-                   idempotency_key=idempotency_key, hf_token=hf_token, priority=priority, pinned=pinned,
-                   dedupe_active=True)
+    return _submit(
+        session,
+        kind="analyze",
+        payload=analysis,
+        digest=digest,
+        owner=owner,
+        settings=settings,
+        idempotency_key=idempotency_key,
+        hf_token=hf_token,
+        priority=priority,
+        pinned=pinned,
+        dedupe_active=True,
+    )
 
 
-def submit_batch(session: Session, recipes: Sequence[Recipe], *, owner: ApiToken, settings: Settings,
-                 priority: int = 5, hf_token: str | None = None,
-                 pinner: SourcePinner | None = None) -> tuple[Batch, list[Job]]:
+def submit_batch(
+    session: Session,
+    recipes: Sequence[Recipe],
+    *,
+    owner: ApiToken,
+    settings: Settings,
+    priority: int = 5,
+    hf_token: str | None = None,
+    pinner: SourcePinner | None = None,
+) -> tuple[Batch, list[Job]]:
     """One job per recipe (no de-duplication: a batch asks for each), committed together, then enqueued."""
     pinned = [pin_hub_sources(recipe_sources(r), pinner) for r in recipes]
     batch = Batch(owner_token_id=owner.id, priority=priority)
     session.add(batch)
     session.flush()
     jobs = [
-        Job(kind="merge", owner_token_id=owner.id, status="queued", batch_id=batch.id, priority=priority,
+        Job(
+            kind="merge",
+            owner_token_id=owner.id,
+            status="queued",
+            batch_id=batch.id,
+            priority=priority,
             recipe_json=json.dumps(r.model_dump(mode="json", by_alias=True, exclude_none=True)),
-            recipe_digest=r.digest(), pinned_sources_json=json.dumps(p) if p else None)
+            recipe_digest=r.digest(),
+            pinned_sources_json=json.dumps(p) if p else None,
+        )
         for r, p in zip(recipes, pinned, strict=True)
     ]
     session.add_all(jobs)
@@ -202,8 +281,16 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise InvalidCursorError("malformed cursor; pass next_cursor from the previous page") from None
 
 
-def list_jobs(session: Session, *, caller: ApiToken, status: str | None = None, kind: str | None = None,
-              batch_id: str | None = None, cursor: str | None = None, limit: int = 50) -> tuple[list[Job], str | None]:
+def list_jobs(
+    session: Session,
+    *,
+    caller: ApiToken,
+    status: str | None = None,
+    kind: str | None = None,
+    batch_id: str | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+) -> tuple[list[Job], str | None]:
     """Newest first, keyset-paginated on (created_at, id); only the caller's jobs unless it is an admin."""
     query = select(Job)
     if not caller.admin:
@@ -222,7 +309,9 @@ def list_jobs(session: Session, *, caller: ApiToken, status: str | None = None, 
     return rows[:limit], next_cursor
 
 
-def batch_status(session: Session, batch_id: str, *, caller: ApiToken) -> tuple[Batch, dict[str, int], list[Job]]:
+def batch_status(
+    session: Session, batch_id: str, *, caller: ApiToken
+) -> tuple[Batch, dict[str, int], list[Job]]:
     batch = session.get(Batch, batch_id)
     if batch is None or not (caller.admin or batch.owner_token_id == caller.id):
         raise BatchNotFoundError(f"no batch {batch_id}")

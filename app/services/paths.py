@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
-from merge_ops.recipe import HubSource, Recipe
 from app.services.errors import PathNotAllowedError
+from merge_ops.recipe import HubSource, Recipe
 
 #: Recipe fields that hold one source.
 _SOURCE_FIELDS = ("base", "source_base", "source_finetuned", "target_base")
@@ -87,7 +87,9 @@ def confine_recipe_paths(recipe: Recipe, *, roots: Sequence[Path]) -> Recipe:
     return Recipe.model_validate(data)
 
 
-def confine_analysis_sources(sources: Sequence[Any], base: Any, *, roots: Sequence[Path]) -> tuple[list[Any], Any]:
+def confine_analysis_sources(
+    sources: Sequence[Any], base: Any, *, roots: Sequence[Path]
+) -> tuple[list[Any], Any]:
     """Confine an analysis request's ``sources`` and ``base``, reporting the problems of both at once."""
     errors: list[dict[str, Any]] = []
     confined = [_confine_source(s, ["sources", str(i)], roots, errors) for i, s in enumerate(sources)]

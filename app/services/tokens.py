@@ -40,7 +40,9 @@ def list_tokens(session: Session) -> list[ApiToken]:
 def ensure_token(session: Session, *, name: str, admin: bool = False) -> ApiToken:
     """The live token named ``name``, created if missing (an owner identity for local, non-HTTP submissions
     such as the CLI; its secret is discarded)."""
-    token = session.scalars(select(ApiToken).where(ApiToken.name == name, ApiToken.revoked_at.is_(None))).first()
+    token = session.scalars(
+        select(ApiToken).where(ApiToken.name == name, ApiToken.revoked_at.is_(None))
+    ).first()
     if token is None:
         create_token(session, name=name, admin=admin)
         token = session.scalars(select(ApiToken).where(ApiToken.name == name)).one()

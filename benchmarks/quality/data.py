@@ -54,12 +54,23 @@ def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _split(name: str, classes: list[str], template: str, by_class: dict[int, list[str]], *, n_train: int,
-           n_val: int, n_test: int, seed: int) -> Task:
+def _split(
+    name: str,
+    classes: list[str],
+    template: str,
+    by_class: dict[int, list[str]],
+    *,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    seed: int,
+) -> Task:
     """Round-robin over classes so every split is as balanced as the smallest class allows."""
     rng = random.Random(f"{seed}:{name}")
-    pools = {c: rng.sample(sorted(set(t for t in texts if t)), k=len(set(t for t in texts if t)))
-             for c, texts in by_class.items()}
+    pools = {
+        c: rng.sample(sorted(set(t for t in texts if t)), k=len(set(t for t in texts if t)))
+        for c, texts in by_class.items()
+    }
     task = Task(name, classes, template)
     for split, size in (("test", n_test), ("val", n_val), ("train", n_train)):
         rows: list[tuple[str, int]] = []
@@ -100,8 +111,15 @@ def build_tasks(*, n_train: int = 256, n_val: int = 64, n_test: int = 160, seed:
     for r in _csv_rows(st / "presidential_debates_2016.csv.gz"):
         if len(r["statement"].split()) >= 6:
             by[roles[r["party"]]].append(_clean(r["statement"]))
-    tasks.append(_split("debate_speaker", ["democratic candidate", "republican candidate", "debate moderator"],
-                        "said by the {}", by, **sizes))
+    tasks.append(
+        _split(
+            "debate_speaker",
+            ["democratic candidate", "republican candidate", "debate moderator"],
+            "said by the {}",
+            by,
+            **sizes,
+        )
+    )
 
     with bz2.open(st / "roget.csv.bz2", "rt", encoding="utf-8") as handle:
         roget = [(w, c) for w, c, *_ in csv.reader(handle) if w and c and len(w) < 40]
@@ -140,8 +158,15 @@ def build_tasks(*, n_train: int = 256, n_val: int = 64, n_test: int = 160, seed:
         by[i] = [line for f in sorted((chat / lang).glob("*.yml")) for line in _dialogue_lines(f)]
     tasks.append(_split("chat_language", languages, "a sentence in {}", by, **sizes))
 
-    order = ["movie_sentiment", "chat_language", "roget_category", "moral_foundation", "inquirer_valence",
-             "convention_party", "debate_speaker"]
+    order = [
+        "movie_sentiment",
+        "chat_language",
+        "roget_category",
+        "moral_foundation",
+        "inquirer_valence",
+        "convention_party",
+        "debate_speaker",
+    ]
     return sorted(tasks, key=lambda t: order.index(t.name))
 
 

@@ -13,6 +13,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -22,18 +23,40 @@ from benchmarks.quality.data import Task
 from merge_ops.evaluators.embedding_prompt_accuracy import embed
 
 LOGIT_SCALE = 20.0
-SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+SIDE_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
 
-def class_heads(model: torch.nn.Module, tokenizer: object, prompts: list[str], *, max_length: int) -> torch.Tensor:
+def class_heads(
+    model: torch.nn.Module, tokenizer: Any, prompts: list[str], *, max_length: int
+) -> torch.Tensor:
     with torch.no_grad():
-        batch = tokenizer(prompts, padding=True, truncation=True, max_length=max_length,  # type: ignore[operator]
-                          return_tensors="pt")
+        batch = tokenizer(
+            prompts,
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         return embed(model, dict(batch), pooling="mean", device=torch.device("cpu"))
 
 
-def finetune(task: Task, *, base_dir: Path, out_dir: Path, seed: int, steps: int, batch_size: int = 16,
-             lr: float = 5e-5, max_length: int = 48) -> float:
+def finetune(
+    task: Task,
+    *,
+    base_dir: Path,
+    out_dir: Path,
+    seed: int,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 5e-5,
+    max_length: int = 48,
+) -> float:
     """Fine-tune on ``task.train`` for ``steps`` AdamW steps (linear decay); save to ``out_dir``; seconds."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -43,7 +66,9 @@ def finetune(task: Task, *, base_dir: Path, out_dir: Path, seed: int, steps: int
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     model = AutoModel.from_pretrained(str(base_dir), dtype=torch.float32)
     model.eval()
-    heads = class_heads(model, tokenizer, [task.template.format(c) for c in task.classes], max_length=max_length)
+    heads = class_heads(
+        model, tokenizer, [task.template.format(c) for c in task.classes], max_length=max_length
+    )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
@@ -55,8 +80,9 @@ def finetune(task: Task, *, base_dir: Path, out_dir: Path, seed: int, steps: int
             order += fresh
         rows = [task.train[i] for i in order[:batch_size]]
         del order[:batch_size]
-        batch = tokenizer([t for t, _ in rows], padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt")
+        batch = tokenizer(
+            [t for t, _ in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         logits = LOGIT_SCALE * embed(model, dict(batch), pooling="mean", device=torch.device("cpu")) @ heads.T
         loss = torch.nn.functional.cross_entropy(logits, torch.tensor([y for _, y in rows]))
         optimizer.zero_grad()
@@ -72,7 +98,7 @@ def save_like_base(model: torch.nn.Module, *, base_dir: Path, out_dir: Path) -> 
     own = model.state_dict()
     tensors = {}
     with safe_open(str(base_dir / "model.safetensors"), "pt") as base:
-        for name in base.keys():
+        for name in base.keys():  # noqa: SIM118 - safe_open has keys() but no __iter__
             original = base.get_tensor(name)
             trained = own.get(name)
             if trained is None or not original.is_floating_point():

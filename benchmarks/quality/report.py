@@ -1,6 +1,6 @@
 """Tables and the plot of the merge-quality benchmark, from ``results.json`` written by ``run.py``.
 
-    python -m benchmarks.quality.report benchmarks/quality/results/results.json --plot docs/quality.png
+    python -m benchmarks.quality.report RESULTS.json [MORE.json ...] --plot docs/quality.png
 
 Definitions (per seed, over the tasks being merged; then mean ± half the min–max spread over seeds):
 - accuracy: test accuracy with the fixed class-prompt head of each task;
@@ -36,19 +36,26 @@ def collect(results: dict[str, Any]) -> dict[tuple[int, str], list[dict[str, Any
     for seed in results["seeds"]:
         tasks = seed["tasks"]
         everything = len(tasks)
-        rows[(everything, "zero-shot")].append({"acc": seed["zero_shot"], **metrics(seed["zero_shot"], tasks, seed)})
+        rows[(everything, "zero-shot")].append(
+            {"acc": seed["zero_shot"], **metrics(seed["zero_shot"], tasks, seed)}
+        )
         own = {t: seed["finetuned"][t][t] for t in tasks}
         rows[(everything, "fine-tuned (own task)")].append({"acc": own, **metrics(own, tasks, seed)})
         for t in tasks:
             rows[(everything, f"fine-tune: {t}")].append(
-                {"acc": seed["finetuned"][t], **metrics(seed["finetuned"][t], tasks, seed)})
+                {"acc": seed["finetuned"][t], **metrics(seed["finetuned"][t], tasks, seed)}
+            )
         for record in seed["merges"]:
             subset = tasks[: record["num_tasks"]]
-            rows[(record["num_tasks"], record["method"])].append({
-                "acc": record["test"], **metrics(record["test"], subset, seed), "merge_s": record["merge_s"],
-                "lambda": record.get("lambda"),
-                "chosen": len(record["soup"]["chosen"]) if record.get("soup") else None,
-            })
+            rows[(record["num_tasks"], record["method"])].append(
+                {
+                    "acc": record["test"],
+                    **metrics(record["test"], subset, seed),
+                    "merge_s": record["merge_s"],
+                    "lambda": record.get("lambda"),
+                    "chosen": len(record["soup"]["chosen"]) if record.get("soup") else None,
+                }
+            )
     return rows
 
 
@@ -69,25 +76,40 @@ def table(rows: dict[tuple[int, str], list[dict[str, Any]]], k: int, tasks: list
             continue
         cells = [name]
         cells += [f"{statistics.fmean(e['acc'][t] for e in entries):.3f}" for t in tasks]
-        cells += [spread([e["mean"] for e in entries]), spread([e["normalized"] for e in entries]),
-                  spread([e["gain_kept"] for e in entries])]
+        cells += [
+            spread([e["mean"] for e in entries]),
+            spread([e["normalized"] for e in entries]),
+            spread([e["gain_kept"] for e in entries]),
+        ]
         secs = [e["merge_s"] for e in entries if "merge_s" in e]
         cells.append(f"{statistics.fmean(secs):.2f}" if secs else "—")
         lams = [e["lambda"] for e in entries if e.get("lambda") is not None]
         chosen = [e["chosen"] for e in entries if e.get("chosen")]
-        cells.append("/".join(f"{x:g}" for x in lams) if lams else
-                     (f"{'/'.join(map(str, chosen))} of {k} kept" if chosen else "—"))
+        cells.append(
+            "/".join(f"{x:g}" for x in lams)
+            if lams
+            else (f"{'/'.join(map(str, chosen))} of {k} kept" if chosen else "—")
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def print_report(path: Path, *, plot: Path | None = None) -> str:
-    results = json.loads(Path(path).read_text())
+def load_results(paths: Path | list[Path]) -> dict[str, Any]:
+    """One ``results.json``, or several (e.g. one per seed, run side by side) combined."""
+    files = [paths] if isinstance(paths, Path) else paths
+    loaded = [json.loads(Path(f).read_text()) for f in files]
+    return {"settings": loaded[0].get("settings", {}), "seeds": [s for r in loaded for s in r["seeds"]]}
+
+
+def print_report(paths: Path | list[Path], *, plot: Path | None = None) -> str:
+    results = load_results(paths)
     rows = collect(results)
     tasks = results["seeds"][0]["tasks"]
     counts = sorted({k for k, _ in rows})
-    parts = [f"seeds: {[s['seed'] for s in results['seeds']]}; fine-tuning seconds per task (mean): "
-             f"{statistics.fmean(v for s in results['seeds'] for v in s['finetune_s'].values()):.1f}"]
+    parts = [
+        f"seeds: {[s['seed'] for s in results['seeds']]}; fine-tuning seconds per task (mean): "
+        f"{statistics.fmean(v for s in results['seeds'] for v in s['finetune_s'].values()):.1f}"
+    ]
     for k in sorted(counts, reverse=True):
         parts.append(f"\n### {k} tasks merged ({', '.join(tasks[:k])})\n")
         parts.append(table(rows, k, tasks[:k]))
@@ -105,12 +127,19 @@ def draw(rows: dict[tuple[int, str], list[dict[str, Any]]], counts: list[int], p
     import matplotlib.pyplot as plt
 
     everything = max(counts)
-    methods = [name for (k, name) in rows if k == everything and name != "zero-shot"
-               and not name.startswith("fine-tune")]
+    methods = [
+        name
+        for (k, name) in rows
+        if k == everything and name != "zero-shot" and not name.startswith("fine-tune")
+    ]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     means = [statistics.fmean(e["normalized"] for e in rows[(everything, m)]) for m in methods]
-    lows = [m - min(e["normalized"] for e in rows[(everything, n)]) for m, n in zip(means, methods, strict=True)]
-    highs = [max(e["normalized"] for e in rows[(everything, n)]) - m for m, n in zip(means, methods, strict=True)]
+    lows = [
+        m - min(e["normalized"] for e in rows[(everything, n)]) for m, n in zip(means, methods, strict=True)
+    ]
+    highs = [
+        max(e["normalized"] for e in rows[(everything, n)]) - m for m, n in zip(means, methods, strict=True)
+    ]
     left.bar(range(len(methods)), means, yerr=[lows, highs], capsize=3, color="tab:blue")
     zs = statistics.fmean(e["normalized"] for e in rows[(everything, "zero-shot")])
     left.axhline(zs, color="gray", linestyle="--", label=f"zero-shot ({zs:.2f})")
@@ -118,7 +147,7 @@ def draw(rows: dict[tuple[int, str], list[dict[str, Any]]], counts: list[int], p
     left.set_xticks(range(len(methods)), methods, rotation=45, ha="right")
     left.set_ylabel("normalized accuracy (merged / fine-tuned)")
     left.set_title(f"all {everything} tasks merged (bars: seed min–max)")
-    left.set_ylim(0, 1.05)
+    left.set_ylim(0, max(1.05, max(m + h for m, h in zip(means, highs, strict=True)) + 0.05))
     left.legend(loc="lower right")
     for method in methods:
         ks = [k for k in counts if (k, method) in rows]
@@ -136,7 +165,7 @@ def draw(rows: dict[tuple[int, str], list[dict[str, Any]]], counts: list[int], p
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="+")
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     print_report(args.results, plot=args.plot)

@@ -36,8 +36,16 @@ from merge_ops.greedy_soup import load_state_dict
 LAMBDA_GRID = (0.3, 0.5, 0.7, 1.0)
 #: method -> searches λ?  (soups and Model Stock have no strength to choose)
 METHODS: dict[str, bool] = {
-    "model_soup": False, "task_arithmetic": True, "ties": True, "dare_linear": True, "dare_ties": True,
-    "breadcrumbs": True, "breadcrumbs_ties": True, "compeft": True, "lines": True, "model_stock": False,
+    "model_soup": False,
+    "task_arithmetic": True,
+    "ties": True,
+    "dare_linear": True,
+    "dare_ties": True,
+    "breadcrumbs": True,
+    "breadcrumbs_ties": True,
+    "compeft": True,
+    "lines": True,
+    "model_stock": False,
     "greedy_soup": False,
 }
 SOUPS = {"model_soup", "greedy_soup"}  # averages of the fine-tunes: no base in the recipe
@@ -85,13 +93,20 @@ def base_dir() -> Path:
 
 
 def make_evaluation(tasks: list[Task], split: str, *, folder: Path, settings: Settings) -> Evaluation:
-    rows = [{"text": text, "label": label, "task": t.name} for t in tasks for text, label in getattr(t, split)]
+    rows = [
+        {"text": text, "label": label, "task": t.name} for t in tasks for text, label in getattr(t, split)
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{split}-{len(tasks)}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = EvaluatorSpec(kind="embedding_prompt_accuracy", data=str(data), task_field="task",
-                         classes={t.name: [t.template.format(c) for c in t.classes] for t in tasks},
-                         max_length=settings.max_length, batch_size=64)
+    spec = EvaluatorSpec(
+        kind="embedding_prompt_accuracy",
+        data=str(data),
+        task_field="task",
+        classes={t.name: [t.template.format(c) for c in t.classes] for t in tasks},
+        max_length=settings.max_length,
+        batch_size=64,
+    )
     return Evaluation(tasks, build_evaluator(spec, model_dir=base_dir()), data)
 
 
@@ -103,8 +118,11 @@ def merge(recipe: dict[str, Any], out: Path, *, settings: Settings) -> float:
     if settings.merge_via == "cli":
         recipe_path = out.with_suffix(".yaml")
         recipe_path.write_text(yaml.safe_dump(recipe))
-        proc = subprocess.run([sys.executable, "-m", "app.cli", "merge", str(recipe_path), "--out", str(out),
-                               "--quiet"], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "app.cli", "merge", str(recipe_path), "--out", str(out), "--quiet"],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"alloy merge failed for {recipe['method']}:\n{proc.stderr[-2000:]}")
         report = json.loads((out / "alloy-report.json").read_text())
@@ -115,7 +133,9 @@ def merge(recipe: dict[str, Any], out: Path, *, settings: Settings) -> float:
     return float(run_merge(load_recipe(recipe), output_dir=out).timings["total_s"])
 
 
-def rescaled(base: dict[str, torch.Tensor], merged: dict[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
+def rescaled(
+    base: dict[str, torch.Tensor], merged: dict[str, torch.Tensor], lam: float
+) -> dict[str, torch.Tensor]:
     return {k: base[k] + lam * (v - base[k]) if v.is_floating_point() else v for k, v in merged.items()}
 
 
@@ -126,8 +146,16 @@ def greedy_soup_supported_by_recipe() -> bool:
     return "greedy_soup" in CATALOG and "evaluator" in Recipe.model_fields
 
 
-def run_method(method: str, ft_dirs: list[Path], *, val: Evaluation, test: Evaluation, base_sd: dict[str, torch.Tensor],
-               work: Path, settings: Settings) -> dict[str, Any]:
+def run_method(
+    method: str,
+    ft_dirs: list[Path],
+    *,
+    val: Evaluation,
+    test: Evaluation,
+    base_sd: dict[str, torch.Tensor],
+    work: Path,
+    settings: Settings,
+) -> dict[str, Any]:
     base = str(base_dir())
     recipe: dict[str, Any] = {"method": method, "models": [{"source": str(p)} for p in ft_dirs], "seed": 0}
     if method not in SOUPS:
@@ -137,9 +165,15 @@ def run_method(method: str, ft_dirs: list[Path], *, val: Evaluation, test: Evalu
     if method == "greedy_soup":
         spec = val.evaluator  # built once; the recipe names the same held-out file for the service path
         if greedy_soup_supported_by_recipe():
-            recipe["evaluator"] = {"kind": "embedding_prompt_accuracy", "data": str(val.data), "task_field": "task",
-                                   "classes": {t.name: [t.template.format(c) for c in t.classes] for t in val.tasks},
-                                   "max_length": settings.max_length, "batch_size": 64, "model": base}
+            recipe["evaluator"] = {
+                "kind": "embedding_prompt_accuracy",
+                "data": str(val.data),
+                "task_field": "task",
+                "classes": {t.name: [t.template.format(c) for c in t.classes] for t in val.tasks},
+                "max_length": settings.max_length,
+                "batch_size": 64,
+                "model": base,
+            }
             record["merge_s"] = merge(recipe, out, settings=settings)
             record["soup"] = json.loads((out / "alloy-report.json").read_text()).get("greedy_soup")
         else:  # the pipeline doesn't take greedy_soup recipes yet: choose in-process, write via the CLI
@@ -148,7 +182,8 @@ def run_method(method: str, ft_dirs: list[Path], *, val: Evaluation, test: Evalu
 
             chosen = run_greedy_soup(load_recipe({**recipe, "method": "linear"}), evaluator=spec)
             linear = soup_recipe(load_recipe({**recipe, "method": "linear"}), chosen).model_dump(
-                mode="json", by_alias=True, exclude_none=True)
+                mode="json", by_alias=True, exclude_none=True
+            )
             record["merge_s"] = chosen.seconds + merge(linear, out, settings=settings)
             record["soup"] = chosen.model_dump()
         merged = load_state_dict(out)
@@ -187,13 +222,23 @@ def run_seed(seed: int, settings: Settings, *, log: Any = print) -> SeedResult:
     for i, task in enumerate(tasks):
         folder = work / "finetuned" / task.name
         marker = folder / "finetune.json"
-        wanted = {"seed": seed * 1000 + i, "steps": settings.steps, "max_length": settings.max_length,
-                  "n_train": len(task.train)}
+        wanted = {
+            "seed": seed * 1000 + i,
+            "steps": settings.steps,
+            "max_length": settings.max_length,
+            "n_train": len(task.train),
+        }
         if marker.exists() and json.loads(marker.read_text())["settings"] == wanted:  # resume a stopped run
             result.finetune_s[task.name] = json.loads(marker.read_text())["seconds"]
         else:
-            result.finetune_s[task.name] = finetune(task, base_dir=base_dir(), out_dir=folder, seed=wanted["seed"],
-                                                    steps=settings.steps, max_length=settings.max_length)
+            result.finetune_s[task.name] = finetune(
+                task,
+                base_dir=base_dir(),
+                out_dir=folder,
+                seed=wanted["seed"],
+                steps=settings.steps,
+                max_length=settings.max_length,
+            )
             marker.write_text(json.dumps({"settings": wanted, "seconds": result.finetune_s[task.name]}))
         ft_dirs.append(folder)
         log(f"seed {seed}: fine-tuned {task.name} in {result.finetune_s[task.name]:.1f}s")
@@ -212,12 +257,21 @@ def run_seed(seed: int, settings: Settings, *, log: Any = print) -> SeedResult:
         test = make_evaluation(subset, "test", folder=work / "data", settings=settings)
         for method in settings.methods:
             started = time.perf_counter()
-            record = run_method(method, ft_dirs[:count], val=val, test=test, base_sd=base_sd,
-                                work=work / f"merged-{count}", settings=settings)
+            record = run_method(
+                method,
+                ft_dirs[:count],
+                val=val,
+                test=test,
+                base_sd=base_sd,
+                work=work / f"merged-{count}",
+                settings=settings,
+            )
             record["num_tasks"] = count
             result.merges.append(record)
-            log(f"seed {seed} k={count} {method}: test {_mean(record['test']):.3f} lambda={record.get('lambda')} "
-                f"merge {record['merge_s']:.2f}s (step {time.perf_counter() - started:.0f}s)")
+            log(
+                f"seed {seed} k={count} {method}: test {_mean(record['test']):.3f} lambda={record.get('lambda')} "
+                f"merge {record['merge_s']:.2f}s (step {time.perf_counter() - started:.0f}s)"
+            )
     if not settings.keep_outputs:
         shutil.rmtree(work / "finetuned", ignore_errors=True)
     return result
@@ -238,8 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for seed in args.seeds:
         results.append(run_seed(seed, settings, log=lambda m: print(m, flush=True)).__dict__)
-        (args.out / "results.json").write_text(json.dumps(
-            {"settings": {k: str(v) for k, v in settings.__dict__.items()}, "seeds": results}, indent=1))
+        (args.out / "results.json").write_text(
+            json.dumps(
+                {"settings": {k: str(v) for k, v in settings.__dict__.items()}, "seeds": results}, indent=1
+            )
+        )
     print(f"total {time.perf_counter() - started:.0f}s", flush=True)
     from benchmarks.quality.report import print_report
 

@@ -34,8 +34,7 @@ EvaluatorFactory = Callable[..., Evaluator]
 
 _BUILTINS = {
     "causal_lm_loss": "merge_ops.evaluators.causal_lm_loss:CausalLMLossEvaluator",
-    "sequence_classification_accuracy":
-        "merge_ops.evaluators.sequence_classification_accuracy:SequenceClassificationAccuracyEvaluator",
+    "sequence_classification_accuracy": "merge_ops.evaluators.sequence_classification_accuracy:SequenceClassificationAccuracyEvaluator",
     "embedding_prompt_accuracy": "merge_ops.evaluators.embedding_prompt_accuracy:EmbeddingPromptAccuracyEvaluator",
 }
 
@@ -82,7 +81,9 @@ def read_jsonl(path: Path, *, max_examples: int | None = None) -> list[dict[str,
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise EvaluatorError(f"{path.name}:{number}: not valid JSON ({exc.msg})", line=number) from None
+                raise EvaluatorError(
+                    f"{path.name}:{number}: not valid JSON ({exc.msg})", line=number
+                ) from None
             if not isinstance(row, dict):
                 raise EvaluatorError(f"{path.name}:{number}: each line must be a JSON object", line=number)
             rows.append(row)
@@ -96,7 +97,9 @@ def read_jsonl(path: Path, *, max_examples: int | None = None) -> list[dict[str,
 def field_values(rows: list[dict[str, Any]], field: str, *, path: Path) -> list[Any]:
     missing = [i for i, row in enumerate(rows, start=1) if field not in row]
     if missing:
-        raise EvaluatorError(f"{path.name}: row {missing[0]} has no field {field!r}", field=field, row=missing[0])
+        raise EvaluatorError(
+            f"{path.name}: row {missing[0]} has no field {field!r}", field=field, row=missing[0]
+        )
     return [row[field] for row in rows]
 
 
@@ -120,13 +123,20 @@ def load_into(model: torch.nn.Module, state_dict: StateDict) -> None:
             if tensor.is_floating_point():
                 extras.append(name)
     if extras:
-        raise EvaluatorError(f"checkpoint tensors not in the evaluator's architecture: {', '.join(extras[:5])}",
-                             tensors=extras[:20])
+        raise EvaluatorError(
+            f"checkpoint tensors not in the evaluator's architecture: {', '.join(extras[:5])}",
+            tensors=extras[:20],
+        )
     loaded_ptrs = {own[k].data_ptr() for k in mapped}
-    missing = [k for k in own if k not in mapped and own[k].is_floating_point() and own[k].data_ptr() not in loaded_ptrs]
+    missing = [
+        k
+        for k in own
+        if k not in mapped and own[k].is_floating_point() and own[k].data_ptr() not in loaded_ptrs
+    ]
     if missing:
-        raise EvaluatorError(f"checkpoint lacks tensors the evaluator needs: {', '.join(missing[:5])}",
-                             tensors=missing[:20])
+        raise EvaluatorError(
+            f"checkpoint lacks tensors the evaluator needs: {', '.join(missing[:5])}", tensors=missing[:20]
+        )
     with torch.no_grad():
         for name, tensor in mapped.items():
             own[name].copy_(tensor.to(own[name].dtype))
@@ -154,11 +164,14 @@ def load_tokenizer(model_dir: Path) -> Any:
     return tokenizer
 
 
-def tokenize_batches(tokenizer: Any, texts: list[str], *, batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
+def tokenize_batches(
+    tokenizer: Any, texts: list[str], *, batch_size: int, max_length: int
+) -> list[dict[str, torch.Tensor]]:
     """Tokenize once, at build time, in file order (each batch padded to its longest row)."""
     batches = []
     for start in range(0, len(texts), batch_size):
-        chunk = texts[start:start + batch_size]
-        batches.append(dict(tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
-                                      return_tensors="pt")))
+        chunk = texts[start : start + batch_size]
+        batches.append(
+            dict(tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+        )
     return batches

@@ -24,13 +24,17 @@ from merge_ops.evaluators.spec import EvaluatorSpec
 
 
 class CausalLMLossEvaluator:
-    def __init__(self, spec: EvaluatorSpec, *, model_dir: Path, data_path: Path, device: torch.device) -> None:
+    def __init__(
+        self, spec: EvaluatorSpec, *, model_dir: Path, data_path: Path, device: torch.device
+    ) -> None:
         from transformers import AutoModelForCausalLM
 
         rows = read_jsonl(data_path, max_examples=spec.max_examples)
         texts = [str(t) for t in field_values(rows, spec.text_field, path=data_path)]
         tokenizer = load_tokenizer(model_dir)
-        self.batches = tokenize_batches(tokenizer, texts, batch_size=spec.batch_size, max_length=spec.max_length)
+        self.batches = tokenize_batches(
+            tokenizer, texts, batch_size=spec.batch_size, max_length=spec.max_length
+        )
         if sum(int(b["attention_mask"][:, 1:].sum()) for b in self.batches) == 0:
             raise EvaluatorError(f"{data_path.name}: no text has two tokens, nothing to predict")
         self.model = load_pretrained(AutoModelForCausalLM, model_dir, device=device)

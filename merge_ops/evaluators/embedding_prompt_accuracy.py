@@ -40,7 +40,9 @@ def embed(model: Any, batch: dict[str, torch.Tensor], *, pooling: str, device: t
 
 
 class EmbeddingPromptAccuracyEvaluator:
-    def __init__(self, spec: EvaluatorSpec, *, model_dir: Path, data_path: Path, device: torch.device) -> None:
+    def __init__(
+        self, spec: EvaluatorSpec, *, model_dir: Path, data_path: Path, device: torch.device
+    ) -> None:
         from transformers import AutoModel
 
         rows = read_jsonl(data_path, max_examples=spec.max_examples)
@@ -60,23 +62,37 @@ class EmbeddingPromptAccuracyEvaluator:
         # per row: its task, and its label as an index into that task's class list
         self.task_names = sorted(set(tasks))
         self.row_task = torch.tensor([self.task_names.index(t) for t in tasks])
-        self.row_label = torch.tensor([
-            _label_index(label, classes_by_task, task, row, data_path)
-            for row, (label, task) in enumerate(zip(labels, tasks, strict=True), start=1)
-        ])
+        self.row_label = torch.tensor(
+            [
+                _label_index(label, classes_by_task, task, row, data_path)
+                for row, (label, task) in enumerate(zip(labels, tasks, strict=True), start=1)
+            ]
+        )
         with torch.no_grad():
             self.heads = {
-                t: torch.cat([embed(self.model, b, pooling=self.pooling, device=device) for b in tokenize_batches(
-                    tokenizer, [spec.prompt_template.format(c) for c in classes_by_task[t]],
-                    batch_size=spec.batch_size, max_length=spec.max_length)])
+                t: torch.cat(
+                    [
+                        embed(self.model, b, pooling=self.pooling, device=device)
+                        for b in tokenize_batches(
+                            tokenizer,
+                            [spec.prompt_template.format(c) for c in classes_by_task[t]],
+                            batch_size=spec.batch_size,
+                            max_length=spec.max_length,
+                        )
+                    ]
+                )
                 for t in self.task_names
             }
-        self.batches = tokenize_batches(tokenizer, texts, batch_size=spec.batch_size, max_length=spec.max_length)
+        self.batches = tokenize_batches(
+            tokenizer, texts, batch_size=spec.batch_size, max_length=spec.max_length
+        )
 
     @torch.no_grad()
     def per_task_accuracy(self, state_dict: StateDict) -> dict[str, float]:
         load_into(self.model, state_dict)
-        embeddings = torch.cat([embed(self.model, b, pooling=self.pooling, device=self.device) for b in self.batches])
+        embeddings = torch.cat(
+            [embed(self.model, b, pooling=self.pooling, device=self.device) for b in self.batches]
+        )
         result = {}
         for index, task in enumerate(self.task_names):
             rows = self.row_task == index

@@ -24,8 +24,9 @@ from merge_ops.evaluators.base import (
 from merge_ops.evaluators.spec import EvaluatorSpec
 
 
-def label_ids(labels: list[Any], *, names: list[str] | None, label2id: dict[str, int], num_labels: int,
-              path: Path) -> torch.Tensor:
+def label_ids(
+    labels: list[Any], *, names: list[str] | None, label2id: dict[str, int], num_labels: int, path: Path
+) -> torch.Tensor:
     lookup = {name: i for i, name in enumerate(names)} if names else dict(label2id)
     ids = []
     for row, label in enumerate(labels, start=1):
@@ -39,25 +40,35 @@ def label_ids(labels: list[Any], *, names: list[str] | None, label2id: dict[str,
 
 
 class SequenceClassificationAccuracyEvaluator:
-    def __init__(self, spec: EvaluatorSpec, *, model_dir: Path, data_path: Path, device: torch.device) -> None:
+    def __init__(
+        self, spec: EvaluatorSpec, *, model_dir: Path, data_path: Path, device: torch.device
+    ) -> None:
         from transformers import AutoModelForSequenceClassification
 
         rows = read_jsonl(data_path, max_examples=spec.max_examples)
         texts = [str(t) for t in field_values(rows, spec.text_field, path=data_path)]
         self.model = load_pretrained(AutoModelForSequenceClassification, model_dir, device=device)
         names = spec.classes if isinstance(spec.classes, list) else None
-        self.labels = label_ids(field_values(rows, spec.label_field, path=data_path), names=names,
-                                label2id=dict(self.model.config.label2id or {}),
-                                num_labels=int(self.model.config.num_labels), path=data_path)
+        self.labels = label_ids(
+            field_values(rows, spec.label_field, path=data_path),
+            names=names,
+            label2id=dict(self.model.config.label2id or {}),
+            num_labels=int(self.model.config.num_labels),
+            path=data_path,
+        )
         tokenizer = load_tokenizer(model_dir)
-        self.batches = tokenize_batches(tokenizer, texts, batch_size=spec.batch_size, max_length=spec.max_length)
+        self.batches = tokenize_batches(
+            tokenizer, texts, batch_size=spec.batch_size, max_length=spec.max_length
+        )
         self.device = device
 
     @torch.no_grad()
     def predict(self, state_dict: StateDict) -> torch.Tensor:
         load_into(self.model, state_dict)
-        preds = [self.model(**{k: v.to(self.device) for k, v in b.items()}).logits.argmax(-1).cpu()
-                 for b in self.batches]
+        preds = [
+            self.model(**{k: v.to(self.device) for k, v in b.items()}).logits.argmax(-1).cpu()
+            for b in self.batches
+        ]
         return torch.cat(preds)
 
     def score(self, state_dict: StateDict, /) -> float:

@@ -29,25 +29,37 @@ class EvaluatorSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(description="causal_lm_loss | sequence_classification_accuracy | embedding_prompt_accuracy "
-                                  "| an installed alloy.evaluators plugin.")
+    kind: str = Field(
+        description="causal_lm_loss | sequence_classification_accuracy | embedding_prompt_accuracy "
+        "| an installed alloy.evaluators plugin."
+    )
     data: str = Field(min_length=1, description="JSONL held-out file (never the test split).")
     text_field: str = Field("text", min_length=1)
     label_field: str = Field("label", min_length=1)
     task_field: str | None = Field(
-        None, description="embedding_prompt_accuracy: rows carry a task name; the score is the mean of the "
-                          "per-task accuracies, each with that task's class names.")
+        None,
+        description="embedding_prompt_accuracy: rows carry a task name; the score is the mean of the "
+        "per-task accuracies, each with that task's class names.",
+    )
     classes: list[str] | dict[str, list[str]] | None = Field(
-        None, description="Class names in label order (a dict of them per task with task_field). "
-                          "sequence_classification_accuracy: optional, maps string labels to ids.")
-    prompt_template: str = Field("{}", description="embedding_prompt_accuracy: text embedded for each class name.")
-    pooling: Literal["mean", "cls"] = Field("mean", description="embedding_prompt_accuracy: sentence pooling.")
+        None,
+        description="Class names in label order (a dict of them per task with task_field). "
+        "sequence_classification_accuracy: optional, maps string labels to ids.",
+    )
+    prompt_template: str = Field(
+        "{}", description="embedding_prompt_accuracy: text embedded for each class name."
+    )
+    pooling: Literal["mean", "cls"] = Field(
+        "mean", description="embedding_prompt_accuracy: sentence pooling."
+    )
     batch_size: int = Field(16, ge=1, le=1024)
     max_examples: int | None = Field(None, ge=1, description="Use only the first N rows.")
     max_length: int = Field(256, ge=2, le=8192, description="Tokens per example (longer ones are truncated).")
     model: str | None = Field(
-        None, description="Folder giving the architecture, config and tokenizer; default: the recipe's base, "
-                          "else its first model. embedding_prompt_accuracy embeds the class prompts with it.")
+        None,
+        description="Folder giving the architecture, config and tokenizer; default: the recipe's base, "
+        "else its first model. embedding_prompt_accuracy embeds the class prompts with it.",
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="Extra settings for plugin evaluators.")
 
     @field_validator("kind")
@@ -71,6 +83,8 @@ class EvaluatorSpec(BaseModel):
             if not self.classes:
                 raise ValueError("embedding_prompt_accuracy needs classes (the class names)")
             if (self.task_field is None) != isinstance(self.classes, list):
-                raise ValueError("with task_field, classes must map each task to its class names; without it, "
-                                 "classes is one list")
+                raise ValueError(
+                    "with task_field, classes must map each task to its class names; without it, "
+                    "classes is one list"
+                )
         return self

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-
 from sqlalchemy import text
 
 from app.core.config import Settings
@@ -44,9 +43,16 @@ class Api:
         for path in sorted(folder.glob("*.msg"), key=lambda p: p.stat().st_mtime_ns):
             message = json.loads(path.read_text())
             args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
-            found.append({"task": message["headers"]["task"], "args": args, "kwargs": kwargs,
-                          "priority": message["properties"].get("priority"), "file": path.name,
-                          "raw": path.read_text()})
+            found.append(
+                {
+                    "task": message["headers"]["task"],
+                    "args": args,
+                    "kwargs": kwargs,
+                    "priority": message["properties"].get("priority"),
+                    "file": path.name,
+                    "raw": path.read_text(),
+                }
+            )
         return found
 
 

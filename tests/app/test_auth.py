@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from app.services.tokens import revoke_token
-from app.models import ApiToken
 from sqlalchemy import select
+
+from app.models import ApiToken
+from app.services.tokens import revoke_token
 from tests.app.conftest import Api, recipe
 
 PUBLIC = {"/healthz", "/readyz", "/metrics"}
@@ -56,7 +56,9 @@ def test_tokens_are_stored_hashed(api: Api) -> None:
     assert not {api.user, api.other, api.admin} & set(hashes)
 
 
-@pytest.mark.parametrize("suffix,method", [("", "GET"), ("/report", "GET"), ("/events", "GET"), ("", "DELETE")])
+@pytest.mark.parametrize(
+    "suffix,method", [("", "GET"), ("/report", "GET"), ("/events", "GET"), ("", "DELETE")]
+)
 def test_other_callers_get_404_for_my_jobs(api: Api, suffix: str, method: str) -> None:
     job_id = api.post_recipe(recipe()).json()["id"]
     response = api.client.request(method, f"/v1/merges/{job_id}{suffix}", headers=api.headers(api.other))
@@ -69,7 +71,9 @@ def test_lists_show_own_jobs_admin_sees_all(api: Api) -> None:
     mine = api.post_recipe(recipe()).json()["id"]
     theirs = api.post_recipe(recipe(), token=api.other).json()["id"]
     assert [j["id"] for j in api.client.get("/v1/merges", headers=api.headers()).json()["items"]] == [mine]
-    assert [j["id"] for j in api.client.get("/v1/merges", headers=api.headers(api.other)).json()["items"]] == [theirs]
+    assert [
+        j["id"] for j in api.client.get("/v1/merges", headers=api.headers(api.other)).json()["items"]
+    ] == [theirs]
     everything = api.client.get("/v1/merges", headers=api.headers(api.admin)).json()["items"]
     assert {j["id"] for j in everything} == {mine, theirs}
     assert api.client.get(f"/v1/merges/{theirs}", headers=api.headers(api.admin)).status_code == 200

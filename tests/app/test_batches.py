@@ -22,8 +22,9 @@ def test_batch_creates_one_job_per_recipe(api: Api) -> None:
 
 
 def test_batch_counts_follow_the_jobs(api: Api) -> None:
-    batch = api.client.post("/v1/batches", json={"recipes": [recipe(seed=i) for i in range(3)]},
-                            headers=api.headers()).json()
+    batch = api.client.post(
+        "/v1/batches", json={"recipes": [recipe(seed=i) for i in range(3)]}, headers=api.headers()
+    ).json()
     first, second, third = (job["id"] for job in batch["jobs"])
     with api.client.app.state.sessionmaker() as session:
         crud.claim_job(session, job_id=first, worker="w")

@@ -29,7 +29,9 @@ def session(database_url: str) -> Iterator[Session]:
 
 def _job(session: Session, **fields) -> str:
     owner = ensure_token(session, name="owner")
-    job = Job(owner_token_id=owner.id, recipe_json=json.dumps({"method": "ties"}), recipe_digest="d", **fields)
+    job = Job(
+        owner_token_id=owner.id, recipe_json=json.dumps({"method": "ties"}), recipe_digest="d", **fields
+    )
     session.add(job)
     session.commit()
     return job.id
@@ -60,10 +62,18 @@ def test_progress_heartbeat_and_finish_only_touch_active_jobs(session: Session) 
     job_id = _job(session)
     assert not crud.record_progress(session, job_id=job_id, done=1, total=4)  # not running yet
     crud.claim_job(session, job_id=job_id, worker="w")
-    assert crud.record_progress(session, job_id=job_id, done=2, total=4, bytes_done=20, bytes_total=40, eta_s=1.5)
+    assert crud.record_progress(
+        session, job_id=job_id, done=2, total=4, bytes_done=20, bytes_total=40, eta_s=1.5
+    )
     assert crud.heartbeat(session, job_id=job_id)
     job = crud.get_job(session, job_id=job_id)
-    assert (job.tensors_done, job.tensors_total, job.bytes_done, job.bytes_total, job.eta_s) == (2, 4, 20, 40, 1.5)
+    assert (job.tensors_done, job.tensors_total, job.bytes_done, job.bytes_total, job.eta_s) == (
+        2,
+        4,
+        20,
+        40,
+        1.5,
+    )
     error = {"code": "output_error", "detail": "disk full", "context": {"free": 0}}
     assert crud.finish_job(session, job_id=job_id, status="failed", error=error, report={"partial": True})
     assert not crud.finish_job(session, job_id=job_id, status="succeeded")  # already ended

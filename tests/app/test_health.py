@@ -25,9 +25,14 @@ def test_readyz_when_a_worker_answers(api: Api, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr("app.core.queue.ping_workers", lambda settings, timeout_s: ["celery@gpu0"])
     response = api.client.get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ready", "checks": {
-        "database": {"ok": True, "detail": "ok"}, "broker": {"ok": True, "detail": "ok"},
-        "workers": {"ok": True, "detail": "1 worker(s): celery@gpu0"}}}
+    assert response.json() == {
+        "status": "ready",
+        "checks": {
+            "database": {"ok": True, "detail": "ok"},
+            "broker": {"ok": True, "detail": "ok"},
+            "workers": {"ok": True, "detail": "1 worker(s): celery@gpu0"},
+        },
+    }
 
 
 def test_readyz_reports_an_unreachable_broker(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,8 +49,11 @@ def test_readyz_reports_an_unreachable_broker(api: Api, monkeypatch: pytest.Monk
 
 def _samples(api: Api) -> dict[tuple[str, tuple], float]:
     text = api.client.get("/metrics").text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_metrics_from_the_job_store(api: Api) -> None:

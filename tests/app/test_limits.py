@@ -25,7 +25,12 @@ def test_submissions_are_rate_limited_per_token(limited: Api) -> None:
     assert response.json()["code"] == "rate_limited"
     assert 1 <= int(response.headers["retry-after"]) <= 60
     # batches count as submissions; reads are not limited; other tokens have their own window
-    assert limited.client.post("/v1/batches", json={"recipes": [recipe()]}, headers=limited.headers()).status_code == 429
+    assert (
+        limited.client.post(
+            "/v1/batches", json={"recipes": [recipe()]}, headers=limited.headers()
+        ).status_code
+        == 429
+    )
     assert limited.client.get("/v1/merges", headers=limited.headers()).status_code == 200
     assert limited.post_recipe(recipe(seed=9), token=limited.other).status_code == 202
 
@@ -49,22 +54,28 @@ def test_oversized_body_is_413(limited: Api) -> None:
     assert response.status_code == 413 and response.json()["code"] == "payload_too_large"
     # without Content-Length (chunked) the stream is cut at the limit too
     chunks = (b'{"method": "ties", "pad": "' + b"x" * 1000 + b'"}' for _ in range(3))
-    response = limited.client.post("/v1/merges", content=chunks,
-                                    headers=limited.headers(**{"Content-Type": "application/json"}))
+    response = limited.client.post(
+        "/v1/merges", content=chunks, headers=limited.headers(**{"Content-Type": "application/json"})
+    )
     assert response.status_code == 413
     assert limited.messages() == []
 
 
-@pytest.mark.parametrize("content,content_type,status,code", [
-    (b'{"method": "ties",', "application/json", 400, "malformed_body"),
-    (b"method: [ties\n", "application/yaml", 400, "malformed_body"),
-    (b"\xff\xfe\x00", "application/json", 400, "malformed_body"),
-    (b"[1, 2]", "application/json", 422, "invalid_recipe"),
-    (b"just text", "application/yaml", 422, "invalid_recipe"),
-    (b"method=ties", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
-])
+@pytest.mark.parametrize(
+    "content,content_type,status,code",
+    [
+        (b'{"method": "ties",', "application/json", 400, "malformed_body"),
+        (b"method: [ties\n", "application/yaml", 400, "malformed_body"),
+        (b"\xff\xfe\x00", "application/json", 400, "malformed_body"),
+        (b"[1, 2]", "application/json", 422, "invalid_recipe"),
+        (b"just text", "application/yaml", 422, "invalid_recipe"),
+        (b"method=ties", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
+    ],
+)
 def test_malformed_bodies(api: Api, content: bytes, content_type: str, status: int, code: str) -> None:
-    response = api.client.post("/v1/merges", content=content, headers=api.headers(**{"Content-Type": content_type}))
+    response = api.client.post(
+        "/v1/merges", content=content, headers=api.headers(**{"Content-Type": content_type})
+    )
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     problem = response.json()

@@ -35,8 +35,9 @@ def test_submit_json_creates_queued_job_and_enqueues_after_commit(api: Api) -> N
 
 def test_submit_yaml(api: Api) -> None:
     text = yaml.safe_dump(recipe(method="ties", params={"density": 0.3}))
-    response = api.client.post("/v1/merges", content=text,
-                               headers=api.headers(**{"Content-Type": "application/yaml"}))
+    response = api.client.post(
+        "/v1/merges", content=text, headers=api.headers(**{"Content-Type": "application/yaml"})
+    )
     assert response.status_code == 202, response.text
     assert response.json()["recipe"]["method"] == "ties"
     assert response.json()["recipe"]["params"] == {"density": 0.3}
@@ -53,8 +54,9 @@ models:
     parameters: {weight: 0.5, density: 0.5}
 dtype: bfloat16
 """
-    response = api.client.post("/v1/merges", content=text,
-                               headers=api.headers(**{"Content-Type": "application/yaml"}))
+    response = api.client.post(
+        "/v1/merges", content=text, headers=api.headers(**{"Content-Type": "application/yaml"})
+    )
     assert response.status_code == 202, response.text
     stored = response.json()["recipe"]
     assert stored["method"] == "ties" and stored["dtype"] == "bfloat16"
@@ -63,8 +65,13 @@ dtype: bfloat16
 
 
 def test_invalid_recipe_lists_every_error_and_creates_no_job(api: Api) -> None:
-    bad = {"method": "ties", "models": [{"source": "ft1", "weight": 1000}], "params": {"density": 2},
-           "weights": [1, 2], "seed": -1}
+    bad = {
+        "method": "ties",
+        "models": [{"source": "ft1", "weight": 1000}],
+        "params": {"density": 2},
+        "weights": [1, 2],
+        "seed": -1,
+    }
     response = api.post_recipe(bad)
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/problem+json"
@@ -153,7 +160,9 @@ def test_cancel_running_job_sets_cancel_requested(api: Api) -> None:
     assert response.json()["status"] == "running" and response.json()["cancel_requested"] is True
     with api.client.app.state.sessionmaker() as session:
         assert crud.is_cancel_requested(session, job_id=job_id)
-        crud.finish_job(session, job_id=job_id, status="cancelled", error={"code": "cancelled", "detail": "stopped"})
+        crud.finish_job(
+            session, job_id=job_id, status="cancelled", error={"code": "cancelled", "detail": "stopped"}
+        )
     assert api.client.get(f"/v1/merges/{job_id}", headers=api.headers()).json()["status"] == "cancelled"
 
 
@@ -173,22 +182,44 @@ def test_progress_output_report_and_failed_job_problem(api: Api) -> None:
     assert report.status_code == 409 and report.json()["code"] == "report_not_ready"
     with api.client.app.state.sessionmaker() as session:
         crud.claim_job(session, job_id=ok_id, worker="w1")
-        crud.record_progress(session, job_id=ok_id, done=3, total=12, bytes_done=300, bytes_total=1200, eta_s=9.0)
+        crud.record_progress(
+            session, job_id=ok_id, done=3, total=12, bytes_done=300, bytes_total=1200, eta_s=9.0
+        )
     progress = api.client.get(f"/v1/merges/{ok_id}", headers=api.headers()).json()["progress"]
-    assert progress == {"tensors_done": 3, "tensors_total": 12, "bytes_done": 300, "bytes_total": 1200,
-                        "eta_s": 9.0, "fraction": 0.25}
+    assert progress == {
+        "tensors_done": 3,
+        "tensors_total": 12,
+        "bytes_done": 300,
+        "bytes_total": 1200,
+        "eta_s": 9.0,
+        "fraction": 0.25,
+    }
     with api.client.app.state.sessionmaker() as session:
-        crud.finish_job(session, job_id=ok_id, status="succeeded", output_path=str(api.data / "out"),
-                        report={"method": "task_arithmetic", "tensors": 12})
+        crud.finish_job(
+            session,
+            job_id=ok_id,
+            status="succeeded",
+            output_path=str(api.data / "out"),
+            report={"method": "task_arithmetic", "tensors": 12},
+        )
         crud.claim_job(session, job_id=bad_id, worker="w1")
-        crud.finish_job(session, job_id=bad_id, status="failed", error={
-            "code": "incompatible_models", "detail": "shape mismatch in layer.0.weight",
-            "context": {"tensor": "layer.0.weight"}})
+        crud.finish_job(
+            session,
+            job_id=bad_id,
+            status="failed",
+            error={
+                "code": "incompatible_models",
+                "detail": "shape mismatch in layer.0.weight",
+                "context": {"tensor": "layer.0.weight"},
+            },
+        )
     done = api.client.get(f"/v1/merges/{ok_id}", headers=api.headers()).json()
     assert done["status"] == "succeeded" and done["output"]["path"] == str(api.data / "out")
     assert done["progress"]["fraction"] == 1.0 and done["duration_s"] is not None and done["error"] is None
     assert api.client.get(f"/v1/merges/{ok_id}/report", headers=api.headers()).json() == {
-        "method": "task_arithmetic", "tensors": 12}
+        "method": "task_arithmetic",
+        "tensors": 12,
+    }
     failed = api.client.get(f"/v1/merges/{bad_id}", headers=api.headers()).json()
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "incompatible_models" and failed["error"]["status"] == 422

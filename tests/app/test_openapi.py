@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_checked_in_openapi_matches_the_app() -> None:
-    generated = subprocess.run([sys.executable, "-m", "app.openapi"], cwd=ROOT, capture_output=True, text=True,
-                               check=True).stdout
+    generated = subprocess.run(
+        [sys.executable, "-m", "app.openapi"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     checked_in = (ROOT / "openapi.yaml").read_text()
     assert generated == checked_in, "openapi.yaml is stale: run `python -m app.openapi > openapi.yaml`"
 

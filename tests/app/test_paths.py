@@ -54,8 +54,11 @@ def test_absolute_paths_elsewhere_are_refused(api: Api, tmp_path: Path) -> None:
 def test_missing_source_is_refused_hub_sources_are_not_paths(api: Api) -> None:
     errors = _errors(api.post_recipe(recipe(models=[{"source": "nope"}, {"source": "hf://org/model@main"}])))
     assert set(errors) == {("models", "0", "source")}
-    response = api.post_recipe(recipe(models=[{"source": "hf://org/model@main"},
-                                              {"source": {"repo": "org/other", "revision": "v1"}}]))
+    response = api.post_recipe(
+        recipe(
+            models=[{"source": "hf://org/model@main"}, {"source": {"repo": "org/other", "revision": "v1"}}]
+        )
+    )
     assert response.status_code == 202
     assert response.json()["recipe"]["models"][0]["source"] == "hf://org/model@main"
 
@@ -66,7 +69,9 @@ def test_confine_path_tries_roots_in_order(tmp_path: Path) -> None:
     first.mkdir()
     assert confine_path("model", roots=[first, second], must_exist=True) == (second / "model").resolve()
     # outputs that don't exist yet go to the first root
-    assert confine_path("new/out", roots=[first, second], must_exist=False) == (first / "new" / "out").resolve()
+    assert (
+        confine_path("new/out", roots=[first, second], must_exist=False) == (first / "new" / "out").resolve()
+    )
     with pytest.raises(ValueError):
         confine_path("missing", roots=[first, second], must_exist=True)
     with pytest.raises(ValueError):

@@ -31,28 +31,34 @@ def test_validate_returns_the_normalized_recipe_without_a_job(api: Api) -> None:
 
 
 def test_import_translates_mergekit_without_path_checks(api: Api) -> None:
-    response = api.client.post("/v1/recipes/import", content=MERGEKIT,
-                               headers=api.headers(**{"Content-Type": "application/yaml"}))
+    response = api.client.post(
+        "/v1/recipes/import", content=MERGEKIT, headers=api.headers(**{"Content-Type": "application/yaml"})
+    )
     assert response.status_code == 200, response.text
     imported = response.json()
     assert imported["method"] == "dare_ties" and imported["base"] == "base"
     assert [m["source"] for m in imported["models"]] == ["ft1", "ft2"]
     alloy_yaml = yaml.safe_dump(recipe(base="not/there"))
-    same = api.client.post("/v1/recipes/import", content=alloy_yaml,
-                           headers=api.headers(**{"Content-Type": "application/yaml"}))
+    same = api.client.post(
+        "/v1/recipes/import", content=alloy_yaml, headers=api.headers(**{"Content-Type": "application/yaml"})
+    )
     assert same.status_code == 200 and same.json()["base"] == "not/there"
     invalid = api.client.post("/v1/recipes/import", json={"method": "ties"}, headers=api.headers())
     assert invalid.status_code == 422 and invalid.json()["errors"]
 
 
 def test_analysis_becomes_an_analyze_job(api: Api) -> None:
-    response = api.client.post("/v1/analyses", json={"sources": ["ft1", "ft2"], "base": "base"},
-                               headers=api.headers())
+    response = api.client.post(
+        "/v1/analyses", json={"sources": ["ft1", "ft2"], "base": "base"}, headers=api.headers()
+    )
     assert response.status_code == 202, response.text
     job = response.json()
     assert job["kind"] == "analyze" and job["status"] == "queued"
-    assert job["recipe"] == {"sources": [str((api.data / n).resolve()) for n in ("ft1", "ft2")],
-                             "base": str((api.data / "base").resolve()), "allow_pickle": False}
+    assert job["recipe"] == {
+        "sources": [str((api.data / n).resolve()) for n in ("ft1", "ft2")],
+        "base": str((api.data / "base").resolve()),
+        "allow_pickle": False,
+    }
     assert [m["args"] for m in api.messages()] == [[job["id"]]]
     listed = api.client.get("/v1/merges", params={"kind": "analyze"}, headers=api.headers()).json()["items"]
     assert [j["id"] for j in listed] == [job["id"]]

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import schemathesis
-from schemathesis import checks
 from hypothesis import HealthCheck, settings
+from schemathesis import checks
 
 from app.db import init_db
 from app.main import create_app
@@ -20,8 +20,13 @@ _state: dict[str, Any] = {}
 # Conformance checks only: "positive data acceptance" can't hold because part of a recipe's validity (files that
 # exist inside the data dirs, cross-field rules such as a method's minimum model count) is not expressible in JSON
 # schema, so a schema-valid recipe may rightly get a 422.
-CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
-          checks.response_schema_conformance, checks.response_headers_conformance]
+CHECKS = [
+    checks.not_a_server_error,
+    checks.status_code_conformance,
+    checks.content_type_conformance,
+    checks.response_schema_conformance,
+    checks.response_headers_conformance,
+]
 
 
 @pytest.fixture
@@ -42,7 +47,15 @@ schema = schemathesis.pytest.from_fixture("alloy_schema")
 
 @pytest.mark.slow
 @schema.parametrize()
-@settings(max_examples=12, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 def test_api_conforms_to_its_schema(case: Any) -> None:
     case.call_and_validate(headers={"Authorization": f"Bearer {_state['token']}"}, checks=CHECKS)

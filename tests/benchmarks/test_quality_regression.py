@@ -30,8 +30,17 @@ BASELINE = Path(__file__).with_name("quality_baseline.json")
 MARGIN = 0.06
 #: task arithmetic must keep at least this share of the fine-tuning gain
 MIN_GAIN_KEPT = 0.4
-FAST = dict(steps=12, n_train=96, n_val=32, n_test=48, max_length=24, num_tasks=2, subsets=(0,),
-            merge_via="api", lambdas=(0.3, 0.5, 0.7, 1.0))
+FAST = dict(
+    steps=12,
+    n_train=96,
+    n_val=32,
+    n_test=48,
+    max_length=24,
+    task_names=("movie_sentiment", "roget_category"),
+    subsets=(0,),
+    merge_via="api",
+    lambdas=(0.3, 0.5, 0.7, 1.0),
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +71,17 @@ def test_every_method_stays_near_its_recorded_score(fast_run: dict[str, Any]) ->
     measured = {m: round(s["mean"], 4) for m, s in fast_run["scores"].items()}
     assert set(measured) == set(METHODS)
     if os.environ.get("ALLOY_RECORD_QUALITY") == "1":
-        BASELINE.write_text(json.dumps({"margin": MARGIN, "settings": {k: str(v) for k, v in FAST.items()},
-                                        "mean_test_accuracy": measured}, indent=1) + "\n")
+        BASELINE.write_text(
+            json.dumps(
+                {
+                    "margin": MARGIN,
+                    "settings": {k: str(v) for k, v in FAST.items()},
+                    "mean_test_accuracy": measured,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     recorded = json.loads(BASELINE.read_text())["mean_test_accuracy"]
     drifted = {m: (recorded[m], v) for m, v in measured.items() if abs(v - recorded[m]) > MARGIN}
     assert not drifted, f"methods outside ±{MARGIN} of their recorded score (recorded, now): {drifted}"

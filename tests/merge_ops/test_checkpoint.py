@@ -48,6 +48,14 @@ def test_raw_helper_makes_files_safetensors_and_alloy_accept(tmp_path: Path) -> 
 # Each case: (header or raw header bytes, data bytes, header_len override, tensor named in the message or None)
 HOSTILE = {
     "bad_json": (b'{"w": {"dtype": "F32", ', b"", None, None),
+    "nesting_bomb": (b"[" * 100_000 + b"]" * 100_000, b"", None, None),
+    "huge_integer": (
+        b'{"w": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}',
+        b"",
+        None,
+        None,
+    ),
+    "float_shape": ({"w": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, b"\0" * 4, None, "w"),
     "not_utf8": (b'{"\xff\xfe": 1}', b"", None, None),
     "not_an_object": (b"[1, 2, 3]", b"", None, None),
     "header_len_past_file": ({"w": f32_entry([2], 0)}, b"\0" * 8, 10_000, None),

@@ -18,16 +18,22 @@ from merge_ops.evaluators import base as evaluators_base
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-WORDS = "the a movie film was great good bad awful plot actor boring fun dog cat ran sat on mat".split()
+WORDS = "the a movie film was great good bad awful plot actor boring fun dog cat ran sat on mat".split()  # noqa: SIM905
 
 
 def write_tokenizer(folder: Path) -> None:
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                                eos_token="[SEP]")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        eos_token="[SEP]",
+    )
     fast.save_pretrained(str(folder))
 
 
@@ -36,9 +42,15 @@ def vocab_size() -> int:
 
 
 def tiny_bert_config(**extra: object) -> transformers.BertConfig:
-    return transformers.BertConfig(vocab_size=vocab_size(), hidden_size=16, num_hidden_layers=1,
-                                   num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
-                                   **extra)
+    return transformers.BertConfig(
+        vocab_size=vocab_size(),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        **extra,
+    )
 
 
 def save_model(model: torch.nn.Module, folder: Path) -> Path:
@@ -56,8 +68,14 @@ def state_dict_of(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-TEXTS = ["the movie was great", "a boring plot", "the dog sat on the mat", "fun", "awful actor was bad film",
-         "the cat ran"]
+TEXTS = [
+    "the movie was great",
+    "a boring plot",
+    "the dog sat on the mat",
+    "fun",
+    "awful actor was bad film",
+    "the cat ran",
+]
 
 
 @pytest.fixture
@@ -98,11 +116,14 @@ def test_causal_lm_loss_follows_the_state_dict(causal_lm: Path, tmp_path: Path) 
 
 def test_sequence_classification_accuracy(tmp_path: Path) -> None:
     torch.manual_seed(1)
-    folder = save_model(transformers.BertForSequenceClassification(tiny_bert_config(num_labels=3)), tmp_path / "cls")
+    folder = save_model(
+        transformers.BertForSequenceClassification(tiny_bert_config(num_labels=3)), tmp_path / "cls"
+    )
     rows = [{"text": t, "label": i % 3} for i, t in enumerate(TEXTS)]
     data = write_jsonl(tmp_path / "held.jsonl", rows)
-    evaluator = build_evaluator(EvaluatorSpec(kind="sequence_classification_accuracy", data=str(data),
-                                              batch_size=4), model_dir=folder)
+    evaluator = build_evaluator(
+        EvaluatorSpec(kind="sequence_classification_accuracy", data=str(data), batch_size=4), model_dir=folder
+    )
     model = transformers.BertForSequenceClassification.from_pretrained(str(folder)).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     with torch.no_grad():
@@ -110,18 +131,25 @@ def test_sequence_classification_accuracy(tmp_path: Path) -> None:
     expected = sum(p == r["label"] for p, r in zip(predicted, rows, strict=True)) / len(rows)
     assert evaluator.score(state_dict_of(folder)) == pytest.approx(expected)
     # the same rows with class names instead of ids
-    named = write_jsonl(tmp_path / "named.jsonl", [{"text": r["text"], "label": "xyz"[r["label"]]} for r in rows])
-    by_name = build_evaluator(EvaluatorSpec(kind="sequence_classification_accuracy", data=str(named),
-                                            classes=["x", "y", "z"]), model_dir=folder)
+    named = write_jsonl(
+        tmp_path / "named.jsonl", [{"text": r["text"], "label": "xyz"[r["label"]]} for r in rows]
+    )
+    by_name = build_evaluator(
+        EvaluatorSpec(kind="sequence_classification_accuracy", data=str(named), classes=["x", "y", "z"]),
+        model_dir=folder,
+    )
     assert by_name.score(state_dict_of(folder)) == pytest.approx(expected)
 
 
 def test_checkpoint_names_with_or_without_the_base_model_prefix(tmp_path: Path) -> None:
     """``bert.`` is optional; a checkpoint without the head, or with foreign tensors, is a typed error."""
-    folder = save_model(transformers.BertForSequenceClassification(tiny_bert_config(num_labels=2)), tmp_path / "c")
+    folder = save_model(
+        transformers.BertForSequenceClassification(tiny_bert_config(num_labels=2)), tmp_path / "c"
+    )
     data = write_jsonl(tmp_path / "held.jsonl", [{"text": "fun", "label": 1}])
-    evaluator = build_evaluator(EvaluatorSpec(kind="sequence_classification_accuracy", data=str(data)),
-                                model_dir=folder)
+    evaluator = build_evaluator(
+        EvaluatorSpec(kind="sequence_classification_accuracy", data=str(data)), model_dir=folder
+    )
     sd = state_dict_of(folder)
     stripped = {k.removeprefix("bert."): v for k, v in sd.items()}
     assert evaluator.score(stripped) == evaluator.score(sd)  # the prefix is optional
@@ -146,11 +174,19 @@ def test_embedding_prompt_accuracy_uses_fixed_heads_from_the_reference_model(tmp
     torch.manual_seed(3)
     candidate = save_model(transformers.BertModel(tiny_bert_config()), tmp_path / "cand")
     classes = {"sentiment": ["good", "bad"], "animal": ["dog", "cat", "movie"]}
-    rows = [{"text": t, "label": classes["sentiment"][i % 2], "task": "sentiment"} for i, t in enumerate(TEXTS)]
+    rows = [
+        {"text": t, "label": classes["sentiment"][i % 2], "task": "sentiment"} for i, t in enumerate(TEXTS)
+    ]
     rows += [{"text": t, "label": i % 3, "task": "animal"} for i, t in enumerate(TEXTS[:4])]
     data = write_jsonl(tmp_path / "held.jsonl", rows)
-    spec = EvaluatorSpec(kind="embedding_prompt_accuracy", data=str(data), task_field="task", classes=classes,
-                         prompt_template="a {}", batch_size=3)
+    spec = EvaluatorSpec(
+        kind="embedding_prompt_accuracy",
+        data=str(data),
+        task_field="task",
+        classes=classes,
+        prompt_template="a {}",
+        batch_size=3,
+    )
     evaluator = build_evaluator(spec, model_dir=reference)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(reference))
     ref_model = transformers.BertModel.from_pretrained(str(reference)).eval()
@@ -192,15 +228,18 @@ def test_data_errors_are_typed(causal_lm: Path, tmp_path: Path) -> None:
         build_evaluator(EvaluatorSpec(kind="causal_lm_loss", data=str(no_field)), model_dir=causal_lm)
     # relative paths resolve against the data root
     write_jsonl(tmp_path / "ok.jsonl", [{"text": "the movie was fun"}])
-    evaluator = build_evaluator(EvaluatorSpec(kind="causal_lm_loss", data="ok.jsonl"), model_dir=causal_lm,
-                                data_root=tmp_path)
+    evaluator = build_evaluator(
+        EvaluatorSpec(kind="causal_lm_loss", data="ok.jsonl"), model_dir=causal_lm, data_root=tmp_path
+    )
     assert evaluator.score(state_dict_of(causal_lm)) < 0
 
 
 class _LengthEvaluator:
     """A plugin: scores a model by the (negated) squared norm of its weights."""
 
-    def __init__(self, spec: EvaluatorSpec, *, model_dir: Path, data_path: Path, device: torch.device) -> None:
+    def __init__(
+        self, spec: EvaluatorSpec, *, model_dir: Path, data_path: Path, device: torch.device
+    ) -> None:
         self.scale = float(spec.options.get("scale", 1.0))
 
     def score(self, state_dict: dict[str, torch.Tensor], /) -> float:
@@ -212,7 +251,9 @@ def make_length_evaluator(spec: EvaluatorSpec, **kwargs: object) -> _LengthEvalu
 
 
 def test_plugin_entry_point(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    plugin = EntryPoint(name="weight_norm", value=f"{__name__}:make_length_evaluator", group="alloy.evaluators")
+    plugin = EntryPoint(
+        name="weight_norm", value=f"{__name__}:make_length_evaluator", group="alloy.evaluators"
+    )
 
     def fake_entry_points(*, group: str) -> list[EntryPoint]:
         return [plugin] if group == "alloy.evaluators" else []

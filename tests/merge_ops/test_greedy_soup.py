@@ -114,7 +114,9 @@ def test_nan_scores_and_cancellation_are_typed(tmp_path: Path) -> None:
 def test_progress_counts_evaluations(tmp_path: Path) -> None:
     paths = write_models(tmp_path, [torch.zeros(3, 4), torch.ones(3, 4), torch.ones(3, 4)])
     calls: list[tuple[int, int]] = []
-    run_greedy_soup(recipe_of(paths), evaluator=ConstantEvaluator(), progress=lambda d, t: calls.append((d, t)))
+    run_greedy_soup(
+        recipe_of(paths), evaluator=ConstantEvaluator(), progress=lambda d, t: calls.append((d, t))
+    )
     assert calls == [(i, 5) for i in range(1, 6)]
 
 
@@ -136,5 +138,7 @@ def test_the_written_soup_is_the_mean_of_the_chosen(tmp_path: Path) -> None:
     run_merge(soup_recipe(recipe, result), output_dir=tmp_path / "soup")
     written = load_state_dict(tmp_path / "soup")
     states = [load_state_dict(Path(paths[i])) for i in result.chosen]
-    torch.testing.assert_close(written["w"], torch.stack([s["w"] for s in states]).mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        written["w"], torch.stack([s["w"] for s in states]).mean(0), rtol=1e-6, atol=1e-6
+    )
     assert -float((written["w"] - TARGET).square().sum()) == pytest.approx(result.final_score, rel=1e-5)

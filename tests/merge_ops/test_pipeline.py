@@ -278,3 +278,13 @@ def test_fused_path_equals_generic_path(models: dict[str, Path], tmp_path: Path)
                      params={"lambda": 1.3, "sparsify": "magnitude", "density": 1.0})
     for name in fused:
         torch.testing.assert_close(fused[name], generic[name], rtol=1e-6, atol=1e-7)
+
+
+def test_unnormalized_linear_is_the_plain_weighted_sum(models: dict[str, Path], tmp_path: Path) -> None:
+    merged = _merge(tmp_path / "sum", method="linear", params={"normalize": False},
+                    models=[{"source": str(models["a"]), "weight": 0.5}, {"source": str(models["b"]), "weight": 0.8}])
+    a, b = load_all(models["a"]), load_all(models["b"])
+    for name, tensor in a.items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(merged[name].double(), 0.5 * a[name].double() + 0.8 * b[name].double(),
+                                       rtol=1e-6, atol=1e-7)

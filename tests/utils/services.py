@@ -51,7 +51,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -81,9 +83,23 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         # no RDB/AOF: a restart loses every queued message, the worst case the job row must survive
         self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory), "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_until(self.ping, timeout=10, what="redis-server")
 
@@ -118,8 +134,16 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def alloy_env(tmp_path: Path, redis_server: RedisServer) -> dict[str, str]:
-    """Env of a deployment: SQLite job store + Redis broker under tmp_path; data dir ``tmp_path/data``."""
+def broker_kind() -> str:
+    """``redis`` (production) or ``filesystem`` (embedded default); override with
+    ``@pytest.mark.parametrize("broker_kind", [...])``."""
+    return "redis"
+
+
+@pytest.fixture
+def alloy_env(tmp_path: Path, redis_server: RedisServer, broker_kind: str) -> dict[str, str]:
+    """Env of a deployment: SQLite job store + a Redis (or filesystem://) broker under tmp_path; data dir
+    ``tmp_path/data``."""
     home = tmp_path / "home"
     data = tmp_path / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -129,7 +153,9 @@ def alloy_env(tmp_path: Path, redis_server: RedisServer) -> dict[str, str]:
         {
             "ALLOY_HOME": str(home),
             "ALLOY_DATABASE_URL": f"sqlite:///{home / 'alloy.db'}",
-            "ALLOY_BROKER_URL": redis_server.url,
+            "ALLOY_BROKER_URL": redis_server.url
+            if broker_kind == "redis"
+            else f"filesystem://{home / 'broker'}",
             "ALLOY_DATA_DIRS": str(data),
             "ALLOY_KERNELS": "torch",
             "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
@@ -144,7 +170,9 @@ def alloy_env(tmp_path: Path, redis_server: RedisServer) -> dict[str, str]:
 def settings_from_env(env: Mapping[str, str]) -> Any:
     from app.core.config import Settings
 
-    fields = {key.removeprefix("ALLOY_").lower(): value for key, value in env.items() if key.startswith("ALLOY_")}
+    fields = {
+        key.removeprefix("ALLOY_").lower(): value for key, value in env.items() if key.startswith("ALLOY_")
+    }
     known = set(Settings.model_fields)
     return Settings(**{key: value for key, value in fields.items() if key in known})
 
@@ -195,8 +223,13 @@ class JobStore:
         from app.models import Job
 
         text = json.dumps(recipe, sort_keys=True)
-        job = Job(kind=kind, owner_token_id=self.owner_id(), recipe_json=text, recipe_digest=str(hash(text)),
-                  priority=priority)
+        job = Job(
+            kind=kind,
+            owner_token_id=self.owner_id(),
+            recipe_json=text,
+            recipe_digest=str(hash(text)),
+            priority=priority,
+        )
         with self.session() as session:
             session.add(job)
             session.commit()
@@ -216,8 +249,14 @@ class JobStore:
         with self.session() as session:
             return crud.get_job(session, job_id=job_id)
 
-    def wait_for(self, job_id: str, statuses: tuple[str, ...] = TERMINAL, *, timeout: float = 60,
-                 where: Callable[[Any], bool] | None = None) -> Any:
+    def wait_for(
+        self,
+        job_id: str,
+        statuses: tuple[str, ...] = TERMINAL,
+        *,
+        timeout: float = 60,
+        where: Callable[[Any], bool] | None = None,
+    ) -> Any:
         def ready() -> Any:
             job = self.job(job_id)
             if job is not None and job.status in statuses and (where is None or where(job)):
@@ -240,8 +279,14 @@ class ServiceProcess:
         self.log_path = log_path
         self._log = log_path.open("wb")
         # own process group: kill9() takes the whole worker (main process and pool children) down at once
-        self.process = subprocess.Popen(command, env=dict(env), cwd=REPO_ROOT, stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            env=dict(env),
+            cwd=REPO_ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -290,10 +335,18 @@ def celery_worker(alloy_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
 
     started: list[WorkerProcess] = []
 
-    def start(*, name: str = "w1", queues: tuple[str, ...] = ("merge", "io"), concurrency: int = 1,
-              env: Mapping[str, str] | None = None, wait: bool = True) -> WorkerProcess:
+    def start(
+        *,
+        name: str = "w1",
+        queues: tuple[str, ...] = ("merge", "io"),
+        concurrency: int = 1,
+        env: Mapping[str, str] | None = None,
+        wait: bool = True,
+    ) -> WorkerProcess:
         command = worker_command(queues=queues, concurrency=concurrency, name=f"{name}-{free_port()}@%h")
-        worker = WorkerProcess(command, env={**alloy_env, **(env or {})}, log_path=tmp_path / f"worker-{name}.log")
+        worker = WorkerProcess(
+            command, env={**alloy_env, **(env or {})}, log_path=tmp_path / f"worker-{name}.log"
+        )
         started.append(worker)
         return worker.wait_ready() if wait else worker
 
@@ -305,8 +358,19 @@ def celery_worker(alloy_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
 class ApiProcess(ServiceProcess):
     def __init__(self, *, env: Mapping[str, str], log_path: Path) -> None:
         self.port = free_port()
-        command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--log-level", "warning"]
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
         super().__init__(command, env=env, log_path=log_path)
 
     @property
@@ -329,7 +393,9 @@ class ApiProcess(ServiceProcess):
 
 
 @pytest.fixture
-def api_server(alloy_env: dict[str, str], tmp_path: Path, job_store: JobStore) -> Iterator[Callable[..., ApiProcess]]:
+def api_server(
+    alloy_env: dict[str, str], tmp_path: Path, job_store: JobStore
+) -> Iterator[Callable[..., ApiProcess]]:
     started: list[ApiProcess] = []
 
     def start(*, env: Mapping[str, str] | None = None) -> ApiProcess:
@@ -342,8 +408,14 @@ def api_server(alloy_env: dict[str, str], tmp_path: Path, job_store: JobStore) -
         api.stop(grace=5)
 
 
-def wait_for_http_status(client: Any, job_id: str, statuses: tuple[str, ...] = TERMINAL, *,
-                         timeout: float = 60, where: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+def wait_for_http_status(
+    client: Any,
+    job_id: str,
+    statuses: tuple[str, ...] = TERMINAL,
+    *,
+    timeout: float = 60,
+    where: Callable[[dict[str, Any]], bool] | None = None,
+) -> dict[str, Any]:
     """Poll GET /v1/merges/{id} until the job is in one of ``statuses`` (and ``where(body)``); returns the body."""
 
     def ready() -> dict[str, Any] | None:

@@ -1,16 +1,16 @@
 """Service fixtures (real redis-server, celery workers, uvicorn); see tests/utils/services.py."""
 
+import pytest  # noqa: E402
+
 from tests.utils.services import (  # noqa: F401  (pytest fixtures)
     alloy_env,
     alloy_settings,
     api_server,
+    broker_kind,
     celery_worker,
     job_store,
     redis_server,
 )
-
-
-import pytest  # noqa: E402
 
 from .helpers import make_models  # noqa: E402
 

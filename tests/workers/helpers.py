@@ -11,14 +11,22 @@ from safetensors.torch import load_file
 from tests.utils.factories import load_all, make_llama_like
 
 
-def make_models(root: Path, *, hidden: int = 16, layers: int = 2, vocab: int = 32, k: int = 2) -> tuple[Path, list[Path]]:
+def make_models(
+    root: Path, *, hidden: int = 16, layers: int = 2, vocab: int = 32, k: int = 2
+) -> tuple[Path, list[Path]]:
     base = make_llama_like(root / "base", hidden=hidden, layers=layers, vocab=vocab)
     finetunes = [make_llama_like(root / f"ft{i}", perturb_from=base, seed=i + 1) for i in range(k)]
     return base, finetunes
 
 
-def task_arithmetic_recipe(base: Path, finetunes: list[Path], output: Path | None, *, lam: float = 0.5,
-                           weights: list[float] | None = None) -> dict[str, Any]:
+def task_arithmetic_recipe(
+    base: Path,
+    finetunes: list[Path],
+    output: Path | None,
+    *,
+    lam: float = 0.5,
+    weights: list[float] | None = None,
+) -> dict[str, Any]:
     weights = weights or [1.0] * len(finetunes)
     recipe: dict[str, Any] = {
         "method": "task_arithmetic",
@@ -31,7 +39,9 @@ def task_arithmetic_recipe(base: Path, finetunes: list[Path], output: Path | Non
     return recipe
 
 
-def expected_task_arithmetic(base: Path, finetunes: list[Path], *, lam: float, weights: list[float]) -> dict[str, torch.Tensor]:
+def expected_task_arithmetic(
+    base: Path, finetunes: list[Path], *, lam: float, weights: list[float]
+) -> dict[str, torch.Tensor]:
     """θ_0 + λ Σ w_t (θ_t − θ_0) for float tensors (in float32, cast to the base dtype); others copied."""
     base_t = load_all(base)
     tuned = [load_all(f) for f in finetunes]

@@ -13,7 +13,13 @@ import pytest
 
 from tests.utils.services import wait_for_http_status
 
-from .helpers import assert_output_matches, expected_task_arithmetic, make_models, stray_files, task_arithmetic_recipe
+from .helpers import (
+    assert_output_matches,
+    expected_task_arithmetic,
+    make_models,
+    stray_files,
+    task_arithmetic_recipe,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +73,9 @@ def test_submit_over_http_streams_progress_and_produces_the_right_output(
     statuses = [e["status"] for e in events]
     assert statuses[-1] == "succeeded", events[-1]
     assert statuses == sorted(statuses, key=["queued", "running", "succeeded"].index)
-    fractions = [e["progress"]["fraction"] for e in events if e["status"] == "running" and e["progress"]["fraction"]]
+    fractions = [
+        e["progress"]["fraction"] for e in events if e["status"] == "running" and e["progress"]["fraction"]
+    ]
     assert any(0 < f < 1 for f in fractions), "no intermediate progress event"
     assert fractions == sorted(fractions)
 
@@ -75,7 +83,9 @@ def test_submit_over_http_streams_progress_and_produces_the_right_output(
     assert body["progress"]["tensors_done"] == body["progress"]["tensors_total"] > 0
     assert Path(body["output"]["path"]) == (data / "merged").resolve()
     assert client.get(f"/v1/merges/{job_id}/report").json()["method"] == "task_arithmetic"
-    assert_output_matches(data / "merged", expected_task_arithmetic(base, fts, lam=0.4, weights=[1.0, -0.5, 0.25]))
+    assert_output_matches(
+        data / "merged", expected_task_arithmetic(base, fts, lam=0.4, weights=[1.0, -0.5, 0.25])
+    )
     assert stray_files(data) == []
 
 
@@ -97,16 +107,20 @@ def test_batch_of_twenty_with_mixed_priorities_all_succeed_most_urgent_first(
     bodies = [wait_for_http_status(client, job_id, timeout=180) for job_id in ids]
     assert [b["status"] for b in bodies] == ["succeeded"] * 20, [b["error"] for b in bodies]
     for body in bodies:
-        assert_output_matches(Path(body["output"]["path"]),
-                              expected_task_arithmetic(base, fts, lam=body["recipe"]["params"]["lambda"],
-                                                       weights=[1.0, 1.0]))
-    started = {p: sorted(b["started_at"] for b, q in zip(bodies, priorities, strict=True) if q == p) for p in (0, 9)}
+        assert_output_matches(
+            Path(body["output"]["path"]),
+            expected_task_arithmetic(base, fts, lam=body["recipe"]["params"]["lambda"], weights=[1.0, 1.0]),
+        )
+    started = {
+        p: sorted(b["started_at"] for b, q in zip(bodies, priorities, strict=True) if q == p) for p in (0, 9)
+    }
     assert started[9][-1] < started[0][0], "a priority-0 job started before a priority-9 job"
     assert stray_files(data) == []
 
 
-def test_cancel_a_queued_and_a_running_job_over_http(api_server, celery_worker, client_for, alloy_settings,
-                                                    long_models):
+def test_cancel_a_queued_and_a_running_job_over_http(
+    api_server, celery_worker, client_for, alloy_settings, long_models
+):
     base, fts = long_models
     data = alloy_settings.data_dirs[0]
     env = {"ALLOY_DATA_DIRS": os.pathsep.join([str(data), str(base.parent)])}
@@ -114,8 +128,9 @@ def test_cancel_a_queued_and_a_running_job_over_http(api_server, celery_worker, 
     worker = celery_worker(name="cancel", env=env)
     running = client.post("/v1/merges", json=task_arithmetic_recipe(base, fts, data / "running")).json()["id"]
     queued = client.post("/v1/merges", json=task_arithmetic_recipe(base, fts, data / "queued")).json()["id"]
-    wait_for_http_status(client, running, ("running",), timeout=60,
-                         where=lambda body: body["progress"]["tensors_done"] >= 1)
+    wait_for_http_status(
+        client, running, ("running",), timeout=60, where=lambda body: body["progress"]["tensors_done"] >= 1
+    )
     assert client.delete(f"/v1/merges/{queued}").json()["status"] == "cancelled"
     client.delete(f"/v1/merges/{running}").raise_for_status()
     body = wait_for_http_status(client, running, timeout=60)

@@ -15,7 +15,13 @@ from merge_ops.errors import HubTransientError, SourceNotFoundError
 from workers import pipeline
 from workers.pipeline import RetryLater, run_job
 
-from .helpers import assert_output_matches, expected_task_arithmetic, make_models, stray_files, task_arithmetic_recipe
+from .helpers import (
+    assert_output_matches,
+    expected_task_arithmetic,
+    make_models,
+    stray_files,
+    task_arithmetic_recipe,
+)
 
 
 @pytest.fixture
@@ -42,7 +48,9 @@ def test_recipe_without_output_path_lands_in_the_data_dir(job_store, alloy_setti
     base, fts = models
     job_id = job_store.insert_job(task_arithmetic_recipe(base, fts, None))
     assert run_job(job_id, settings=alloy_settings).status == "succeeded"
-    assert Path(job_store.job(job_id).output_path) == (alloy_settings.data_dirs[0] / "merges" / job_id).resolve()
+    assert (
+        Path(job_store.job(job_id).output_path) == (alloy_settings.data_dirs[0] / "merges" / job_id).resolve()
+    )
 
 
 def test_redelivered_message_for_a_claimed_or_finished_job_exits_cleanly(job_store, alloy_settings, models):
@@ -57,7 +65,9 @@ def test_redelivered_message_for_a_claimed_or_finished_job_exits_cleanly(job_sto
 
 def test_permanent_error_fails_at_once_with_its_code(job_store, alloy_settings, models):
     base, fts = models
-    recipe = task_arithmetic_recipe(base, [fts[0], base.parent / "missing"], alloy_settings.data_dirs[0] / "o")
+    recipe = task_arithmetic_recipe(
+        base, [fts[0], base.parent / "missing"], alloy_settings.data_dirs[0] / "o"
+    )
     job_id = job_store.insert_job(recipe)
     assert run_job(job_id, settings=alloy_settings).status == "failed"
     job = job_store.job(job_id)
@@ -78,7 +88,9 @@ class FlakyHub:
         raise HubTransientError("the Hub answered 503", status=503)
 
 
-def test_transient_error_requeues_with_backoff_then_fails_after_max_attempts(job_store, alloy_settings, models):
+def test_transient_error_requeues_with_backoff_then_fails_after_max_attempts(
+    job_store, alloy_settings, models
+):
     base, fts = models
     job_id = job_store.insert_job(task_arithmetic_recipe(base, fts, alloy_settings.data_dirs[0] / "o"))
     flaky = FlakyHub()

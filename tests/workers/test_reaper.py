@@ -27,15 +27,20 @@ def _running(job_store: Any, *, attempts: int = 0, heartbeat_age_s: float = 0.0,
     job_id = job_store.insert_job({"method": "task_arithmetic"}, priority=priority)
     with job_store.session() as session:
         assert crud.claim_job(session, job_id=job_id, worker="w") is not None
-        session.execute(update(Job).where(Job.id == job_id).values(
-            attempts=attempts, heartbeat_at=utcnow() - timedelta(seconds=heartbeat_age_s)))
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(attempts=attempts, heartbeat_at=utcnow() - timedelta(seconds=heartbeat_age_s))
+        )
         session.commit()
     return job_id
 
 
 def _age_created(job_store: Any, job_id: str, seconds: float) -> None:
     with job_store.session() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(created_at=utcnow() - timedelta(seconds=seconds)))
+        session.execute(
+            update(Job).where(Job.id == job_id).values(created_at=utcnow() - timedelta(seconds=seconds))
+        )
         session.commit()
 
 

@@ -36,13 +36,26 @@ def test_serve_embedded_runs_a_merge_and_shuts_down_cleanly(tmp_path: Path):
     data.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALLOY_")}
     # nothing but a home and a data dir: the defaults must give a working service with no server to run
-    env.update({"ALLOY_HOME": str(home), "ALLOY_DATA_DIRS": str(data), "ALLOY_KERNELS": "torch",
-                "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "ALLOY_HOME": str(home),
+            "ALLOY_DATA_DIRS": str(data),
+            "ALLOY_KERNELS": "torch",
+            "PYTHONPATH": str(REPO_ROOT),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     port = free_port()
     log = (tmp_path / "serve.log").open("wb")
     code = f"from app.serve import serve; serve(host='127.0.0.1', port={port}, workers=1)"
-    process = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -64,7 +77,9 @@ def test_serve_embedded_runs_a_merge_and_shuts_down_cleanly(tmp_path: Path):
             token = create_token(session, name="serve")
         base, fts = make_models(data / "models")
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
-            response = client.post("/v1/merges", json=task_arithmetic_recipe(base, fts, data / "out", lam=0.3))
+            response = client.post(
+                "/v1/merges", json=task_arithmetic_recipe(base, fts, data / "out", lam=0.3)
+            )
             assert response.status_code == 202, response.text
             body = wait_for_http_status(client, response.json()["id"], timeout=120)
         assert body["status"] == "succeeded", (body["error"], (tmp_path / "serve.log").read_text()[-3000:])
@@ -81,6 +96,9 @@ def test_serve_embedded_runs_a_merge_and_shuts_down_cleanly(tmp_path: Path):
         finally:
             log.close()
     assert process.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
-    leftover = [pid for pid in started if Path(f"/proc/{pid}").exists()
-                and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
+    leftover = [
+        pid
+        for pid in started
+        if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    ]
     assert leftover == [], f"processes left after SIGTERM: {leftover}"

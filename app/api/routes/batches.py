@@ -5,7 +5,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
-from app.api.deps import CurrentToken, HfToken, JsonBody, PinnerDep, SessionDep, SettingsDep, SubmissionAllowed
+from app.api.deps import (
+    CurrentToken,
+    HfToken,
+    JsonBody,
+    PinnerDep,
+    SessionDep,
+    SettingsDep,
+    SubmissionAllowed,
+)
 from app.api.openapi_docs import PROBLEM_RESPONSES, json_request_body
 from app.api.views import batch_out
 from app.schemas import BatchOut, BatchRequest
@@ -32,18 +40,39 @@ def _prepare_all(request: BatchRequest, settings: SettingsDep) -> list[Recipe]:
     return recipes
 
 
-@router.post("", status_code=202, response_model=BatchOut, dependencies=[SubmissionAllowed],
-             openapi_extra=json_request_body(BatchRequest), summary="Submit a batch")
-def create_batch(request: Request, response: Response, body: JsonBody, session: SessionDep,
-                 settings: SettingsDep, caller: CurrentToken, pinner: PinnerDep, hf_token: HfToken) -> BatchOut:
+@router.post(
+    "",
+    status_code=202,
+    response_model=BatchOut,
+    dependencies=[SubmissionAllowed],
+    openapi_extra=json_request_body(BatchRequest),
+    summary="Submit a batch",
+)
+def create_batch(
+    request: Request,
+    response: Response,
+    body: JsonBody,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: CurrentToken,
+    pinner: PinnerDep,
+    hf_token: HfToken,
+) -> BatchOut:
     """Validate every recipe, create one job per recipe and answer at once; jobs run by priority (higher first)."""
     try:
         batch_request = BatchRequest.model_validate(body)
     except ValidationError as exc:
         raise recipe_error(exc) from None
     recipes = _prepare_all(batch_request, settings)
-    batch, created = jobs.submit_batch(session, recipes, owner=caller, settings=settings,
-                                       priority=batch_request.priority, hf_token=hf_token, pinner=pinner)
+    batch, created = jobs.submit_batch(
+        session,
+        recipes,
+        owner=caller,
+        settings=settings,
+        priority=batch_request.priority,
+        hf_token=hf_token,
+        pinner=pinner,
+    )
     batch, counts, rows = jobs.batch_status(session, batch.id, caller=caller)
     out = batch_out(request, batch, counts=counts, jobs=rows)
     response.headers["Location"] = out.url

@@ -36,8 +36,12 @@ def _check(probe: Callable[[], str]) -> Check:
         return Check(ok=False, detail=f"unreachable ({type(exc).__name__})")
 
 
-@router.get("/readyz", response_model=Readiness, summary="Readiness",
-            responses={503: {"description": "A dependency is down; `checks` says which", "content": PROBLEM_CONTENT}})
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Readiness",
+    responses={503: {"description": "A dependency is down; `checks` says which", "content": PROBLEM_CONTENT}},
+)
 def readyz(session: SessionDep, settings: SettingsDep) -> Response:
     """200 when the database and broker answer and at least one worker replied to a ping; else 503."""
     timeout = settings.readiness_timeout_s
@@ -57,17 +61,30 @@ def readyz(session: SessionDep, settings: SettingsDep) -> Response:
         return f"{len(names)} worker(s): {', '.join(names)}"
 
     checks = {"database": _check(database), "broker": _check(broker)}
-    checks["workers"] = _check(workers) if checks["broker"].ok else Check(ok=False, detail="broker unreachable")
+    checks["workers"] = (
+        _check(workers) if checks["broker"].ok else Check(ok=False, detail="broker unreachable")
+    )
     if all(check.ok for check in checks.values()):
         return JSONResponse(Readiness(status="ready", checks=checks).model_dump())
     failing = ", ".join(name for name, check in checks.items() if not check.ok)
-    body = problem_body("not_ready", f"not ready: {failing}",
-                        checks={name: check.model_dump() for name, check in checks.items()})
+    body = problem_body(
+        "not_ready",
+        f"not ready: {failing}",
+        checks={name: check.model_dump() for name, check in checks.items()},
+    )
     return problem_response(body)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
-                             "description": "Prometheus text exposition."}})
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+            "description": "Prometheus text exposition.",
+        }
+    },
+)
 def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)

@@ -32,19 +32,40 @@ router = APIRouter(prefix="/merges", tags=["merges"], responses=PROBLEM_RESPONSE
 KEEPALIVE_S = 15.0
 
 
-@router.post("", status_code=202, response_model=JobOut, dependencies=[SubmissionAllowed],
-             openapi_extra=recipe_request_body(), summary="Submit a merge")
-def create_merge(request: Request, response: Response, body: RecipeBody, session: SessionDep,
-                 settings: SettingsDep, caller: CurrentToken, pinner: PinnerDep, hf_token: HfToken,
-                 idempotency_key: IdempotencyKey = None,
-                 priority: Annotated[int, Query(ge=0, le=9, description="0..9, higher runs first.")] = 5) -> JobOut:
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    dependencies=[SubmissionAllowed],
+    openapi_extra=recipe_request_body(),
+    summary="Submit a merge",
+)
+def create_merge(
+    request: Request,
+    response: Response,
+    body: RecipeBody,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: CurrentToken,
+    pinner: PinnerDep,
+    hf_token: HfToken,
+    idempotency_key: IdempotencyKey = None,
+    priority: Annotated[int, Query(ge=0, le=9, description="0..9, higher runs first.")] = 5,
+) -> JobOut:
     """Validate the recipe (JSON, or YAML with ``Content-Type: application/yaml``; mergekit configs are
     translated) and queue a job. Returns the existing job for a repeated ``Idempotency-Key`` or for the same
     recipe while an earlier job for it is still queued or running (header ``Idempotent-Replayed: true``)."""
     recipe = jobs.prepare_recipe(body, settings=settings)
-    submission = jobs.submit_merge(session, recipe, owner=caller, settings=settings,
-                                   idempotency_key=idempotency_key, hf_token=hf_token, priority=priority,
-                                   pinner=pinner)
+    submission = jobs.submit_merge(
+        session,
+        recipe,
+        owner=caller,
+        settings=settings,
+        idempotency_key=idempotency_key,
+        hf_token=hf_token,
+        priority=priority,
+        pinner=pinner,
+    )
     url = job_url(request, submission.job.id)
     response.headers["Location"] = url
     if not submission.created:
@@ -53,14 +74,23 @@ def create_merge(request: Request, response: Response, body: RecipeBody, session
 
 
 @router.get("", response_model=JobList, summary="List jobs")
-def list_merges(request: Request, session: SessionDep, caller: CurrentToken,
-                status: JobStatus | None = None, kind: JobKind | None = None, batch_id: str | None = None,
-                cursor: Annotated[str | None, Query(max_length=500)] = None,
-                limit: Annotated[int, Query(ge=1, le=200)] = 50) -> JobList:
+def list_merges(
+    request: Request,
+    session: SessionDep,
+    caller: CurrentToken,
+    status: JobStatus | None = None,
+    kind: JobKind | None = None,
+    batch_id: str | None = None,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> JobList:
     """The caller's jobs (all jobs for an admin), newest first; pass ``next_cursor`` back as ``cursor``."""
-    rows, next_cursor = jobs.list_jobs(session, caller=caller, status=status, kind=kind, batch_id=batch_id,
-                                       cursor=cursor, limit=limit)
-    return JobList(items=[job_out(job, url=job_url(request, job.id)) for job in rows], next_cursor=next_cursor)
+    rows, next_cursor = jobs.list_jobs(
+        session, caller=caller, status=status, kind=kind, batch_id=batch_id, cursor=cursor, limit=limit
+    )
+    return JobList(
+        items=[job_out(job, url=job_url(request, job.id)) for job in rows], next_cursor=next_cursor
+    )
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Get a job")
@@ -69,8 +99,7 @@ def get_merge(request: Request, job_id: str, session: SessionDep, caller: Curren
     return job_out(jobs.visible_job(session, job_id, caller=caller), url=job_url(request, job_id))
 
 
-@router.get("/{job_id}/report", summary="Get a job's report",
-            response_model=dict[str, Any])
+@router.get("/{job_id}/report", summary="Get a job's report", response_model=dict[str, Any])
 def get_merge_report(job_id: str, session: SessionDep, caller: CurrentToken) -> dict[str, Any]:
     """The engine's report (sources, pinned revisions, per-tensor stats, timings); 409 until it exists."""
     job = jobs.visible_job(session, job_id, caller=caller)
@@ -109,15 +138,25 @@ async def _events(request: Request, first: JobOut, caller: ApiToken, poll_s: flo
         current = await run_in_threadpool(_snapshot, request, current.id, caller)
 
 
-@router.get("/{job_id}/events", summary="Stream job status (SSE)", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                             "description": "Server-Sent Events: `status` events carrying the job JSON."}})
-def stream_merge_events(request: Request, job_id: str, session: SessionDep, caller: CurrentToken,
-                        settings: SettingsDep) -> StreamingResponse:
+@router.get(
+    "/{job_id}/events",
+    summary="Stream job status (SSE)",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "Server-Sent Events: `status` events carrying the job JSON.",
+        }
+    },
+)
+def stream_merge_events(
+    request: Request, job_id: str, session: SessionDep, caller: CurrentToken, settings: SettingsDep
+) -> StreamingResponse:
     """Server-Sent Events: an ``status`` event with the job (as GET /v1/merges/{id}) whenever it changes; the
     stream ends after the job reaches succeeded, failed or cancelled."""
     first = job_out(jobs.visible_job(session, job_id, caller=caller), url=job_url(request, job_id))
     return StreamingResponse(
-        _events(request, first, caller, settings.events_poll_s), media_type="text/event-stream",
+        _events(request, first, caller, settings.events_poll_s),
+        media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

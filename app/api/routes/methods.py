@@ -17,9 +17,15 @@ router = APIRouter(prefix="/methods", tags=["methods"], responses={401: PROBLEM_
 def _catalog() -> tuple[MethodOut, ...]:
     return tuple(
         MethodOut(
-            name=info.name, pretty_name=info.pretty_name, reference_url=info.reference_url, summary=info.summary,
-            needs_base=info.needs_base, kind=info.kind, default_scope=info.default_scope.value,
-            min_models=info.min_models, params_schema=info.params.model_json_schema(by_alias=True),
+            name=info.name,
+            pretty_name=info.pretty_name,
+            reference_url=info.reference_url,
+            summary=info.summary,
+            needs_base=info.needs_base,
+            kind=info.kind,
+            default_scope=info.default_scope.value,
+            min_models=info.min_models,
+            params_schema=info.params.model_json_schema(by_alias=True),
             defaults=info.params().model_dump(mode="json", by_alias=True),
         )
         for info in CATALOG.values()
