@@ -47,12 +47,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if recipe.output.hub is not None and resolver is None:
         resolver = _hub_client(True)
     if recipe.output.hub is not None:
-        result = resolver.publish(Path(report.output_path or ""), recipe.output.hub,
-                                  base_model=hub_lineage(recipe) or None, method=recipe.method)
+        result = resolver.publish(
+            Path(report.output_path or ""),
+            recipe.output.hub,
+            base_model=hub_lineage(recipe) or None,
+            method=recipe.method,
+        )
         print(f"pushed to {result.url} at {result.commit_sha}")
     totals = report.totals
-    print(f"merged {totals['merged']} tensors ({totals['copied']} copied) in {report.timings['total_s']:.2f}s "
-          f"-> {report.output_path}")
+    print(
+        f"merged {totals['merged']} tensors ({totals['copied']} copied) in {report.timings['total_s']:.2f}s "
+        f"-> {report.output_path}"
+    )
     return 0
 
 
@@ -69,15 +75,24 @@ class _ProgressBar:
             return None
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._bar = Progress(TextColumn("{task.fields[tensors]}"), BarColumn(), DownloadColumn(),
-                             TimeRemainingColumn(), transient=True)
+        self._bar = Progress(
+            TextColumn("{task.fields[tensors]}"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        )
         self._bar.start()
         self._task = self._bar.add_task("merge", total=None, tensors="")
         return self._update
 
     def _update(self, p: Any) -> None:
-        self._bar.update(self._task, completed=p.bytes_done, total=p.bytes_total,
-                         tensors=f"{p.tensors_done}/{p.tensors_total} tensors")
+        self._bar.update(
+            self._task,
+            completed=p.bytes_done,
+            total=p.bytes_total,
+            tensors=f"{p.tensors_done}/{p.tensors_total} tensors",
+        )
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
@@ -95,8 +110,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from merge_ops.artifacts import compress_task_vector
 
-    result = compress_task_vector(Path(args.task_vector), Path(args.out), density=args.density, alpha=args.alpha,
-                                  scope=args.scope)
+    result = compress_task_vector(
+        Path(args.task_vector), Path(args.out), density=args.density, alpha=args.alpha, scope=args.scope
+    )
     print(_describe(result, f"compressed task vector written to {args.out}"))
     return 0
 
@@ -187,7 +203,9 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alloy", description="Merge fine-tuned checkpoints and task vectors.")
+    parser = argparse.ArgumentParser(
+        prog="alloy", description="Merge fine-tuned checkpoints and task vectors."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("merge", help="run a merge recipe (Alloy or mergekit YAML)")
@@ -228,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="ties")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("serve", help="API + one local worker (embedded SQLite and filesystem broker by default)")
+    p = sub.add_parser(
+        "serve", help="API + one local worker (embedded SQLite and filesystem broker by default)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1)

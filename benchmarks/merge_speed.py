@@ -25,7 +25,15 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-MERGEKIT_METHODS = {"task_arithmetic", "linear", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties"}
+MERGEKIT_METHODS = {
+    "task_arithmetic",
+    "linear",
+    "ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "dare_linear",
+    "dare_ties",
+}
 
 _FLOOR = """
 import sys
@@ -51,7 +59,9 @@ writer.close()
 """
 
 
-def generate(workdir: Path, *, k: int, hidden: int, layers: int, vocab: int, dtype: str) -> tuple[Path, list[Path]]:
+def generate(
+    workdir: Path, *, k: int, hidden: int, layers: int, vocab: int, dtype: str
+) -> tuple[Path, list[Path]]:
     import torch
 
     from merge_ops.demo import write_synthetic_model
@@ -65,11 +75,20 @@ def generate(workdir: Path, *, k: int, hidden: int, layers: int, vocab: int, dty
         return base, models
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    write_synthetic_model(base, layers=layers, hidden=hidden, vocab=vocab, seed=0, dtype=torch_dtype,
-                          shard_size=2 * 10**9)
+    write_synthetic_model(
+        base, layers=layers, hidden=hidden, vocab=vocab, seed=0, dtype=torch_dtype, shard_size=2 * 10**9
+    )
     for i, folder in enumerate(models, start=1):
-        write_synthetic_model(folder, layers=layers, hidden=hidden, vocab=vocab, seed=i, base_seed=0,
-                              dtype=torch_dtype, shard_size=2 * 10**9)
+        write_synthetic_model(
+            folder,
+            layers=layers,
+            hidden=hidden,
+            vocab=vocab,
+            seed=i,
+            base_seed=0,
+            dtype=torch_dtype,
+            shard_size=2 * 10**9,
+        )
     stamp.write_text(json.dumps(spec))
     return base, models
 
@@ -98,45 +117,69 @@ def folder_bytes(folder: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--methods", default="task_arithmetic,linear,ties,dare_ties,breadcrumbs,compeft,model_stock")
+    parser.add_argument(
+        "--methods", default="task_arithmetic,linear,ties,dare_ties,breadcrumbs,compeft,model_stock"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alloy-bench"))
     parser.add_argument("--no-mergekit", action="store_true")
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
-    base, models = generate(workdir / "models", k=args.k, hidden=args.hidden, layers=args.layers,
-                            vocab=args.vocab, dtype=args.dtype)
+    base, models = generate(
+        workdir / "models",
+        k=args.k,
+        hidden=args.hidden,
+        layers=args.layers,
+        vocab=args.vocab,
+        dtype=args.dtype,
+    )
     in_bytes = folder_bytes(base) * (args.k + 1)
     out_bytes = folder_bytes(base)
     params = folder_bytes(base) // {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
-    print(f"# {args.k} fine-tunes + base, {params / 1e9:.3f}B parameters each, {args.dtype}, device {args.device}")
+    print(
+        f"# {args.k} fine-tunes + base, {params / 1e9:.3f}B parameters each, {args.dtype}, device {args.device}"
+    )
     mergekit = None if args.no_mergekit else shutil.which("mergekit-yaml")
     outputs = workdir / "out"
     shutil.rmtree(outputs, ignore_errors=True)
     outputs.mkdir()
 
-    floor_s, floor_rss = run_measured([sys.executable, "-c", _FLOOR, str(base), *map(str, models),
-                                       str(outputs / "floor")], cwd=ROOT)
+    floor_s, floor_rss = run_measured(
+        [sys.executable, "-c", _FLOOR, str(base), *map(str, models), str(outputs / "floor")], cwd=ROOT
+    )
     rows = [("floor (read K+1, write 1)", floor_s, floor_rss, None)]
     for method in args.methods.split(","):
-        recipe = {"method": method, "base": str(base), "models": [{"source": str(m)} for m in models],
-                  "output": {"path": str(outputs / method)}}
+        recipe = {
+            "method": method,
+            "base": str(base),
+            "models": [{"source": str(m)} for m in models],
+            "output": {"path": str(outputs / method)},
+        }
         recipe_path = workdir / f"{method}.yaml"
         recipe_path.write_text(yaml.safe_dump(recipe))
-        wall, rss = run_measured([sys.executable, "-m", "app.cli", "merge", str(recipe_path), "--quiet",
-                                  "--device", args.device], cwd=ROOT)
+        wall, rss = run_measured(
+            [sys.executable, "-m", "app.cli", "merge", str(recipe_path), "--quiet", "--device", args.device],
+            cwd=ROOT,
+        )
         mk = None
         if mergekit and method in MERGEKIT_METHODS:
-            mk_cfg = {"merge_method": method, "base_model": str(base), "dtype": args.dtype,
-                      "models": [{"model": str(m), "parameters": {"weight": 1.0, **_mk_params(method)}}
-                                 for m in models]}
+            mk_cfg = {
+                "merge_method": method,
+                "base_model": str(base),
+                "dtype": args.dtype,
+                "models": [
+                    {"model": str(m), "parameters": {"weight": 1.0, **_mk_params(method)}} for m in models
+                ],
+            }
             if method == "linear":
                 mk_cfg.pop("base_model")
             mk_path = workdir / f"{method}-mergekit.yaml"
@@ -151,17 +194,27 @@ def main() -> None:
     header += f"{'mergekit s':>12}{'mk RSS MiB':>12}{'mk/alloy':>10}" if mergekit else ""
     print(header)
     for name, wall, rss, mk in rows:
-        line = (f"{name:<28}{wall:>9.2f}{wall / floor_s:>9.2f}{rss / 2**20:>14.0f}"
-                f"{(in_bytes + out_bytes) / wall / 1e9:>8.2f}")
+        line = (
+            f"{name:<28}{wall:>9.2f}{wall / floor_s:>9.2f}{rss / 2**20:>14.0f}"
+            f"{(in_bytes + out_bytes) / wall / 1e9:>8.2f}"
+        )
         if mergekit:
-            line += f"{mk[0]:>12.2f}{mk[1] / 2**20:>12.0f}{mk[0] / wall:>10.2f}" if mk else f"{'-':>12}{'-':>12}{'-':>10}"
+            line += (
+                f"{mk[0]:>12.2f}{mk[1] / 2**20:>12.0f}{mk[0] / wall:>10.2f}"
+                if mk
+                else f"{'-':>12}{'-':>12}{'-':>10}"
+            )
         print(line)
     if not mergekit and not args.no_mergekit:
         print("(mergekit not installed: `pip install mergekit` to compare in the same run)")
 
 
 def _mk_params(method: str) -> dict[str, float]:
-    return {"density": 0.2} if method in {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"} else {}
+    return (
+        {"density": 0.2}
+        if method in {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"}
+        else {}
+    )
 
 
 if __name__ == "__main__":

@@ -59,10 +59,14 @@ def write_synthetic_model(
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"do_sample": False}))
     buffer_name = "model.rotary_inv_freq_steps"  # a non-float buffer: merges copy it byte for byte
-    plan = [(name, dtype, shape) for name, shape in shapes.items()] + [(buffer_name, torch.int64, (hidden // 2,))]
+    plan = [(name, dtype, shape) for name, shape in shapes.items()] + [
+        (buffer_name, torch.int64, (hidden // 2,))
+    ]
     writer = ShardedWriter(folder, plan=plan, shard_size=shard_size, metadata={"format": "pt"})
     for index, (name, shape) in enumerate(shapes.items()):
-        weight = _base_tensor(shape, seed=(base_seed if base_seed is not None else seed) * 100_003 + index, name=name)
+        weight = _base_tensor(
+            shape, seed=(base_seed if base_seed is not None else seed) * 100_003 + index, name=name
+        )
         if base_seed is not None:
             gen = torch.Generator().manual_seed(seed * 7_919 + index)
             delta = torch.randn(shape, generator=gen) * delta_scale

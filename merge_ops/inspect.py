@@ -46,7 +46,9 @@ def _statistics(ref: Any, srcs: list[Any], labels: list[str]) -> dict[str, Any]:
         base = ref.load(name).float()
         taus = torch.stack(
             [
-                torch.zeros_like(base) if s.sparse_coverage and name not in s.infos else s.task_vector(name, base)
+                torch.zeros_like(base)
+                if s.sparse_coverage and name not in s.infos
+                else s.task_vector(name, base)
                 for s in srcs
             ]
         ).reshape(k, -1)
@@ -55,7 +57,14 @@ def _statistics(ref: Any, srcs: list[Any], labels: list[str]) -> dict[str, Any]:
         block = find_block(name)
         key = f"{block[0]}{block[1]}" if block else "other"
         layer = layers.setdefault(
-            key, {"layer": key, "index": block[1] if block else None, "sq_norm": [0.0] * k, "conflicts": 0, "numel": 0}
+            key,
+            {
+                "layer": key,
+                "index": block[1] if block else None,
+                "sq_norm": [0.0] * k,
+                "conflicts": 0,
+                "numel": 0,
+            },
         )
         sq = (flat64 * flat64).sum(dim=1)
         layer["sq_norm"] = [a + float(b) for a, b in zip(layer["sq_norm"], sq, strict=True)]
@@ -91,7 +100,10 @@ def format_table(stats: dict[str, Any]) -> str:
     """A plain-text table for terminals: per layer, the norm of each model's task vector and the conflict rate."""
     labels = [f"m{i}" for i in range(len(stats["models"]))]
     header = ["layer", *[f"|τ_{lbl}|" for lbl in labels], "sign conflicts"]
-    body = [[r["layer"], *[f"{n:.4g}" for n in r["norms"]], f"{r['sign_conflict_rate']:.3f}"] for r in stats["layers"]]
+    body = [
+        [r["layer"], *[f"{n:.4g}" for n in r["norms"]], f"{r['sign_conflict_rate']:.3f}"]
+        for r in stats["layers"]
+    ]
     widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *body]]
     out.append("")

@@ -17,22 +17,33 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def alloy(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli-models")
     base = make_llama_like(root / "base", seed=0)
-    return {"base": base, "a": make_llama_like(root / "a", seed=1, perturb_from=base),
-            "b": make_llama_like(root / "b", seed=2, perturb_from=base)}
+    return {
+        "base": base,
+        "a": make_llama_like(root / "a", seed=1, perturb_from=base),
+        "b": make_llama_like(root / "b", seed=2, perturb_from=base),
+    }
 
 
 def test_merge_dry_run_and_real_run(models: dict[str, Path], tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"method": "ties", "base": str(models["base"]),
-                                      "models": [{"source": str(models["a"])}, {"source": str(models["b"])}]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "method": "ties",
+                "base": str(models["base"]),
+                "models": [{"source": str(models["a"])}, {"source": str(models["b"])}],
+            }
+        )
+    )
     dry = alloy("merge", str(recipe), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "estimated peak memory" in dry.stdout and not (tmp_path / "out").exists()
@@ -44,10 +55,16 @@ def test_merge_dry_run_and_real_run(models: dict[str, Path], tmp_path: Path) -> 
 
 def test_mergekit_recipe_runs(models: dict[str, Path], tmp_path: Path) -> None:
     recipe = tmp_path / "mk.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "merge_method": "task_arithmetic", "base_model": str(models["base"]), "dtype": "float32",
-        "models": [{"model": str(models["a"]), "parameters": {"weight": 0.5}}],
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(models["base"]),
+                "dtype": "float32",
+                "models": [{"model": str(models["a"]), "parameters": {"weight": 0.5}}],
+            }
+        )
+    )
     run = alloy("merge", str(recipe), "--out", str(tmp_path / "out"))
     assert run.returncode == 0, run.stderr
     merged, base, a = load_all(tmp_path / "out"), load_all(models["base"]), load_all(models["a"])
@@ -57,7 +74,9 @@ def test_mergekit_recipe_runs(models: dict[str, Path], tmp_path: Path) -> None:
 
 def test_errors_are_one_line_with_nonzero_exit(models: dict[str, Path], tmp_path: Path) -> None:
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text(yaml.safe_dump({"method": "ties", "models": [{"source": "x"}], "params": {"density": 2}}))
+    recipe.write_text(
+        yaml.safe_dump({"method": "ties", "models": [{"source": "x"}], "params": {"density": 2}})
+    )
     run = alloy("merge", str(recipe))
     assert run.returncode == 1
     lines = run.stderr.strip().splitlines()
@@ -78,7 +97,9 @@ def test_extract_compress_decompress_inspect(models: dict[str, Path], tmp_path: 
     table = alloy("inspect", str(models["base"]), str(models["a"]), str(models["b"]))
     assert table.returncode == 0, table.stderr
     assert "sign conflicts" in table.stdout and "cosine" in table.stdout
-    data = json.loads(alloy("inspect", str(models["base"]), str(models["a"]), str(models["b"]), "--json").stdout)
+    data = json.loads(
+        alloy("inspect", str(models["base"]), str(models["a"]), str(models["b"]), "--json").stdout
+    )
     assert len(data["cosine"]) == 2 and data["cosine"][0][0] == pytest.approx(1.0)
     assert any(row["index"] == 1 for row in data["layers"])
 

@@ -67,3 +67,45 @@ def test_analysis_becomes_an_analyze_job(api: Api) -> None:
     assert {tuple(e["loc"]) for e in bad.json()["errors"]} == {("sources", "0"), ("base",)}
     empty = api.client.post("/v1/analyses", json={"sources": []}, headers=api.headers())
     assert empty.status_code == 422
+
+
+def test_hub_sources_are_pinned_at_submission(api: Api) -> None:
+    from app.api.deps import get_pinner
+    from merge_ops.errors import HubNotFoundError
+    from merge_ops.recipe import HubSource
+
+    def pin(source: HubSource) -> HubSource:
+        if source.repo == "org/missing":
+            raise HubNotFoundError(f"{source.repo} not found", repo=source.repo)
+        return source.model_copy(update={"revision": "c" * 40})
+
+    api.client.app.dependency_overrides[get_pinner] = lambda: pin
+    try:
+        response = api.post_recipe(recipe(models=[{"source": "hf://org/model@main"}, {"source": "ft1"}]))
+        assert response.status_code == 202, response.text
+        assert response.json()["pinned_sources"] == {"hf://org/model@main": f"hf://org/model@{'c' * 40}"}
+        assert response.json()["recipe"]["models"][0]["source"] == "hf://org/model@main"
+        missing = api.post_recipe(recipe(models=[{"source": "hf://org/missing"}]))
+        assert missing.status_code == 422 and missing.json()["code"] == "hub_not_found"
+    finally:
+        api.client.app.dependency_overrides.clear()
+
+
+def test_the_api_never_imports_torch(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from tests.app.conftest import start_api
+for api in start_api(Path({str(tmp_path)!r})):
+    ok = api.client.post("/v1/merges", content={MERGEKIT!r},
+                         headers=api.headers(**{{"Content-Type": "application/yaml"}}))
+    assert ok.status_code == 202, ok.text
+    assert api.client.get("/v1/methods", headers=api.headers()).status_code == 200
+assert "torch" not in sys.modules, "the API process imported torch"
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)

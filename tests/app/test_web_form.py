@@ -62,6 +62,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium is not installed (apt-get install chromium)")
+    from app.serve import worker_command
     from tests.utils.factories import make_llama_like
     from tests.utils.services import (
         FAST_TIMINGS,
@@ -73,8 +74,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         free_port,
         settings_from_env,
     )
-
-    from app.serve import worker_command
 
     root = tmp_path_factory.mktemp("web")
     redis = RedisServer(root / "redis")

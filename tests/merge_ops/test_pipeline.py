@@ -52,15 +52,19 @@ def _leftovers(parent: Path) -> list[str]:
 def test_task_arithmetic_matches_float64_formula(models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "ta"
     merged = _merge(
-        out, method="task_arithmetic", base=str(models["base"]),
+        out,
+        method="task_arithmetic",
+        base=str(models["base"]),
         models=[{"source": str(models["a"]), "weight": 0.7}, {"source": str(models["b"]), "weight": -0.3}],
         params={"lambda": 0.9},
     )
     base, a, b = (load_all(models[k]) for k in ("base", "a", "b"))
     for name, tensor in base.items():
         if tensor.is_floating_point():
-            expected = base[name].double() + 0.9 * (0.7 * (a[name].double() - base[name].double())
-                                                    - 0.3 * (b[name].double() - base[name].double()))
+            expected = base[name].double() + 0.9 * (
+                0.7 * (a[name].double() - base[name].double())
+                - 0.3 * (b[name].double() - base[name].double())
+            )
             torch.testing.assert_close(merged[name].double(), expected, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(merged[name], tensor)  # non-float buffers copied byte for byte
@@ -68,9 +72,13 @@ def test_task_arithmetic_matches_float64_formula(models: dict[str, Path], tmp_pa
 
 def test_output_layout_card_report_and_provenance(models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "ties"
-    recipe = _recipe(out, method="ties", base=str(models["base"]),
-                     models=[{"source": str(models["a"])}, {"source": str(models["b"])}],
-                     output={"path": str(out), "shard_size": 4096})
+    recipe = _recipe(
+        out,
+        method="ties",
+        base=str(models["base"]),
+        models=[{"source": str(models["a"])}, {"source": str(models["b"])}],
+        output={"path": str(out), "shard_size": 4096},
+    )
     report = run_merge(recipe)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted({*index["weight_map"].values()})
@@ -91,13 +99,29 @@ def test_output_layout_card_report_and_provenance(models: dict[str, Path], tmp_p
 
 @pytest.mark.parametrize(
     "method",
-    ["linear", "model_soup", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-     "breadcrumbs_ties", "compeft", "model_stock", "lines", "stages"],
+    [
+        "linear",
+        "model_soup",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "compeft",
+        "model_stock",
+        "lines",
+        "stages",
+    ],
 )
 def test_every_method_runs_end_to_end(method: str, models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / method
-    merged = _merge(out, method=method, base=str(models["base"]),
-                    models=[{"source": str(models[k])} for k in ("a", "b", "c")])
+    merged = _merge(
+        out,
+        method=method,
+        base=str(models["base"]),
+        models=[{"source": str(models[k])} for k in ("a", "b", "c")],
+    )
     base = load_all(models["base"])
     assert set(merged) == set(base)
     for name, tensor in merged.items():
@@ -107,28 +131,51 @@ def test_every_method_runs_end_to_end(method: str, models: dict[str, Path], tmp_
 
 
 def test_identical_models_soup_is_that_model(models: dict[str, Path], tmp_path: Path) -> None:
-    merged = _merge(tmp_path / "soup", method="model_soup",
-                    models=[{"source": str(models["a"])}, {"source": str(models["a"])}])
+    merged = _merge(
+        tmp_path / "soup",
+        method="model_soup",
+        models=[{"source": str(models["a"])}, {"source": str(models["a"])}],
+    )
     for name, tensor in load_all(models["a"]).items():
         assert torch.equal(merged[name], tensor), name
 
 
 def test_lines_identity_and_global_scope(models: dict[str, Path], tmp_path: Path) -> None:
-    plain = _merge(tmp_path / "plain", method="task_arithmetic", base=str(models["base"]),
-                   models=[{"source": str(models["a"])}])
-    flat = _merge(tmp_path / "flat", method="task_arithmetic", base=str(models["base"]),
-                  models=[{"source": str(models["a"])}], lines={"alpha": 1.0, "beta": 0.0})
+    plain = _merge(
+        tmp_path / "plain",
+        method="task_arithmetic",
+        base=str(models["base"]),
+        models=[{"source": str(models["a"])}],
+    )
+    flat = _merge(
+        tmp_path / "flat",
+        method="task_arithmetic",
+        base=str(models["base"]),
+        models=[{"source": str(models["a"])}],
+        lines={"alpha": 1.0, "beta": 0.0},
+    )
     for name in plain:
         assert torch.equal(plain[name], flat[name]), name
-    report = run_merge(_recipe(tmp_path / "glob", method="ties", base=str(models["base"]), scope="global",
-                               models=[{"source": str(models["a"])}, {"source": str(models["b"])}]))
+    report = run_merge(
+        _recipe(
+            tmp_path / "glob",
+            method="ties",
+            base=str(models["base"]),
+            scope="global",
+            models=[{"source": str(models["a"])}, {"source": str(models["b"])}],
+        )
+    )
     assert report.scope == "global"
 
 
 def test_lora_source_contributes_scaled_ba(models: dict[str, Path], tmp_path: Path) -> None:
     adapter = make_lora_adapter(tmp_path / "lora", base_dir=models["base"], r=2, alpha=4)
-    merged = _merge(tmp_path / "out", method="task_arithmetic", base=str(models["base"]),
-                    models=[{"source": str(adapter)}])
+    merged = _merge(
+        tmp_path / "out",
+        method="task_arithmetic",
+        base=str(models["base"]),
+        models=[{"source": str(adapter)}],
+    )
     base, lora = load_all(models["base"]), load_all(adapter)
     name = "model.layers.0.self_attn.q_proj.weight"
     a = lora["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].double()
@@ -139,30 +186,52 @@ def test_lora_source_contributes_scaled_ba(models: dict[str, Path], tmp_path: Pa
 
 
 def test_transfer_onto_the_source_base_gives_the_finetune(models: dict[str, Path], tmp_path: Path) -> None:
-    merged = _merge(tmp_path / "t", method="transfer", source_base=str(models["base"]),
-                    source_finetuned=str(models["a"]), target_base=str(models["base"]))
+    merged = _merge(
+        tmp_path / "t",
+        method="transfer",
+        source_base=str(models["base"]),
+        source_finetuned=str(models["a"]),
+        target_base=str(models["base"]),
+    )
     for name, tensor in load_all(models["a"]).items():
         torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6)
 
 
 def test_filters_copy_excluded_tensors(models: dict[str, Path], tmp_path: Path) -> None:
-    merged = _merge(tmp_path / "f", method="task_arithmetic", base=str(models["base"]),
-                    models=[{"source": str(models["a"])}], filters={"exclude": [r"^lm_head\."]})
+    merged = _merge(
+        tmp_path / "f",
+        method="task_arithmetic",
+        base=str(models["base"]),
+        models=[{"source": str(models["a"])}],
+        filters={"exclude": [r"^lm_head\."]},
+    )
     base = load_all(models["base"])
     assert torch.equal(merged["lm_head.weight"], base["lm_head.weight"])
     assert not torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
 
 
 def test_output_dtype_is_cast_once(models: dict[str, Path], tmp_path: Path) -> None:
-    merged = _merge(tmp_path / "bf", method="task_arithmetic", base=str(models["base"]), dtype="bfloat16",
-                    models=[{"source": str(models["a"])}])
+    merged = _merge(
+        tmp_path / "bf",
+        method="task_arithmetic",
+        base=str(models["base"]),
+        dtype="bfloat16",
+        models=[{"source": str(models["a"])}],
+    )
     assert merged["lm_head.weight"].dtype == torch.bfloat16
     assert merged["model.position_ids"].dtype == torch.int64
 
 
 def test_dry_run_plan_reads_headers_only(models: dict[str, Path]) -> None:
-    plan = plan_merge(load_recipe({"method": "ties", "base": str(models["base"]),
-                                   "models": [{"source": str(models["a"])}, {"source": str(models["b"])}]}))
+    plan = plan_merge(
+        load_recipe(
+            {
+                "method": "ties",
+                "base": str(models["base"]),
+                "models": [{"source": str(models["a"])}, {"source": str(models["b"])}],
+            }
+        )
+    )
     assert plan.passes == 1 and plan.estimated_peak_bytes > 0
     assert {t.action for t in plan.tensors} == {"merge", "copy"}
     assert "estimated peak memory" in plan.summary()
@@ -172,9 +241,13 @@ def test_progress_and_cancel_leave_nothing(models: dict[str, Path], tmp_path: Pa
     seen = []
     out = tmp_path / "cancelled"
     with pytest.raises(MergeCancelled):
-        run_merge(_recipe(out, method="task_arithmetic", base=str(models["base"]),
-                          models=[{"source": str(models["a"])}]),
-                  progress=seen.append, should_cancel=lambda: len(seen) >= 3)
+        run_merge(
+            _recipe(
+                out, method="task_arithmetic", base=str(models["base"]), models=[{"source": str(models["a"])}]
+            ),
+            progress=seen.append,
+            should_cancel=lambda: len(seen) >= 3,
+        )
     assert len(seen) == 3 and seen[-1].tensors_done == 3
     assert not out.exists() and _leftovers(tmp_path) == []
 
@@ -194,14 +267,26 @@ def test_missing_tensor(models: dict[str, Path], tmp_path: Path) -> None:
     tensors = load_all(models["a"])
     del tensors["model.layers.1.mlp.up_proj.weight"]
     broken = make_checkpoint(tmp_path / "broken", tensors)
-    _assert_fails(tmp_path, IncompatibleModelsError, r"lacks tensors.*model\.layers\.1\.mlp\.up_proj\.weight",
-                  method="ties", base=str(models["base"]), models=[{"source": str(broken)}])
+    _assert_fails(
+        tmp_path,
+        IncompatibleModelsError,
+        r"lacks tensors.*model\.layers\.1\.mlp\.up_proj\.weight",
+        method="ties",
+        base=str(models["base"]),
+        models=[{"source": str(broken)}],
+    )
 
 
 def test_shape_mismatch_names_tensor_and_source(models: dict[str, Path], tmp_path: Path) -> None:
     other = make_llama_like(tmp_path / "wide", hidden=24)
-    _assert_fails(tmp_path, IncompatibleModelsError, r"shape .* in .*wide",
-                  method="task_arithmetic", base=str(models["base"]), models=[{"source": str(other)}])
+    _assert_fails(
+        tmp_path,
+        IncompatibleModelsError,
+        r"shape .* in .*wide",
+        method="task_arithmetic",
+        base=str(models["base"]),
+        models=[{"source": str(other)}],
+    )
 
 
 def test_vocab_policy_allows_extra_embedding_rows(models: dict[str, Path], tmp_path: Path) -> None:
@@ -209,10 +294,21 @@ def test_vocab_policy_allows_extra_embedding_rows(models: dict[str, Path], tmp_p
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         tensors[name] = torch.cat([tensors[name], torch.randn(4, tensors[name].shape[1])])
     bigger = make_checkpoint(tmp_path / "bigger", tensors)
-    _assert_fails(tmp_path, IncompatibleModelsError, "shape", method="task_arithmetic",
-                  base=str(models["base"]), models=[{"source": str(bigger)}])
-    merged = _merge(tmp_path / "ok", method="task_arithmetic", base=str(models["base"]),
-                    models=[{"source": str(bigger)}], vocab_policy="truncate")
+    _assert_fails(
+        tmp_path,
+        IncompatibleModelsError,
+        "shape",
+        method="task_arithmetic",
+        base=str(models["base"]),
+        models=[{"source": str(bigger)}],
+    )
+    merged = _merge(
+        tmp_path / "ok",
+        method="task_arithmetic",
+        base=str(models["base"]),
+        models=[{"source": str(bigger)}],
+        vocab_policy="truncate",
+    )
     torch.testing.assert_close(merged["lm_head.weight"], tensors["lm_head.weight"][:32])
 
 
@@ -220,17 +316,28 @@ def test_nan_input_names_tensor_and_source(models: dict[str, Path], tmp_path: Pa
     tensors = load_all(models["a"])
     tensors["model.norm.weight"][3] = float("nan")
     poisoned = make_checkpoint(tmp_path / "poisoned", tensors)
-    _assert_fails(tmp_path, NonFiniteTensorError, r"model\.norm\.weight.*poisoned",
-                  method="ties", base=str(models["base"]), models=[{"source": str(models["b"])},
-                                                                  {"source": str(poisoned)}])
+    _assert_fails(
+        tmp_path,
+        NonFiniteTensorError,
+        r"model\.norm\.weight.*poisoned",
+        method="ties",
+        base=str(models["base"]),
+        models=[{"source": str(models["b"])}, {"source": str(poisoned)}],
+    )
 
 
 def test_truncated_safetensors(models: dict[str, Path], tmp_path: Path) -> None:
     folder = make_llama_like(tmp_path / "trunc", seed=5, perturb_from=models["base"])
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) - 100])
-    _assert_fails(tmp_path, CorruptCheckpointError, "trunc", method="task_arithmetic",
-                  base=str(models["base"]), models=[{"source": str(folder)}])
+    _assert_fails(
+        tmp_path,
+        CorruptCheckpointError,
+        "trunc",
+        method="task_arithmetic",
+        base=str(models["base"]),
+        models=[{"source": str(folder)}],
+    )
 
 
 def test_hostile_header_length(models: dict[str, Path], tmp_path: Path) -> None:
@@ -238,24 +345,47 @@ def test_hostile_header_length(models: dict[str, Path], tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", 2**40) + b"{}")
-    _assert_fails(tmp_path, CorruptCheckpointError, "hostile", method="task_arithmetic",
-                  base=str(models["base"]), models=[{"source": str(folder)}])
+    _assert_fails(
+        tmp_path,
+        CorruptCheckpointError,
+        "hostile",
+        method="task_arithmetic",
+        base=str(models["base"]),
+        models=[{"source": str(folder)}],
+    )
 
 
 def test_pickle_refused_without_opt_in(models: dict[str, Path], tmp_path: Path) -> None:
     folder = tmp_path / "pickled"
     folder.mkdir()
     torch.save(load_all(models["a"]), folder / "pytorch_model.bin")
-    _assert_fails(tmp_path, UnsafeCheckpointError, "pickle", method="task_arithmetic",
-                  base=str(models["base"]), models=[{"source": str(folder)}])
-    merged = _merge(tmp_path / "allowed", method="task_arithmetic", base=str(models["base"]), allow_pickle=True,
-                    models=[{"source": str(folder)}])
+    _assert_fails(
+        tmp_path,
+        UnsafeCheckpointError,
+        "pickle",
+        method="task_arithmetic",
+        base=str(models["base"]),
+        models=[{"source": str(folder)}],
+    )
+    merged = _merge(
+        tmp_path / "allowed",
+        method="task_arithmetic",
+        base=str(models["base"]),
+        allow_pickle=True,
+        models=[{"source": str(folder)}],
+    )
     torch.testing.assert_close(merged["lm_head.weight"], load_all(models["a"])["lm_head.weight"])
 
 
 def test_missing_source(models: dict[str, Path], tmp_path: Path) -> None:
-    _assert_fails(tmp_path, SourceNotFoundError, "nowhere", method="task_arithmetic",
-                  base=str(models["base"]), models=[{"source": str(tmp_path / "nowhere")}])
+    _assert_fails(
+        tmp_path,
+        SourceNotFoundError,
+        "nowhere",
+        method="task_arithmetic",
+        base=str(models["base"]),
+        models=[{"source": str(tmp_path / "nowhere")}],
+    )
 
 
 def test_existing_output_is_never_overwritten(models: dict[str, Path], tmp_path: Path) -> None:
@@ -263,8 +393,11 @@ def test_existing_output_is_never_overwritten(models: dict[str, Path], tmp_path:
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(OutputError, match="not empty"):
-        run_merge(_recipe(out, method="task_arithmetic", base=str(models["base"]),
-                          models=[{"source": str(models["a"])}]))
+        run_merge(
+            _recipe(
+                out, method="task_arithmetic", base=str(models["base"]), models=[{"source": str(models["a"])}]
+            )
+        )
     assert (out / "precious.txt").read_text() == "keep me"
 
 
@@ -272,19 +405,34 @@ def test_fused_path_equals_generic_path(models: dict[str, Path], tmp_path: Path)
     """task_arithmetic takes the one-pass fused kernel; magnitude sparsify at density 1 (the identity) takes the
     generic [K, *S] path: both must give the same model."""
     members = [{"source": str(models["a"]), "weight": 0.6}, {"source": str(models["c"]), "weight": 0.4}]
-    fused = _merge(tmp_path / "fused", method="task_arithmetic", base=str(models["base"]), models=members,
-                   params={"lambda": 1.3})
-    generic = _merge(tmp_path / "generic", method="stages", base=str(models["base"]), models=members,
-                     params={"lambda": 1.3, "sparsify": "magnitude", "density": 1.0})
+    fused = _merge(
+        tmp_path / "fused",
+        method="task_arithmetic",
+        base=str(models["base"]),
+        models=members,
+        params={"lambda": 1.3},
+    )
+    generic = _merge(
+        tmp_path / "generic",
+        method="stages",
+        base=str(models["base"]),
+        models=members,
+        params={"lambda": 1.3, "sparsify": "magnitude", "density": 1.0},
+    )
     for name in fused:
         torch.testing.assert_close(fused[name], generic[name], rtol=1e-6, atol=1e-7)
 
 
 def test_unnormalized_linear_is_the_plain_weighted_sum(models: dict[str, Path], tmp_path: Path) -> None:
-    merged = _merge(tmp_path / "sum", method="linear", params={"normalize": False},
-                    models=[{"source": str(models["a"]), "weight": 0.5}, {"source": str(models["b"]), "weight": 0.8}])
+    merged = _merge(
+        tmp_path / "sum",
+        method="linear",
+        params={"normalize": False},
+        models=[{"source": str(models["a"]), "weight": 0.5}, {"source": str(models["b"]), "weight": 0.8}],
+    )
     a, b = load_all(models["a"]), load_all(models["b"])
     for name, tensor in a.items():
         if tensor.is_floating_point():
-            torch.testing.assert_close(merged[name].double(), 0.5 * a[name].double() + 0.8 * b[name].double(),
-                                       rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(
+                merged[name].double(), 0.5 * a[name].double() + 0.8 * b[name].double(), rtol=1e-6, atol=1e-7
+            )

@@ -6,7 +6,7 @@ import pytest
 
 from merge_ops.errors import RecipeError
 from merge_ops.params import CATALOG, Scope, TiesParams
-from merge_ops.recipe import HubSource, load_recipe, parse_source, parse_size
+from merge_ops.recipe import HubSource, load_recipe, parse_size, parse_source
 
 
 def _errors(data: dict) -> dict[str, str]:
@@ -78,8 +78,12 @@ def test_out_of_range_params_are_errors_not_clamps(params: dict, loc: str) -> No
 
 def test_breadcrumbs_fractions_must_fit() -> None:
     errors = _errors(
-        {"method": "breadcrumbs", "base": "b", "models": [{"source": "a"}],
-         "params": {"density": 0.6, "top_removed": 0.5}}
+        {
+            "method": "breadcrumbs",
+            "base": "b",
+            "models": [{"source": "a"}],
+            "params": {"density": 0.6, "top_removed": 0.5},
+        }
     )
     assert any("density + top_removed" in msg for msg in errors.values())
 
@@ -99,13 +103,17 @@ def test_unknown_fields_and_bad_regex_are_reported() -> None:
 
 def test_hub_sources_parse() -> None:
     assert parse_source("hf://org/name@abc123") == HubSource(repo="org/name", revision="abc123")
-    assert parse_source("hf://org/name/sub/dir") == HubSource(repo="org/name", revision="main", subfolder="sub/dir")
+    assert parse_source("hf://org/name/sub/dir") == HubSource(
+        repo="org/name", revision="main", subfolder="sub/dir"
+    )
     with pytest.raises(ValueError, match="malformed"):
         parse_source("hf://not a repo")
 
 
 def test_yaml_text_and_sizes() -> None:
-    recipe = load_recipe("method: model_soup\nmodels:\n  - {source: a}\n  - {source: b}\noutput: {shard_size: 1GiB}\n")
+    recipe = load_recipe(
+        "method: model_soup\nmodels:\n  - {source: a}\n  - {source: b}\noutput: {shard_size: 1GiB}\n"
+    )
     assert recipe.output.shard_size == 2**30
     assert parse_size(4096) == 4096
     with pytest.raises(ValueError):
