@@ -305,19 +305,27 @@ def run_job(
                 raise RetryLater(exc.to_dict(), countdown=retry_countdown(attempts)) from exc
         _finish(settings, job_id, status="failed", error=exc.to_dict())
         return JobOutcome(job_id, "failed", exc.code)
-    except BaseException as exc:
+    except Exception as exc:
         # SoftTimeLimitExceeded, bugs, MemoryError: permanent, with the exception named on the row
         ticker.flush()
+        if ticker.lost.is_set():
+            return JobOutcome(job_id, "abandoned")
+        error = _unexpected_error(exc, settings)
+        _finish(settings, job_id, status="failed", error=error)
+        return JobOutcome(job_id, "failed", error["code"])
+    except BaseException:
+        # the process is being shut down (SystemExit, KeyboardInterrupt): not the job's fault, so it goes back
+        # to the queue (attempts += 1); the redelivered message or the reaper's re-send runs it again
+        ticker.flush()
         if not ticker.lost.is_set():
-            _finish(settings, job_id, status="failed", error=_unexpected_error(exc, settings))
-        if isinstance(exc, Exception):
-            return JobOutcome(job_id, "failed", "internal_error")
+            with _session(settings) as session:
+                crud.requeue_job(session, job_id=job_id)
         raise
     finally:
         ticker.flush()
 
 
-def _unexpected_error(exc: BaseException, settings: Settings) -> dict[str, Any]:
+def _unexpected_error(exc: Exception, settings: Settings) -> dict[str, Any]:
     from celery.exceptions import SoftTimeLimitExceeded
 
     if isinstance(exc, SoftTimeLimitExceeded):
@@ -325,8 +333,7 @@ def _unexpected_error(exc: BaseException, settings: Settings) -> dict[str, Any]:
             "code": "time_limit_exceeded",
             "detail": f"the job ran longer than task_time_limit_s={settings.task_time_limit_s}",
         }
-    if isinstance(exc, Exception):
-        log.error("unexpected error", exc_info=exc)
+    log.error("unexpected error", exc_info=exc)
     return internal_error(exc)
 
 

@@ -51,7 +51,8 @@ def collect(results: dict[str, Any]) -> dict[tuple[int, str], list[dict[str, Any
                 {
                     "acc": record["test"],
                     **metrics(record["test"], subset, seed),
-                    "merge_s": record["merge_s"],
+                    # greedy soup: choosing (2N − 1 evaluations) + writing the linear soup
+                    "merge_s": record["merge_s"] + (record["soup"]["seconds"] if record.get("soup") else 0.0),
                     "lambda": record.get("lambda"),
                     "chosen": len(record["soup"]["chosen"]) if record.get("soup") else None,
                 }

@@ -55,6 +55,7 @@ SOUPS = {"model_soup", "greedy_soup"}  # averages of the fine-tunes: no base in 
 class Settings:
     out: Path
     steps: int = 12
+    batch_size: int = 16
     n_train: int = 256
     n_val: int = 24
     n_test: int = 64
@@ -184,7 +185,7 @@ def run_method(
             linear = soup_recipe(load_recipe({**recipe, "method": "linear"}), chosen).model_dump(
                 mode="json", by_alias=True, exclude_none=True
             )
-            record["merge_s"] = chosen.seconds + merge(linear, out, settings=settings)
+            record["merge_s"] = merge(linear, out, settings=settings)
             record["soup"] = chosen.model_dump()
         merged = load_state_dict(out)
     elif METHODS[method]:
@@ -237,6 +238,7 @@ def run_seed(seed: int, settings: Settings, *, log: Any = print) -> SeedResult:
                 out_dir=folder,
                 seed=wanted["seed"],
                 steps=settings.steps,
+                batch_size=settings.batch_size,
                 max_length=settings.max_length,
             )
             marker.write_text(json.dumps({"settings": wanted, "seconds": result.finetune_s[task.name]}))

@@ -9,8 +9,8 @@ The result is the unscaled merged delta: the pipeline applies λ (and LiNeS) and
 method exposes the stages directly; the named presets (``task_arithmetic``, ``ties``, ``dare_*``,
 ``breadcrumbs*``, ``compeft``) register this same function from their own modules with their own defaults
 (see ``merge_ops.params``). Top-k thresholds, σ and L1 norms are per scope unit: per tensor, per row, or
-global (one per model, from the first streaming pass). Report stats: ``kept_fraction`` (non-zeros of τ̂ over
-K·n) and, with consensus, ``sign_conflict_fraction`` (entries where some non-zero τ̂ disagrees with γ).
+global (one per model, from the first streaming pass). Report stats: ``kept_density`` (non-zeros of τ̂ over
+K·n) and, with consensus, ``sign_conflict_rate`` (entries where some non-zero τ̂ disagrees with γ).
 """
 
 from __future__ import annotations

@@ -149,6 +149,10 @@ def page(browser: Any, deployment: Deployment, request: pytest.FixtureRequest) -
             errors.append(f"console.{msg.type}: {msg.text}")
 
     tab.on("console", on_console)
+    if os.environ.get("H6_DEBUG"):
+        tab.on("request", lambda r: print("REQ", r.method, r.url))
+        tab.on("response", lambda r: print("RES", r.status, r.url))
+        tab.on("requestfailed", lambda r: print("FAILED", r.url, r.failure))
     tab.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
     tab.goto(deployment.url + "/")
     tab.fill("#api-token", deployment.token)
@@ -157,6 +161,12 @@ def page(browser: Any, deployment: Deployment, request: pytest.FixtureRequest) -
     yield tab
     context.close()
     assert not errors, "\n".join(errors) + "\n" + deployment.logs()
+
+
+def screenshot(page: Any, path: Path) -> None:
+    page.screenshot(path=str(path), full_page=True)
+    # a full-page capture resizes the viewport; scroll back so the next click's hit test sees the live layout
+    page.evaluate("window.scrollTo(0, 0)")
 
 
 def choose_local_source(page: Any, row: str, path: Path) -> None:
@@ -207,7 +217,7 @@ def test_compose_submit_shows_live_progress_report_and_charts(page: Any, deploym
     preview = page.text_content("#yaml-preview")
     recipe_lines = {"method: ties", "density: 0.5", "beta: 0.8", "dtype: float32", "weight: 0.75"}
     assert all(line in preview for line in recipe_lines), preview
-    page.screenshot(path=str(artifacts / "compose-1280.png"), full_page=True)
+    screenshot(page, artifacts / "compose-1280.png")
 
     page.click("#submit")
     wait_for_job_page(page)
@@ -225,14 +235,14 @@ def test_compose_submit_shows_live_progress_report_and_charts(page: Any, deploym
     for title in ("Sign-conflict rate per layer", "Density kept per layer", "LiNeS scale per layer"):
         figure = page.locator("#job-charts figure", has_text=title)
         assert figure.locator("svg circle, svg rect").count() >= 4, title
-    page.screenshot(path=str(artifacts / "job-succeeded-1280.png"), full_page=True)
+    screenshot(page, artifacts / "job-succeeded-1280.png")
 
     page.goto(deployment.url + "/#/jobs")
     page.click("#status-filters button:text-is('succeeded')")
     page.wait_for_selector("#jobs-body tr")
     statuses = page.locator("#jobs-body .status").all_text_contents()
     assert statuses and set(statuses) == {"succeeded"}
-    page.screenshot(path=str(artifacts / "jobs-1280.png"), full_page=True)
+    screenshot(page, artifacts / "jobs-1280.png")
 
 
 @pytest.mark.browser
@@ -258,7 +268,7 @@ dtype: bfloat16
     assert float(rows.nth(0).locator(".src-weight").input_value()) == pytest.approx(0.7)
     preview = page.text_content("#yaml-preview")
     assert "method: dare_ties" in preview and "dtype: bfloat16" in preview
-    page.screenshot(path=str(artifacts / "import-mergekit-1280.png"), full_page=True)
+    screenshot(page, artifacts / "import-mergekit-1280.png")
 
     page.allowed_http_errors.update({400, 422})
     page.fill("#import-text", "merge_method: [unclosed")
@@ -281,7 +291,7 @@ def test_bad_density_is_reported_next_to_its_field(page: Any, deployment: Deploy
     assert page.input_value("#base-row .src-id") == str(deployment.data / "base")
     assert "#/jobs/" not in page.url
     assert page.locator("#error-summary a").count() >= 1
-    page.screenshot(path=str(artifacts / "field-error-1280.png"), full_page=True)
+    screenshot(page, artifacts / "field-error-1280.png")
     # the summary link moves keyboard focus to the field
     page.locator("#error-summary a").first.press("Enter")
     assert page.evaluate("document.activeElement.id") == "f-params-density"
@@ -298,12 +308,12 @@ def test_cancel_a_running_job(page: Any, deployment: Deployment, artifacts: Path
     wait_for_job_page(page)
     wait_for_status(page, "running|succeeded|failed")
     assert page.get_attribute("#job-progress", "data-status") == "running", deployment.logs()
-    page.screenshot(path=str(artifacts / "job-running-1280.png"), full_page=True)
+    screenshot(page, artifacts / "job-running-1280.png")
     page.click("#job-cancel")
     assert wait_for_status(page, "succeeded|failed|cancelled") == "cancelled"
     assert page.locator("#job-cancel").is_hidden()
     assert not (deployment.data / "out-cancelled").exists()
-    page.screenshot(path=str(artifacts / "job-cancelled-1280.png"), full_page=True)
+    screenshot(page, artifacts / "job-cancelled-1280.png")
 
 
 @pytest.mark.browser
@@ -321,7 +331,7 @@ def test_analysis_draws_norms_and_cosine_heatmap(page: Any, deployment: Deployme
     assert "1" in heatmap.locator("svg text.cell").first.text_content()  # a task vector is parallel to itself
     conflicts = page.locator("#job-charts figure", has_text="Sign-conflict rate per layer")
     assert conflicts.locator("svg rect").count() >= 4
-    page.screenshot(path=str(artifacts / "analysis-1280.png"), full_page=True)
+    screenshot(page, artifacts / "analysis-1280.png")
 
 
 @pytest.mark.browser
@@ -329,11 +339,14 @@ def test_analysis_draws_norms_and_cosine_heatmap(page: Any, deployment: Deployme
 def test_narrow_screen_and_keyboard_only(page: Any, deployment: Deployment, artifacts: Path) -> None:
     # nothing overflows horizontally at 390 px
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
-    page.screenshot(path=str(artifacts / "compose-390.png"), full_page=True)
-    # keyboard: the first Tab reaches the skip link, which moves focus to the content
+    screenshot(page, artifacts / "compose-390.png")
+    # keyboard: on a fresh load the first Tab reaches the skip link, which moves focus to the content
+    page.reload()
+    page.wait_for_selector("#method option[value=ties]", state="attached")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.className") == "skip"
     page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "main"
     # add a model row with the keyboard: focus lands in the new row's source field
     before = page.locator("#models-list > .model-row").count()
     page.focus("#add-model")

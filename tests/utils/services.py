@@ -235,12 +235,12 @@ class JobStore:
             session.commit()
             return job.id
 
-    def submit(self, recipe: Mapping[str, Any], *, priority: int = 5) -> str:
+    def submit(self, recipe: Mapping[str, Any], *, priority: int = 5, hf_token: str | None = None) -> str:
         """Insert, commit, then enqueue (the order the API uses)."""
         from app.core.queue import enqueue_job
 
         job_id = self.insert_job(recipe, priority=priority)
-        enqueue_job(job_id, priority=priority, settings=self.settings)
+        enqueue_job(job_id, priority=priority, hf_token=hf_token, settings=self.settings)
         return job_id
 
     def job(self, job_id: str) -> Any:

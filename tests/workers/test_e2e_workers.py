@@ -80,3 +80,18 @@ def test_permanent_error_fails_once_through_a_real_worker(job_store, celery_work
     job = job_store.wait_for(job_id, timeout=60)
     assert (job.status, job.error_code, job.attempts) == ("failed", "source_not_found", 0)
     assert finished_runs(worker) == 1
+
+
+def test_merge_past_the_time_limit_fails_with_a_clear_error(
+    job_store, celery_worker, alloy_settings, long_models
+):
+    base, fts = long_models
+    data = alloy_settings.data_dirs[0]
+    # hard limit 2 s -> soft limit 1 s, raised inside the merge; the row says why, the scratch is gone
+    worker = celery_worker(name="limited", env={"ALLOY_TASK_TIME_LIMIT_S": "2"})
+    job_id = job_store.submit(task_arithmetic_recipe(base, fts, data / "late"))
+    job = job_store.wait_for(job_id, timeout=60)
+    assert (job.status, job.error_code) == ("failed", "time_limit_exceeded"), worker.log()[-3000:]
+    assert "task_time_limit_s=2" in job.error_detail
+    assert not (data / "late").exists() and stray_files(data) == []
+    assert worker.alive()

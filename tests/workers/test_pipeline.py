@@ -154,3 +154,15 @@ def test_pinned_hub_sources_replace_the_submitted_ones():
     assert out["base"].endswith("a" * 40) and out["models"][0]["source"].endswith("b" * 40)
     assert out["models"][1]["source"] == "/local" and data["base"] == "hf://org/base"
     assert json.dumps(out)  # still JSON-able for the recipe validator
+
+
+def test_analyze_job_stores_task_vector_statistics_as_its_report(job_store, alloy_settings, models):
+    base, fts = models
+    request = {"sources": [str(f) for f in fts], "base": str(base), "allow_pickle": False}
+    job_id = job_store.insert_job(request, kind="analyze")
+    assert run_job(job_id, settings=alloy_settings).status == "succeeded"
+    job = job_store.job(job_id)
+    assert job.status == "succeeded" and job.output_path is None
+    from merge_ops.inspect import inspect_task_vectors
+
+    assert job.report == json.loads(json.dumps(inspect_task_vectors(str(base), [str(f) for f in fts])))
