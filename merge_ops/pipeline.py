@@ -178,7 +178,7 @@ class _Engine:
             (i for i, o in enumerate(self.recipe.overrides) if re.search(o.filter, tp.name)), None
         )
         depth = position.depth if position and has_gradients(self.recipe) else None
-        key = (override, depth, position.num_blocks if depth is not None else None)
+        key = (override, depth, position.num_blocks if position and depth is not None else None)
         if key not in self._params_cache:
             self._params_cache[key] = self.recipe.params_for(
                 tp.name, layer=depth, num_layers=position.num_blocks if position else None
@@ -399,7 +399,7 @@ def _merge_into(
     }
     if recipe.vocab_policy != "error":
         metadata["alloy_vocab_policy"] = recipe.vocab_policy
-    writer = ShardedWriter(scratch, plan=writer_plan, shard_size=recipe.output.shard_size, metadata=metadata)
+    writer = ShardedWriter(scratch, plan=writer_plan, shard_size=int(recipe.output.shard_size), metadata=metadata)
     rows: list[dict[str, Any]] = []
     copied_non_float: list[str] = []
     total = len(plan.tensors)

@@ -269,6 +269,7 @@ def build_plan(recipe: Recipe, info: MethodInfo, sources: Sources) -> MergePlan:
     k = len(sources.inputs)
     for name, tinfo in sources.reference.infos.items():
         count = numel(tinfo.shape)
+        action: Literal["merge", "copy"]
         nbytes = count * element_size(tinfo.dtype)
         if not is_float(tinfo):
             action, reason, out_code = "copy", "not a floating tensor", tinfo.dtype

@@ -133,6 +133,7 @@ const Charts = (() => {
     const W = left + n * cell + 10, H = top + n * cell + 90;
     const fig = figure(title, opts.note);
     const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title, class: "chart-svg heatmap" });
+    svg.style.maxWidth = `${W * 1.2}px`; // a 2×2 matrix should not blow up to the column width
     const short = (s) => (s.length > 16 ? "…" + s.slice(-15) : s);
     for (let i = 0; i < n; i++) {
       svg.append(el("text", { x: left - 6, y: top + i * cell + cell / 2 + 4, "text-anchor": "end", class: "tick" }, short(labels[i])));

@@ -85,6 +85,7 @@ function fmtTime(t) {
 }
 
 function renderJob(job) {
+  $("#charts-title").textContent = job.kind === "analyze" ? "What the task vectors look like" : "What the merge does";
   $("#job-title").textContent = `${job.kind === "analyze" ? "Analysis" : "Merge"} ${String(job.id).slice(0, 8)}`;
   const facts = [["Status", job.status], ["Method", job.recipe?.method], ["Created", fmtTime(job.created_at)],
     ["Started", fmtTime(job.started_at)], ["Finished", fmtTime(job.finished_at)], ["Job id", job.id]];
@@ -122,8 +123,10 @@ function renderJob(job) {
   const r = job.recipe || {};
   $("#job-analyze").hidden = !(job.kind !== "analyze" && r.base && r.models?.length && TERMINAL.has(job.status));
   const err = $("#job-error");
-  err.hidden = !job.error;
-  if (job.error) err.textContent = `${job.error.code ? `[${job.error.code}] ` : ""}${problemText(job.error)}`;
+  err.hidden = !job.error && job.status !== "cancelled";
+  err.classList.toggle("notice", job.status === "cancelled");
+  if (job.status === "cancelled") err.textContent = `Cancelled: ${job.error?.detail || "the job was cancelled"}.`;
+  else if (job.error) err.textContent = `${job.error.code ? `[${job.error.code}] ` : ""}${problemText(job.error)}`;
   state.jobRecipe = job.recipe;
   $("#job-recipe-details").hidden = !job.recipe;
   if (job.recipe) $("#job-recipe").textContent = toYaml(job.recipe).replace(/^\n/, "");
@@ -236,31 +239,37 @@ async function showReport(id, job) {
 }
 
 // ---------------------------------------------------------------------------------------------- batch
+/** The batch view: its facts and its jobs, refreshed every 2 s until every job has ended. */
 async function openBatch(id) {
-  const res = await api("GET", `/v1/batches/${encodeURIComponent(id)}`);
+  const controller = new AbortController();
+  state.jobStream = controller;
   $("#batch-body").replaceChildren();
   $("#batch-facts").replaceChildren();
-  if (!res.ok) { if (!handleAuth(res)) banner(problemText(res.data)); return; }
-  const batch = res.data || {};
+  while (!controller.signal.aborted) {
+    const res = await api("GET", `/v1/batches/${encodeURIComponent(id)}`);
+    if (controller.signal.aborted) return;
+    if (!res.ok) { if (!handleAuth(res)) banner(problemText(res.data)); return; }
+    const jobs = renderBatch(res.data || {}, id);
+    if (jobs.every((j) => TERMINAL.has(j.status))) return;
+    await new Promise((r) => setTimeout(r, 2000));
+  }
+}
+
+function renderBatch(batch, id) {
   $("#batch-title").textContent = `Batch ${String(batch.id || id).slice(0, 8)}`;
-  for (const [k, v] of Object.entries(batch)) {
-    if (v === null || typeof v === "object") continue;
-    const dt = document.createElement("dt"); dt.textContent = k.replace(/_/g, " ");
-    const dd = document.createElement("dd"); dd.textContent = k.endsWith("_at") ? fmtTime(v) : String(v);
-    $("#batch-facts").append(dt, dd);
-  }
+  const facts = [["Batch id", batch.id], ["Created", fmtTime(batch.created_at)], ["Priority", batch.priority],
+    ["Jobs", batch.total]];
   if (batch.counts && typeof batch.counts === "object") {
-    const dt = document.createElement("dt"); dt.textContent = "counts";
-    const dd = document.createElement("dd");
-    dd.textContent = Object.entries(batch.counts).map(([k, v]) => `${k} ${v}`).join(" · ");
-    $("#batch-facts").append(dt, dd);
+    facts.push(["By status", Object.entries(batch.counts).filter(([, n]) => n).map(([k, n]) => `${k} ${n}`).join(" · ")]);
   }
-  const jobs = batch.jobs || batch.items || [];
-  for (const j of jobs) {
-    let job = j;
-    if (typeof j === "string") { const r = await api("GET", `/v1/merges/${encodeURIComponent(j)}`); job = r.ok ? r.data : { id: j, status: "?" }; }
-    $("#batch-body").append(jobRow(job));
-  }
+  $("#batch-facts").replaceChildren(...facts.filter(([, v]) => v !== undefined && v !== null && v !== "").flatMap(([k, v]) => {
+    const dt = document.createElement("dt"); dt.textContent = k;
+    const dd = document.createElement("dd"); dd.textContent = String(v);
+    return [dt, dd];
+  }));
+  const jobs = (batch.jobs || batch.items || []).filter((j) => j && typeof j === "object");
+  $("#batch-body").replaceChildren(...jobs.map(jobRow));
+  return jobs;
 }
 
 // ---------------------------------------------------------------------------------------------- markdown (model card)

