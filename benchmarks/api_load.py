@@ -108,7 +108,7 @@ def report(samples: Samples, *, clients: int, duration_s: float, busy_jobs: int 
     print(
         f"clients={clients} duration={duration_s:.0f}s submits={len(samples.submit_s)} "
         f"status_calls={len(samples.status_s)} errors={samples.errors or 0}"
-        + (f" jobs_running_or_queued_at_end={busy_jobs}" if busy_jobs is not None else "")
+        + (f" active_jobs_at_end(first page)={busy_jobs}" if busy_jobs is not None else "")
     )
     for name, values in (("submit", samples.submit_s), ("status", samples.status_s)):
         if values:

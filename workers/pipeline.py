@@ -86,12 +86,8 @@ def retry_countdown(attempts: int, *, base_s: float = 2.0, cap_s: float = 300.0)
     return random.uniform(0.5, 1.0) * min(cap_s, base_s * 2 ** max(0, attempts))
 
 
-def _setting(settings: Settings, name: str, default: float) -> float:
-    return float(getattr(settings, name, None) or default)
-
-
 def progress_interval(settings: Settings) -> float:
-    return _setting(settings, "progress_interval_s", min(1.0, settings.heartbeat_interval_s))
+    return min(settings.progress_interval_s, settings.heartbeat_interval_s)
 
 
 @contextmanager

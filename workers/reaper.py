@@ -46,11 +46,11 @@ class ReapResult:
 
 
 def queued_resend_s(settings: Settings) -> float:
-    return float(getattr(settings, "queued_resend_s", None) or settings.heartbeat_stale_s)
+    return settings.queued_resend_s
 
 
 def reaper_interval_s(settings: Settings) -> float:
-    return float(getattr(settings, "reaper_interval_s", None) or settings.heartbeat_interval_s)
+    return settings.reaper_interval_s
 
 
 def worker_lost_error(attempts: int) -> dict[str, Any]:

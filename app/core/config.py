@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
     heartbeat_stale_s: float = Field(default=120.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    progress_interval_s: float = Field(default=1.0, gt=0, description="Min seconds between progress writes.")
+    reaper_interval_s: float = Field(default=10.0, gt=0, description="How often each worker's reaper scans.")
+    queued_resend_s: float = Field(
+        default=120.0, gt=0, description="Re-send a queued job's message after this long unclaimed."
+    )
     rate_limit_per_minute: int = Field(
         default=60, ge=1, description="Submissions per token per minute (in-process)."
     )

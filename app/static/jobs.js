@@ -115,6 +115,7 @@ function renderJob(job) {
   if (job.cancel_requested && !TERMINAL.has(job.status)) bits.unshift("Cancelling…");
   $("#job-progress-text").textContent = bits.join(" · ");
   $("#job-cancel").hidden = TERMINAL.has(job.status);
+  $("#job-cancel").disabled = Boolean(job.cancel_requested);
   const out = job.output || {};
   const link = $("#job-output");
   link.hidden = !(out.url || out.path);
@@ -216,8 +217,11 @@ async function cancelJob() {
   const button = $("#job-cancel");
   button.disabled = true;
   const res = await api("DELETE", `/v1/merges/${encodeURIComponent(decodeURIComponent(id))}`);
-  button.disabled = false;
-  if (!res.ok) { if (!handleAuth(res)) banner(problemText(res.data)); return; }
+  if (!res.ok) {
+    button.disabled = false;
+    if (!handleAuth(res)) banner(problemText(res.data));
+    return;
+  }
   banner("Cancellation requested.", "ok");
   if (res.data?.status) renderJob(res.data);
 }

@@ -101,7 +101,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     for i in (1, 2):
         make_llama_like(data / f"ft{i}", perturb_from=base, seed=i, scale=0.02)
     # big enough that a merge runs for a few seconds on CI (the cancel test needs a running job)
-    big = make_llama_like(data / "big-base", layers=24, hidden=256, vocab=64, seed=3)
+    big = make_llama_like(data / "big-base", layers=32, hidden=256, vocab=64, seed=3)
     make_llama_like(data / "big-ft", perturb_from=big, seed=4, scale=0.02)
 
     worker = WorkerProcess(worker_command(name=f"web-{free_port()}@%h"), env=env, log_path=root / "worker.log")
@@ -306,9 +306,13 @@ def test_cancel_a_running_job(page: Any, deployment: Deployment, artifacts: Path
     page.fill("#output-path", str(deployment.data / "out-cancelled"))
     page.click("#submit")
     wait_for_job_page(page)
-    wait_for_status(page, "running|succeeded|failed")
+    # live progress first (SSE), then cancel while tensors are still being merged
+    page.wait_for_function("""() => { const bar = document.querySelector('#job-progress');
+        return ['succeeded', 'failed', 'cancelled'].includes(bar.dataset.status)
+            || (bar.dataset.status === 'running' && Number(bar.getAttribute('aria-valuenow')) > 0); }""")
     assert page.get_attribute("#job-progress", "data-status") == "running", deployment.logs()
     page.click("#job-cancel")  # at once: the screenshot can wait, the merge won't
+    assert re.search(r"\d+ / \d+ tensors", page.text_content("#job-progress-text"))
     screenshot(page, artifacts / "job-cancelling-1280.png")
     assert wait_for_status(page, "succeeded|failed|cancelled") == "cancelled"
     assert page.locator("#job-cancel").is_hidden()
@@ -355,6 +359,11 @@ def test_narrow_screen_and_keyboard_only(page: Any, deployment: Deployment, arti
     assert page.evaluate("document.activeElement.classList.contains('src-id')")
     page.keyboard.type(str(deployment.data / "ft1"))
     assert str(deployment.data / "ft1") in page.text_content("#yaml-preview")
+    # the jobs table scrolls inside its own box; the page itself never scrolls sideways
+    page.goto(deployment.url + "/#/jobs")
+    page.wait_for_selector("#status-filters button")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    screenshot(page, artifacts / "jobs-390.png")
 
 
 @pytest.mark.browser
