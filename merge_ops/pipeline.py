@@ -75,6 +75,8 @@ class MergeReport(BaseModel):
     peak_cuda_bytes: int | None = None
     copied_non_float: list[str]
     lines: dict[str, Any] | None = None
+    #: the README.md written beside the shards (the web form renders it)
+    model_card: str | None = None
     #: greedy_soup: every ingredient's score, the order tried and the chosen ingredients
     greedy_soup: dict[str, Any] | None = None
 
@@ -399,7 +401,9 @@ def _merge_into(
     }
     if recipe.vocab_policy != "error":
         metadata["alloy_vocab_policy"] = recipe.vocab_policy
-    writer = ShardedWriter(scratch, plan=writer_plan, shard_size=int(recipe.output.shard_size), metadata=metadata)
+    writer = ShardedWriter(
+        scratch, plan=writer_plan, shard_size=int(recipe.output.shard_size), metadata=metadata
+    )
     rows: list[dict[str, Any]] = []
     copied_non_float: list[str] = []
     total = len(plan.tensors)
@@ -477,7 +481,8 @@ def _merge_into(
     )
     base_card = read_front_matter(sources.side_files_from / "README.md") if sources.side_files_from else None
     lineage = [sources.reference_label] if recipe.base or info.kind == "transfer" else sources.labels
-    write_model_card(scratch, recipe=recipe, report=report, base_models=lineage, base_card=base_card)
+    card = write_model_card(scratch, recipe=recipe, report=report, base_models=lineage, base_card=base_card)
+    report.model_card = card.read_text(encoding="utf-8")
     return report
 
 

@@ -45,7 +45,9 @@ async function loadJobs({ reset } = {}) {
   const q = new URLSearchParams();
   if (state.jobsStatus) q.set("status", state.jobsStatus);
   if (state.jobsCursor) q.set("cursor", state.jobsCursor);
+  const ticket = (state.jobsTicket = (state.jobsTicket || 0) + 1);
   const res = await api("GET", `/v1/merges?${q}`);
+  if (ticket !== state.jobsTicket) return; // a newer filter or page was asked for meanwhile
   if (!res.ok) { if (!handleAuth(res)) banner(problemText(res.data)); return; }
   const items = res.data?.items || [];
   for (const job of items) $("#jobs-body").append(jobRow(job));
@@ -142,6 +144,7 @@ async function openJob(id) {
   const controller = new AbortController();
   state.jobStream = controller;
   const res = await api("GET", `/v1/merges/${encodeURIComponent(id)}`);
+  if (controller.signal.aborted) return; // the user has moved on
   if (!res.ok) { if (!handleAuth(res)) banner(problemText(res.data)); return; }
   let job = res.data;
   renderJob(job);
@@ -149,7 +152,7 @@ async function openJob(id) {
   if (controller.signal.aborted) return;
   const final = await api("GET", `/v1/merges/${encodeURIComponent(id)}`);
   if (final.ok) { job = final.data; renderJob(job); }
-  if (job.status === "succeeded") await showReport(id, job);
+  if (job.status === "succeeded" && !controller.signal.aborted) await showReport(id, job);
 }
 
 /** Live status over SSE. EventSource can't send Authorization, so read the stream with fetch(); if

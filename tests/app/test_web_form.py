@@ -20,8 +20,14 @@ from typing import Any
 import pytest
 
 CHROMIUM = os.environ.get("ALLOY_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 WAIT_MS = 60_000
 
 
@@ -82,17 +88,19 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     data.mkdir()
     env = {key: value for key, value in os.environ.items() if not key.startswith("ALLOY_")}
     env.update(FAST_TIMINGS)
-    env.update({
-        "ALLOY_HOME": str(home),
-        "ALLOY_DATABASE_URL": f"sqlite:///{home / 'alloy.db'}",
-        "ALLOY_BROKER_URL": redis.url,
-        "ALLOY_DATA_DIRS": str(data),
-        "ALLOY_KERNELS": "torch",
-        "ALLOY_RATE_LIMIT_PER_MINUTE": "1000",
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        "PYTHONUNBUFFERED": "1",
-        "HF_HUB_OFFLINE": "1",
-    })
+    env.update(
+        {
+            "ALLOY_HOME": str(home),
+            "ALLOY_DATABASE_URL": f"sqlite:///{home / 'alloy.db'}",
+            "ALLOY_BROKER_URL": redis.url,
+            "ALLOY_DATA_DIRS": str(data),
+            "ALLOY_KERNELS": "torch",
+            "ALLOY_RATE_LIMIT_PER_MINUTE": "1000",
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
     home.mkdir()
     store = JobStore(settings_from_env(env))
     token = store.create_token(name="web", admin=True)
@@ -104,7 +112,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     big = make_llama_like(data / "big-base", layers=32, hidden=256, vocab=64, seed=3)
     make_llama_like(data / "big-ft", perturb_from=big, seed=4, scale=0.02)
 
-    worker = WorkerProcess(worker_command(name=f"web-{free_port()}@%h"), env=env, log_path=root / "worker.log")
+    worker = WorkerProcess(
+        worker_command(name=f"web-{free_port()}@%h"), env=env, log_path=root / "worker.log"
+    )
     api = ApiProcess(env=env, log_path=root / "api.log")
     try:
         worker.wait_ready()
@@ -174,7 +184,14 @@ def choose_local_source(page: Any, row: str, path: Path) -> None:
     page.fill(f"{row} .src-id", str(path))
 
 
-def compose_ties(page: Any, deployment: Deployment, *, out: str, base: str = "base", models: tuple[str, ...] = ("ft1", "ft2")) -> None:
+def compose_ties(
+    page: Any,
+    deployment: Deployment,
+    *,
+    out: str,
+    base: str = "base",
+    models: tuple[str, ...] = ("ft1", "ft2"),
+) -> None:
     page.select_option("#method", "ties")
     choose_local_source(page, "#base-row", deployment.data / base)
     while page.locator("#models-list > .model-row").count() < len(models):
@@ -196,8 +213,10 @@ def wait_for_job_page(page: Any) -> str:
         "() => /^#\\/jobs\\/[0-9a-f-]+$/.test(location.hash) || !document.querySelector('#error-summary').hidden"
         " || !document.querySelector('#banner').hidden"
     )
-    shown = page.evaluate("[location.hash, document.querySelector('#error-summary').innerText, "
-                          "document.querySelector('#banner').innerText]")
+    shown = page.evaluate(
+        "[location.hash, document.querySelector('#error-summary').innerText, "
+        "document.querySelector('#banner').innerText]"
+    )
     assert shown[0].startswith("#/jobs/"), shown
     return shown[0].rsplit("/", 1)[1]
 
@@ -212,25 +231,36 @@ def wait_for_status(page: Any, statuses: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ browser tests
 @pytest.mark.browser
-def test_compose_submit_shows_live_progress_report_and_charts(page: Any, deployment: Deployment, artifacts: Path) -> None:
+def test_compose_submit_shows_live_progress_report_and_charts(
+    page: Any, deployment: Deployment, artifacts: Path
+) -> None:
     compose_ties(page, deployment, out="out-ties")
     preview = page.text_content("#yaml-preview")
     recipe_lines = {"method: ties", "density: 0.5", "beta: 0.8", "dtype: float32", "weight: 0.75"}
     assert all(line in preview for line in recipe_lines), preview
     screenshot(page, artifacts / "compose-1280.png")
 
+    streams: list[int] = []
+    page.on("response", lambda r: streams.append(r.status) if r.url.endswith("/events") else None)
     page.click("#submit")
     wait_for_job_page(page)
-    assert wait_for_status(page, "succeeded|failed|cancelled") == "succeeded", page.text_content("#job-error") or ""
+    assert wait_for_status(page, "succeeded|failed|cancelled") == "succeeded", (
+        page.text_content("#job-error") or ""
+    )
+    assert streams == [200]  # live status came over SSE (fetch-streamed, with the Authorization header)
     assert page.get_attribute("#job-progress", "aria-valuenow") == "100"
     progress = page.text_content("#job-progress-text")
     assert re.search(r"(\d+) / \1 tensors", progress), progress
     assert re.search(r"\d+(\.\d)? [KM]?B / ", progress), progress
     assert str(deployment.data / "out-ties") in page.text_content("#job-output")
+    page.wait_for_selector("#job-card-section:not([hidden])")
+    assert "Merged model" in page.text_content("#job-card")  # the rendered model card of the output
 
     page.wait_for_selector("#job-charts figure")
     captions = page.locator("#job-charts figcaption").all_text_contents()
-    assert {"Sign-conflict rate per layer", "Density kept per layer", "LiNeS scale per layer"} <= set(captions)
+    assert {"Sign-conflict rate per layer", "Density kept per layer", "LiNeS scale per layer"} <= set(
+        captions
+    )
     # the stats this TIES + LiNeS merge reports are drawn, one point (or bar) per layer
     for title in ("Sign-conflict rate per layer", "Density kept per layer", "LiNeS scale per layer"):
         figure = page.locator("#job-charts figure", has_text=title)
@@ -247,14 +277,15 @@ def test_compose_submit_shows_live_progress_report_and_charts(page: Any, deploym
 
 @pytest.mark.browser
 def test_import_mergekit_yaml_fills_the_form(page: Any, deployment: Deployment, artifacts: Path) -> None:
+    base, ft1, ft2 = (deployment.data / name for name in ("base", "ft1", "ft2"))
     mergekit = f"""
 models:
-  - model: {deployment.data / 'ft1'}
+  - model: {ft1}
     parameters: {{density: 0.4, weight: 0.7}}
-  - model: {deployment.data / 'ft2'}
+  - model: {ft2}
     parameters: {{density: 0.6, weight: 0.3}}
 merge_method: dare_ties
-base_model: {deployment.data / 'base'}
+base_model: {base}
 dtype: bfloat16
 """
     page.fill("#import-text", mergekit)
@@ -270,6 +301,12 @@ dtype: bfloat16
     assert "method: dare_ties" in preview and "dtype: bfloat16" in preview
     screenshot(page, artifacts / "import-mergekit-1280.png")
 
+    # a Hub destination: repo, privacy and a pull request show up in the recipe
+    page.check("input[name=dest][value=hub]")
+    page.fill("#hub-repo", "org/merged-model")
+    page.check("#hub-pr")
+    preview = page.text_content("#yaml-preview")
+    assert "repo: org/merged-model" in preview and "private: true" in preview and "create_pr: true" in preview
     page.allowed_http_errors.update({400, 422})
     page.fill("#import-text", "merge_method: [unclosed")
     page.click("#import-button")
@@ -278,12 +315,16 @@ dtype: bfloat16
 
 
 @pytest.mark.browser
-def test_bad_density_is_reported_next_to_its_field(page: Any, deployment: Deployment, artifacts: Path) -> None:
+def test_bad_density_is_reported_next_to_its_field(
+    page: Any, deployment: Deployment, artifacts: Path
+) -> None:
     compose_ties(page, deployment, out="never-written")
     page.allowed_http_errors.add(422)
     page.fill("#f-params-density", "1.5")
     page.click("#submit")
-    error = page.locator("#f-params-density >> xpath=ancestor::div[contains(@class,'field')][1]").locator(".field-error")
+    error = page.locator("#f-params-density >> xpath=ancestor::div[contains(@class,'field')][1]").locator(
+        ".field-error"
+    )
     error.wait_for()
     assert re.search(r"less than or equal to 1|density", error.text_content(), re.I)
     assert page.get_attribute("#f-params-density", "aria-invalid") == "true"
@@ -323,9 +364,19 @@ def test_cancel_a_running_job(page: Any, deployment: Deployment, artifacts: Path
 @pytest.mark.browser
 def test_analysis_draws_norms_and_cosine_heatmap(page: Any, deployment: Deployment, artifacts: Path) -> None:
     compose_ties(page, deployment, out="unused")
+    # the Hub token goes with the request as a header and is never stored by the page
+    page.click("#tokens summary")
+    page.fill("#hf-token", "hf_test_secret_123")
+    sent: list[dict[str, str]] = []
+    page.on("request", lambda r: sent.append(r.headers) if r.url.endswith("/v1/analyses") else None)
     page.click("#analyze")
     wait_for_job_page(page)
-    assert wait_for_status(page, "succeeded|failed|cancelled") == "succeeded", page.text_content("#job-error") or ""
+    assert sent and sent[0].get("x-hf-token") == "hf_test_secret_123"
+    stored = page.evaluate("JSON.stringify([{...sessionStorage}, {...localStorage}, document.cookie])")
+    assert "hf_test_secret_123" not in stored
+    assert wait_for_status(page, "succeeded|failed|cancelled") == "succeeded", (
+        page.text_content("#job-error") or ""
+    )
     norms = page.locator("#job-charts figure", has_text="Task-vector norm per layer")
     norms.locator("svg path").first.wait_for()
     assert norms.locator("svg path").count() == 2  # one line per model
@@ -372,17 +423,28 @@ def test_batch_view_follows_its_jobs(page: Any, deployment: Deployment, artifact
 
     data = deployment.data
     recipes = [
-        {"method": method, "base": str(data / "base"), "models": [{"source": str(data / "ft1")}, {"source": str(data / "ft2")}],
-         "output": {"path": str(data / f"batch-{method}")}}
+        {
+            "method": method,
+            "base": str(data / "base"),
+            "models": [{"source": str(data / "ft1")}, {"source": str(data / "ft2")}],
+            "output": {"path": str(data / f"batch-{method}")},
+        }
         for method in ("task_arithmetic", "dare_linear")
     ]
-    created = httpx.post(f"{deployment.url}/v1/batches", json={"recipes": recipes},
-                         headers={"Authorization": f"Bearer {deployment.token}"}, timeout=30)
+    created = httpx.post(
+        f"{deployment.url}/v1/batches",
+        json={"recipes": recipes},
+        headers={"Authorization": f"Bearer {deployment.token}"},
+        timeout=30,
+    )
     assert created.status_code == 202, created.text
     batch_id = created.json()["id"]
     page.goto(f"{deployment.url}/#/batches/{batch_id}")
-    page.wait_for_function("() => [...document.querySelectorAll('#batch-body .status')].map(s => s.textContent)"
-                           ".filter(s => s === 'succeeded').length === 2", timeout=WAIT_MS)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#batch-body .status')].map(s => s.textContent)"
+        ".filter(s => s === 'succeeded').length === 2",
+        timeout=WAIT_MS,
+    )
     methods = page.locator("#batch-body tr td:nth-child(3)").all_text_contents()
     assert sorted(methods) == ["dare_linear", "task_arithmetic"]
     assert "succeeded 2" in page.text_content("#batch-facts")
