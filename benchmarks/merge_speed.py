@@ -131,6 +131,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alloy-bench"))
     parser.add_argument("--no-mergekit", action="store_true")
+    parser.add_argument(
+        "--mergekit-dtype",
+        default="float32",
+        choices=["float32", "native"],
+        help="mergekit's compute dtype (Alloy always computes in float32)",
+    )
     args = parser.parse_args()
 
     workdir = Path(args.workdir)

@@ -281,10 +281,18 @@ def _broadcast_weights(weights: Tensor, like: Tensor) -> Tensor:
     return weights.to(device=like.device, dtype=torch.float32).reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def _weighted_sum(x: Tensor, w: list[float]) -> Tensor:
+    """Σ_t w_t·x_t in float32, t = 0..K-1 in order; one [*S] accumulator instead of a weighted [K, *S] copy."""
+    total = torch.zeros(x.shape[1:], dtype=torch.float32, device=x.device)
+    for t, weight in enumerate(w):
+        total.add_(x[t].float(), alpha=weight)
+    return total
+
+
 def elect_sign(x: Tensor, weights: Tensor) -> Tensor:
     """TIES sign election over ``x[K, *S]``: γ = sgn(Σ_t w_t·x_t) with a zero sum -> +1 (mergekit's rule).
     Returns float32 [*S] of ±1. Exact up to the float32 summation order (t = 0..K-1)."""
-    total = (x.float() * _broadcast_weights(weights, x)).sum(dim=0)
+    total = _weighted_sum(x, weights.float().tolist())
     return torch.where(total >= 0, 1.0, -1.0).to(torch.float32)
 
 
@@ -292,14 +300,23 @@ def disjoint_merge(x: Tensor, weights: Tensor, *, mean: bool) -> tuple[Tensor, T
     """TIES disjoint aggregation of ``x[K, *S]`` (already sparsified): elect γ (``elect_sign``), keep entry t
     iff sgn(w_t·x_t) == γ (so exact zeros never count), and return (Σ_kept w_t·x_t [÷ Σ_kept w_t when ``mean``;
     a zero divisor counts as 1], the number of contributors [*S] as int64). Agreement is on the weighted value,
-    as in mergekit (a negative weight flips a model's vote)."""
-    weighted = x.float() * _broadcast_weights(weights, x)
-    gamma = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
-    agree = torch.sign(weighted) == gamma
-    total = (weighted * agree).sum(dim=0)
-    contributors = agree.sum(dim=0)
-    if mean:
-        divisor = (_broadcast_weights(weights, x) * agree).sum(dim=0)
+    as in mergekit (a negative weight flips a model's vote). Sums run over t = 0..K-1 in order; temporaries
+    are [*S]-sized (memory grows with one tensor, not K)."""
+    w = weights.float().tolist()
+    gamma = torch.where(_weighted_sum(x, w) >= 0, 1.0, -1.0)
+    total = torch.zeros_like(gamma)
+    contributors = torch.zeros(gamma.shape, dtype=torch.int64, device=x.device)
+    divisor = torch.zeros_like(gamma) if mean else None
+    for t, weight in enumerate(w):
+        if weight == 0:
+            continue  # w_t·x_t = 0 never agrees with γ = ±1
+        # agreement on the weighted value: sgn(w_t·x_t) == γ  <=>  sgn(x_t) == γ·sgn(w_t)
+        agree = torch.sign(x[t]) == (gamma if weight > 0 else -gamma)
+        total.add_(torch.where(agree, x[t].float(), 0.0), alpha=weight)
+        contributors.add_(agree)
+        if divisor is not None:
+            divisor.add_(agree, alpha=weight)
+    if divisor is not None:
         total = total / torch.where(divisor == 0, 1.0, divisor)
     return total, contributors
 

@@ -216,7 +216,6 @@ class Checkpoint:
         self.path = path
         self.infos = infos
         self.metadata = metadata
-        self._handles: dict[Path, Any] = {}
         self._pickled: tuple[Path, dict[str, torch.Tensor]] | None = None
 
     @classmethod
@@ -254,11 +253,11 @@ class Checkpoint:
             )
         if info.file.suffix.lower() in PICKLE_SUFFIXES:
             return self._load_pickled(info)
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+        # A handle per read: safetensors maps the whole file, and the pages a read touched stay resident (and
+        # counted in RSS) for as long as the mapping lives, so a cached handle makes memory grow with the model.
         try:
-            return handle.get_tensor(name)
+            with safe_open(str(info.file), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(name)
         except Exception as exc:  # safetensors raises its own SafetensorError; give it a typed home
             raise _corrupt(info.file, f"cannot read tensor data ({exc})", tensor=name) from exc
 
@@ -269,9 +268,6 @@ class Checkpoint:
         return self._pickled[1][info.name]
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.__exit__(None, None, None)
-        self._handles.clear()
         self._pickled = None
 
     def __enter__(self) -> Checkpoint:

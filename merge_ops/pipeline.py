@@ -90,11 +90,14 @@ class MergeReport(BaseModel):
 
 @dataclass
 class _Loaded:
+    """One tensor's inputs as stored (raw dtypes: the loader thread only reads and transfers)."""
+
     name: str
-    base: torch.Tensor  # as stored (for copies and the output dtype)
-    task_vectors: torch.Tensor | None  # [K, *S] float32, None for copies and the fused path
+    base: torch.Tensor
+    #: θ_t of each full-checkpoint input whose shape matches the base; None where the task vector comes from
+    #: the source itself (LoRA, task-vector files, transfer, vocabulary alignment). None for copies.
+    inputs: list[torch.Tensor | None] | None
     load_s: float
-    finetuned: list[torch.Tensor] | None = None  # the K inputs as stored, for the fused path
 
 
 class _Engine:
@@ -118,36 +121,44 @@ class _Engine:
         )
 
     # -- loading (runs in the loader thread) ---------------------------------------------------------
-    def load(self, tp: TensorPlan, *, as_task_vectors: bool = False) -> _Loaded:
-        """The base and the inputs of one tensor: raw for the fused path, else task vectors [K, *S] float32."""
+    def load(self, tp: TensorPlan) -> _Loaded:
+        """Read the base and the K inputs of one tensor as stored, onto the device (a side stream on CUDA)."""
         start = time.perf_counter()
         with (
             torch.cuda.stream(self.side_stream) if self.side_stream is not None else contextlib.nullcontext()
         ):
             base = self._to_device(self.sources.reference.load(tp.name))
-            taus = finetuned = None
-            if tp.action == "merge" and self.fused_weights is not None and not as_task_vectors:
-                finetuned = [
-                    base if self.sources.reference_is_input and i == 0 else self._to_device(src.load(tp.name))
-                    for i, src in enumerate(self.sources.inputs)
-                ]
-            elif tp.action == "merge":
-                base_f = torch.zeros_like(base, dtype=torch.float32) if self.zero_reference else base.float()
-                taus = torch.empty((self.k, *base.shape), dtype=torch.float32, device=self.device)
-                for i, src in enumerate(self.sources.inputs):
-                    if (
-                        self.sources.reference_is_input
-                        and i == 0
-                        and not self.zero_reference
-                        or src.sparse_coverage
-                        and tp.name not in src.infos
-                    ):
-                        taus[i].zero_()
-                    else:
-                        taus[i] = self._aligned_task_vector(src, tp.name, base_f)
+            inputs: list[torch.Tensor | None] | None = None
+            if tp.action == "merge":
+                inputs = [self._load_input(i, src, tp, base) for i, src in enumerate(self.sources.inputs)]
             if self.side_stream is not None:
                 self.side_stream.synchronize()
-        return _Loaded(tp.name, base, taus, time.perf_counter() - start, finetuned)
+        return _Loaded(tp.name, base, inputs, time.perf_counter() - start)
+
+    def _load_input(self, index: int, src: Any, tp: TensorPlan, base: torch.Tensor) -> torch.Tensor | None:
+        if self.sources.reference_is_input and index == 0:
+            return base
+        if src.is_delta or tp.name not in src.infos or tuple(src.infos[tp.name].shape) != tuple(base.shape):
+            return None
+        return self._to_device(src.load(tp.name))
+
+    # -- compute (main thread) -------------------------------------------------------------------------
+    def task_vectors(self, loaded: _Loaded, tp: TensorPlan) -> torch.Tensor:
+        """[K, *S] float32: θ_t − θ_0 (or the source's own delta), computed in place, one model at a time."""
+        assert loaded.inputs is not None
+        base = loaded.base
+        base_f = torch.zeros_like(base, dtype=torch.float32) if self.zero_reference else base.float()
+        taus = torch.empty((self.k, *base.shape), dtype=torch.float32, device=self.device)
+        for i, (src, raw) in enumerate(zip(self.sources.inputs, loaded.inputs, strict=True)):
+            if self.sources.reference_is_input and i == 0 and not self.zero_reference:
+                taus[i].zero_()
+            elif raw is not None:
+                torch.sub(raw, base_f, out=taus[i])
+            elif src.sparse_coverage and tp.name not in src.infos:
+                taus[i].zero_()
+            else:
+                taus[i] = self._aligned_task_vector(src, tp.name, base_f)
+        return taus
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -172,7 +183,6 @@ class _Engine:
             tau[common:] = tau[:common].mean(dim=0, keepdim=True)
         return tau
 
-    # -- compute (main thread) -------------------------------------------------------------------------
     def params_for(self, tp: TensorPlan) -> Any:
         """Params of one tensor: name overrides, and gradients interpolated over the block depth (cached)."""
         position = self.positions.get(tp.name)
@@ -190,10 +200,9 @@ class _Engine:
     def merged_delta(
         self, loaded: _Loaded, tp: TensorPlan, global_stats: Any
     ) -> tuple[torch.Tensor, TensorContext]:
-        assert loaded.task_vectors is not None
-        taus = loaded.task_vectors
+        taus = self.task_vectors(loaded, tp)
         if not all_finite(taus):
-            raise self._non_finite(tp.name, loaded)
+            raise self._non_finite(tp.name, loaded, taus)
         ctx = TensorContext(
             name=tp.name,
             weights=self.weights,
@@ -209,25 +218,23 @@ class _Engine:
     def fused_output(self, loaded: _Loaded, tp: TensorPlan, scale: float) -> torch.Tensor:
         """base + scale·Σ w_t(θ_t − base) in one pass (kernels.fused_task_arithmetic), cast to the output dtype.
         NaN/Inf in any input reaches the output, so checking the output finds every poisoned input."""
-        assert loaded.finetuned is not None and self.fused_weights is not None
+        assert loaded.inputs is not None and self.fused_weights is not None
+        inputs = [t for t in loaded.inputs if t is not None]  # the fused path has full checkpoints only
         out = kernels.fused_task_arithmetic(
-            loaded.base,
-            loaded.finetuned,
-            self.fused_weights,
-            scale=scale,
-            out_dtype=torch_dtype(tp.out_dtype),
+            loaded.base, inputs, self.fused_weights, scale=scale, out_dtype=torch_dtype(tp.out_dtype)
         )
         if not all_finite(out):
-            raise self._non_finite(tp.name, loaded)
+            raise self._non_finite(
+                tp.name, loaded, torch.stack([t.float() - loaded.base.float() for t in inputs])
+            )
         return out
 
-    def _non_finite(self, name: str, loaded: _Loaded) -> NonFiniteTensorError:
+    def _non_finite(self, name: str, loaded: _Loaded, taus: torch.Tensor) -> NonFiniteTensorError:
+        """Name the source(s) holding NaN/Inf in ``name`` (the base poisons every task vector)."""
         if not bool(torch.isfinite(loaded.base.float()).all()):
             culprit = self.sources.reference_label
         else:
-            inputs = loaded.finetuned if loaded.finetuned is not None else loaded.task_vectors
-            assert inputs is not None
-            bad = [i for i in range(self.k) if not bool(torch.isfinite(inputs[i].float()).all())]
+            bad = [i for i in range(self.k) if not bool(torch.isfinite(taus[i]).all())]
             culprit = ", ".join(self.sources.labels[i] for i in bad)
         return NonFiniteTensorError(
             f"tensor {name} holds NaN or Inf in {culprit}", tensor=name, source=culprit
@@ -237,11 +244,11 @@ class _Engine:
         """(name, [K, *S]) for every merged tensor, for the first passes (global statistics, LiNeS α)."""
         for tp in self.plan.tensors:
             if tp.action == "merge":
-                loaded = self.load(tp, as_task_vectors=True)
-                assert loaded.task_vectors is not None
-                if not all_finite(loaded.task_vectors):
-                    raise self._non_finite(tp.name, loaded)
-                yield tp.name, loaded.task_vectors
+                loaded = self.load(tp)
+                taus = self.task_vectors(loaded, tp)
+                if not all_finite(taus):
+                    raise self._non_finite(tp.name, loaded, taus)
+                yield tp.name, taus
 
 
 def _prefetched(engine: _Engine, tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, _Loaded]]:

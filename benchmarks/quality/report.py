@@ -150,10 +150,10 @@ def draw(rows: dict[tuple[int, str], list[dict[str, Any]]], counts: list[int], p
     left.set_title(f"all {everything} tasks merged (bars: seed min–max)")
     left.set_ylim(0, max(1.05, max(m + h for m, h in zip(means, highs, strict=True)) + 0.05))
     left.legend(loc="lower right")
-    for method in methods:
+    for index, method in enumerate(methods):
         ks = [k for k in counts if (k, method) in rows]
         ys = [statistics.fmean(e["normalized"] for e in rows[(k, method)]) for k in ks]
-        right.plot(ks, ys, marker="o", label=method)
+        right.plot(ks, ys, marker="o", label=method, color=plt.cm.tab20(index))
     right.set_xticks(counts)
     right.set_xlabel("number of merged tasks")
     right.set_ylabel("normalized accuracy")

@@ -57,6 +57,7 @@ class Settings:
     out: Path
     steps: int = 12
     batch_size: int = 16
+    lr: float = 5e-5
     n_train: int = 256
     n_val: int = 24
     n_test: int = 64
@@ -226,6 +227,7 @@ def run_seed(seed: int, settings: Settings, *, log: Any = print, on_record: Any 
         folder = work / "finetuned" / task.name
         marker = folder / "finetune.json"
         wanted = {
+            "lr": settings.lr,
             "seed": seed * 1000 + i,
             "steps": settings.steps,
             "max_length": settings.max_length,
@@ -241,6 +243,7 @@ def run_seed(seed: int, settings: Settings, *, log: Any = print, on_record: Any 
                 seed=wanted["seed"],
                 steps=settings.steps,
                 batch_size=settings.batch_size,
+                lr=settings.lr,
                 max_length=settings.max_length,
             )
             marker.write_text(json.dumps({"settings": wanted, "seconds": result.finetune_s[task.name]}))

@@ -24,6 +24,7 @@ from merge_ops.params import Scope, Sparsify
 from merge_ops.registry import TensorContext
 
 _L1_EPS = 1e-7  # mergekit rescaled_masked_tensor eps
+_CHUNK_ELEMENTS = 1 << 22  # rows selected together: at least one row, about 4M elements
 
 
 def row_densities(view: ScopeView, ctx: TensorContext, params: Any) -> torch.Tensor:
@@ -50,21 +51,37 @@ def sparsify(task_vectors: torch.Tensor, ctx: TensorContext, params: Any) -> tor
     view = scope_view(tv, ctx.scope)
     if ctx.scope == Scope.global_:
         mask = _global_stats(ctx).selection_mask(ctx.name, view.rows)
-    else:
-        mask = _local_mask(view, ctx, params, kind)
-    if kind == Sparsify.compeft:
-        return view.restore(ternarize(view.rows, mask, _sigma(view, ctx) * float(params.alpha)))
-    return view.restore(torch.where(mask, view.rows, 0.0))
+        if kind == Sparsify.compeft:
+            return view.restore(ternarize(view.rows, mask, _sigma(view, ctx) * float(params.alpha)))
+        return view.restore(torch.where(mask, view.rows, 0.0))
+    keep, skip = _local_counts(view, ctx, params, kind)
+    scale = _sigma(view, ctx) * float(params.alpha) if kind == Sparsify.compeft else None
+    out = torch.empty_like(view.rows)
+    # Rows are independent units: select them a chunk at a time, so the selection's temporaries (magnitudes,
+    # masks) are the size of one chunk, not of the whole [K, n] stack.
+    step = max(1, _CHUNK_ELEMENTS // max(1, view.n))
+    for start in range(0, view.rows.shape[0], step):
+        rows = view.rows[start : start + step]
+        mask = topk_mask(
+            rows, keep=keep[start : start + step], skip=None if skip is None else skip[start : start + step]
+        )
+        if scale is not None:
+            out[start : start + step] = ternarize(rows, mask, scale[start : start + step])
+        else:
+            out[start : start + step] = torch.where(mask, rows, 0.0)
+    return view.restore(out)
 
 
-def _local_mask(view: ScopeView, ctx: TensorContext, params: Any, kind: Sparsify) -> torch.Tensor:
+def _local_counts(
+    view: ScopeView, ctx: TensorContext, params: Any, kind: Sparsify
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row: how many to keep, and (Breadcrumbs) how many of the largest to skip first."""
     density = row_densities(view, ctx, params)
     keep = kept_count(density, view.n)
     if kind != Sparsify.breadcrumbs:
-        return topk_mask(view.rows, keep=keep)
+        return keep, None
     skip = floor_count(torch.full_like(density, float(params.top_removed)), view.n)
-    keep = torch.minimum(keep, view.n - skip)
-    return topk_mask(view.rows, keep=keep, skip=skip)
+    return torch.minimum(keep, view.n - skip), skip
 
 
 def _sigma(view: ScopeView, ctx: TensorContext) -> torch.Tensor:

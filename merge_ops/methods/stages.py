@@ -32,12 +32,12 @@ def merge_stages(task_vectors: torch.Tensor, ctx: TensorContext, params: Any) ->
     weights = ctx.weights.to(device=sparse.device, dtype=torch.float32)
     total = sparse.numel()
     if total:
-        ctx.report["kept_density"] = float((sparse != 0).sum()) / total
+        ctx.report["kept_density"] = float(torch.count_nonzero(sparse)) / total
     mean = Aggregate(params.aggregate) == Aggregate.mean
     if Consensus(params.consensus) == Consensus.ties_sign:
         merged, contributors = disjoint_merge(sparse, weights, mean=mean)
         if merged.numel():
-            nonzero = (sparse != 0).sum(dim=0)
+            nonzero = torch.count_nonzero(sparse, dim=0)
             ctx.report["sign_conflict_rate"] = float((nonzero > contributors).sum()) / merged.numel()
         return merged
     w = weights.reshape(-1, *([1] * (sparse.dim() - 1)))

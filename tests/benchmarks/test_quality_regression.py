@@ -1,6 +1,6 @@
 """The merge-quality benchmark's fast subset, as a regression test (benchmarks/quality, docs/quality.md).
 
-Two tasks, a dozen fine-tuning steps each, small splits; every method merges through the same service function
+Three tasks, ten fine-tuning steps each, small splits; every method merges through the same service function
 the CLI calls (``merge_ops.pipeline.run_merge``), λ chosen on the validation split. Checks: task arithmetic
 beats the uniform soup and keeps a clear share of the fine-tuning gain, and every method's mean test accuracy
 stays within ``MARGIN`` of the score recorded in ``quality_baseline.json`` (rewrite it with
@@ -25,22 +25,23 @@ if __import__("importlib.util").util.find_spec("scattertext") is None:
 from benchmarks.quality.report import metrics  # noqa: E402
 from benchmarks.quality.run import METHODS, Settings, run_seed  # noqa: E402
 
-# ~2 minutes on 2 idle cores; the margin covers a busy CI machine
+# measured 201 s and, under load 6-10, 515 s on a shared 2-core machine; the limit leaves room for a busy CI
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 BASELINE = Path(__file__).with_name("quality_baseline.json")
-#: absolute mean test accuracy; a few examples of the 2 × 48 test rows, plus thread-count float noise
+#: absolute mean test accuracy: a few of the 3 × 48 test rows, plus thread-count float noise
 MARGIN = 0.06
 #: task arithmetic must keep at least this share of the fine-tuning gain
 MIN_GAIN_KEPT = 0.4
 FAST = dict(
     steps=10,
     batch_size=8,
+    lr=1e-4,
     n_train=96,
     n_val=32,
     n_test=48,
     max_length=16,
-    task_names=("movie_sentiment", "roget_category"),
+    task_names=("movie_sentiment", "roget_category", "moral_foundation"),
     subsets=(0,),
     merge_via="api",
     lambdas=(0.3, 0.5, 0.7, 1.0),
