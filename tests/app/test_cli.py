@@ -109,3 +109,44 @@ def test_demo_is_the_readme_main_command(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     result = Path(run.stdout.strip().splitlines()[-1].removeprefix("result: "))
     assert (result / "model.safetensors").exists() and (result / "README.md").exists()
+
+
+def test_greedy_soup_end_to_end(tmp_path: Path) -> None:
+    """A real tiny causal LM, two fine-tunes (one useful, one destroyed), the built-in loss evaluator: the soup
+    keeps the useful one and the report lists every score."""
+    transformers = pytest.importorskip("transformers")
+    from tests.merge_ops.test_evaluators import TEXTS, save_model, vocab_size, write_jsonl
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=vocab_size(), n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    base = save_model(transformers.GPT2LMHeadModel(config), tmp_path / "base")
+    good = tmp_path / "good"
+    model = transformers.GPT2LMHeadModel.from_pretrained(str(base))
+    save_model(model, good)
+    bad = transformers.GPT2LMHeadModel.from_pretrained(str(base))
+    with torch.no_grad():
+        for p in bad.parameters():
+            p.add_(torch.randn_like(p) * 5.0)
+    save_model(bad, tmp_path / "bad")
+    data = write_jsonl(tmp_path / "heldout.jsonl", [{"text": t} for t in TEXTS])
+    recipe = tmp_path / "greedy.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "method": "greedy_soup",
+                "models": [{"source": str(tmp_path / "bad")}, {"source": str(good)}],
+                "evaluator": {"kind": "causal_lm_loss", "data": str(data), "model": str(base)},
+                "output": {"path": str(tmp_path / "soup")},
+            }
+        )
+    )
+    run = alloy("merge", str(recipe))
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "soup" / "alloy-report.json").read_text())
+    assert report["method"] == "greedy_soup"
+    scores = {row["index"]: row["score"] for row in report["greedy_soup"]["ingredients"]}
+    assert scores[1] > scores[0]  # the destroyed model scores worse
+    assert report["greedy_soup"]["chosen"] == [1]
+    merged, chosen = load_all(tmp_path / "soup"), load_all(good)
+    for name, tensor in chosen.items():
+        assert torch.equal(merged[name], tensor), name
