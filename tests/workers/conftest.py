@@ -14,9 +14,9 @@ from tests.utils.services import (  # noqa: F401  (pytest fixtures)
 
 from .helpers import make_models  # noqa: E402
 
-# A model big enough that a merge takes a few seconds on 2 CPU cores (real size, no sleep hook): 8 layers at
+# A model big enough that a merge (helpers.long_recipe) takes seconds on 2 CPU cores (real size, no sleep hook): 12 layers at
 # hidden 512 (~84 MB per checkpoint in float32), a base and 3 fine-tunes. Built once per session (~15 s).
-LONG_MERGE = {"hidden": 512, "layers": 8, "vocab": 64, "k": 3}
+LONG_MERGE = {"hidden": 512, "layers": 12, "vocab": 64, "k": 3}
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,22 @@ def load_output(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def long_recipe(
+    base: Path,
+    finetunes: list[Path],
+    output: Path | None,
+    *,
+    lam: float = 0.5,
+    weights: list[float] | None = None,
+) -> dict[str, Any]:
+    """The task-arithmetic model, computed through the generic [K, *S] path: magnitude sparsify at density 1 is
+    the identity but runs an exact top-k over every element. Real work, seconds on 2 cores, so tests can cancel
+    or kill a worker mid-merge (the fused task-arithmetic path finishes the same model in a fraction of that)."""
+    recipe = task_arithmetic_recipe(base, finetunes, output, lam=lam, weights=weights)
+    recipe.update(method="stages", params={"lambda": lam, "sparsify": "magnitude", "density": 1.0})
+    return recipe
+
+
 def assert_output_matches(folder: Path, expected: dict[str, torch.Tensor]) -> None:
     got = load_output(folder)
     assert set(got) == set(expected)

@@ -16,6 +16,7 @@ from tests.utils.services import wait_for_http_status
 from .helpers import (
     assert_output_matches,
     expected_task_arithmetic,
+    long_recipe,
     make_models,
     stray_files,
     task_arithmetic_recipe,
@@ -64,7 +65,7 @@ def test_submit_over_http_streams_progress_and_produces_the_right_output(
     api = api_server(env=env)
     celery_worker(name="http", env=env)
     client = client_for(api)
-    recipe = task_arithmetic_recipe(base, fts, data / "merged", lam=0.4, weights=[1.0, -0.5, 0.25])
+    recipe = long_recipe(base, fts, data / "merged", lam=0.4, weights=[1.0, -0.5, 0.25])
     response = client.post("/v1/merges", json=recipe)
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
@@ -82,7 +83,7 @@ def test_submit_over_http_streams_progress_and_produces_the_right_output(
     body = client.get(f"/v1/merges/{job_id}").json()
     assert body["progress"]["tensors_done"] == body["progress"]["tensors_total"] > 0
     assert Path(body["output"]["path"]) == (data / "merged").resolve()
-    assert client.get(f"/v1/merges/{job_id}/report").json()["method"] == "task_arithmetic"
+    assert client.get(f"/v1/merges/{job_id}/report").json()["method"] == "stages"
     assert_output_matches(
         data / "merged", expected_task_arithmetic(base, fts, lam=0.4, weights=[1.0, -0.5, 0.25])
     )
@@ -126,8 +127,8 @@ def test_cancel_a_queued_and_a_running_job_over_http(
     env = {"ALLOY_DATA_DIRS": os.pathsep.join([str(data), str(base.parent)])}
     client = client_for(api_server(env=env))
     worker = celery_worker(name="cancel", env=env)
-    running = client.post("/v1/merges", json=task_arithmetic_recipe(base, fts, data / "running")).json()["id"]
-    queued = client.post("/v1/merges", json=task_arithmetic_recipe(base, fts, data / "queued")).json()["id"]
+    running = client.post("/v1/merges", json=long_recipe(base, fts, data / "running")).json()["id"]
+    queued = client.post("/v1/merges", json=long_recipe(base, fts, data / "queued")).json()["id"]
     wait_for_http_status(
         client, running, ("running",), timeout=60, where=lambda body: body["progress"]["tensors_done"] >= 1
     )

@@ -12,6 +12,7 @@ import pytest
 from .helpers import (
     assert_output_matches,
     expected_task_arithmetic,
+    long_recipe,
     make_models,
     stray_files,
     task_arithmetic_recipe,
@@ -37,7 +38,7 @@ def test_worker_killed_mid_merge_job_completes_once_on_a_new_worker(
     data = alloy_settings.data_dirs[0]
     out = data / "out"
     first = celery_worker(name="doomed")
-    job_id = job_store.submit(task_arithmetic_recipe(base, fts, out, lam=0.7))
+    job_id = job_store.submit(long_recipe(base, fts, out, lam=0.7))
     job = job_store.wait_for(job_id, ("running",), timeout=60, where=lambda j: (j.tensors_done or 0) >= 3)
     assert job.tensors_done < job.tensors_total, "the merge finished before the kill; make LONG_MERGE bigger"
     first.kill9()
@@ -89,7 +90,7 @@ def test_merge_past_the_time_limit_fails_with_a_clear_error(
     data = alloy_settings.data_dirs[0]
     # hard limit 2 s -> soft limit 1 s, raised inside the merge; the row says why, the scratch is gone
     worker = celery_worker(name="limited", env={"ALLOY_TASK_TIME_LIMIT_S": "2"})
-    job_id = job_store.submit(task_arithmetic_recipe(base, fts, data / "late"))
+    job_id = job_store.submit(long_recipe(base, fts, data / "late"))
     job = job_store.wait_for(job_id, timeout=60)
     assert (job.status, job.error_code) == ("failed", "time_limit_exceeded"), worker.log()[-3000:]
     assert "task_time_limit_s=2" in job.error_detail
