@@ -14,8 +14,11 @@ import torch
 from merge_ops.writer import ShardedWriter
 
 
-def llama_shapes(*, layers: int, hidden: int, vocab: int) -> dict[str, tuple[int, ...]]:
-    inter = (hidden * 8 // 3 + 63) // 64 * 64 if hidden >= 64 else 2 * hidden
+def llama_shapes(
+    *, layers: int, hidden: int, vocab: int, intermediate: int | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a llama-style decoder (untied lm_head); the MLP width defaults to ~8/3·hidden."""
+    inter = intermediate or ((hidden * 8 // 3 + 63) // 64 * 64 if hidden >= 64 else 2 * hidden)
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."

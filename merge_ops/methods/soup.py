@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from merge_ops.params import SoupParams
+from merge_ops.params import GreedySoupParams, SoupParams
 from merge_ops.registry import TensorContext, register_method
 
 _EPS = 1e-8
@@ -26,3 +26,10 @@ def merge_soup(task_vectors: torch.Tensor, ctx: TensorContext, params: SoupParam
         divisor = float(weights.sum())
         merged = merged / (divisor if abs(divisor) >= _EPS else 1.0)
     return merged
+
+
+@register_method("greedy_soup")
+def merge_greedy_soup(task_vectors: torch.Tensor, ctx: TensorContext, params: GreedySoupParams) -> torch.Tensor:
+    """Per tensor, a greedy soup is the (weighted) mean of the ingredients it kept; ``run_merge`` chooses them
+    with the evaluator first (``merge_ops.greedy_soup``), whole models at a time."""
+    return merge_soup(task_vectors, ctx, SoupParams())

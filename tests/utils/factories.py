@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from merge_ops.demo import llama_shapes
+
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -60,24 +62,8 @@ def make_checkpoint(
 
 
 def llama_like_shapes(*, layers: int, hidden: int, vocab: int) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of a tiny llama-style decoder (tied to nothing; lm_head is separate)."""
-    inter = 2 * hidden
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (hidden, hidden),
-            p + "self_attn.k_proj.weight": (hidden, hidden),
-            p + "self_attn.v_proj.weight": (hidden, hidden),
-            p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "mlp.gate_proj.weight": (inter, hidden),
-            p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
-            p + "input_layernorm.weight": (hidden,),
-            p + "post_attention_layernorm.weight": (hidden,),
-        }
-    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
-    return shapes
+    """Tensor names and shapes of a tiny llama-style decoder (lm_head untied), MLP width 2·hidden."""
+    return llama_shapes(layers=layers, hidden=hidden, vocab=vocab, intermediate=2 * hidden)
 
 
 def make_llama_like(
