@@ -98,7 +98,7 @@ def get_pinner(settings: SettingsDep, hf_token: HfToken) -> SourcePinner | None:
 PinnerDep = Annotated[SourcePinner | None, Depends(get_pinner)]
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
+async def read_limited(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body over {limit} bytes", limit=limit)
@@ -112,18 +112,18 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _media_type(request: Request) -> str:
+def request_media_type(request: Request) -> str:
     return request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
 
 
 async def parse_body(request: Request, *, allow_yaml: bool) -> Any:
     """The request body as JSON (default) or YAML, size-limited; syntax errors are 400, not 422."""
-    media_type = _media_type(request)
+    media_type = request_media_type(request)
     is_yaml = media_type in YAML_TYPES
     if not (media_type in JSON_TYPES or media_type.endswith("+json") or (allow_yaml and is_yaml)):
         accepted = ", ".join(JSON_TYPES + (YAML_TYPES[:1] if allow_yaml else ()))
         raise UnsupportedMediaTypeError(f"unsupported Content-Type {media_type!r}; send {accepted}")
-    raw = await _read_limited(request, request.app.state.settings.max_body_bytes)
+    raw = await read_limited(request, request.app.state.settings.max_body_bytes)
     try:
         text = raw.decode("utf-8")
         return yaml.safe_load(text) if is_yaml else json.loads(text)

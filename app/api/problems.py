@@ -34,6 +34,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "incompatible_models": 422,
     "non_finite_tensor": 422,
     "evaluator_error": 422,
+    "invalid_upload": 422,
     "hub_not_found": 422,
     "hub_access_denied": 403,
     "hub_unavailable": 503,

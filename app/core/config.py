@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         default=60, ge=1, description="Submissions per token per minute (in-process)."
     )
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    max_upload_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest held-out JSONL accepted by POST /v1/files."
+    )
     events_poll_s: float = Field(
         default=0.5, gt=0, description="How often the SSE stream re-reads the job row."
     )

@@ -16,6 +16,12 @@ class MalformedBodyError(MergeError, ValueError):
     code = "malformed_body"
 
 
+class InvalidUploadError(MergeError, ValueError):
+    """An uploaded held-out file is not UTF-8 JSONL with one object per non-blank line."""
+
+    code = "invalid_upload"
+
+
 class UnsupportedMediaTypeError(MergeError, ValueError):
     code = "unsupported_media_type"
 

@@ -1,4 +1,4 @@
-"""Confine local source and output paths to the configured data dirs (``ALLOY_DATA_DIRS``).
+"""Confine local source, output and evaluator (``data``, ``model``) paths to the data dirs (``ALLOY_DATA_DIRS``).
 
 A path is accepted when its ``os.path.realpath`` lies inside the realpath of a root: this catches ``..``,
 symlinks that leave a root and absolute paths elsewhere. ``..`` is refused outright even when it would land back
@@ -82,6 +82,13 @@ def confine_recipe_paths(recipe: Recipe, *, roots: Sequence[Path]) -> Recipe:
             output["path"] = str(confine_path(output["path"], roots=roots, must_exist=False))
         except _Refused as exc:
             errors.append({"loc": ["output", "path"], "msg": str(exc)})
+    evaluator = data.get("evaluator") or {}
+    for field in ("data", "model"):
+        if evaluator.get(field):
+            try:
+                evaluator[field] = str(confine_path(evaluator[field], roots=roots, must_exist=True))
+            except _Refused as exc:
+                errors.append({"loc": ["evaluator", field], "msg": str(exc)})
     if errors:
         raise _not_allowed(errors)
     return Recipe.model_validate(data)

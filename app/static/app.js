@@ -15,6 +15,7 @@ const state = {
   methods: [],
   method: null,
   extra: {}, // recipe keys the form does not edit (overrides, allow_pickle, ...), kept from an import
+  evaluatorExtra: {}, // evaluator keys the form does not edit (classes, prompt_template, ...), kept likewise
   jobStream: null, // AbortController of the live job view
   jobsCursor: null,
   jobsStatus: "",
@@ -161,6 +162,7 @@ function init() {
   $("#validate").addEventListener("click", validateRecipe);
   $("#analyze").addEventListener("click", analyze);
   $("#import-button").addEventListener("click", importRecipe);
+  $("#evaluator-file").addEventListener("change", uploadHeldout);
   $("#copy-yaml").addEventListener("click", () => navigator.clipboard?.writeText($("#yaml-preview").textContent).catch(() => {}));
   $("#job-cancel").addEventListener("click", cancelJob);
   $("#job-analyze").addEventListener("click", (e) => analyze(e, state.jobRecipe));

@@ -254,6 +254,7 @@ function selectMethod(name, { keepParams } = {}) {
   $("#scope").options[0].textContent = `method default (${info.default_scope || "per_tensor"})`;
   renderParams();
   setParams(previous);
+  syncEvaluator();
 }
 
 function setParams(params) {
@@ -278,6 +279,8 @@ function readRecipe() {
   }
   const params = readParams();
   if (Object.keys(params).length) r.params = params;
+  const evaluator = readEvaluator();
+  if (evaluator) r.evaluator = { ...evaluator, ...state.evaluatorExtra };
   if ($("#lines-enabled").checked) {
     const lines = {};
     const a = parseNumberish($("#lines-alpha").value);
@@ -332,6 +335,7 @@ function fillForm(recipe) {
   for (const k of Object.keys(transferRows)) if (recipe[k]) transferRows[k].fill(recipe[k]);
   (recipe.models || []).forEach((m, i) => addModel(m.source, weights ? weights[i] : m.weight, m.density));
   if (!recipe.models?.length && state.method?.kind !== "transfer") addModel();
+  fillEvaluator(recipe.evaluator);
   $("#lines-enabled").checked = Boolean(recipe.lines);
   $("#lines-fields").hidden = !recipe.lines;
   $("#lines-alpha").value = recipe.lines?.alpha ?? "";

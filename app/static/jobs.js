@@ -136,7 +136,7 @@ function renderJob(job) {
 }
 
 async function openJob(id) {
-  for (const s of ["#job-charts-section", "#job-card-section", "#job-report-details", "#job-recipe-details", "#job-error"]) $(s).hidden = true;
+  for (const s of ["#job-soup-section", "#job-charts-section", "#job-card-section", "#job-report-details", "#job-recipe-details", "#job-error"]) $(s).hidden = true;
   $("#job-charts").replaceChildren();
   $("#job-facts").replaceChildren();
   $("#job-progress-text").textContent = "";
@@ -238,6 +238,7 @@ async function showReport(id, job) {
   const charts = AlloyCharts.fromReport(report, job);
   $("#job-charts").replaceChildren(...charts);
   $("#job-charts-section").hidden = !charts.length;
+  renderGreedySoup(report);
   const card = report.model_card ?? report.readme ?? report.card ?? report.outputs?.model_card ?? null;
   if (typeof card === "string" && card.trim()) {
     $("#job-card").replaceChildren(...renderMarkdown(card));

@@ -17,6 +17,8 @@ from app.services.tokens import create_token
 from tests.app.conftest import make_settings
 
 _state: dict[str, Any] = {}
+# POST /v1/files takes raw JSONL bytes: send generated binary bodies as they are (the route answers 422 or 201)
+schemathesis.serializer.alias(["application/x-ndjson", "application/jsonl"], "application/octet-stream")
 # Conformance checks only: "positive data acceptance" can't hold because part of a recipe's validity (files that
 # exist inside the data dirs, cross-field rules such as a method's minimum model count) is not expressible in JSON
 # schema, so a schema-valid recipe may rightly get a 422.
