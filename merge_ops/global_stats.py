@@ -21,7 +21,7 @@ one choice per model for the whole model (per-tensor overrides of them do not re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,15 +96,17 @@ def compute_global_stats(
     totals: torch.Tensor | None = None
     top_hist: torch.Tensor | None = None
     for name, tv in batches():
-        rows = tv.reshape(tv.shape[0], -1).to(torch.float64)
-        k = rows.shape[0]
+        flat = tv.reshape(tv.shape[0], -1)
+        k = flat.shape[0]
         if totals is None or top_hist is None:
             totals = torch.zeros(4, k, dtype=torch.float64)
             top_hist = torch.zeros(k, 1 << 11, dtype=torch.int64)
-        numel += rows.shape[1]
-        totals[0] += rows.sum(dim=1).cpu()
-        totals[1] += rows.square().sum(dim=1).cpu()
-        totals[2] += rows.abs().sum(dim=1).cpu()
+        numel += flat.shape[1]
+        for chunk in _column_chunks(flat):
+            rows = chunk.to(torch.float64)
+            totals[0] += rows.sum(dim=1).cpu()
+            totals[1] += rows.square().sum(dim=1).cpu()
+            totals[2] += rows.abs().sum(dim=1).cpu()
         if dare_l1:
             for i in range(k):
                 keep = dare_keep_mask(
@@ -115,7 +117,7 @@ def compute_global_stats(
                     name=name,
                     device=tv.device,
                 )
-                totals[3, i] += rows[i].abs()[keep.reshape(-1)].sum().cpu()
+                totals[3, i] += flat[i].abs()[keep.reshape(-1)].sum(dtype=torch.float64).cpu()
         if needs_rank:
             top_hist += _histogram(tv, torch.zeros(k, dtype=torch.int64), _RADIX_PASSES[0])
     if totals is None or top_hist is None:
@@ -160,13 +162,20 @@ def _unbiased_std(total: float, total_sq: float, n: int) -> float:
 def _histogram(tv: torch.Tensor, prefix: torch.Tensor, radix_pass: tuple[int, int, int]) -> torch.Tensor:
     prefix_shift, digit_shift, digit_bits = radix_pass
     rows = tv.reshape(tv.shape[0], -1)
-    return magnitude_histogram(
-        rows,
-        prefix=prefix.to(tv.device),
-        prefix_shift=prefix_shift,
-        digit_shift=digit_shift,
-        digit_bits=digit_bits,
-    ).cpu()
+    prefix = prefix.to(tv.device)
+    total = torch.zeros(rows.shape[0], 1 << digit_bits, dtype=torch.int64)
+    for chunk in _column_chunks(rows):  # histograms of column chunks add up; temporaries stay chunk-sized
+        total += magnitude_histogram(
+            chunk, prefix=prefix, prefix_shift=prefix_shift, digit_shift=digit_shift, digit_bits=digit_bits
+        ).cpu()
+    return total
+
+
+def _column_chunks(rows: torch.Tensor, elements: int = 1 << 22) -> Iterator[torch.Tensor]:
+    """Column slices of ``rows[K, n]`` holding about ``elements`` elements in all (at least one column)."""
+    step = max(1, elements // max(1, rows.shape[0]))
+    for start in range(0, rows.shape[1], step):
+        yield rows[:, start : start + step]
 
 
 def _descend(hist: torch.Tensor, remaining: list[int]) -> tuple[list[int], list[int]]:

@@ -155,7 +155,7 @@ class _Engine:
             if self.sources.reference_is_input and i == 0 and not self.zero_reference:
                 taus[i].zero_()
             elif raw is not None:
-                torch.sub(raw, base_f, out=taus[i])
+                taus[i].copy_(raw).sub_(base_f)  # convert, then subtract (fast on CPU)
             elif src.sparse_coverage and tp.name not in src.infos:
                 taus[i].zero_()
             else:
