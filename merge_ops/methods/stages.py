@@ -30,22 +30,35 @@ _MEAN_EPS = 1e-8
 def merge_stages(task_vectors: torch.Tensor, ctx: TensorContext, params: Any) -> torch.Tensor:
     sparse = sparsify(task_vectors, ctx, params)
     weights = ctx.weights.to(device=sparse.device, dtype=torch.float32)
-    total = sparse.numel()
-    if total:
-        ctx.report["kept_density"] = float(torch.count_nonzero(sparse)) / total
     mean = Aggregate(params.aggregate) == Aggregate.mean
     if Consensus(params.consensus) == Consensus.ties_sign:
         merged, contributors = disjoint_merge(sparse, weights, mean=mean)
+        nonzero = _nonzero_per_entry(sparse)
+        if sparse.numel():
+            ctx.report["kept_density"] = float(nonzero.sum()) / sparse.numel()
         if merged.numel():
-            nonzero = torch.count_nonzero(sparse, dim=0)
             ctx.report["sign_conflict_rate"] = float((nonzero > contributors).sum()) / merged.numel()
         return merged
-    w = weights.reshape(-1, *([1] * (sparse.dim() - 1)))
-    merged = (sparse * w).sum(dim=0)
+    if sparse.numel():
+        ctx.report["kept_density"] = float(torch.count_nonzero(sparse)) / sparse.numel()
+    merged = torch.zeros(sparse.shape[1:], dtype=torch.float32, device=sparse.device)
+    for t, weight in enumerate(weights.tolist()):  # t = 0..K-1 in order, no weighted [K, *S] copy
+        merged.add_(sparse[t], alpha=weight)
     if mean:
         divisor = float(weights.sum())
         merged = merged / (divisor if abs(divisor) >= _MEAN_EPS else 1.0)
     return merged
+
+
+def _nonzero_per_entry(sparse: torch.Tensor) -> torch.Tensor:
+    """How many of the K task vectors are non-zero at each entry (a small-int accumulator over K: several times
+    faster on CPU than ``count_nonzero(dim=0)``)."""
+    counts = torch.zeros(
+        sparse.shape[1:], dtype=torch.uint8 if sparse.shape[0] < 256 else torch.int32, device=sparse.device
+    )
+    for t in range(sparse.shape[0]):
+        counts.add_(sparse[t] != 0)
+    return counts
 
 
 register_method("stages")(merge_stages)
