@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel
@@ -29,6 +29,9 @@ from merge_ops.errors import EvaluatorError, MergeCancelled
 from merge_ops.evaluators.base import Evaluator
 from merge_ops.preflight import local_path
 from merge_ops.recipe import Recipe, Source
+
+if TYPE_CHECKING:
+    from merge_ops.pipeline import MergeReport
 
 StateDict = dict[str, torch.Tensor]
 
@@ -162,3 +165,44 @@ def soup_recipe(recipe: Recipe, result: GreedySoupResult) -> Recipe:
         models=[{**data["models"][i], "weight": 1.0} for i in result.chosen],
     )
     return Recipe.model_validate(data)
+
+
+def write_greedy_soup(
+    recipe: Recipe, *, output_dir: Path | None, resolver: Any, device: str, data_root: Path | None, **run: Any
+) -> MergeReport:
+    """``run_merge`` for ``greedy_soup``: choose the ingredients with the evaluator (whole models in memory, see
+    above), then stream the chosen soup like any merge; the report carries every score. A relative
+    ``evaluator.data`` is read from ``data_root`` (the caller confines it)."""
+    from merge_ops.evaluators.base import build_evaluator
+    from merge_ops.pipeline import REPORT_NAME, Progress, run_merge, target_dir
+
+    target = target_dir(recipe, output_dir)
+    assert recipe.evaluator is not None  # the recipe validator requires it
+    evaluator = build_evaluator(
+        recipe.evaluator,
+        model_dir=evaluator_model_dir(recipe, resolver=resolver),
+        data_root=data_root,
+        device=device,
+    )
+    progress = run.get("progress")
+
+    def evaluated(done: int, total: int) -> None:
+        if progress is not None:
+            progress(Progress(done, total, 0, 0, None, phase="evaluate"))
+
+    result = run_greedy_soup(
+        recipe,
+        evaluator=evaluator,
+        resolver=resolver,
+        progress=evaluated,
+        should_cancel=run.get("should_cancel"),
+    )
+    report = run_merge(
+        soup_recipe(recipe, result), output_dir=target, resolver=resolver, device=device, **run
+    )
+    report.method = "greedy_soup"
+    report.greedy_soup = result.model_dump(mode="json")
+    report.timings["select_s"] = result.seconds
+    report.timings["total_s"] = round(report.timings["total_s"] + result.seconds, 4)
+    (target / REPORT_NAME).write_text(report.to_json())
+    return report

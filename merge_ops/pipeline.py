@@ -283,7 +283,9 @@ def run_merge(
     folder is removed and nothing is left at ``output_dir``.
     """
     if recipe.method == "greedy_soup":
-        return _run_greedy_soup(
+        from merge_ops.greedy_soup import write_greedy_soup
+
+        return write_greedy_soup(
             recipe,
             output_dir=output_dir,
             resolver=resolver,
@@ -294,7 +296,7 @@ def run_merge(
             data_root=data_root,
         )
     started = time.perf_counter()
-    target = _target_dir(recipe, output_dir)
+    target = target_dir(recipe, output_dir)
     info = CATALOG[recipe.method]
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -324,53 +326,12 @@ def run_merge(
         sources.close()
 
 
-def _target_dir(recipe: Recipe, output_dir: Path | None) -> Path:
+def target_dir(recipe: Recipe, output_dir: Path | None) -> Path:
     target = Path(output_dir or recipe.output.path or "")
     if str(target) in {"", "."}:
         raise OutputError("no output folder: set output.path in the recipe or pass --out")
     check_output(target)
     return target
-
-
-def _run_greedy_soup(
-    recipe: Recipe, *, output_dir: Path | None, resolver: Any, device: str, data_root: Path | None, **run: Any
-) -> MergeReport:
-    """Choose ingredients with the evaluator (whole models in memory, see ``merge_ops.greedy_soup``), then stream
-    the chosen soup like any merge; the report carries every score. A relative ``evaluator.data`` is read from
-    ``data_root`` (the caller confines it)."""
-    from merge_ops.evaluators.base import build_evaluator
-    from merge_ops.greedy_soup import evaluator_model_dir, run_greedy_soup, soup_recipe
-
-    target = _target_dir(recipe, output_dir)
-    assert recipe.evaluator is not None  # the recipe validator requires it
-    evaluator = build_evaluator(
-        recipe.evaluator,
-        model_dir=evaluator_model_dir(recipe, resolver=resolver),
-        data_root=data_root,
-        device=device,
-    )
-    progress = run.get("progress")
-
-    def evaluated(done: int, total: int) -> None:
-        if progress is not None:
-            progress(Progress(done, total, 0, 0, None, phase="evaluate"))
-
-    result = run_greedy_soup(
-        recipe,
-        evaluator=evaluator,
-        resolver=resolver,
-        progress=evaluated,
-        should_cancel=run.get("should_cancel"),
-    )
-    report = run_merge(
-        soup_recipe(recipe, result), output_dir=target, resolver=resolver, device=device, **run
-    )
-    report.method = "greedy_soup"
-    report.greedy_soup = result.model_dump(mode="json")
-    report.timings["select_s"] = result.seconds
-    report.timings["total_s"] = round(report.timings["total_s"] + result.seconds, 4)
-    (target / REPORT_NAME).write_text(report.to_json())
-    return report
 
 
 def _merge_into(
