@@ -29,7 +29,9 @@ def merge_soup(task_vectors: torch.Tensor, ctx: TensorContext, params: SoupParam
 
 
 @register_method("greedy_soup")
-def merge_greedy_soup(task_vectors: torch.Tensor, ctx: TensorContext, params: GreedySoupParams) -> torch.Tensor:
+def merge_greedy_soup(
+    task_vectors: torch.Tensor, ctx: TensorContext, params: GreedySoupParams
+) -> torch.Tensor:
     """Per tensor, a greedy soup is the (weighted) mean of the ingredients it kept; ``run_merge`` chooses them
     with the evaluator first (``merge_ops.greedy_soup``), whole models at a time."""
     return merge_soup(task_vectors, ctx, SoupParams())
