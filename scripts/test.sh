@@ -5,5 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 export PYTHONUNBUFFERED=1
 python3 -m ruff check .
+python3 -m ruff format --check .
 python3 -m mypy
 python3 -m pytest -q -p no:cacheprovider "$@"
