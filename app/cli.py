@@ -113,24 +113,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
     result = compress_task_vector(
         Path(args.task_vector), Path(args.out), density=args.density, alpha=args.alpha, scope=args.scope
     )
-    print(_describe(result, f"compressed task vector written to {args.out}"))
+    details = "".join(f"\n  {k}: {v}" for k, v in result.model_dump().items())
+    print(f"compressed task vector written to {args.out}{details}")
     return 0
 
 
 def cmd_decompress(args: argparse.Namespace) -> int:
     from merge_ops.artifacts import decompress
 
-    result = decompress(Path(args.compressed), Path(args.out))
-    print(_describe(result, f"task vector written to {args.out}"))
+    out = decompress(Path(args.compressed), Path(args.out))
+    print(f"task vector written to {out}")
     return 0
-
-
-def _describe(result: Any, fallback: str) -> str:
-    if isinstance(result, dict):
-        return fallback + "".join(f"\n  {k}: {v}" for k, v in result.items())
-    if hasattr(result, "model_dump"):
-        return fallback + "".join(f"\n  {k}: {v}" for k, v in result.model_dump().items())
-    return fallback
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -352,7 +352,7 @@ def _merge_into(
     timings: dict[str, float] = {}
     global_stats = None
     t0 = time.perf_counter()
-    if global_pass_needed(recipe, info):
+    if global_pass_needed(recipe):
         from merge_ops.global_stats import compute_global_stats
 
         global_stats = compute_global_stats(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,10 +114,9 @@ class Sources:
     #: the reference is also input 0 (a soup without a base): its task vector is zero
     reference_is_input: bool = False
     side_files_from: Path | None = None
-    extra: list[ModelSource] = field(default_factory=list)
 
     def close(self) -> None:
-        for src in {id(s): s for s in [self.reference, *self.inputs, *self.extra]}.values():
+        for src in {id(s): s for s in [self.reference, *self.inputs]}.values():
             with contextlib.suppress(Exception):
                 src.close()
 
@@ -295,7 +294,7 @@ def build_plan(recipe: Recipe, info: MethodInfo, sources: Sources) -> MergePlan:
                 layer=block[1] if block else None,
             )
         )
-    passes = 1 + first_pass_count(recipe, info)
+    passes = 1 + first_pass_count(recipe)
     return MergePlan(
         method=recipe.method,
         scope=recipe.effective_scope().value,
@@ -318,7 +317,7 @@ def numel(shape: Any) -> int:
     return n
 
 
-def global_pass_needed(recipe: Recipe, info: MethodInfo) -> bool:
+def global_pass_needed(recipe: Recipe) -> bool:
     params = recipe.params_for("")  # global statistics use the top-level params (gradient lists: first value)
     return (
         isinstance(params, StagesParams)
@@ -343,9 +342,9 @@ def lines_params(recipe: Recipe) -> LinesParams | None:
     return recipe.lines
 
 
-def first_pass_count(recipe: Recipe, info: MethodInfo) -> int:
+def first_pass_count(recipe: Recipe) -> int:
     lines = lines_params(recipe)
-    return int(global_pass_needed(recipe, info)) * 2 + int(lines is not None and lines.alpha is None)
+    return int(global_pass_needed(recipe)) * 2 + int(lines is not None and lines.alpha is None)
 
 
 def check_output(output_dir: Path) -> None:
