@@ -3,17 +3,22 @@ run, the ratio to it, and the torch eager (reference) time.
 
     python benchmarks/kernels.py [--numel 58720256] [--k 1,2,5,8] [--dtype bfloat16] [--rows 4096] [--repeat 20]
 
-Needs a CUDA GPU and triton; without them it says so and exits with status 2. Merging is memory-bound: the
+Needs a CUDA GPU and triton; without them it says so and exits with status 2, unless ``TRITON_INTERPRET=1`` is
+set: then it runs on the CPU through the Triton interpreter as a smoke test (use a small ``--numel``; the timings
+mean nothing). Merging is memory-bound: the
 floor of a K-way merge is reading K+1 tensors and writing one, so "ratio" = effective GB/s of the op over the
 copy's (read + write) GB/s; 1.0 means the op runs at copy speed. Effective bytes count each input read once and
 each output written once (the radix select's 4 histogram passes and the select pass each count as a read).
-The torch column is the eager reference (for TIES: topk_mask -> where -> disjoint_merge, unfused).
+The torch column is the eager reference twin of each op; the selection rows also compare the exact radix select
+(``rank_boundary``) with ``torch.topk`` and ``torch.kthvalue`` finding the same k-th largest magnitude.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +29,11 @@ def _time_ms(fn: Callable[[], object], repeat: int) -> float:
     import torch
 
     fn()  # compile / warm up
+    if not torch.cuda.is_available():  # interpreter smoke run: wall clock
+        start_s = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        return (time.perf_counter() - start_s) * 1e3 / repeat
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
@@ -52,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if not torch.cuda.is_available():
+    interpreter = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"
+    if not torch.cuda.is_available() and not interpreter:
         print(
             "benchmarks/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured."
         )
@@ -67,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     size = torch.empty(0, dtype=dtype).element_size()
     n = args.numel
-    dev = torch.device("cuda")
+    dev = torch.device("cpu" if interpreter else "cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
 
     def randn(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
@@ -76,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     src, dst = randn(n), torch.empty(n, dtype=dtype, device=dev)
     copy_ms = _time_ms(lambda: dst.copy_(src), args.repeat)
     copy_gbs = 2 * n * size / copy_ms / 1e6
+    device_name = "CPU, Triton interpreter (smoke run)" if interpreter else torch.cuda.get_device_name(dev)
     print(
-        f"device: {torch.cuda.get_device_name(dev)}; copy of {n} x {args.dtype}: {copy_ms:.3f} ms, "
+        f"device: {device_name}; copy of {n} x {args.dtype}: {copy_ms:.3f} ms, "
         f"{copy_gbs:.0f} GB/s (read + write)\n"
     )
 
@@ -107,20 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             lambda s=stack, w=wt: ref.disjoint_merge(s, w, mean=True),
             k * n * 4 + n * (4 + 8),
         )
-        tv = torch.stack(thetas)  # stored dtype, as the pipeline reads it
+        tv = torch.stack(thetas).view(k, 1, n)  # stored dtype, as the pipeline reads it
         keep_k = torch.full((k,), n // 5, device=dev)
-
-        def unfused_ties(tv=tv, keep_k=keep_k, w=wt):
-            rows_ = tv.view(tv.shape[0], -1)
-            sparse = torch.where(ref.topk_mask(rows_, keep=keep_k), rows_.float(), 0.0)
-            return ref.disjoint_merge(sparse, w, mean=True)
-
+        ties = {"keep": keep_k, "consensus": True, "mean": True}
         bench(
             f"ties fused_sparse_merge K={k}",
-            lambda tv=tv, keep_k=keep_k, w=wt: tri.fused_sparse_merge(
-                tv.view(tv.shape[0], 1, -1), w, keep=keep_k, consensus=True, mean=True
-            ),
-            unfused_ties,
+            lambda tv=tv, w=wt, a=ties: tri.fused_sparse_merge(tv, w, **a),
+            lambda tv=tv, w=wt, a=ties: ref.fused_sparse_merge(tv, w, **a),
             5 * k * n * size + n * 4,
         )
         del thetas, stack, tv
@@ -133,6 +138,20 @@ def main(argv: list[str] | None = None) -> int:
         lambda: tri.topk_mask(x, keep=keep),
         lambda: ref.topk_mask(x, keep=keep),
         5 * n * size + n,
+    )
+    rank = keep
+    magnitude = x.float().abs()
+    bench(
+        "rank_boundary vs torch.topk",
+        lambda: tri.rank_boundary(x, rank),
+        lambda: torch.topk(magnitude, n // 5, dim=1, sorted=False),
+        4 * n * size,
+    )
+    bench(
+        "rank_boundary vs torch.kthvalue",
+        lambda: tri.rank_boundary(x, rank),
+        lambda: torch.kthvalue(magnitude, n - n // 5 + 1, dim=1),
+        4 * n * size,
     )
     bench(
         "topk_mask breadcrumbs band",

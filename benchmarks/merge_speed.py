@@ -7,7 +7,9 @@ Generates a llama-shaped base and K fine-tunes (about 0.37B parameters each with
 merge in a fresh subprocess (so peak RSS is the merge's own) and prints a table. "floor" reads the K+1 inputs and
 writes one output once, with nothing computed: the target is a merge within 1.5× of it. When mergekit is
 installed (`mergekit-yaml` on PATH), the same merges run with mergekit in the same invocation and the table shows
-the time ratio. Effective GB/s = (bytes read + bytes written) / wall time.
+the time ratio. Effective GB/s = (bytes read + bytes written) / wall time. With ``--device cuda`` a last column
+gives the merge's peak GPU memory (``alloy-report.json``) over 2·(K+1)·the largest tensor (float32 bytes), the
+bound the kernels are built to (≤ 1.0 is within it).
 """
 
 from __future__ import annotations
@@ -116,6 +118,20 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
+def largest_tensor_numel(folder: Path) -> int:
+    from safetensors import safe_open
+
+    largest = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                numel = 1
+                for dim in handle.get_slice(name).get_shape():
+                    numel *= dim
+                largest = max(largest, numel)
+    return largest
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -163,6 +179,8 @@ def main() -> None:
         [sys.executable, "-c", _FLOOR, str(base), *map(str, models), str(outputs / "floor")], cwd=ROOT
     )
     rows = [("floor (read K+1, write 1)", floor_s, floor_rss, None)]
+    gpu_bound = 2 * (args.k + 1) * largest_tensor_numel(base) * 4
+    gpu_peaks: dict[str, float] = {}
     for method in args.methods.split(","):
         recipe = {
             "method": method,
@@ -176,6 +194,9 @@ def main() -> None:
             [sys.executable, "-m", "app.cli", "merge", str(recipe_path), "--quiet", "--device", args.device],
             cwd=ROOT,
         )
+        report = json.loads((outputs / method / "alloy-report.json").read_text())
+        if report.get("peak_cuda_bytes"):
+            gpu_peaks[method] = report["peak_cuda_bytes"] / gpu_bound
         mk = None
         if mergekit and method in MERGEKIT_METHODS:
             mk_cfg = {
@@ -198,6 +219,7 @@ def main() -> None:
 
     header = f"{'method':<28}{'wall s':>9}{'x floor':>9}{'peak RSS MiB':>14}{'GB/s':>8}"
     header += f"{'mergekit s':>12}{'mk RSS MiB':>12}{'mk/alloy':>10}" if mergekit else ""
+    header += f"{'GPU peak/bound':>16}" if gpu_peaks else ""
     print(header)
     for name, wall, rss, mk in rows:
         line = (
@@ -210,6 +232,8 @@ def main() -> None:
                 if mk
                 else f"{'-':>12}{'-':>12}{'-':>10}"
             )
+        if gpu_peaks:
+            line += f"{gpu_peaks[name]:>16.2f}" if name in gpu_peaks else f"{'-':>16}"
         print(line)
     if not mergekit and not args.no_mergekit:
         print("(mergekit not installed: `pip install mergekit` to compare in the same run)")

@@ -24,6 +24,35 @@ def fused_task_arithmetic(
     return fn(base, finetuned, weights, scale=scale, out_dtype=out_dtype)
 
 
+def fused_sparse_merge(
+    x: Tensor,
+    weights: Tensor,
+    *,
+    consensus: bool,
+    mean: bool,
+    keep: Tensor | None = None,
+    skip: Tensor | None = None,
+    boundary: tuple[Tensor, Tensor] | None = None,
+    lower_boundary: tuple[Tensor, Tensor] | None = None,
+    dare: tuple[Sequence[int], Sequence[float]] | None = None,
+    scale: Tensor | None = None,
+    ternary: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return kernel("fused_sparse_merge", x)(
+        x,
+        weights,
+        consensus=consensus,
+        mean=mean,
+        keep=keep,
+        skip=skip,
+        boundary=boundary,
+        lower_boundary=lower_boundary,
+        dare=dare,
+        scale=scale,
+        ternary=ternary,
+    )
+
+
 def pack_bits(mask: Tensor) -> Tensor:
     return kernel("pack_bits", mask)(mask)
 
@@ -86,6 +115,7 @@ __all__ = [
     "ternarize",
     "topk_mask",
     "dare_keep_mask",
+    "fused_sparse_merge",
     "fused_task_arithmetic",
     "kernel",
     "kernel_mode",

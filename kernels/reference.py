@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from kernels import cpu_select
+
 Tensor = torch.Tensor
 
 _MASK32 = 0xFFFFFFFF
@@ -140,14 +142,7 @@ def dare_keep_mask(
         return torch.ones(tuple(shape), dtype=torch.bool, device=device)
     key = dare_key(seed=seed, source_index=source_index, name=name)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cpu":
-        return torch.from_numpy(_dare_keep_numpy(numel, key=key, threshold=threshold)).view(tuple(shape))
-    out = torch.empty(numel, dtype=torch.bool, device=device)
-    for start in range(0, numel, _CHUNK):
-        index = torch.arange(start, min(start + _CHUNK, numel), dtype=torch.int64, device=device)
-        h = _mix32_tensor(_mix32_tensor((index & _MASK32) ^ key) ^ (index >> 32))
-        out[start : start + index.numel()] = (h >> 8) < threshold
-    return out.view(tuple(shape))
+    return _dare_mask(numel, key=key, threshold=threshold, device=device).view(tuple(shape))
 
 
 def _mix32_numpy(x: np.ndarray) -> np.ndarray:
@@ -195,6 +190,8 @@ def rank_boundary(x: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
     """
     rows, n = x.shape
     rank = rank.to(device=x.device, dtype=torch.int64).clamp(0, n)
+    if x.device.type == "cpu":  # the same values, several times faster (kernels.cpu_select)
+        return cpu_select.rank_boundary(x, rank)
     magnitude = x.float().abs()
     threshold = torch.full((rows,), float("inf"), dtype=torch.float32, device=x.device)
     quota = torch.zeros(rows, dtype=torch.int64, device=x.device)
@@ -221,6 +218,8 @@ def rank_boundary(x: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
 def select_by_threshold(x: Tensor, threshold: Tensor, tie_quota: Tensor) -> Tensor:
     """BoolTensor[R, n]: |x| > threshold[r], plus the first ``tie_quota[r]`` elements of the row (lowest flat
     index first) with |x| == threshold[r]. Exact."""
+    if x.device.type == "cpu" and x.dim() == 2:
+        return cpu_select.select_by_threshold(x, threshold, tie_quota)
     magnitude = x.float().abs()
     thr = threshold.to(device=x.device, dtype=torch.float32).unsqueeze(1)
     quota = tie_quota.to(device=x.device, dtype=torch.int64).unsqueeze(1)
@@ -249,6 +248,8 @@ def topk_mask(x: Tensor, *, keep: Tensor, skip: Tensor | None = None) -> Tensor:
     skip = (torch.zeros_like(keep) if skip is None else skip.to(device=x.device, dtype=torch.int64)).expand(
         rows
     )
+    if x.device.type == "cpu" and x.dim() == 2:
+        return cpu_select.topk_mask(x, keep, skip)
     upper = select_by_threshold(x, *rank_boundary(x, skip + keep))
     if bool((skip > 0).any()):
         upper &= ~select_by_threshold(x, *rank_boundary(x, skip))
@@ -266,14 +267,15 @@ def magnitude_histogram(
     rows = x.shape[0]
     buckets = 1 << digit_bits
     bits = magnitude_bits(x).reshape(rows, -1)
-    digit = ((bits >> digit_shift) & (buckets - 1)).to(torch.int64)
-    row_base = torch.arange(rows, device=x.device, dtype=torch.int64).unsqueeze(1) * buckets
-    flat = digit + row_base
-    in_prefix = (bits >> prefix_shift).to(torch.int64) == prefix.to(
-        device=x.device, dtype=torch.int64
-    ).unsqueeze(1)
-    counts = torch.bincount(flat[in_prefix], minlength=rows * buckets)
-    return counts.view(rows, buckets)
+    prefixes = prefix.to(dtype=torch.int64).reshape(-1).expand(rows).tolist()
+    counts = torch.zeros(rows, buckets, dtype=torch.int64, device=x.device)
+    for r in range(rows):  # filter on int32 first (every element matches on the first pass: no filter)
+        if prefix_shift >= 31:  # bit 31 of |x| is 0
+            row = bits[r] if prefixes[r] == 0 else bits[r][:0]
+        else:
+            row = bits[r][(bits[r] >> prefix_shift) == prefixes[r]]
+        counts[r] = torch.bincount((row >> digit_shift) & (buckets - 1), minlength=buckets)
+    return counts
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -328,3 +330,180 @@ def ternarize(x: Tensor, mask: Tensor, scale: Tensor) -> Tensor:
     {−scale, 0, +scale} (a kept exact zero stays 0). float32."""
     s = scale.to(device=x.device, dtype=torch.float32).unsqueeze(1)
     return torch.where(mask, torch.sign(x.float()) * s, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sparsify + consensus + aggregate in one op (the stages method's whole per-tensor step)
+# --------------------------------------------------------------------------------------------------------------
+#: rows selected together in ``sparse_task_vectors``: at least one row, about 4M elements, so the selection's
+#: temporaries (magnitudes, masks) are the size of one chunk, not of the whole [K·R, m] stack
+_SELECT_CHUNK = 1 << 22
+
+
+def sparse_task_vectors(
+    x: Tensor,
+    *,
+    keep: Tensor | None = None,
+    skip: Tensor | None = None,
+    boundary: tuple[Tensor, Tensor] | None = None,
+    lower_boundary: tuple[Tensor, Tensor] | None = None,
+    dare: tuple[Sequence[int], Sequence[float]] | None = None,
+    scale: Tensor | None = None,
+    ternary: bool = False,
+) -> Tensor:
+    """τ̂ float32 [K, R, m] of task vectors ``x[K, R, m]`` (R scope rows of m elements per model), one selection:
+
+    - ``keep`` / ``skip`` ([K·R] or scalar): the elements of rank in [skip, skip + keep) per (model, row), as
+      ``topk_mask``;
+    - ``boundary`` / ``lower_boundary``: precomputed (threshold, tie_quota) per (model, row) ([K·R]), as
+      ``select_by_threshold``: kept iff inside ``boundary`` and not inside ``lower_boundary`` (global scope);
+    - ``dare``: (key per model from ``dare_key``, density per model): ``dare_keep_mask`` over the flat index
+      r·m + col of each model's tensor;
+    - none of them: everything is kept.
+
+    Kept values are multiplied by ``scale`` ([K] or [K·R]: DARE rescale), or with ``ternary`` become ``scale·sgn(x)``
+    (ComPEFT, as ``ternarize``). Exact apart from that one float32 multiply.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"task vectors must be x[K, R, m], got shape {tuple(x.shape)}")
+    if sum(v is not None for v in (keep, boundary, dare)) > 1:
+        raise ValueError("pass one of keep (top-k), boundary (precomputed) or dare")
+    if ternary and scale is None:
+        raise ValueError("ternary needs the scale")
+    k, rows, m = x.shape
+    flat = x.reshape(k * rows, m).float()
+    row_scale = None if scale is None else scale_per_row(scale, k, rows).to(x.device).reshape(-1, 1)
+    if dare is not None:
+        keys, densities = dare
+        out = torch.empty_like(flat)
+        for t in range(k):
+            model_rows = slice(t * rows, (t + 1) * rows)
+            threshold = dare_threshold(float(densities[t]))
+            if threshold >= 1 << 24:
+                out[model_rows] = flat[model_rows]
+            else:
+                mask = _dare_mask(rows * m, key=int(keys[t]), threshold=threshold, device=x.device)
+                out[model_rows] = torch.where(mask.view(rows, m), flat[model_rows], 0.0)
+        if row_scale is not None:
+            out.mul_(row_scale)
+        return out.view(k, rows, m)
+    if keep is None and boundary is None:
+        out = flat if row_scale is None and not ternary else _keep_where(flat, None, row_scale, ternary)
+        return out.view(k, rows, m)
+    out = torch.empty_like(flat)
+    n_rows = k * rows
+    step = max(1, _SELECT_CHUNK // max(1, m))
+    for start in range(0, n_rows, step):
+        part = slice(start, start + step)
+        block = flat[part]
+        if keep is not None:
+            mask = topk_mask(block, keep=_rows_of(keep, n_rows)[part], skip=_rows_or_none(skip, n_rows, part))
+        else:
+            assert boundary is not None
+            mask = select_by_threshold(
+                block, _rows_of(boundary[0], n_rows)[part], _rows_of(boundary[1], n_rows)[part]
+            )
+            if lower_boundary is not None:
+                mask &= ~select_by_threshold(
+                    block,
+                    _rows_of(lower_boundary[0], n_rows)[part],
+                    _rows_of(lower_boundary[1], n_rows)[part],
+                )
+        out[part] = _keep_where(block, mask, None if row_scale is None else row_scale[part], ternary)
+    return out.view(k, rows, m)
+
+
+def scale_per_row(scale: Tensor, k: int, rows: int) -> Tensor:
+    """float32 [K·R] from a scale per model [K] or per (model, row) [K·R]."""
+    flat = scale.to(torch.float32).reshape(-1)
+    if flat.numel() == k and rows != 1:
+        return flat.repeat_interleave(rows)
+    if flat.numel() not in (1, k * rows):
+        raise ValueError(f"scale has {flat.numel()} values for {k} models of {rows} rows")
+    return flat.expand(k * rows)
+
+
+def _rows_of(values: Tensor, n_rows: int) -> Tensor:
+    return values.reshape(-1).expand(n_rows)
+
+
+def _rows_or_none(values: Tensor | None, n_rows: int, part: slice) -> Tensor | None:
+    return None if values is None else _rows_of(values, n_rows)[part]
+
+
+def _keep_where(block: Tensor, mask: Tensor | None, row_scale: Tensor | None, ternary: bool) -> Tensor:
+    if ternary:
+        assert row_scale is not None
+        kept = torch.sign(block) * row_scale
+    else:
+        kept = block if row_scale is None else block * row_scale
+    return kept if mask is None else torch.where(mask, kept, 0.0)
+
+
+def _dare_mask(numel: int, *, key: int, threshold: int, device: torch.device) -> Tensor:
+    if device.type == "cpu":
+        return torch.from_numpy(_dare_keep_numpy(numel, key=key, threshold=threshold))
+    out = torch.empty(numel, dtype=torch.bool, device=device)
+    for start in range(0, numel, _CHUNK):
+        index = torch.arange(start, min(start + _CHUNK, numel), dtype=torch.int64, device=device)
+        h = _mix32_tensor(_mix32_tensor((index & _MASK32) ^ key) ^ (index >> 32))
+        out[start : start + index.numel()] = (h >> 8) < threshold
+    return out
+
+
+def fused_sparse_merge(
+    x: Tensor,
+    weights: Tensor,
+    *,
+    consensus: bool,
+    mean: bool,
+    keep: Tensor | None = None,
+    skip: Tensor | None = None,
+    boundary: tuple[Tensor, Tensor] | None = None,
+    lower_boundary: tuple[Tensor, Tensor] | None = None,
+    dare: tuple[Sequence[int], Sequence[float]] | None = None,
+    scale: Tensor | None = None,
+    ternary: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sparsify (``sparse_task_vectors``, same selection arguments) then aggregate, for ``x[K, R, m]``.
+
+    ``consensus``: TIES sign election + disjoint sum / mean (``disjoint_merge``); else Σ_t w_t·τ̂_t, with ``mean``
+    ÷ Σ_t w_t (|Σ w| < 1e-8 -> ÷1). Returns (merged delta float32 [R, m], kept: number of non-zero τ̂ entries,
+    conflicts: entries where some non-zero τ̂_t disagrees with the elected sign (0 without consensus)), the
+    counts as int64 0-dim tensors. Sums run over t = 0..K-1 in order.
+    """
+    sparse = sparse_task_vectors(
+        x,
+        keep=keep,
+        skip=skip,
+        boundary=boundary,
+        lower_boundary=lower_boundary,
+        dare=dare,
+        scale=scale,
+        ternary=ternary,
+    )
+    k = sparse.shape[0]
+    w = weights.to(device=sparse.device, dtype=torch.float32).reshape(-1)
+    if w.numel() != k:
+        raise ValueError(f"{w.numel()} weights for {k} task vectors")
+    if consensus:
+        merged, contributors = disjoint_merge(sparse, w, mean=mean)
+        nonzero = _nonzero_per_entry(sparse)
+        return merged, nonzero.sum(dtype=torch.int64), (nonzero > contributors).sum(dtype=torch.int64)
+    merged = _weighted_sum(sparse, w.tolist())
+    if mean:
+        divisor = float(w.sum())
+        merged = merged / (divisor if abs(divisor) >= 1e-8 else 1.0)
+    kept = torch.count_nonzero(sparse).to(torch.int64)
+    return merged, kept, torch.zeros((), dtype=torch.int64, device=sparse.device)
+
+
+def _nonzero_per_entry(sparse: Tensor) -> Tensor:
+    """How many of the K task vectors are non-zero at each entry (a small-int accumulator over K: several times
+    faster on CPU than ``count_nonzero(dim=0)``)."""
+    counts = torch.zeros(
+        sparse.shape[1:], dtype=torch.uint8 if sparse.shape[0] < 256 else torch.int32, device=sparse.device
+    )
+    for t in range(sparse.shape[0]):
+        counts.add_(sparse[t] != 0)
+    return counts

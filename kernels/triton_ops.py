@@ -1,9 +1,6 @@
 """Triton twins of the ops in ``kernels.reference``: same names, same signatures, same results (exact where the
 reference is exact, within float32 rounding elsewhere). ``kernels.dispatch`` imports this module lazily and
 routes CUDA tensors here; importing it needs triton. The kernels live in ``kernels/triton/``.
-
-``fused_sparse_merge`` (sparsify + TIES consensus + aggregate in one pass) has no reference twin yet, so the
-dispatcher can't route to it; its tests compare it with the composition of reference ops.
 """
 
 from __future__ import annotations

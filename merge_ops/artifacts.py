@@ -6,8 +6,11 @@ holding ``alloy_format: task_vector``, the fine-tune's dtype per tensor (``alloy
 ``alloy_sparse_coverage`` (true when absent tensors are zero deltas, e.g. a compressed LoRA).
 
 **Compressed task vector** (``compress_task_vector``; ComPEFT, Yadav et al. 2023, arXiv:2311.13171):
-τ̃ = α·σ·sgn(τ) ⊙ topk(|τ|), σ the unbiased std of the uncompressed τ over the scope, k = ⌊density·n⌋ (at least
-1), ties at the threshold broken by lowest flat index (``global``: in sorted-name order). One
+τ̃ = α·σ·sgn(τ) ⊙ topk(|τ|), exactly the merge pipeline's ``compeft`` sparsifier (``merge_ops.methods.sparsify``)
+applied to this one task vector: the same scope units (``_scope.scope_view``), k = ⌊density·n⌋ (at least 1,
+``_scope.kept_count``), ties at the threshold broken by lowest flat index (``kernels.topk_mask``; ``global``: in
+sorted-name order, ``merge_ops.global_stats``), σ the unbiased std of the uncompressed τ over the scope unit and the
+float32 scale σ·α (``sparsify.ternary_scale``; a unit of one element has no unbiased std: its scale is |τ|). One
 ``model.safetensors``, metadata ``alloy_format: compressed_task_vector`` and ``alloy_compression`` (JSON: per
 tensor shape, source dtype, encoding, kept count; the parameters and the ratio). Per tensor ``<name>::mask``
 (positions, bit-packed by ``kernels.pack_bits``: bit b of byte j is flat element 8j+b) or ``<name>::indices``
@@ -15,10 +18,10 @@ tensor shape, source dtype, encoding, kept count; the parameters and the ratio).
 per kept entry in position order, 1 = negative); ``<name>::scale`` (float32 α·σ: one value, or one per row
 for ``per_row``). Kept positions exclude τ = 0 (sgn 0), so decompression yields exactly ±scale or 0: τ̃.
 
-Memory stays bounded by a few tensors: ``global`` scope streams three passes (σ + a histogram of the high 16
-bits of the float32 |τ| bit patterns; a histogram of the low 16 bits inside the threshold bin — together the
-exact k-th largest; then apply). The compressed pieces go to a scratch data file and the header is written
-last, because kept counts (hence shapes) are only known after the data pass.
+Memory stays bounded by a few tensors: ``global`` scope runs the merge pipeline's streaming first pass
+(``compute_global_stats``: σ and an exact radix select of the k-th largest |τ|, three passes over the tensors)
+with this vector as its one model, then applies it in a last pass. The compressed pieces go to a scratch data file
+and the header is written last, because kept counts (hence shapes) are only known after the data pass.
 """
 
 from __future__ import annotations
@@ -28,15 +31,14 @@ import math
 import shutil
 import struct
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 from pydantic import BaseModel
 
-from kernels import pack_bits, unpack_bits
+from kernels import pack_bits, topk_mask, unpack_bits
 from merge_ops.checkpoint import DTYPES, Checkpoint, TensorInfo, dtype_code
 from merge_ops.errors import (
     CorruptCheckpointError,
@@ -44,6 +46,11 @@ from merge_ops.errors import (
     NonFiniteTensorError,
     OutputError,
 )
+from merge_ops.global_stats import GlobalStats, compute_global_stats
+from merge_ops.methods._scope import kept_count, scope_view
+from merge_ops.methods.sparsify import ternary_scale
+from merge_ops.params import CompeftParams, Scope
+from merge_ops.registry import TensorContext
 from merge_ops.writer import ShardedWriter
 
 if TYPE_CHECKING:
@@ -160,11 +167,13 @@ class CompressionReport(BaseModel):
 
 
 class _TauReader:
-    """Uniform float32 τ access over any source kind; ``base`` is needed for checkpoint and LoRA sources."""
+    """Uniform float32 τ access over any source kind; ``base`` is needed for checkpoint and LoRA sources.
+    Each τ is checked finite on its first read (the global scope reads every tensor four times)."""
 
     def __init__(self, source: ModelSource, base: Checkpoint | None) -> None:
         self.source = source
         self.base = base
+        self._finite: set[str] = set()
         if source.kind in ("checkpoint", "lora") and base is None:
             raise IncompatibleModelsError(
                 f"{source.label} is a {source.kind}; compressing it needs the base model", source=source.label
@@ -190,12 +199,14 @@ class _TauReader:
         else:
             assert self.base is not None
             tau = self.source.task_vector(name, self.base.load(name)).to(torch.float32)
-        if not bool(torch.isfinite(tau).all()):
-            raise NonFiniteTensorError(
-                f"{self.source.label}: task vector of {name!r} is not finite",
-                tensor=name,
-                source=self.source.label,
-            )
+        if name not in self._finite:
+            if not bool(torch.isfinite(tau).all()):
+                raise NonFiniteTensorError(
+                    f"{self.source.label}: task vector of {name!r} is not finite",
+                    tensor=name,
+                    source=self.source.label,
+                )
+            self._finite.add(name)
         return tau
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -229,15 +240,15 @@ def compress_task_vector(
     base_ckpt = Checkpoint.open(base, allow_pickle=allow_pickle) if base is not None else None
     try:
         reader = _TauReader(src, base_ckpt)
-        global_plan = _global_threshold(reader, density=density, alpha=alpha) if scope == "global" else None
+        stats = _global_stats(reader, density) if scope == "global" else None
         with _scratch_folder(out) as scratch:
-            stats = _write_compressed(
+            report = _write_compressed(
                 reader,
                 scratch / "model.safetensors",
                 density=density,
                 alpha=alpha,
-                scope=scope,
-                global_plan=global_plan,
+                scope=Scope(scope),
+                stats=stats,
                 sparse=src.sparse_coverage,
             )
     finally:
@@ -250,143 +261,38 @@ def compress_task_vector(
         scope=scope,
         density=density,
         alpha=alpha,
-        sigma=global_plan.sigma if global_plan else None,
         file_bytes=(Path(out) / "model.safetensors").stat().st_size,
-        **stats,
+        **report,
     )
 
 
-@dataclass(frozen=True)
-class _GlobalThreshold:
-    sigma: float
-    k: int
-    #: float32 bit pattern of the k-th largest |τ|; entries above it are kept, ``ties`` entries equal to it
-    bits: int
-    ties: int
+def _global_stats(reader: _TauReader, density: float) -> GlobalStats:
+    """σ and the exact top-k of the whole task vector: the merge pipeline's streaming first pass, with this
+    vector as its one model (tensors in sorted-name order, which the global tie rule follows)."""
+    return compute_global_stats(
+        lambda: ((name, tau.unsqueeze(0)) for name, tau in reader), params=CompeftParams(density=density)
+    )
 
 
-def _global_threshold(reader: _TauReader, *, density: float, alpha: float) -> _GlobalThreshold:
-    """Exact global k-th largest |τ| and σ in two streaming passes (bounded memory: two histograms)."""
-    moments = (0, 0.0, 0.0)
-    high = torch.zeros(1 << 15, dtype=torch.int64)  # |τ| is non-negative: its sign bit is 0
-    for _, tau in reader:
-        moments = _combine_moments(moments, _moments(tau.reshape(-1)))
-        high += torch.bincount(_abs_bits(tau) >> 16, minlength=1 << 15)
-    count, _, m2 = moments
-    if count == 0:
-        return _GlobalThreshold(sigma=0.0, k=0, bits=0, ties=0)
-    sigma = math.sqrt(m2 / (count - 1)) if count > 1 else 0.0
-    k = max(1, math.floor(density * count))
-    bits, ties = _kth_largest_bits(high, k, lambda: (_abs_bits(tau) for _, tau in reader))
-    return _GlobalThreshold(sigma=sigma, k=k, bits=bits, ties=ties)
-
-
-def _kth_largest_bits(
-    high: torch.Tensor, k: int, second_pass: Callable[[], Iterable[torch.Tensor]]
-) -> tuple[int, int]:
-    """From the histogram of the high 16 bits of every |τ| bit pattern and one more pass over the patterns:
-    the exact pattern T of the k-th largest, and how many entries equal to T are kept (k minus those above T)."""
-    h, above = _bin_of_kth(high, k)
-    low = torch.zeros(1 << 16, dtype=torch.int64)
-    for bits in second_pass():
-        low += torch.bincount(bits[(bits >> 16) == h] & 0xFFFF, minlength=1 << 16)
-    lo, above_in_bin = _bin_of_kth(low, k - above)
-    return (h << 16) | lo, k - above - above_in_bin
-
-
-#: elements per float64 chunk when summing moments: temporaries stay at 32 MiB whatever the tensor size
-_CHUNK = 1 << 22
-
-Moments = tuple[int, float, float]  # count, mean, M2 = Σ(x − mean)²
-
-
-def _moments(flat: torch.Tensor) -> Moments:
-    out: Moments = (0, 0.0, 0.0)
-    for chunk in flat.split(_CHUNK):
-        c64 = chunk.to(torch.float64)
-        c_mean = float(c64.mean())
-        out = _combine_moments(out, (chunk.numel(), c_mean, float(c64.sub_(c_mean).square_().sum())))
-    return out
-
-
-def _combine_moments(a: Moments, b: Moments) -> Moments:
-    """Chan et al.'s pairwise update: σ over the whole vector without holding it."""
-    (na, ma, m2a), (nb, mb, m2b) = a, b
-    if nb == 0:
-        return a
-    n = na + nb
-    delta = mb - ma
-    return n, ma + delta * nb / n, m2a + m2b + delta * delta * na * nb / n
-
-
-def _abs_bits(tau: torch.Tensor) -> torch.Tensor:
-    # for non-negative finite float32 the int32 bit pattern orders exactly like the value; int32 (not int64)
-    # keeps the per-tensor working set at the size of τ itself
-    return tau.reshape(-1).abs().view(torch.int32)
-
-
-def _bin_of_kth(hist: torch.Tensor, k: int) -> tuple[int, int]:
-    """The bin holding the k-th largest element, and how many elements lie in higher bins."""
-    at_or_above = hist.flip(0).cumsum(0).flip(0)  # at_or_above[b] = count in bins >= b
-    b = int((at_or_above >= k).nonzero().max())
-    return b, int(at_or_above[b + 1]) if b + 1 < hist.numel() else 0
-
-
-def topk_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep exactly k entries of a 1-D float32 tensor, the largest by |value|, ties by lowest index
-    (by the same bit histogram as the global scope: no sort, no int64 index tensor)."""
-    if k >= flat.numel():
-        return torch.ones_like(flat, dtype=torch.bool)
-    bits = _abs_bits(flat)
-    threshold, ties = _kth_largest_bits(torch.bincount(bits >> 16, minlength=1 << 15), k, lambda: [bits])
-    mask = bits > threshold
-    mask[(bits == threshold).nonzero().reshape(-1)[:ties]] = True
-    return mask
-
-
-def topk_rows_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep exactly k entries per row of a 2-D tensor, the largest by value, ties by lowest column."""
-    rows, m = magnitude.shape
-    if k >= m:
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    threshold = magnitude.kthvalue(m - k + 1, dim=1, keepdim=True).values  # the k-th largest per row
-    mask = magnitude >= threshold
-    ties = magnitude == threshold
-    need = k - (mask.sum(dim=1) - ties.sum(dim=1))  # places left for ties after the entries above
-    excess = (ties.sum(dim=1) > need).nonzero().reshape(-1)
-    if excess.numel():  # more equal entries than places: keep the lowest columns (rare; only those rows)
-        sub = ties[excess]
-        mask[excess] = (mask[excess] & ~sub) | (sub & (sub.cumsum(dim=1) <= need[excess, None]))
-    return mask
-
-
-def ternary_mask_and_scale(
-    tau: torch.Tensor,
-    *,
-    density: float,
-    alpha: float,
-    scope: str,
+def _mask_and_scale(
+    name: str, tau: torch.Tensor, *, density: float, alpha: float, scope: Scope, stats: GlobalStats | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor / per-row ComPEFT: (flat keep mask, float32 scale [rows]) for ``tau``."""
-    if scope == "per_row" and tau.dim() >= 2:
-        rows = tau.reshape(tau.shape[0], -1)
-        m = rows.shape[1]
-        if m == 0:
-            return torch.zeros(0, dtype=torch.bool), torch.zeros(rows.shape[0], dtype=torch.float32)
-        mask = topk_rows_mask(rows.abs(), max(1, math.floor(density * m))).reshape(-1)
-        if m > 1:
-            block = max(1, _CHUNK // m)  # float64 std a block of rows at a time
-            sigma = torch.cat([r.to(torch.float64).std(dim=1) for r in rows.split(block)])
-        else:  # the unbiased std of one element is undefined; σ = 0 makes such a row all zero
-            sigma = torch.zeros(rows.shape[0], dtype=torch.float64)
-        return mask, (alpha * sigma).to(torch.float32)
-    flat = tau.reshape(-1)
-    n = flat.numel()
-    if n == 0:
-        return torch.zeros(0, dtype=torch.bool), torch.zeros(1, dtype=torch.float32)
-    count, _, m2 = _moments(flat)
-    std = math.sqrt(m2 / (count - 1)) if count > 1 else 0.0
-    return topk_mask(flat, max(1, math.floor(density * n))), torch.tensor([alpha * std], dtype=torch.float32)
+    """(flat keep mask, float32 scale: one value, or one per row under ``per_row``) of one tensor: the selection
+    and the scale of the ``compeft`` sparsifier (``stats`` for ``global``)."""
+    view = scope_view(tau.unsqueeze(0), scope)
+    units = view.rows.shape[0]
+    if stats is not None:
+        mask = stats.selection_mask(name, view.rows)
+    elif view.n == 0:  # nothing to select nor to scale
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(units, dtype=torch.float32)
+    else:
+        mask = topk_mask(
+            view.rows, keep=kept_count(torch.full((units,), density, dtype=torch.float64), view.n)
+        )
+    ctx = TensorContext(
+        name=name, weights=torch.ones(1), seed=0, source_indices=(0,), scope=scope, global_stats=stats
+    )
+    return mask.reshape(-1), ternary_scale(view, ctx, float(alpha))
 
 
 def _write_compressed(
@@ -395,26 +301,17 @@ def _write_compressed(
     *,
     density: float,
     alpha: float,
-    scope: str,
-    global_plan: _GlobalThreshold | None,
+    scope: Scope,
+    stats: GlobalStats | None,
     sparse: bool,
 ) -> dict[str, Any]:
     entries: dict[str, dict[str, Any]] = {}
     elements = kept_total = original = compressed = 0
-    ties_left = global_plan.ties if global_plan else 0
+    sigma = (stats.sigma[0] if stats.sigma else 0.0) if stats is not None else None
     with _TailHeaderWriter(path) as out:
         for name, tau in reader:  # sorted-name order: the global tie rule depends on it
             flat = tau.reshape(-1)
-            if global_plan is not None:
-                bits = _abs_bits(flat)
-                mask = bits > global_plan.bits
-                if ties_left:  # ties at the threshold: lowest flat index first, until the budget is spent
-                    tie_positions = (bits == global_plan.bits).nonzero().reshape(-1)[:ties_left]
-                    mask[tie_positions] = True
-                    ties_left -= tie_positions.numel()
-                scale = torch.tensor([alpha * global_plan.sigma], dtype=torch.float32)
-            else:
-                mask, scale = ternary_mask_and_scale(tau, density=density, alpha=alpha, scope=scope)
+            mask, scale = _mask_and_scale(name, tau, density=density, alpha=alpha, scope=scope, stats=stats)
             mask &= flat != 0  # sgn(0) = 0: a kept zero decompresses to zero without a position
             positions = mask.nonzero().reshape(-1)
             kept = positions.numel()
@@ -444,7 +341,7 @@ def _write_compressed(
             kept_total += kept
             original += n * DTYPES[source_dtype][1]
             compressed += pieces
-        stats = {
+        report = {
             "tensors": len(entries),
             "elements": elements,
             "kept": kept_total,
@@ -459,17 +356,17 @@ def _write_compressed(
             COMPRESSION_KEY: json.dumps(
                 {
                     "method": "compeft",
-                    "scope": scope,
+                    "scope": scope.value,
                     "density": density,
                     "alpha": alpha,
-                    "sigma": global_plan.sigma if global_plan else None,
-                    **stats,
+                    "sigma": sigma,
+                    **report,
                     "tensors": entries,
                 },
                 separators=(",", ":"),
             ),
         }
-    return stats
+    return {**report, "sigma": sigma}
 
 
 class _TailHeaderWriter:

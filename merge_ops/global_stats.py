@@ -47,10 +47,13 @@ class RankCut:
     tie_quota: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def mask(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        k = rows.shape[0]
-        threshold = torch.tensor(self.threshold, dtype=torch.float32, device=rows.device)
-        quota = torch.tensor(self.tie_quota.get(name, (0,) * k), dtype=torch.int64, device=rows.device)
-        return select_by_threshold(rows, threshold, quota)
+        return select_by_threshold(rows, *self.boundary(name, device=rows.device))
+
+    def boundary(self, name: str, *, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tensor ``name``'s per-model (threshold, tie_quota), as ``kernels.rank_boundary`` describes a cut."""
+        threshold = torch.tensor(self.threshold, dtype=torch.float32, device=device)
+        quota = self.tie_quota.get(name, (0,) * len(self.threshold))
+        return threshold, torch.tensor(quota, dtype=torch.int64, device=device)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,16 @@ class GlobalStats:
     upper: RankCut | None = None
     #: Breadcrumbs: elements with global rank < lower.rank are the removed outliers
     lower: RankCut | None = None
+
+    def boundaries(self, name: str, *, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The ``boundary`` / ``lower_boundary`` arguments of ``kernels.fused_sparse_merge`` for tensor ``name``
+        (none: everything is a candidate)."""
+        if self.upper is None:
+            return {}
+        cut = {"boundary": self.upper.boundary(name, device=device)}
+        if self.lower is not None and any(self.lower.rank):
+            cut["lower_boundary"] = self.lower.boundary(name, device=device)
+        return cut
 
     def selection_mask(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """Bool [K, n] mask of tensor ``name`` (rows = its K task vectors flattened) inside the global band."""

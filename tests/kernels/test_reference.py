@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import reference
+from kernels import cpu_select, reference
 from merge_ops.errors import KernelUnavailableError
 
 SIZES = [1, 7, 8, 9, 1023, 4097]
@@ -172,6 +172,133 @@ def test_rank_boundary_and_select_by_threshold_roundtrip():
     assert not kernels.select_by_threshold(x, threshold, quota).any()
     threshold, quota = kernels.rank_boundary(x, torch.tensor([6]))
     assert kernels.select_by_threshold(x, threshold, quota).all()
+
+
+# -- exact selection on the CPU (numpy partition / sampled band) against a sort oracle ----------------------------
+def _sort_oracle(x: torch.Tensor, rank: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: the first rank[r] elements in the order (|x| desc, index asc) by a stable argsort, as
+    (threshold, tie_quota, mask); (+inf, 0, nothing) for rank 0."""
+    mag = x.float().abs().numpy()
+    rows, n = mag.shape
+    threshold = np.full(rows, np.inf, dtype=np.float32)
+    quota = np.zeros(rows, dtype=np.int64)
+    mask = np.zeros((rows, n), dtype=bool)
+    for r in range(rows):
+        order = np.argsort(-mag[r], kind="stable")
+        k = min(max(rank[r], 0), n)
+        if k > 0:
+            threshold[r] = mag[r, order[k - 1]]
+            quota[r] = k - int(np.count_nonzero(mag[r] > threshold[r]))
+            mask[r, order[:k]] = True
+    return torch.from_numpy(threshold), torch.from_numpy(quota), torch.from_numpy(mask)
+
+
+def _selection_input(kind: str, rows: int, n: int, g: torch.Generator) -> torch.Tensor:
+    if kind == "small_ints":  # many exact ties, ±equal magnitudes, +0.0 and -0.0
+        x = torch.randint(-3, 4, (rows, n), generator=g).float()
+        return torch.where(torch.rand(rows, n, generator=g) < 0.5, x, -x)
+    if kind == "bf16_diff":  # differences of bf16 weights: few distinct magnitudes, many exact zeros
+        base = torch.randn(rows, n, generator=g).bfloat16()
+        return (base.float() + 0.003 * torch.randn(rows, n, generator=g)).bfloat16().float() - base.float()
+    if kind == "zeros":
+        x = torch.randn(rows, n, generator=g)
+        return torch.where(torch.rand(rows, n, generator=g) < 0.8, torch.zeros(()), x)
+    return torch.randn(rows, n, generator=g)
+
+
+_SELECTION_SHAPES = [(1, 1), (3, 1), (2, 2), (5, 37), (4, 4097), (2, (1 << 17) + 3), (1, (1 << 20) + 5)]
+
+
+def _ranks(rows: int, n: int, g: torch.Generator) -> list[torch.Tensor]:
+    per_row = torch.randint(0, n + 1, (rows,), generator=g)
+    edges = torch.tensor([0, n, 1, n - 1, n + 5, -2][:rows] + [n // 5] * max(0, rows - 6))
+    return [torch.full((rows,), max(1, n // 5)), per_row, edges]
+
+
+@pytest.mark.parametrize("kind", ["small_ints", "bf16_diff", "zeros", "randn"])
+@pytest.mark.parametrize(("rows", "n"), _SELECTION_SHAPES)
+def test_cpu_selection_matches_sort_oracle(kind, rows, n):
+    g = torch.Generator().manual_seed(rows * 1000 + n + len(kind))
+    x = _selection_input(kind, rows, n, g)
+    for rank in _ranks(rows, n, g):
+        threshold, quota = reference.rank_boundary(x, rank)
+        want_t, want_q, want_mask = _sort_oracle(x, rank.tolist())
+        assert threshold.dtype == torch.float32 and quota.dtype == torch.int64
+        assert torch.equal(threshold.view(torch.int32), want_t.view(torch.int32))  # bit-identical
+        assert torch.equal(quota, want_q)
+        assert torch.equal(reference.select_by_threshold(x, threshold, quota), want_mask)
+        assert torch.equal(reference.topk_mask(x, keep=rank), want_mask)
+        # a Breadcrumbs band: ranks [skip, skip + keep)
+        skip = torch.randint(0, n + 1, (rows,), generator=g)
+        keep = torch.minimum(rank.clamp(min=0), n - skip)
+        upper = _sort_oracle(x, (skip + keep).tolist())[2]
+        lower = _sort_oracle(x, skip.tolist())[2]
+        assert torch.equal(reference.topk_mask(x, keep=keep, skip=skip), upper & ~lower)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_selection_same_with_any_thread_count(threads):
+    g = torch.Generator().manual_seed(7)
+    x = _selection_input("bf16_diff", 2, (1 << 20) + 17, g)
+    keep, skip = torch.tensor([200_000, 5]), torch.tensor([1000, 0])
+    want = _sort_oracle(x, (skip + keep).tolist())[2] & ~_sort_oracle(x, skip.tolist())[2]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert torch.equal(reference.topk_mask(x, keep=keep, skip=skip), want)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_selection_without_the_sampled_band(monkeypatch):
+    """The full search on long rows (taken when the sample's band misses) and sampling on short rows."""
+    g = torch.Generator().manual_seed(11)
+    x = _selection_input("small_ints", 3, 300_001, g)
+    rank = torch.tensor([1, 150_000, 300_001])
+    want = _sort_oracle(x, rank.tolist())
+    monkeypatch.setattr(cpu_select, "_kth_largest_sampled", lambda row, r: None)
+    got = reference.rank_boundary(x, rank)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu_select, "_SAMPLE_MIN_N", 1 << 12)
+    monkeypatch.setattr(cpu_select, "_SAMPLE", 1 << 10)
+    y = _selection_input("bf16_diff", 3, 5000, g)
+    rank = torch.tensor([1, 2500, 4999])
+    assert torch.equal(reference.topk_mask(y, keep=rank), _sort_oracle(y, rank.tolist())[2])
+
+
+@pytest.mark.parametrize("dominant", [0.0, 0.3, 0.9])
+def test_kth_largest_with_a_dominant_value(dominant):
+    rng = np.random.default_rng(int(dominant * 10))
+    values = np.abs(rng.standard_normal(50_000)).astype(np.float32)
+    values[rng.random(values.size) < dominant] = np.float32(0.5)
+    ordered = np.sort(values)[::-1]
+    for r in [1, 7, 15_000, 25_000, 40_000, 50_000]:
+        value, greater = cpu_select._kth_largest_1d(values, r, owned=False)
+        assert value == ordered[r - 1] and greater == int(np.count_nonzero(values > ordered[r - 1]))
+
+
+def test_select_by_threshold_any_quota_matches_oracle():
+    """Quotas from elsewhere (the global scope's cut): 0, fewer than the ties, more than the ties, negative."""
+    g = torch.Generator().manual_seed(5)
+    for n in [9, 4097, (1 << 17) + 1]:
+        x = _selection_input("small_ints", 4, n, g)
+        threshold = torch.tensor([2.0, 1.0, 0.0, 3.0])
+        quota = torch.tensor([0, 3, n, -1])
+        mag = x.abs()
+        want = mag > threshold[:, None]
+        for r in range(4):
+            ties = (mag[r] == threshold[r]).nonzero().squeeze(1)[: max(int(quota[r]), 0)]
+            want[r, ties] = True
+        assert torch.equal(reference.select_by_threshold(x, threshold, quota), want)
+
+
+def test_rank_boundary_empty_shapes():
+    for rows, n in [(0, 5), (3, 0)]:
+        x = torch.zeros(rows, n)
+        threshold, quota = reference.rank_boundary(x, torch.full((rows,), 2))
+        assert threshold.tolist() == [float("inf")] * rows and quota.tolist() == [0] * rows
+        assert reference.topk_mask(x, keep=torch.tensor(2)).shape == (rows, n)
 
 
 def test_magnitude_histogram_matches_bit_counting():

@@ -158,20 +158,21 @@ def _compile_all(arch: int) -> int:
         "x_ptr": "*bf16",
         "w_ptr": "*fp32",
         "out_ptr": "*fp32",
+        "counts_ptr": "*i32",
         "R": "i32",
         "m": "i32",
         "blocks": "i32",
     }
-    fused_sig.update({name: "*fp32" for name in ("hi_thr", "lo_thr", "dare_scale")})
+    fused_sig.update({name: "*fp32" for name in ("hi_thr", "lo_thr", "scale_ptr")})
     fused_sig.update(
         {name: "*i64" for name in ("hi_quota", "hi_off", "lo_quota", "lo_off", "dare_key", "dare_thr")}
     )
     fused_sig["plain_divisor"] = "fp32"
-    for mode, has_lo, partial, consensus_, mean in (
-        (1, True, True, True, True),
-        (1, False, False, False, True),
-        (2, False, False, True, False),
-        (0, False, False, False, False),
+    for mode, has_lo, partial, consensus_, mean, has_scale, ternary in (
+        (1, True, True, True, True, False, False),
+        (1, False, False, False, True, True, True),
+        (2, False, False, True, False, True, False),
+        (0, False, False, False, False, False, False),
     ):
         CASES.append(
             (
@@ -183,6 +184,8 @@ def _compile_all(arch: int) -> int:
                     HAS_LO=has_lo,
                     HI_PARTIAL=partial,
                     LO_PARTIAL=partial,
+                    HAS_SCALE=has_scale,
+                    TERNARY=ternary,
                     CONSENSUS=consensus_,
                     MEAN=mean,
                     BLOCK=1024,

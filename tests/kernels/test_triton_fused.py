@@ -1,7 +1,7 @@
-"""``fused_sparse_merge`` (one-pass sparsify + consensus + aggregate) against the composition of reference ops:
-``topk_mask`` (magnitude, Breadcrumbs band) / ``select_by_threshold`` (global-scope boundaries) /
-``dare_keep_mask`` -> ``where`` -> ``disjoint_merge`` or the weighted sum/mean of ``merge_ops.methods.stages``.
-K in {1, 2, 5, 8}, per-tensor (R = 1) and per-row scopes, inputs with many exact ties."""
+"""``fused_sparse_merge`` (one-pass sparsify + consensus + aggregate) against its torch reference twin, for every
+selection family: top-k / Breadcrumbs band (``keep``/``skip``), precomputed global-scope boundaries, the DARE
+mask with a rescale, ComPEFT ternarization, and no selection. K in {1, 2, 5, 8}, per-tensor (R = 1) and per-row
+scopes, inputs with many exact ties; merged deltas within float32 rounding, kept/conflict counts exact."""
 
 from __future__ import annotations
 
@@ -30,19 +30,21 @@ def _stack(k: int, rows: int, m: int, dtype: torch.dtype, gen: torch.Generator) 
     return x
 
 
-def _reference_merge(
-    sparse: torch.Tensor, weights: torch.Tensor, *, consensus: bool, mean: bool
-) -> torch.Tensor:
-    if consensus:
-        return reference.disjoint_merge(sparse, weights, mean=mean)[0]
-    merged = (sparse * weights.reshape(-1, 1, 1)).sum(dim=0)
-    divisor = float(weights.sum())
-    return merged / (divisor if abs(divisor) >= 1e-8 else 1.0) if mean else merged
+def _check(x: torch.Tensor, weights: torch.Tensor, **kwargs) -> None:
+    got = ops.fused_sparse_merge(x, weights, **kwargs)
+    cpu = {key: _to_cpu(value) for key, value in kwargs.items()}
+    want = reference.fused_sparse_merge(x.cpu(), weights, **cpu)
+    torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-5, atol=1e-6)
+    assert int(got[1]) == int(want[1]), "kept count"
+    assert int(got[2]) == int(want[2]), "sign-conflict count"
 
 
-def _check(got: torch.Tensor, sparse: torch.Tensor, weights, consensus: bool, mean: bool) -> None:
-    want = _reference_merge(sparse, weights, consensus=consensus, mean=mean)
-    torch.testing.assert_close(got.cpu(), want.reshape(got.shape), rtol=1e-5, atol=1e-6)
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, tuple):
+        return tuple(_to_cpu(v) for v in value)
+    return value
 
 
 CASES = [(k, 1, 1023) for k in (1, 2, 5, 8)] + [(2, 3, 129), (2, 1, 4097), (3, 1, 1)]
@@ -50,22 +52,18 @@ CASES = [(k, 1, 1023) for k in (1, 2, 5, 8)] + [(2, 3, 129), (2, 1, 4097), (3, 1
 
 @pytest.mark.parametrize("consensus", (True, False))
 @pytest.mark.parametrize(("k", "rows", "m"), CASES)
-def test_triton_fused_magnitude_and_breadcrumbs(k, rows, m, consensus):
+def test_triton_fused_magnitude_breadcrumbs_and_ternary(k, rows, m, consensus):
     gen = torch.Generator().manual_seed(k * 7 + rows)
     x = _stack(k, rows, m, torch.bfloat16 if k == 5 else torch.float32, gen)
     weights = torch.rand(k, generator=gen) + 0.2
-    flat = x.cpu().reshape(k * rows, m)
     keep = torch.randint(1, m + 1, (k * rows,), generator=gen)
     skip = torch.randint(0, m // 3 + 1, (k * rows,), generator=gen)
-    keep_band = torch.minimum(keep, m - skip)
+    band = torch.minimum(keep, m - skip)
+    scale = torch.rand(k * rows, generator=gen) + 0.1
     for mean in (False, True):
-        sparse = torch.where(reference.topk_mask(flat, keep=keep), flat.float(), 0.0).view(k, rows, m)
-        got = ops.fused_sparse_merge(x, weights, keep=keep, consensus=consensus, mean=mean)
-        _check(got, sparse, weights, consensus, mean)
-        band = reference.topk_mask(flat, keep=keep_band, skip=skip)
-        sparse = torch.where(band, flat.float(), 0.0).view(k, rows, m)
-        got = ops.fused_sparse_merge(x, weights, keep=keep_band, skip=skip, consensus=consensus, mean=mean)
-        _check(got, sparse, weights, consensus, mean)
+        _check(x, weights, keep=keep, consensus=consensus, mean=mean)
+        _check(x, weights, keep=band, skip=skip, consensus=consensus, mean=mean)
+        _check(x, weights, keep=keep, scale=scale.to(DEVICE), ternary=True, consensus=consensus, mean=mean)
 
 
 @pytest.mark.parametrize("k", (1, 2, 5, 8))
@@ -73,59 +71,42 @@ def test_triton_fused_global_boundaries(k):
     # global scope: thresholds from the streaming pass, this tensor's tie quota (split here on purpose)
     gen = torch.Generator().manual_seed(k)
     x = _stack(k, 1, 1023, torch.float32, gen)
-    flat = x.cpu().reshape(k, -1)
-    threshold = flat.abs()[:, 5].clone()  # the tied magnitude
+    threshold = x.cpu().reshape(k, -1).abs()[:, 5].clone()  # the tied magnitude
     quota = torch.randint(0, 200, (k,), generator=gen)
     lower = (torch.full((k,), 2.5), torch.zeros(k, dtype=torch.int64))
-    mask = reference.select_by_threshold(flat, threshold, quota) & ~reference.select_by_threshold(
-        flat, *lower
-    )
-    sparse = torch.where(mask, flat, 0.0).view(k, 1, -1)
+    sigma = torch.rand(k, generator=gen) + 0.5
     weights = torch.ones(k)
-    got = ops.fused_sparse_merge(
-        x, weights, boundary=(threshold, quota), lower_boundary=lower, consensus=True, mean=True
-    )
-    _check(got, sparse, weights, True, True)
+    _check(x, weights, boundary=(threshold, quota), lower_boundary=lower, consensus=True, mean=True)
+    _check(x, weights, boundary=(threshold, quota), scale=sigma, ternary=True, consensus=False, mean=False)
 
 
 @pytest.mark.parametrize("consensus", (True, False))
 @pytest.mark.parametrize("k", (1, 2, 5, 8))
 def test_triton_fused_dare(k, consensus):
     gen = torch.Generator().manual_seed(k + 100)
-    rows, m = 3, 341
-    x = _stack(k, rows, m, torch.float16, gen)
+    x = _stack(k, 3, 341, torch.float16, gen)
     weights = torch.rand(k, generator=gen) + 0.2
-    densities = [0.1 + 0.8 * t / max(k - 1, 1) for t in range(k)]
+    densities = [0.1 + 0.9 * t / max(k - 1, 1) for t in range(k)]  # the last one is 1: keeps everything
     keys = [reference.dare_key(seed=2**40 + 3, source_index=t, name="layers.1.w") for t in range(k)]
-    sparse = torch.stack(
-        [
-            torch.where(
-                reference.dare_keep_mask(
-                    (rows, m), density=d, seed=2**40 + 3, source_index=t, name="layers.1.w"
-                ),
-                x[t].cpu().float(),
-                0.0,
-            )
-            / d
-            for t, d in enumerate(densities)
-        ]
-    )
-    got = ops.fused_sparse_merge(
-        x, weights, dare=(keys, densities, [1 / d for d in densities]), consensus=consensus, mean=True
-    )
-    _check(got, sparse, weights, consensus, True)
+    inverse = torch.tensor([1 / d for d in densities])
+    _check(x, weights, dare=(keys, densities), scale=inverse, consensus=consensus, mean=True)
+    _check(x, weights, dare=(keys, densities), consensus=consensus, mean=False)
+
+
+@pytest.mark.parametrize("k", (1, 2, 5))
+def test_triton_fused_without_selection(k):
+    gen = torch.Generator().manual_seed(k + 200)
+    x = _stack(k, 2, 777, torch.float32, gen)
+    x[x.abs() < 0.5] = 0.0  # already sparse (DARE with a per-unit L1 rescale arrives like this)
+    weights = torch.tensor([1.0, -0.5, 0.0, 2.0, 0.3][:k])
+    for consensus in (True, False):
+        _check(x, weights, consensus=consensus, mean=True)
 
 
 @pytest.mark.parametrize("marks", [pytest.param(None, marks=gpu_only)])
 @pytest.mark.parametrize("k", (1, 2, 5, 8))
 def test_triton_fused_full_size(marks, k):
     gen = torch.Generator().manual_seed(k)
-    rows, m = 1, (1 << 22) + 3
-    x = _stack(k, rows, m, torch.bfloat16, gen)
+    x = _stack(k, 1, (1 << 22) + 3, torch.bfloat16, gen)
     weights = torch.rand(k, generator=gen) + 0.2
-    keep = torch.full((k,), m // 5)
-    sparse = torch.where(
-        reference.topk_mask(x.cpu().reshape(k, m), keep=keep), x.cpu().reshape(k, m).float(), 0.0
-    )
-    got = ops.fused_sparse_merge(x, weights, keep=keep, consensus=True, mean=True)
-    _check(got, sparse.view(k, rows, m), weights, True, True)
+    _check(x, weights, keep=torch.full((k,), ((1 << 22) + 3) // 5), consensus=True, mean=True)

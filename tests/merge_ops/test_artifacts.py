@@ -26,7 +26,11 @@ from merge_ops.errors import (
     NonFiniteTensorError,
     OutputError,
 )
+from merge_ops.global_stats import compute_global_stats
+from merge_ops.params import CompeftParams, Scope
+from merge_ops.registry import get_method
 from merge_ops.sources import open_source
+from tests.merge_ops.test_methods import make_ctx
 from tests.utils.factories import load_all, make_checkpoint, make_llama_like, make_lora_adapter
 
 TV_META = {"alloy_format": "task_vector"}
@@ -168,6 +172,32 @@ def test_global_ties_go_to_lowest_index_in_sorted_name_order(tmp_path: Path) -> 
     assert torch.equal(a, torch.tensor([-scale, scale, 0.0, 0.0]))  # then ties: a[0], a[1]
 
 
+@pytest.mark.parametrize("scope", list(Scope))
+def test_compression_is_the_compeft_merge_of_the_one_task_vector(tmp_path: Path, scope: Scope) -> None:
+    """One top-k and one σ in the codebase: decompress(compress(τ)) is, bit for bit, what the ``compeft`` merge
+    method makes of τ alone (ties, exact zeros, one-element units and per-row scales included)."""
+    gen = torch.Generator().manual_seed(5)
+    taus = {
+        "a.weight": torch.randn(12, 9, generator=gen),
+        "b.bias": torch.randn(40, generator=gen).round(decimals=1),  # many exact ties and zeros
+        "c.one": torch.tensor([-0.75]),  # one element: no unbiased std
+        "d.column": torch.randn(6, 1, generator=gen),  # per_row: one-element rows
+        "e.tied": torch.full((5, 4), -0.5),  # σ = 0
+    }
+    tv = make_tv(tmp_path / "tv", taus)
+    density, alpha = 0.3, 1.5
+    params = CompeftParams(density=density, alpha=alpha)
+    stats = None
+    if scope == Scope.global_:
+        stats = compute_global_stats(lambda: ((n, taus[n].unsqueeze(0)) for n in sorted(taus)), params=params)
+    compress_task_vector(tv, tmp_path / "c", density=density, alpha=alpha, scope=scope)
+    restored = load_all(decompress(tmp_path / "c", tmp_path / "d"))
+    for name, tau in taus.items():
+        ctx = make_ctx(1, name=name, scope=scope, global_stats=stats)
+        merged = get_method("compeft").fn(tau.unsqueeze(0), ctx, params)
+        assert torch.equal(restored[name], merged), name
+
+
 def test_zeros_stay_zero_and_all_zero_vector(tmp_path: Path) -> None:
     tv = make_tv(tmp_path / "tv", {"w": torch.tensor([0.0, 0.0, 3.0, 0.0]), "z": torch.zeros(5)})
     report = compress_task_vector(tv, tmp_path / "c", density=1.0, scope="per_tensor")
@@ -180,7 +210,7 @@ def test_zeros_stay_zero_and_all_zero_vector(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_global_threshold_is_exact_over_wide_magnitudes(tmp_path: Path, seed: int) -> None:
-    """The two-level bit histogram must find the exact k-th largest across exponents, subnormals and ties."""
+    """The global radix select must find the exact k-th largest across exponents, subnormals and ties."""
     gen = torch.Generator().manual_seed(seed)
     taus = {}
     for i in range(4):

@@ -201,6 +201,16 @@ def test_compeft_values_are_ternary():
     assert torch.equal(torch.sign(got[got != 0]), torch.sign(tv[0][got != 0]))
 
 
+@pytest.mark.parametrize(
+    ("shape", "scope"), [((), Scope.per_tensor), ((1,), Scope.per_tensor), ((4, 1), Scope.per_row)]
+)
+def test_compeft_units_of_one_element_pass_unchanged_for_any_alpha(shape, scope):
+    # no unbiased std of one value: such units keep τ (not α·τ)
+    tv = random_tv(2, shape, 8)
+    got = run("compeft", tv, make_ctx(2, scope=scope), density=0.5, alpha=2.5)
+    torch.testing.assert_close(got, tv.sum(dim=0))
+
+
 def test_ties_single_model_is_the_trim():
     tv = random_tv(1, (100,), 7)
     got = run("ties", tv, make_ctx(1), density=0.2)
