@@ -304,13 +304,21 @@ def disjoint_merge(x: Tensor, weights: Tensor, *, mean: bool) -> tuple[Tensor, T
     """TIES disjoint aggregation of ``x[K, *S]`` (already sparsified): elect γ (``elect_sign``), keep entry t
     iff sgn(w_t·x_t) == γ (so exact zeros never count), and return (Σ_kept w_t·x_t [÷ Σ_kept w_t when ``mean``;
     a zero divisor counts as 1], the number of contributors [*S] as int64). Agreement is on the weighted value,
-    as in mergekit (a negative weight flips a model's vote). Sums run over t = 0..K-1 in order; temporaries
-    are [*S]-sized (memory grows with one tensor, not K)."""
-    w = weights.float().tolist()
+    as in mergekit (a negative weight flips a model's vote). Sums run over t = 0..K-1 in order (with equal
+    weights the divisor is contributors·w). Temporaries are [*S]-sized (memory grows with one tensor, not K)."""
+    total, contributors = _disjoint(x, weights.float().tolist(), mean=mean)
+    return total, contributors.to(torch.int64)
+
+
+def _disjoint(x: Tensor, w: list[float], *, mean: bool) -> tuple[Tensor, Tensor]:
+    """``disjoint_merge`` with the contributor count in a small integer type (uint8 for K < 256: adding bools to
+    it is several times faster on the CPU than to int64)."""
     gamma = torch.where(_weighted_sum(x, w) >= 0, 1.0, -1.0)
     total = torch.zeros_like(gamma)
-    contributors = torch.zeros(gamma.shape, dtype=torch.int64, device=x.device)
-    divisor = torch.zeros_like(gamma) if mean else None
+    small = torch.uint8 if len(w) < 256 else torch.int32
+    contributors = torch.zeros(gamma.shape, dtype=small, device=x.device)
+    equal_weights = len(set(w)) == 1
+    divisor = torch.zeros_like(gamma) if mean and not equal_weights else None
     for t, weight in enumerate(w):
         if weight == 0:
             continue  # w_t·x_t = 0 never agrees with γ = ±1
@@ -320,7 +328,9 @@ def disjoint_merge(x: Tensor, weights: Tensor, *, mean: bool) -> tuple[Tensor, T
         contributors.add_(agree)
         if divisor is not None:
             divisor.add_(agree, alpha=weight)
-    if divisor is not None:
+    if mean:
+        if divisor is None:
+            divisor = contributors.to(torch.float32).mul_(w[0])
         total = total / torch.where(divisor == 0, 1.0, divisor)
     return total, contributors
 
@@ -487,7 +497,7 @@ def fused_sparse_merge(
     if w.numel() != k:
         raise ValueError(f"{w.numel()} weights for {k} task vectors")
     if consensus:
-        merged, contributors = disjoint_merge(sparse, w, mean=mean)
+        merged, contributors = _disjoint(sparse, w.tolist(), mean=mean)
         nonzero = _nonzero_per_entry(sparse)
         return merged, nonzero.sum(dtype=torch.int64), (nonzero > contributors).sum(dtype=torch.int64)
     merged = _weighted_sum(sparse, w.tolist())
