@@ -281,10 +281,6 @@ def magnitude_histogram(
 # --------------------------------------------------------------------------------------------------------------
 # Consensus and aggregation over K task vectors
 # --------------------------------------------------------------------------------------------------------------
-def _broadcast_weights(weights: Tensor, like: Tensor) -> Tensor:
-    return weights.to(device=like.device, dtype=torch.float32).reshape(-1, *([1] * (like.dim() - 1)))
-
-
 def _weighted_sum(x: Tensor, w: list[float]) -> Tensor:
     """Σ_t w_t·x_t in float32, t = 0..K-1 in order; one [*S] accumulator instead of a weighted [K, *S] copy."""
     total = torch.zeros(x.shape[1:], dtype=torch.float32, device=x.device)
@@ -482,6 +478,9 @@ def fused_sparse_merge(
     conflicts: entries where some non-zero τ̂_t disagrees with the elected sign (0 without consensus)), the
     counts as int64 0-dim tensors. Sums run over t = 0..K-1 in order.
     """
+    w = weights.to(device=x.device, dtype=torch.float32).reshape(-1)
+    if w.numel() != x.shape[0]:
+        raise ValueError(f"{w.numel()} weights for {x.shape[0]} task vectors")
     sparse = sparse_task_vectors(
         x,
         keep=keep,
@@ -492,10 +491,6 @@ def fused_sparse_merge(
         scale=scale,
         ternary=ternary,
     )
-    k = sparse.shape[0]
-    w = weights.to(device=sparse.device, dtype=torch.float32).reshape(-1)
-    if w.numel() != k:
-        raise ValueError(f"{w.numel()} weights for {k} task vectors")
     if consensus:
         merged, contributors = _disjoint(sparse, w.tolist(), mean=mean)
         nonzero = _nonzero_per_entry(sparse)

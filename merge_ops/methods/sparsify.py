@@ -33,7 +33,7 @@ _L1_EPS = 1e-7  # mergekit rescaled_masked_tensor eps
 Selection = dict[str, Any]
 
 
-def row_densities(view: ScopeView, ctx: TensorContext, params: Any) -> torch.Tensor:
+def _row_densities(view: ScopeView, ctx: TensorContext, params: Any) -> torch.Tensor:
     """float64 [R]: each row's density (per-model densities from the recipe, else params.density)."""
     return torch.tensor(_model_densities(ctx, params, view.shape[0]), dtype=torch.float64)[
         view.model_of_row.cpu()
@@ -74,7 +74,7 @@ def _local_counts(
     view: ScopeView, ctx: TensorContext, params: Any, kind: Sparsify
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per row: how many to keep, and (Breadcrumbs) how many of the largest to skip first."""
-    density = row_densities(view, ctx, params)
+    density = _row_densities(view, ctx, params)
     keep = kept_count(density, view.n)
     if kind != Sparsify.breadcrumbs:
         return keep, None
