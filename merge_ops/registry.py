@@ -9,7 +9,7 @@ no global RNG, no dtype casting. The pipeline adds ``λ·LiNeS(ℓ)·delta`` to 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,20 @@ class TensorContext:
     #: Method statistics for the job report (kept density, sign-conflict rate, σ...). Methods add
     #: plain floats here; it is the one mutable part of the context.
     report: dict[str, float] = field(default_factory=dict)
+    #: θ_0 of this tensor (float32, compute device) for methods that interpolate weights rather than sum task
+    #: vectors (slerp, karcher, ...); None unless the method's catalog entry asks for it.
+    base: torch.Tensor | None = None
+    #: Per task vector, the per-model parameters resolved for this tensor (mergekit's per-model ``parameters``:
+    #: gamma, epsilon, t, ...); empty when the recipe sets none. Read them with ``per_model``.
+    model_params: tuple[Mapping[str, Any], ...] = ()
+
+    def per_model(self, key: str, default: float) -> list[float]:
+        """``key`` for each of the K task vectors: the model's own value, else ``default`` (the method-level
+        value of this tensor)."""
+        k = int(self.weights.shape[0])
+        if not self.model_params:
+            return [float(default)] * k
+        return [float(p.get(key, default)) for p in self.model_params]
 
 
 MethodFn = Callable[["torch.Tensor", TensorContext, Any], "torch.Tensor"]
