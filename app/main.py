@@ -19,6 +19,7 @@ from app.api.problems import install_problem_handlers
 from app.api.routes import analyses, batches, files, health, merges, methods, recipes
 from app.core.config import Settings, get_settings
 from app.core.ratelimit import SlidingWindowLimiter
+from app.core.readiness import ReadinessProbe
 from app.db import init_db, make_engine, session_factory
 
 API_VERSION = "1.0.0"
@@ -77,6 +78,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessionmaker = session_factory(engine)
     app.state.rate_limiter = SlidingWindowLimiter(settings.rate_limit_per_minute, window_s=60.0)
+    app.state.readiness = ReadinessProbe(
+        lambda: health.probe_readiness(settings, app.state.sessionmaker),
+        ttl_s=settings.readiness_cache_s,
+        # database, broker and ping each bounded by the timeout, plus slack for a slow connect
+        wait_s=3 * settings.readiness_timeout_s + 1.0,
+    )
     app.state.metrics_registry = make_registry(app.state.sessionmaker)
     install_problem_handlers(app)
     app.include_router(health.router)

@@ -30,12 +30,12 @@ at least one element kept per tensor (mergekit asserts), a DARE mask from Alloy'
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import re
 from pathlib import Path
 from typing import Any
 
+from merge_ops import patterns
 from merge_ops.errors import RecipeError
 
 #: mergekit method -> (Alloy method, Alloy stage params fixed by the mergekit method, mergekit's normalize default)
@@ -281,7 +281,8 @@ def _glob_regex(pattern: str | None) -> str | None:
         return None
     if not any(ch in pattern for ch in "*?["):
         return re.escape(pattern)
-    return fnmatch.translate(f"*{pattern}*")
+    # RE2 syntax (merge_ops.patterns): fnmatch.translate emits atomic groups and \Z, which RE2 lacks
+    return patterns.glob_regex(pattern)
 
 
 #: mergekit's defaults for the parameters a filtered list may leave unmatched

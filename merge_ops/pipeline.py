@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import resource
 import shutil
 import time
@@ -26,7 +25,7 @@ import torch
 from pydantic import BaseModel
 
 import kernels
-from merge_ops import __version__
+from merge_ops import __version__, patterns
 from merge_ops.checkpoint import torch_dtype
 from merge_ops.errors import IncompatibleModelsError, MergeCancelled, NonFiniteTensorError, OutputError
 from merge_ops.lines import block_map
@@ -189,7 +188,7 @@ class _Engine:
         """Params of one tensor: name overrides, and gradients interpolated over the block depth (cached)."""
         position = self.positions.get(tp.name)
         override = next(
-            (i for i, o in enumerate(self.recipe.overrides) if re.search(o.filter, tp.name)), None
+            (i for i, o in enumerate(self.recipe.overrides) if patterns.search(o.filter, tp.name)), None
         )
         depth = position.depth if position and has_gradients(self.recipe) else None
         key = (override, depth, position.num_blocks if position and depth is not None else None)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -24,11 +24,24 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from merge_ops import patterns
 from merge_ops.errors import RecipeError
 from merge_ops.evaluators.spec import EvaluatorSpec
 from merge_ops.params import CATALOG, LinesParams, Params, Scope
+from merge_ops.safe_load import UnsafeDocumentError, check_plain_data, load_yaml
 
 OutputDtype = Literal["float32", "float16", "bfloat16"]
+
+# Bounds on what one recipe may ask for. Validation cost grows with (gradient anchors x overrides) and the worker
+# matches every pattern against every tensor name, so each list is bounded (far above real recipes: mergekit
+# gradients have a handful of anchors, 1,000-model soups are supported).
+MAX_MODELS = 4096
+MAX_PATTERNS = 256  # per filters list
+MAX_OVERRIDES = 256
+MAX_GRADIENT_ANCHORS = 128
+MAX_PARAMS = 64  # keys in one params mapping
+MAX_WEIGHT = 100.0  # |w_t|, as for per-model weights
+_MAX_PATH_CHARS = 4096
 _SIZE_UNITS = {
     "": 1,
     "B": 1,
@@ -46,12 +59,49 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+_REPO_PART = re.compile(r"^[\w\-.]{1,96}$", flags=re.ASCII)
+
+
+def check_repo_id(repo: str, *, namespace_required: bool) -> str:
+    """huggingface_hub's ``validate_repo_id`` rules, so a repo id Alloy accepts is one the Hub client accepts:
+    ``[org/]name`` of ``[A-Za-z0-9_.-]``, at most 96 each, no ``--`` or ``..``, no leading/trailing ``-`` or ``.``."""
+    parts = repo.split("/")
+    if len(parts) > 2 or (namespace_required and len(parts) != 2):
+        raise ValueError(
+            f"bad Hub repo id {repo!r}; expected {'org/name' if namespace_required else '[org/]name'}"
+        )
+    for part in parts:
+        if not _REPO_PART.match(part) or part[0] in "-." or part[-1] in "-." or "--" in part or ".." in part:
+            raise ValueError(
+                f"bad Hub repo id {repo!r}: each part is 1-96 of letters, digits, '_', '-', '.', "
+                "with no '--' or '..' and not starting or ending with '-' or '.'"
+            )
+    return repo
+
+
+def _check_subfolder(subfolder: str) -> str:
+    parts = subfolder.strip("/").split("/")
+    if any(part in ("", ".", "..") for part in parts) or "\x00" in subfolder or "\\" in subfolder:
+        raise ValueError(f"bad subfolder {subfolder!r}; use a relative folder without '.' or '..' parts")
+    return subfolder
+
+
 class HubSource(_Model):
     """A Hub repository at a revision (branch, tag or commit), optionally a subfolder."""
 
-    repo: str = Field(pattern=r"^[\w.\-]+(/[\w.\-]+)?$", description="org/name")
-    revision: str = Field("main", min_length=1, max_length=255)
-    subfolder: str | None = None
+    repo: str = Field(max_length=200, description="org/name")
+    revision: str = Field("main", min_length=1, max_length=255, pattern=r"^[^\s\x00]+$")
+    subfolder: str | None = Field(None, max_length=1000)
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, value: str) -> str:
+        return check_repo_id(value, namespace_required=False)
+
+    @field_validator("subfolder")
+    @classmethod
+    def _subfolder(cls, value: str | None) -> str | None:
+        return _check_subfolder(value) if value is not None else None
 
     def uri(self) -> str:
         sub = f"/{self.subfolder}" if self.subfolder else ""
@@ -71,15 +121,30 @@ def parse_source(source: Source) -> HubSource | Path:
         if not match:
             raise ValueError(f"malformed Hub source {source!r}; expected hf://org/name[/subfolder]@revision")
         sub = match["sub"].strip("/") or None
-        return HubSource(repo=match["repo"], revision=match["rev"] or "main", subfolder=sub)
+        try:
+            return HubSource(repo=match["repo"], revision=match["rev"] or "main", subfolder=sub)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
     if not source.strip():
         raise ValueError("empty source")
+    if "\x00" in source or len(source) > _MAX_PATH_CHARS:
+        raise ValueError(f"a path has at most {_MAX_PATH_CHARS} characters and no NUL character")
     return Path(source)
+
+
+Weight = Annotated[
+    float,
+    Field(
+        ge=-MAX_WEIGHT,
+        le=MAX_WEIGHT,
+        description="w_t in [-100, 100]; negative weights negate a task vector.",
+    ),
+]
 
 
 class ModelEntry(_Model):
     source: Source
-    weight: float = Field(1.0, ge=-100, le=100, description="w_t; negative weights negate a task vector.")
+    weight: Weight = 1.0
     density: float | None = Field(None, gt=0, le=1, description="Per-model override of params.density.")
 
     @field_validator("source")
@@ -90,55 +155,72 @@ class ModelEntry(_Model):
 
 
 class Filters(_Model):
-    include: list[str] = Field(default_factory=list, description="Only tensors matching one of these merge.")
+    include: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_PATTERNS,
+        description="Only tensors matching one of these merge (RE2 regexes: no look-around).",
+    )
     exclude: list[str] = Field(
-        default_factory=list, description="Tensors matching these are copied from the base."
+        default_factory=list,
+        max_length=MAX_PATTERNS,
+        description="Tensors matching these are copied from the base (RE2 regexes: no look-around).",
     )
 
     @field_validator("include", "exclude")
     @classmethod
-    def _compile(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"bad regex {pattern!r}: {exc}") from None
-        return patterns
+    def _compile(cls, values: list[str]) -> list[str]:
+        for pattern in values:
+            patterns.compile_pattern(pattern)  # ValueError: a 422 naming the pattern
+        return values
 
     def merges(self, name: str) -> bool:
-        if self.include and not any(re.search(p, name) for p in self.include):
+        if self.include and not any(patterns.search(p, name) for p in self.include):
             return False
-        return not any(re.search(p, name) for p in self.exclude)
+        return not any(patterns.search(p, name) for p in self.exclude)
 
 
 class ParamOverride(_Model):
     """Params for the tensors whose name matches ``filter`` (first matching override wins)."""
 
-    filter: str
-    params: dict[str, Any]
+    filter: str = Field(description="An RE2 regex searched in the tensor name (no look-around).")
+    params: dict[str, Any] = Field(max_length=MAX_PARAMS)
 
     @field_validator("filter")
     @classmethod
     def _compile(cls, pattern: str) -> str:
-        re.compile(pattern)
+        patterns.compile_pattern(pattern)
         return pattern
 
 
 class HubOutput(_Model):
-    repo: str = Field(pattern=r"^[\w.\-]+/[\w.\-]+$")
+    repo: str = Field(max_length=200, description="org/name")
     private: bool = True
-    branch: str = "main"
+    branch: str = Field("main", min_length=1, max_length=255, pattern=r"^[^\s\x00]+$")
     create_pr: bool = False
     commit_message: str | None = Field(None, max_length=1000)
 
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, value: str) -> str:
+        return check_repo_id(value, namespace_required=True)
+
 
 class OutputSpec(_Model):
-    path: str | None = Field(None, description="Local folder; created, must not hold a model already.")
+    path: str | None = Field(
+        None, max_length=_MAX_PATH_CHARS, description="Local folder; created, must not hold a model already."
+    )
     hub: HubOutput | None = None
     shard_size: int | str = Field(5 * 10**9, description="Bytes per shard, or '500MB', '5GB', '2GiB'.")
-    copy_files_from: Literal["base"] | int = Field(
-        "base", description="Where config/tokenizer files come from: 'base' or a model index."
+    copy_files_from: Literal["base"] | Annotated[int, Field(ge=0)] = Field(
+        "base", description="Where config/tokenizer files come from: 'base' or a model index (0-based)."
     )
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("a path may not contain a NUL character")
+        return value
 
     @field_validator("shard_size")
     @classmethod
@@ -156,6 +238,8 @@ def parse_size(value: int | str) -> int:
         size = int(float(match[1]) * _SIZE_UNITS[(match[2] or "").upper()])
     if size < 1024:
         raise ValueError("shard_size must be at least 1KB")
+    if size > 2**50:
+        raise ValueError("shard_size must be at most 1PiB")
     return size
 
 
@@ -165,10 +249,12 @@ class Recipe(_Model):
 
     method: str = Field(description="A method id from GET /v1/methods.")
     base: Source | None = Field(None, description="The base model θ_0 (required by task-vector methods).")
-    models: list[ModelEntry] = Field(default_factory=list)
-    weights: list[float] | None = Field(None, description="Alternative to per-model weights; one per model.")
-    params: dict[str, Any] = Field(default_factory=dict)
-    overrides: list[ParamOverride] = Field(default_factory=list)
+    models: list[ModelEntry] = Field(default_factory=list, max_length=MAX_MODELS)
+    weights: list[Weight] | None = Field(
+        None, max_length=MAX_MODELS, description="Alternative to per-model weights; one per model."
+    )
+    params: dict[str, Any] = Field(default_factory=dict, max_length=MAX_PARAMS)
+    overrides: list[ParamOverride] = Field(default_factory=list, max_length=MAX_OVERRIDES)
     lines: LinesParams | None = Field(None, description="LiNeS layer scaling on top of a task-vector method.")
     scope: Scope | None = Field(None, description="Scope of top-k/σ statistics; default: the method's.")
     dtype: OutputDtype | None = Field(None, description="Output dtype; default: the base's.")
@@ -212,7 +298,7 @@ class Recipe(_Model):
         """The method's params for one tensor: overrides by name, then gradients interpolated over depth."""
         raw = dict(self.params)
         for override in self.overrides:
-            if re.search(override.filter, tensor_name):
+            if patterns.search(override.filter, tensor_name):
                 raw.update(override.params)
                 break
         resolved = {k: _interpolate(v, layer, num_layers) for k, v in raw.items()}
@@ -284,6 +370,21 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
     weights = data.get("weights")
     if isinstance(weights, list) and isinstance(models, list) and len(weights) != len(models):
         problems.append(_problem(("weights",), f"{len(weights)} weights for {len(models)} models"))
+    output = data.get("output")
+    copy_from = output.get("copy_files_from") if isinstance(output, dict) else None
+    if (
+        isinstance(copy_from, int)
+        and not isinstance(copy_from, bool)
+        and isinstance(models, list)
+        and copy_from >= len(models) > 0
+    ):
+        problems.append(
+            _problem(
+                ("output", "copy_files_from"),
+                f"model index {copy_from} out of range: the recipe has {len(models)} model(s), "
+                f"indices 0..{len(models) - 1}",
+            )
+        )
     if info is not None:
         problems += _params_problems(info.params, data.get("params") or {}, ("params",))
         for i, override in enumerate(data.get("overrides") or []):
@@ -302,6 +403,12 @@ def _params_problems(model: type[Params], raw: Any, loc: tuple[str | int, ...]) 
     for key, value in lists.items():
         if not value or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in value):
             problems.append(_problem((*loc, key), "a gradient must be a non-empty list of numbers"))
+        elif len(value) > MAX_GRADIENT_ANCHORS:
+            problems.append(
+                _problem(
+                    (*loc, key), f"a gradient has at most {MAX_GRADIENT_ANCHORS} anchors, not {len(value)}"
+                )
+            )
     if problems:
         return problems
     depth = max((len(v) for v in lists.values()), default=1)
@@ -336,21 +443,43 @@ def load_recipe(data: dict[str, Any] | str | Path) -> Recipe:
             data = path.read_text()
         except OSError as exc:
             raise RecipeError(f"cannot read recipe {path}: {exc.strerror}", errors=[]) from None
-    if isinstance(data, str):
-        try:
-            data = yaml.safe_load(data)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"recipe is not valid YAML/JSON: {exc}", errors=[]) from None
+    try:
+        if isinstance(data, str):
+            data = load_yaml(data)  # JSON is YAML; aliases, deep nesting, bad text and numbers refused
+        else:
+            check_plain_data(data)
+    except UnsafeDocumentError as exc:
+        raise RecipeError(f"recipe refused: {exc}", errors=[{"loc": [], "msg": str(exc)}]) from None
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping", errors=[{"loc": [], "msg": "expected a mapping"}])
     from merge_ops.mergekit_compat import is_mergekit_config, translate_mergekit
 
-    if is_mergekit_config(data):
+    native = not is_mergekit_config(data)
+    if not native:
         data = translate_mergekit(data)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise recipe_error(exc) from None
+    if native:
+        _refuse_zero_sum_soup(recipe)
+    return recipe
+
+
+def _refuse_zero_sum_soup(recipe: Recipe) -> None:
+    """A normalized soup divides by Σw: with Σw = 0 the result is not an average of anything (with [1, -1] it is
+    2·ft1 − ft2). mergekit divides anyway; a native recipe is refused instead, saying what to do."""
+    field = CATALOG[recipe.method].params.model_fields.get("normalize")
+    if field is None or not recipe.params.get("normalize", field.default) or not recipe.models:
+        return
+    weights = recipe.model_weights()
+    if abs(math.fsum(weights)) <= 1e-6 * max(1.0, max(abs(w) for w in weights)):
+        loc = ["weights"] if recipe.weights is not None else ["models"]
+        msg = (
+            "the weights sum to 0, so a normalized soup (which divides by their sum) is undefined; "
+            "use weights with a non-zero sum, or params.normalize: false for a plain weighted sum"
+        )
+        raise RecipeError(f"invalid recipe: {'.'.join(loc)}: {msg}", errors=[{"loc": loc, "msg": msg}])
 
 
 def recipe_error(exc: ValidationError) -> RecipeError:

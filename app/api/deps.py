@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-import yaml
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -14,6 +12,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.models import ApiToken
 from app.services.errors import (
+    InvalidBodyError,
     MalformedBodyError,
     PayloadTooLargeError,
     RateLimitedError,
@@ -23,6 +22,7 @@ from app.services.errors import (
 from app.services.jobs import SourcePinner
 from app.services.tokens import find_token
 from merge_ops.errors import RecipeError
+from merge_ops.safe_load import MalformedDocumentError, UnsafeDocumentError, load_json, load_yaml
 
 _bearer = HTTPBearer(auto_error=False, description="An API token from `alloy token create`.")
 JSON_TYPES = ("application/json",)
@@ -126,12 +126,17 @@ async def parse_body(request: Request, *, allow_yaml: bool) -> Any:
     raw = await read_limited(request, request.app.state.settings.max_body_bytes)
     try:
         text = raw.decode("utf-8")
-        return yaml.safe_load(text) if is_yaml else json.loads(text)
     except UnicodeDecodeError:
         raise MalformedBodyError("request body is not UTF-8") from None
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        kind = "YAML" if is_yaml else "JSON"
-        raise MalformedBodyError(f"request body is not valid {kind}: {str(exc).splitlines()[0]}") from None
+    try:
+        # bounded parsers: no YAML aliases, nesting, text and numbers checked (merge_ops.safe_load)
+        return load_yaml(text) if is_yaml else load_json(text)
+    except MalformedDocumentError as exc:
+        raise MalformedBodyError(f"request body refused: {exc}") from None
+    except UnsafeDocumentError as exc:
+        raise InvalidBodyError(
+            f"request body refused: {exc}", errors=[{"loc": ["body"], "msg": str(exc)}]
+        ) from None
 
 
 async def recipe_body(request: Request) -> dict[str, Any]:

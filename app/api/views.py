@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from fastapi import Request
 
 from app.api.problems import error_problem
 from app.models import Batch, Job
 from app.schemas import BatchOut, JobOut, Output, Problem, Progress
+
+_T = TypeVar("_T")
+
+
+def _scrub_text(text: str) -> str:
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="replace").decode("utf-8")
+
+
+def scrub(value: _T) -> _T:
+    """``value`` with every string made encodable (a lone surrogate becomes U+FFFD '?').
+
+    The edge refuses such text now (merge_ops.safe_load), but rows stored before that hold it, and one bad
+    character made every rendering of the job (GET, the owner's list, the admin's list, DELETE) a 500."""
+    result: Any = value
+    if isinstance(value, str):
+        result = _scrub_text(value)
+    elif isinstance(value, dict):
+        result = {scrub(k): scrub(v) for k, v in value.items()}
+    elif isinstance(value, list):
+        result = [scrub(v) for v in value]
+    return result  # type: ignore[no-any-return]
 
 
 def job_url(request: Request, job_id: str) -> str:
@@ -16,7 +43,7 @@ def job_url(request: Request, job_id: str) -> str:
 def job_out(job: Job, *, url: str) -> JobOut:
     total = job.tensors_total
     fraction = min(1.0, job.tensors_done / total) if total else (1.0 if job.status == "succeeded" else None)
-    error = job.error
+    error = scrub(job.error)
     return JobOut(
         id=job.id,
         kind=job.kind,  # type: ignore[arg-type]  # the DB column holds one of JobKind
@@ -40,9 +67,9 @@ def job_out(job: Job, *, url: str) -> JobOut:
         duration_s=job.duration_s,
         output=Output(path=job.output_path, url=job.output_url, commit=job.output_commit),
         error=Problem.model_validate(error_problem(error)) if error and job.status != "succeeded" else None,
-        recipe=job.recipe,
+        recipe=scrub(job.recipe),
         recipe_digest=job.recipe_digest,
-        pinned_sources=job.pinned_sources,
+        pinned_sources=scrub(job.pinned_sources),
     )
 
 

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     readiness_timeout_s: float = Field(
         default=1.0, gt=0, description="Broker connect / worker ping timeout for /readyz."
     )
+    readiness_cache_s: float = Field(
+        default=5.0, ge=0, description="How long /readyz reuses its last probe (one probe at a time)."
+    )
 
     @field_validator("data_dirs", mode="before")
     @classmethod

@@ -6,6 +6,9 @@ is read from the job row by the worker.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 from functools import lru_cache
 from typing import Any
 
@@ -88,3 +91,31 @@ def ping_workers(settings: Settings, *, timeout_s: float) -> list[str]:
     """Names of the workers that answered a control ping within the timeout."""
     replies = celery_client(settings).control.ping(timeout=timeout_s) or []
     return sorted(name for reply in replies for name in reply)
+
+
+#: Suffix of the filesystem broker's message files for control queues (worker mailboxes and ping replies).
+_CONTROL_SUFFIX = ".celery.pidbox.msg"
+
+
+def sweep_control_messages(settings: Settings, *, older_than_s: float) -> int:
+    """Delete unread control messages (pings, replies) older than ``older_than_s`` from a filesystem broker.
+
+    A ping is broadcast to every mailbox ever bound, and the filesystem transport never unbinds a worker that
+    died, so each ping leaves one file per dead worker name that nothing reads. A live worker reads its mailbox
+    within a second and a ping is void after its timeout, so old control files are garbage; task messages
+    (queues ``merge``, ``io``) are never touched. Returns how many files were removed; 0 for other brokers."""
+    folder = settings.broker_dir
+    if folder is None:
+        return 0
+    queue_dir = folder / "queue"
+    cutoff = time.time() - older_than_s
+    removed = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(queue_dir) as entries:
+        for entry in entries:
+            if not entry.name.endswith(_CONTROL_SUFFIX):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # a worker may take it meanwhile
+                if entry.stat().st_mtime < cutoff:
+                    os.remove(entry.path)
+                    removed += 1
+    return removed

@@ -16,6 +16,12 @@ class MalformedBodyError(MergeError, ValueError):
     code = "malformed_body"
 
 
+class InvalidBodyError(MergeError, ValueError):
+    """The body parses but holds a value no route accepts (a lone surrogate, NUL, a non-finite number)."""
+
+    code = "validation_error"
+
+
 class InvalidUploadError(MergeError, ValueError):
     """An uploaded held-out file is not UTF-8 JSONL with one object per non-blank line."""
 

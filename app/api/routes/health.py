@@ -8,11 +8,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
-from app.api.deps import SessionDep, SettingsDep
 from app.api.openapi_docs import PROBLEM_CONTENT
 from app.api.problems import problem_body, problem_response
 from app.core import queue
+from app.core.config import Settings
+from app.core.readiness import Checks
 from app.schemas import Check, Health, Readiness
 
 router = APIRouter(tags=["health"])
@@ -36,18 +38,13 @@ def _check(probe: Callable[[], str]) -> Check:
         return Check(ok=False, detail=f"unreachable ({type(exc).__name__})")
 
 
-@router.get(
-    "/readyz",
-    response_model=Readiness,
-    summary="Readiness",
-    responses={503: {"description": "A dependency is down; `checks` says which", "content": PROBLEM_CONTENT}},
-)
-def readyz(session: SessionDep, settings: SettingsDep) -> Response:
-    """200 when the database and broker answer and at least one worker replied to a ping; else 503."""
+def probe_readiness(settings: Settings, sessionmaker: Callable[[], Session]) -> Checks:
+    """One readiness probe (run by ``app.core.readiness.ReadinessProbe``, one at a time, off the request path)."""
     timeout = settings.readiness_timeout_s
 
     def database() -> str:
-        session.execute(text("SELECT 1"))
+        with sessionmaker() as session:
+            session.execute(text("SELECT 1"))
         return "ok"
 
     def broker() -> str:
@@ -55,7 +52,11 @@ def readyz(session: SessionDep, settings: SettingsDep) -> Response:
         return "ok"
 
     def workers() -> str:
-        names = queue.ping_workers(settings, timeout_s=timeout)
+        try:
+            names = queue.ping_workers(settings, timeout_s=timeout)
+        finally:
+            # the filesystem broker keeps a ping for every worker name ever bound, read or not
+            queue.sweep_control_messages(settings, older_than_s=max(10.0, 4 * timeout))
         if not names:
             raise _NotSeen(f"no worker answered a ping within {timeout}s")
         return f"{len(names)} worker(s): {', '.join(names)}"
@@ -64,6 +65,20 @@ def readyz(session: SessionDep, settings: SettingsDep) -> Response:
     checks["workers"] = (
         _check(workers) if checks["broker"].ok else Check(ok=False, detail="broker unreachable")
     )
+    return checks
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Readiness",
+    responses={503: {"description": "A dependency is down; `checks` says which", "content": PROBLEM_CONTENT}},
+)
+async def readyz(request: Request) -> Response:
+    """200 when the database and broker answer and at least one worker replied to a ping; else 503. The answer
+    is cached for a few seconds (``ALLOY_READINESS_CACHE_S``) and never takes much longer than the probe's
+    timeouts, however many callers ask at once."""
+    checks = await request.app.state.readiness.checks()
     if all(check.ok for check in checks.values()):
         return JSONResponse(Readiness(status="ready", checks=checks).model_dump())
     failing = ", ".join(name for name, check in checks.items() if not check.ok)
