@@ -78,6 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessionmaker = session_factory(engine)
     app.state.rate_limiter = SlidingWindowLimiter(settings.rate_limit_per_minute, window_s=60.0)
+    app.state.validation_limiter = SlidingWindowLimiter(
+        settings.validate_rate_limit_per_minute, window_s=60.0
+    )
     app.state.readiness = ReadinessProbe(
         lambda: health.probe_readiness(settings, app.state.sessionmaker),
         ttl_s=settings.readiness_cache_s,

@@ -31,6 +31,7 @@ at least one element kept per tensor (mergekit asserts), a DARE mask from Alloy'
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,9 @@ def _glob_regex(pattern: str | None) -> str | None:
     return patterns.glob_regex(pattern)
 
 
+#: Most overrides one mergekit config may expand to (merge_ops.recipe.MAX_OVERRIDES).
+MAX_FILTER_COMBINATIONS = 256
+
 #: mergekit's defaults for the parameters a filtered list may leave unmatched
 _MERGEKIT_DEFAULTS = {"density": 1.0, "gamma": 0.01}
 
@@ -309,6 +313,15 @@ def _expand_filters(settings: dict[str, Any], fail: Any) -> tuple[dict[str, Any]
             options.append((None, _MERGEKIT_DEFAULTS.get(key)))  # nothing matched: mergekit's default
         filtered[key] = options
     keys = list(filtered)
+    combinations = math.prod(len(filtered[k]) for k in keys)
+    if combinations > MAX_FILTER_COMBINATIONS:
+        # one override per combination: bound it before building them (a few lists multiply fast)
+        fail(
+            ["parameters"],
+            f"filtered parameters give {combinations} combinations of entries; at most "
+            f"{MAX_FILTER_COMBINATIONS} are supported (use fewer filtered parameters or entries)",
+        )
+        return base, []
     overrides = []
     for choice in itertools.product(*(range(len(filtered[k])) for k in keys)):
         conditions: list[str] = []

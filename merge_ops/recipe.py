@@ -271,6 +271,13 @@ class Recipe(_Model):
     target_base: Source | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
 
+    @field_validator("base", "source_base", "source_finetuned", "target_base")
+    @classmethod
+    def _parse_source(cls, value: Source | None) -> Source | None:
+        if value is not None:
+            parse_source(value)  # ValueError: a malformed hf:// URI or repo id, NUL in a path
+        return value
+
     @model_validator(mode="wrap")
     @classmethod
     def _validate_everything(cls, data: Any, handler: Any) -> Self:

@@ -68,6 +68,17 @@ def limit_submissions(request: Request, token: CurrentToken) -> None:
 SubmissionAllowed = Depends(limit_submissions)
 
 
+def limit_validations(request: Request, token: CurrentToken) -> None:
+    """Validation costs CPU like a submission's (it is the same validation), so it has a window of its own:
+    an editor validating as the user types does not use up the token's submissions."""
+    retry_after = request.app.state.validation_limiter.acquire(token.id)
+    if retry_after is not None:
+        raise RateLimitedError("too many validations for this token; retry later", retry_after_s=retry_after)
+
+
+ValidationAllowed = Depends(limit_validations)
+
+
 def hf_token_header(
     x_hf_token: Annotated[
         str | None, Header(description="Hugging Face token for private sources or pushes; never stored.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -13,16 +14,15 @@ from app.schemas import BatchOut, JobOut, Output, Problem, Progress
 _T = TypeVar("_T")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _scrub_text(text: str) -> str:
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", errors="replace").decode("utf-8")
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def scrub(value: _T) -> _T:
-    """``value`` with every string made encodable (a lone surrogate becomes U+FFFD '?').
+    """``value`` with every string made encodable (a lone surrogate becomes U+FFFD).
 
     The edge refuses such text now (merge_ops.safe_load), but rows stored before that hold it, and one bad
     character made every rendering of the job (GET, the owner's list, the admin's list, DELETE) a 500."""

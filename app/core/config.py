@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(
         default=60, ge=1, description="Submissions per token per minute (in-process)."
     )
+    validate_rate_limit_per_minute: int = Field(
+        default=120, ge=1, description="Recipe validations and imports per token per minute (in-process)."
+    )
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_upload_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Largest held-out JSONL accepted by POST /v1/files."

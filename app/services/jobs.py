@@ -60,6 +60,8 @@ def pin_hub_sources(sources: Sequence[Any], pinner: SourcePinner | None) -> dict
         return {}
     pinned: dict[str, str] = {}
     for source in sources:
+        if source is None:  # an analysis without a base
+            continue
         parsed = parse_source(HubSource.model_validate(source) if isinstance(source, dict) else source)
         if isinstance(parsed, HubSource) and parsed.uri() not in pinned:
             pinned[parsed.uri()] = pinner(parsed).uri()
@@ -276,8 +278,11 @@ def _encode_cursor(job: Job) -> str:
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created), str(job_id)
-    except (ValueError, TypeError, binascii.Error):
+        when = datetime.fromisoformat(created)
+        if when.tzinfo is None:  # compared with UTC columns: a naive datetime can't be (it was a 500)
+            raise ValueError("no timezone")
+        return when, str(job_id)
+    except (ValueError, TypeError, binascii.Error, RecursionError):
         raise InvalidCursorError("malformed cursor; pass next_cursor from the previous page") from None
 
 

@@ -8,9 +8,13 @@ it to ``settings.data_dirs``; an uploaded file is stored under a data root and n
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: A plugin option: typed and flat, so a recipe can't carry an arbitrary (or alias-expanded) tree here.
+OptionScalar = Annotated[str, Field(max_length=4096)] | int | float | bool | None
+OptionValue = OptionScalar | Annotated[list[OptionScalar], Field(max_length=256)]
 
 BUILTIN_EVALUATORS = ("causal_lm_loss", "sequence_classification_accuracy", "embedding_prompt_accuracy")
 ENTRY_POINT_GROUP = "alloy.evaluators"
@@ -60,7 +64,11 @@ class EvaluatorSpec(BaseModel):
         description="Folder giving the architecture, config and tokenizer; default: the recipe's base, "
         "else its first model. embedding_prompt_accuracy embeds the class prompts with it.",
     )
-    options: dict[str, Any] = Field(default_factory=dict, description="Extra settings for plugin evaluators.")
+    options: dict[str, OptionValue] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Extra settings for plugin evaluators: scalars or short lists of scalars.",
+    )
 
     @field_validator("kind")
     @classmethod

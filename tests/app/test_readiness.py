@@ -59,13 +59,18 @@ def _control_files(settings: Settings) -> list[str]:
 def test_a_readyz_flood_leaves_the_api_responsive_and_the_broker_clean(tmp_path: Path) -> None:
     env = _env(tmp_path)
     settings = Settings(
-        home=Path(env["ALLOY_HOME"]), broker_url=env["ALLOY_BROKER_URL"], database_url=env["ALLOY_DATABASE_URL"]
+        home=Path(env["ALLOY_HOME"]),
+        broker_url=env["ALLOY_BROKER_URL"],
+        database_url=env["ALLOY_DATABASE_URL"],
     )
     _bind_dead_workers(settings, [f"dead{i}@host" for i in range(2)])
     api = ApiProcess(env=env, log_path=tmp_path / "api.log").wait_ready()
     try:
         # 120 at once: each holds its connection open until answered (as the flood did)
-        with ThreadPoolExecutor(max_workers=120) as pool, httpx.Client(timeout=30, limits=httpx.Limits()) as c:
+        with (
+            ThreadPoolExecutor(max_workers=120) as pool,
+            httpx.Client(timeout=30, limits=httpx.Limits()) as c,
+        ):
             started = time.monotonic()
             probes = [pool.submit(c.get, f"{api.url}/readyz") for _ in range(120)]
             time.sleep(0.2)
@@ -138,4 +143,3 @@ def test_probe_is_cached_single_flight_and_bounded() -> None:
     now[0] = 6.0
     asyncio.run(probe.checks())
     assert probe.probes_started == 2
-

@@ -22,7 +22,7 @@ from app.api.deps import (
     SubmissionAllowed,
 )
 from app.api.openapi_docs import PROBLEM_RESPONSES, recipe_request_body
-from app.api.views import job_out, job_url
+from app.api.views import job_out, job_url, scrub
 from app.models import TERMINAL_STATUSES, ApiToken
 from app.schemas import JobKind, JobList, JobOut, JobStatus
 from app.services import jobs
@@ -106,7 +106,7 @@ def get_merge_report(job_id: str, session: SessionDep, caller: CurrentToken) -> 
     report = job.report
     if report is None:
         raise ReportNotReadyError(f"job {job_id} has no report yet (status {job.status})", status=job.status)
-    return report
+    return scrub(report)
 
 
 @router.delete("/{job_id}", response_model=JobOut, summary="Cancel a job")

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.api.deps import CurrentToken, RecipeBody, SettingsDep
+from app.api.deps import CurrentToken, RecipeBody, SettingsDep, ValidationAllowed
 from app.api.openapi_docs import PROBLEM_RESPONSES, recipe_request_body
 from app.services import jobs
 from merge_ops.recipe import load_recipe
@@ -17,6 +17,7 @@ router = APIRouter(prefix="/recipes", tags=["recipes"], responses=PROBLEM_RESPON
 @router.post(
     "/validate",
     response_model=dict[str, Any],
+    dependencies=[ValidationAllowed],
     openapi_extra=recipe_request_body(),
     summary="Validate a recipe",
 )
@@ -28,7 +29,11 @@ def validate_recipe(body: RecipeBody, settings: SettingsDep, caller: CurrentToke
 
 
 @router.post(
-    "/import", response_model=dict[str, Any], openapi_extra=recipe_request_body(), summary="Import a recipe"
+    "/import",
+    response_model=dict[str, Any],
+    dependencies=[ValidationAllowed],
+    openapi_extra=recipe_request_body(),
+    summary="Import a recipe",
 )
 def import_recipe(body: RecipeBody, caller: CurrentToken) -> dict[str, Any]:
     """An Alloy or mergekit recipe (YAML or JSON) as a normalized Alloy recipe. Paths are not checked here, so
