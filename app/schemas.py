@@ -98,7 +98,8 @@ class AnalysisRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sources: list[Source] = Field(min_length=1, max_length=32)
-    base: Source | None = None
+    # required: the statistics are of τ = θ_t − θ_0, so there is nothing to compute without θ_0
+    base: Source = Field(description="The base model the task vectors are taken against.")
     allow_pickle: bool = False
     priority: int = Priority
 

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 from app import crud
 from app.core.config import Settings, get_settings
 from app.db import get_engine, session_scope
+from merge_ops.confine import check_files, check_recipe_files
 from merge_ops.errors import MergeCancelled, MergeError
 from merge_ops.recipe import Recipe
 
@@ -358,6 +359,8 @@ def _run_merge_job(
     attempts: int,
 ) -> JobOutcome:
     recipe = _validated_recipe(data)
+    # again at run time: a link inside a source folder can change after submission
+    check_recipe_files(recipe, roots=settings.data_dirs)
     output_dir = Path(recipe.output.path) if recipe.output.path else default_output_dir(settings, job_id)
     report = completed_output(output_dir, recipe) if attempts else None
     if report is None:
@@ -407,6 +410,11 @@ def _run_analysis(
     base, sources = data.get("base"), data.get("sources") or data.get("models") or []
     if not base or not sources:
         raise RecipeError("an analysis needs a base and at least one source", errors=[])
+    local = [(f"sources.{i}", str(s)) for i, s in enumerate(sources) if isinstance(s, str)] + [("base", base)]
+    check_files(
+        [(name, p) for name, p in local if isinstance(p, str) and not p.startswith("hf://")],
+        roots=settings.data_dirs,
+    )
     stats = inspect_task_vectors(
         base,
         list(sources),

@@ -92,7 +92,9 @@ class Settings(BaseSettings):
         if not self.broker_url:
             self.broker_url = f"filesystem://{self.home / 'broker'}"
         if not self.data_dirs:
-            self.data_dirs = [self.home / "data", Path.cwd()]
+            # never the working directory: started from / (a service manager's default) it would admit
+            # base: /etc/passwd and output: /root/.ssh/...
+            self.data_dirs = [self.home / "data"]
         self.data_dirs = [Path(p).expanduser() for p in self.data_dirs]
         return self
 

@@ -5,7 +5,8 @@ symlinks that leave a root and absolute paths elsewhere. ``..`` is refused outri
 inside. A relative path is looked up in each root in order; the first root where it exists decides (an escaping
 symlink there is an error, not a reason to try the next root). Accepted paths are rewritten to their absolute
 realpath, so the worker reads exactly what was checked and the recipe digest does not depend on spelling.
-Hub sources (``hf://`` or a ``{repo, revision}`` object) are not paths and pass through.
+Hub sources (``hf://`` or a ``{repo, revision}`` object) are not paths and pass through. Every entry of an
+accepted source folder must resolve inside a root too (``merge_ops.confine``: a symlinked shard or config.json).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from app.services.errors import PathNotAllowedError
+from merge_ops.confine import escaping_files
 from merge_ops.recipe import HubSource, Recipe
 
 #: Recipe fields that hold one source.
@@ -58,14 +60,32 @@ def confine_path(raw: str, *, roots: Sequence[Path], must_exist: bool) -> Path:
     return Path(real)
 
 
+def _refuse_file_ancestor(path: Path) -> None:
+    """An output under a file can never be created; say so now, not as a failed job later."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise _Refused(f"{str(parent)!r} is a file, so no output folder can be created under it")
+            return
+
+
 def _confine_source(value: Any, loc: list[str], roots: Sequence[Path], errors: list[dict[str, Any]]) -> Any:
     if value is None or isinstance(value, dict | HubSource) or str(value).startswith("hf://"):
         return value
     try:
-        return str(confine_path(str(value), roots=roots, must_exist=True))
+        real = confine_path(str(value), roots=roots, must_exist=True)
     except _Refused as exc:
         errors.append({"loc": loc, "msg": str(exc)})
         return value
+    _confine_files(real, loc, roots, errors)
+    return str(real)
+
+
+def _confine_files(real: Path, loc: list[str], roots: Sequence[Path], errors: list[dict[str, Any]]) -> None:
+    """Files inside an accepted folder may still link out (a shard, config.json, tokenizer.json)."""
+    escaping = escaping_files(real, roots=roots)
+    if escaping:
+        errors.append({"loc": loc, "msg": f"links outside the data dirs: {', '.join(escaping)}"})
 
 
 def confine_recipe_paths(recipe: Recipe, *, roots: Sequence[Path]) -> Recipe:
@@ -80,15 +100,19 @@ def confine_recipe_paths(recipe: Recipe, *, roots: Sequence[Path]) -> Recipe:
     if output.get("path"):
         try:
             output["path"] = str(confine_path(output["path"], roots=roots, must_exist=False))
+            _refuse_file_ancestor(Path(output["path"]))
         except _Refused as exc:
             errors.append({"loc": ["output", "path"], "msg": str(exc)})
     evaluator = data.get("evaluator") or {}
     for field in ("data", "model"):
         if evaluator.get(field):
             try:
-                evaluator[field] = str(confine_path(evaluator[field], roots=roots, must_exist=True))
+                real = confine_path(evaluator[field], roots=roots, must_exist=True)
             except _Refused as exc:
                 errors.append({"loc": ["evaluator", field], "msg": str(exc)})
+            else:
+                evaluator[field] = str(real)
+                _confine_files(real, ["evaluator", field], roots, errors)
     if errors:
         raise _not_allowed(errors)
     return Recipe.model_validate(data)

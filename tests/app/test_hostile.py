@@ -229,11 +229,15 @@ def test_validate_and_import_are_rate_limited(limited: Api) -> None:
 # -- item 9 ---------------------------------------------------------------------------------------------------------
 
 
-def test_an_analysis_without_base_is_accepted(tmp_path: Path) -> None:
+def test_an_analysis_without_base_is_422_naming_base(tmp_path: Path) -> None:
+    # before: 500 (Hub pinning got None); the worker can't analyse without a base either
     for api in start_api(tmp_path, pin_hub_sources=True):
         response = api.client.post("/v1/analyses", json={"sources": ["ft1"]}, headers=api.headers())
-        assert response.status_code == 202, response.text
-        assert response.json()["recipe"]["base"] is None
+        body = _problem(response, 422, "invalid_recipe")
+        assert body["errors"][0]["loc"] == ["base"]
+        assert _jobs(api) == 0
+        ok = api.client.post("/v1/analyses", json={"sources": ["ft1"], "base": "base"}, headers=api.headers())
+        assert ok.status_code == 202
 
 
 # -- weak spots: 4xx, never 500 --------------------------------------------------------------------------------------
