@@ -266,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except MergeError as exc:
-        print(f"alloy: error [{exc.code}]: {exc.detail}", file=sys.stderr)
+        detail = " ".join(exc.detail.split())  # the promised one line, whatever the message held
+        print(f"alloy: error [{exc.code}]: {detail}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("alloy: interrupted", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,8 +372,12 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise SourceNotFoundError(f"{path}: no such file", file=str(path)) from None
     except Exception as exc:
         if type(exc).__name__ == "UnpicklingError":
+            # torch's text is a multi-line essay with advice that does not apply here; keep what it refused
+            found = re.search(r"unsupported global:?(?: GLOBAL)? (\S+)", str(exc), flags=re.IGNORECASE)
+            what = f"it references {found[1]}" if found else "it holds objects other than tensors"
             raise UnsafeCheckpointError(
-                f"{path}: refused by the weights-only loader ({exc})", file=str(path)
+                f"{path}: refused by the weights-only loader: {what}; convert it to safetensors where you trust it",
+                file=str(path),
             ) from None
         raise _corrupt(path, f"cannot load pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):

@@ -414,7 +414,11 @@ def map_hub_error(exc: BaseException, *, what: str, **context: Any) -> HubError 
             return mapped
         current = current.__cause__ or current.__context__
     if isinstance(exc, LocalEntryNotFoundError):  # hf_hub_download's "could not reach the Hub" with no cause
-        return HubTransientError(f"could not reach the Hub for {what}", **context)
+        return HubTransientError(
+            f"could not reach the Hub for {what}; check the server's network access to the Hub, "
+            "or use a local path",
+            **context,
+        )
     return None
 
 
@@ -450,8 +454,24 @@ def _map_one(exc: BaseException, *, what: str, context: dict[str, Any]) -> HubEr
             return HubTransientError(f"{what}: Hub error {status}", **ctx)
         return HubError(f"{what}: Hub refused the request ({status}): {_server_message(exc)}", **ctx)
     if isinstance(exc, _NETWORK_ERRORS):
-        return HubTransientError(f"{what}: {type(exc).__name__}: {exc}", **context)
+        # the library's text ("ConnectError: [Errno -2] Name or service not known", env-var hints meant for
+        # a developer's shell) tells a user nothing they can act on: say what failed and what to do
+        return HubTransientError(
+            f"{what}: could not reach the Hub ({_network_failure(exc)}); Alloy retries transient failures, "
+            "so if this persists check the server's network access to the Hub, or use a local path",
+            **context,
+        )
     return None
+
+
+def _network_failure(exc: BaseException) -> str:
+    if type(exc).__name__ == "OfflineModeIsEnabled":
+        return "the server is configured for offline mode"
+    if isinstance(exc, _httpx.TimeoutException | TimeoutError):
+        return "timed out"
+    if isinstance(exc, _httpx.RemoteProtocolError):
+        return "the connection was dropped"
+    return "connection failed"
 
 
 def _status_of(exc: BaseException) -> int | None:
