@@ -129,6 +129,7 @@ class TaskVectorSource(ModelSource):
         super().__init__(label)
         self.checkpoint = checkpoint
         self.sparse_coverage = checkpoint.metadata.get(artifacts.SPARSE_KEY) == "true"
+        self._checked = 0
 
     @property
     def infos(self) -> dict[str, TensorInfo]:
@@ -146,10 +147,37 @@ class TaskVectorSource(ModelSource):
         if self.sparse_coverage and name not in self.infos:
             return torch.zeros(base.shape, dtype=torch.float32, device=base.device)
         self._check_shape(name, base)
-        return self.stored_tau(name).to(base.device)
+        tau = self.stored_tau(name).to(base.device)
+        if self._checked < _TAU_CHECKS and base.numel() >= 16 and base.is_floating_point():
+            self._checked += 1
+            _refuse_full_weights(self.label, name, tau, base)
+        return tau
 
     def close(self) -> None:
         self.checkpoint.close()
+
+
+#: Tensors per task-vector source checked for being full weights (a mislabelled file is so throughout).
+_TAU_CHECKS = 8
+
+
+def _refuse_full_weights(label: str, name: str, tau: torch.Tensor, base: torch.Tensor) -> None:
+    """The ``alloy_format: task_vector`` marker is only metadata: a full checkpoint carrying it would be merged
+    as a delta (θ_0 + θ_t, silently). A task vector is a small difference, nearly orthogonal to θ_0; full
+    weights of a fine-tune have about θ_0's norm and point its way (cosine near 1)."""
+    t, b = tau.flatten().double(), base.flatten().double()
+    t_norm, b_norm = float(t.norm()), float(b.norm())
+    if t_norm == 0 or b_norm == 0:
+        return
+    cosine = float(t @ b) / (t_norm * b_norm)
+    if cosine > 0.9 and t_norm > 0.5 * b_norm:
+        raise IncompatibleModelsError(
+            f"{label}: marked as a task vector, but tensor {name!r} looks like full weights (cosine with the "
+            f"base {cosine:.3f}, norm {t_norm / b_norm:.2f}x the base's); use the fine-tuned checkpoint "
+            "itself as the source, or extract a task vector with `alloy extract`",
+            source=label,
+            tensor=name,
+        )
 
 
 class CompressedTaskVectorSource(ModelSource):

@@ -37,7 +37,7 @@ from app import crud
 from app.core.config import Settings, get_settings
 from app.db import get_engine, session_scope
 from merge_ops.confine import check_files, check_recipe_files
-from merge_ops.errors import MergeCancelled, MergeError
+from merge_ops.errors import MergeCancelled, MergeError, OutputError
 from merge_ops.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -366,7 +366,16 @@ def _run_merge_job(
     if report is None:
         scratch = scratch_root_for(output_dir, job_id)
         remove_scratch(scratch)  # leftovers of a killed attempt of this very job
-        scratch.mkdir(parents=True, exist_ok=True)
+        try:
+            scratch.mkdir(parents=True, exist_ok=True)
+        except (
+            OSError
+        ) as exc:  # e.g. the output path is under a file: the user's to fix, not an internal error
+            raise OutputError(
+                f"cannot create a folder next to the output {output_dir}: {exc.strerror or exc}; "
+                "choose an output path under a writable folder",
+                path=str(output_dir),
+            ) from None
         if merge is None:
             from merge_ops.pipeline import run_merge
 

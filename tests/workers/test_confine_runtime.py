@@ -26,3 +26,12 @@ def test_a_link_planted_after_submission_fails_the_job(
     job = job_store.job(job_id)
     assert job.error_code == "unsafe_checkpoint" and "tokenizer.json" in job.error_detail
     assert not (data / "o").exists() and stray_files(data) == []
+
+
+def test_an_output_under_a_file_fails_as_output_error(job_store: Any, alloy_settings: Any) -> None:
+    data = alloy_settings.data_dirs[0]
+    base, fts = make_models(data / "models")
+    (data / "afile").write_text("x")
+    job_id = job_store.insert_job(task_arithmetic_recipe(base, fts, data / "afile" / "out"))
+    assert run_job(job_id, settings=alloy_settings).status == "failed"
+    assert job_store.job(job_id).error_code == "output_error"
