@@ -94,3 +94,19 @@ def extra_components() -> dict[str, Any]:
         "discriminator": {"propertyName": "method", "mapping": variants},
     }
     return schemas
+
+
+def _job_links(*operations: str) -> dict[str, Any]:
+    """OpenAPI links from a response carrying a job to the operations on it (clients and stateful tests
+    follow them)."""
+    return {
+        202: {
+            "links": {
+                name: {"operationId": f"merges-{name}", "parameters": {"job_id": "$response.body#/id"}}
+                for name in operations
+            }
+        }
+    }
+
+
+JOB_LINKS = _job_links("get_merge", "get_merge_report", "cancel_merge", "stream_merge_events")

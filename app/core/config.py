@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     events_poll_s: float = Field(
         default=0.5, gt=0, description="How often the SSE stream re-reads the job row."
     )
+    events_max_s: float = Field(
+        default=600.0, gt=0, description="Longest one SSE stream stays open (clients reconnect)."
+    )
     pin_hub_sources: bool = Field(
         default=True, description="Resolve Hub sources to commit SHAs at submission."
     )

@@ -312,3 +312,12 @@ def test_a_normalized_soup_whose_weights_sum_to_zero_is_refused(api: Api) -> Non
     assert "sum to 0" in body["detail"] and "normalize" in body["detail"]
     assert api.post_recipe({**soup, "params": {"normalize": False}}).status_code == 202
     assert api.post_recipe({**soup, "weights": [1.0, 1.0]}).status_code == 202
+
+
+def test_an_event_stream_is_bounded_in_time(tmp_path: Path) -> None:
+    for api in start_api(tmp_path, events_max_s=0.5):
+        job_id = api.post_recipe(recipe()).json()["id"]  # stays queued: no worker here
+        started = time.monotonic()
+        response = api.client.get(f"/v1/merges/{job_id}/events", headers=api.headers())
+        assert response.status_code == 200 and "event: status" in response.text
+        assert time.monotonic() - started < 5

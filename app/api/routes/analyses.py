@@ -15,7 +15,7 @@ from app.api.deps import (
     SettingsDep,
     SubmissionAllowed,
 )
-from app.api.openapi_docs import PROBLEM_RESPONSES, json_request_body
+from app.api.openapi_docs import JOB_LINKS, PROBLEM_RESPONSES, json_request_body
 from app.api.views import job_out, job_url
 from app.schemas import AnalysisRequest, JobOut
 from app.services import jobs
@@ -28,6 +28,7 @@ router = APIRouter(prefix="/analyses", tags=["analyses"], responses=PROBLEM_RESP
     "",
     status_code=202,
     response_model=JobOut,
+    responses=JOB_LINKS,
     dependencies=[SubmissionAllowed],
     openapi_extra=json_request_body(AnalysisRequest),
     summary="Submit an analysis",

@@ -44,6 +44,16 @@ def _prepare_all(request: BatchRequest, settings: SettingsDep) -> list[Recipe]:
     "",
     status_code=202,
     response_model=BatchOut,
+    responses={
+        202: {
+            "links": {
+                "get_batch": {
+                    "operationId": "batches-get_batch",
+                    "parameters": {"batch_id": "$response.body#/id"},
+                }
+            }
+        }
+    },
     dependencies=[SubmissionAllowed],
     openapi_extra=json_request_body(BatchRequest),
     summary="Submit a batch",

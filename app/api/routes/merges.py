@@ -21,7 +21,7 @@ from app.api.deps import (
     SettingsDep,
     SubmissionAllowed,
 )
-from app.api.openapi_docs import PROBLEM_RESPONSES, recipe_request_body
+from app.api.openapi_docs import JOB_LINKS, PROBLEM_RESPONSES, recipe_request_body
 from app.api.views import job_out, job_url, scrub
 from app.models import TERMINAL_STATUSES, ApiToken
 from app.schemas import JobKind, JobList, JobOut, JobStatus
@@ -36,6 +36,7 @@ KEEPALIVE_S = 15.0
     "",
     status_code=202,
     response_model=JobOut,
+    responses=JOB_LINKS,
     dependencies=[SubmissionAllowed],
     openapi_extra=recipe_request_body(),
     summary="Submit a merge",
@@ -121,9 +122,13 @@ def _snapshot(request: Request, job_id: str, caller: ApiToken) -> JobOut:
         return job_out(jobs.visible_job(session, job_id, caller=caller), url=job_url(request, job_id))
 
 
-async def _events(request: Request, first: JobOut, caller: ApiToken, poll_s: float) -> AsyncIterator[str]:
-    """``event: status`` with the job JSON each time it changes, until the job ends (the API reads only the DB)."""
+async def _events(
+    request: Request, first: JobOut, caller: ApiToken, poll_s: float, max_s: float
+) -> AsyncIterator[str]:
+    """``event: status`` with the job JSON each time it changes, until the job ends (the API reads only the DB)
+    or ``max_s`` passes: a stream is bounded in time, and an EventSource client reconnects by itself."""
     current, last_sent, last_time = first, "", 0.0
+    deadline = time.monotonic() + max_s
     while True:
         payload = current.model_dump_json()
         if payload != last_sent:
@@ -132,7 +137,11 @@ async def _events(request: Request, first: JobOut, caller: ApiToken, poll_s: flo
         elif time.monotonic() - last_time > KEEPALIVE_S:
             yield ": keepalive\n\n"
             last_time = time.monotonic()
-        if current.status in TERMINAL_STATUSES or await request.is_disconnected():
+        if (
+            current.status in TERMINAL_STATUSES
+            or time.monotonic() > deadline
+            or await request.is_disconnected()
+        ):
             return
         await asyncio.sleep(poll_s)
         current = await run_in_threadpool(_snapshot, request, current.id, caller)
@@ -144,7 +153,19 @@ async def _events(request: Request, first: JobOut, caller: ApiToken, poll_s: flo
     response_class=StreamingResponse,
     responses={
         200: {
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {
+                "text/event-stream": {
+                    # one SSE event; ``data`` is the job as GET /v1/merges/{id} returns it, as JSON text
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "event": {"type": "string", "enum": ["status"]},
+                            "id": {"type": "string"},
+                            "data": {"type": "string"},
+                        },
+                    }
+                }
+            },
             "description": "Server-Sent Events: `status` events carrying the job JSON.",
         }
     },
@@ -153,10 +174,11 @@ def stream_merge_events(
     request: Request, job_id: str, session: SessionDep, caller: CurrentToken, settings: SettingsDep
 ) -> StreamingResponse:
     """Server-Sent Events: an ``status`` event with the job (as GET /v1/merges/{id}) whenever it changes; the
-    stream ends after the job reaches succeeded, failed or cancelled."""
+    stream ends after the job reaches succeeded, failed or cancelled, or after ``ALLOY_EVENTS_MAX_S`` (reconnect
+    to follow on)."""
     first = job_out(jobs.visible_job(session, job_id, caller=caller), url=job_url(request, job_id))
     return StreamingResponse(
-        _events(request, first, caller, settings.events_poll_s),
+        _events(request, first, caller, settings.events_poll_s, settings.events_max_s),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
