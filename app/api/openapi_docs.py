@@ -96,7 +96,7 @@ def extra_components() -> dict[str, Any]:
     return schemas
 
 
-def _job_links(*operations: str) -> dict[str, Any]:
+def _job_links(*operations: str) -> dict[int | str, dict[str, Any]]:
     """OpenAPI links from a response carrying a job to the operations on it (clients and stateful tests
     follow them)."""
     return {
