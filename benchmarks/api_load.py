@@ -10,7 +10,8 @@ Prints p50/p99 latency of submit (POST /v1/merges) and status (GET /v1/merges/{i
     # generates small models, creates a token, runs the load, stops the service
     python benchmarks/api_load.py --spawn --clients 16 --duration 30
 
-Every submission is a distinct recipe (its lambda differs), so none is answered from the idempotency cache and
+``--readyz-clients N`` adds N clients that call the public ``/readyz`` back to back (its p99 is printed too).
+Timeouts and resets count as errors. Every submission is a distinct recipe (its lambda differs), so none is answered from the idempotency cache and
 the worker stays busy for the whole run. The API reads only the database, so the status latency is what a busy
 job store costs.
 """
@@ -39,12 +40,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 class Samples:
     submit_s: list[float] = field(default_factory=list)
     status_s: list[float] = field(default_factory=list)
+    readyz_s: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, kind: str, seconds: float) -> None:
         with self.lock:
-            (self.submit_s if kind == "submit" else self.status_s).append(seconds)
+            {"submit": self.submit_s, "status": self.status_s, "readyz": self.readyz_s}[kind].append(seconds)
 
     def error(self, what: str) -> None:
         with self.lock:
@@ -83,7 +85,11 @@ def run_client(
                 "params": {"lambda": round(0.001 + (index * 100_000 + n) * 1e-7, 7)},
             }
             start = time.perf_counter()
-            response = client.post("/v1/merges", json=recipe)
+            try:
+                response = client.post("/v1/merges", json=recipe)
+            except httpx.HTTPError as exc:  # a timeout or reset is an error of the run, not a dead client
+                samples.error(f"submit {type(exc).__name__}")
+                continue
             elapsed = time.perf_counter() - start
             if response.status_code != 202:
                 samples.error(f"submit {response.status_code}")
@@ -95,7 +101,11 @@ def run_client(
                 if time.monotonic() >= deadline:
                     break
                 start = time.perf_counter()
-                response = client.get(f"/v1/merges/{job_id}")
+                try:
+                    response = client.get(f"/v1/merges/{job_id}")
+                except httpx.HTTPError as exc:
+                    samples.error(f"status {type(exc).__name__}")
+                    continue
                 elapsed = time.perf_counter() - start
                 if response.status_code == 200:
                     samples.add("status", elapsed)
@@ -104,13 +114,33 @@ def run_client(
                 time.sleep(poll_interval_s)
 
 
+def run_prober(*, url: str, deadline: float, samples: Samples) -> None:
+    """Hammers the public /readyz (no token, no pause): it must stay cached, bounded and harmless."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        while time.monotonic() < deadline:
+            start = time.perf_counter()
+            try:
+                response = client.get("/readyz")
+            except httpx.HTTPError as exc:
+                samples.error(f"readyz {type(exc).__name__}")
+                continue
+            if response.status_code in (200, 503):  # 503: not ready is an answer
+                samples.add("readyz", time.perf_counter() - start)
+            else:
+                samples.error(f"readyz {response.status_code}")
+
+
 def report(samples: Samples, *, clients: int, duration_s: float, busy_jobs: int | None) -> None:
     print(
         f"clients={clients} duration={duration_s:.0f}s submits={len(samples.submit_s)} "
         f"status_calls={len(samples.status_s)} errors={samples.errors or 0}"
         + (f" active_jobs_at_end(first page)={busy_jobs}" if busy_jobs is not None else "")
     )
-    for name, values in (("submit", samples.submit_s), ("status", samples.status_s)):
+    for name, values in (
+        ("submit", samples.submit_s),
+        ("status", samples.status_s),
+        ("readyz", samples.readyz_s),
+    ):
         if values:
             print(
                 f"{name:>6}: p50 {percentile(values, 50) * 1000:7.1f} ms   p99 {percentile(values, 99) * 1000:7.1f} ms"
@@ -200,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load")
     parser.add_argument("--polls-per-submit", type=int, default=10)
     parser.add_argument("--poll-interval", type=float, default=0.05, help="seconds between a client's polls")
+    parser.add_argument("--readyz-clients", type=int, default=0, help="extra clients hammering /readyz")
     args = parser.parse_args(argv)
 
     def load(url: str, token: str, base: str, models: list[str]) -> None:
@@ -221,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
             for i in range(args.clients)
+        ] + [
+            threading.Thread(target=run_prober, kwargs=dict(url=url, deadline=deadline, samples=samples))
+            for _ in range(args.readyz_clients)
         ]
         started = time.monotonic()
         for thread in threads:
