@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from merge_ops import patterns
 from merge_ops.checkpoint import Checkpoint, TensorInfo
 from merge_ops.errors import CorruptCheckpointError, IncompatibleModelsError, SourceNotFoundError
 
@@ -85,10 +86,11 @@ class LoraConfig:
 
 def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
     for key, value in pattern.items():
+        # the adapter's config is untrusted input (it may come from the Hub): RE2, linear in the module name
         try:
-            matched = re.match(rf"(.*\.)?({key})$", module)
-        except re.error:
-            matched = re.match(rf"(.*\.)?({re.escape(key)})$", module)
+            matched = patterns.search(rf"^(.*\.)?({key})$", module)
+        except ValueError:  # not a valid (RE2) regex: PEFT falls back to the literal key too
+            matched = patterns.search(rf"^(.*\.)?({re.escape(key)})$", module)
         if matched:
             return value
     return default
