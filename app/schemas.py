@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from merge_ops.recipe import Source
+from merge_ops.recipe import Source, parse_source
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobKind = Literal["merge", "analyze"]
@@ -102,6 +102,19 @@ class AnalysisRequest(BaseModel):
     base: Source = Field(description="The base model the task vectors are taken against.")
     allow_pickle: bool = False
     priority: int = Priority
+
+    @field_validator("sources")
+    @classmethod
+    def _parse_sources(cls, sources: list[Source]) -> list[Source]:
+        for source in sources:
+            parse_source(source)  # ValueError: a malformed hf:// URI or repo id, NUL in a path
+        return sources
+
+    @field_validator("base")
+    @classmethod
+    def _parse_base(cls, base: Source) -> Source:
+        parse_source(base)
+        return base
 
 
 class MethodOut(BaseModel):

@@ -321,3 +321,10 @@ def test_an_event_stream_is_bounded_in_time(tmp_path: Path) -> None:
         response = api.client.get(f"/v1/merges/{job_id}/events", headers=api.headers())
         assert response.status_code == 200 and "event: status" in response.text
         assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    "body", [{"sources": ["hf://a--b/c"], "base": "base"}, {"sources": ["ft1"], "base": "hf://.x/y"}]
+)
+def test_analysis_sources_are_validated_like_recipe_sources(api: Api, body: dict[str, Any]) -> None:
+    _problem(api.client.post("/v1/analyses", json=body, headers=api.headers()), 422, "invalid_recipe")
