@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -37,7 +38,9 @@ def test_worker_killed_mid_merge_job_completes_once_on_a_new_worker(
     base, fts = long_models
     data = alloy_settings.data_dirs[0]
     out = data / "out"
-    first = celery_worker(name="doomed")
+    # the long models live outside the deployment's data dir; the worker re-checks sources, so allow them
+    env = {"ALLOY_DATA_DIRS": os.pathsep.join([str(data), str(base.parent)])}
+    first = celery_worker(name="doomed", env=env)
     job_id = job_store.submit(long_recipe(base, fts, out, lam=0.7))
     job = job_store.wait_for(job_id, ("running",), timeout=60, where=lambda j: (j.tensors_done or 0) >= 3)
     assert job.tensors_done < job.tensors_total, "the merge finished before the kill; make LONG_MERGE bigger"
@@ -45,7 +48,7 @@ def test_worker_killed_mid_merge_job_completes_once_on_a_new_worker(
     time.sleep(0.5)
     assert job_store.job(job_id).status == "running"  # nobody is left to finish it
 
-    second = celery_worker(name="rescuer")
+    second = celery_worker(name="rescuer", env=env)
     job = job_store.wait_for(job_id, timeout=120)
     assert job.status == "succeeded", (job.error_code, job.error_detail, second.log()[-3000:])
     assert job.attempts == 1
@@ -89,7 +92,8 @@ def test_merge_past_the_time_limit_fails_with_a_clear_error(
     base, fts = long_models
     data = alloy_settings.data_dirs[0]
     # hard limit 2 s -> soft limit 1 s, raised inside the merge; the row says why, the scratch is gone
-    worker = celery_worker(name="limited", env={"ALLOY_TASK_TIME_LIMIT_S": "2"})
+    roots = os.pathsep.join([str(data), str(base.parent)])  # the long models live outside the data dir
+    worker = celery_worker(name="limited", env={"ALLOY_TASK_TIME_LIMIT_S": "2", "ALLOY_DATA_DIRS": roots})
     job_id = job_store.submit(long_recipe(base, fts, data / "late"))
     job = job_store.wait_for(job_id, timeout=60)
     assert (job.status, job.error_code) == ("failed", "time_limit_exceeded"), worker.log()[-3000:]
