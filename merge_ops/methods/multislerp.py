@@ -8,7 +8,8 @@ Barycentric interpolation of N ≥ 1 models on the hypersphere, each tensor one 
     x = (m̂·cos s + v·sin(s)/s) · Σ_t w_t‖x_t‖
 
 One model returns that model. ‖m‖ < eps (antipodal inputs whose weights cancel) falls back to the weighted sum
-Σ w_t x_t for two models and is an error for more, as in mergekit. Defaults: normalize_weights, eps 1e-8.
+Σ w_t x_t for two models and is an error for more, as in mergekit; except when every input is zero (a tensor no
+fine-tune changed): the result is zero, where mergekit raises that error (a failure, not copied). Defaults: normalize_weights, eps 1e-8.
 Weights come from the models (default 1). float32.
 """
 
@@ -53,6 +54,10 @@ def multislerp(
     units = flat / (norms + eps)
     mean = (units * w.view(-1, 1)).sum(0)
     mean_norm = torch.norm(mean)
+    if bool((norms <= eps).all()):
+        # every input is (numerically) zero, e.g. a tensor no fine-tune changed: the result is zero too
+        # (mergekit raises its antipodal error here for three or more models: a failure, not copied)
+        return torch.zeros(points.shape[1:], device=points.device)
     if bool(mean_norm < eps):
         if n == 2:
             return (points[0] * w[0] + points[1] * w[1]).reshape(points.shape[1:])
