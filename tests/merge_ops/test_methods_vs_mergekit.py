@@ -78,11 +78,17 @@ def mergekit(
     inputs = [*models, base] if base is not None else list(models)
     base_index = len(models) if base is not None else None
     return mk_api.merge_tensors(
-        [t.clone() for t in inputs], method, parameters=dict(parameters or {}), base_index=base_index, name=NAME
+        [t.clone() for t in inputs],
+        method,
+        parameters=dict(parameters or {}),
+        base_index=base_index,
+        name=NAME,
     )
 
 
-def assert_same(got: torch.Tensor, want: torch.Tensor, *, reference: torch.Tensor, rtol: float = 2e-6) -> None:
+def assert_same(
+    got: torch.Tensor, want: torch.Tensor, *, reference: torch.Tensor, rtol: float = 2e-6
+) -> None:
     """Merged tensors equal to ``rtol`` of the reference's scale (the deltas are compared, not the weights)."""
     scale = max(float(want.abs().max()), float(reference.abs().max()), 1e-12)
     err = float((got.double() - want.double()).abs().max())
@@ -156,7 +162,9 @@ def test_nuslerp_weight_edge_cases_and_colinear(weights):
     b = base + 3.0 * (a - base)  # colinear task vectors
     for models in ([a, b], [a, base + rand((5, 6), 13, 0.3)]):
         got = alloy("nuslerp", models, base=base, weights=weights)
-        assert_same(got, mergekit("nuslerp", models, base=base, parameters={"weight": weights}), reference=base)
+        assert_same(
+            got, mergekit("nuslerp", models, base=base, parameters={"weight": weights}), reference=base
+        )
 
 
 # -- multislerp -------------------------------------------------------------------------------------------------
@@ -181,7 +189,9 @@ def test_multislerp_antipodal_two_falls_back_and_three_is_an_error():
     tau = rand((4, 4), 22)
     two = [base + tau, base - tau]
     got = alloy("multislerp", two, base=base)
-    assert_same(got, mergekit("multislerp", two, base=base, parameters={"weight": [1.0, 1.0]}), reference=base)
+    assert_same(
+        got, mergekit("multislerp", two, base=base, parameters={"weight": [1.0, 1.0]}), reference=base
+    )
     three = [base + tau, base - tau, base + tau]
     with pytest.raises(IncompatibleModelsError, match="weighted sum"):
         alloy("multislerp", three, base=base, weights=[1.0, 2.0, 1.0])
@@ -200,7 +210,9 @@ def test_multislerp_of_unchanged_tensors_is_the_base():
 def test_multislerp_of_identical_models_is_that_model():
     base = rand((6, 3), 23)
     model = base + rand((6, 3), 24, 0.2)
-    torch.testing.assert_close(alloy("multislerp", [model, model, model], base=base), model, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        alloy("multislerp", [model, model, model], base=base), model, rtol=1e-5, atol=1e-6
+    )
 
 
 # -- karcher ----------------------------------------------------------------------------------------------------
@@ -273,7 +285,9 @@ def test_della_matches_mergekit_given_the_same_mask(method, shape, setting, monk
     models = fine_tunes(base, 3, seed=50, scale=0.3)
     weights = [1.0, 0.6, -0.4]
     globals_ = {k: setting[k] for k in ("rescale", "normalize", "lambda") if k in setting}
-    per_model = [{"density": d, "epsilon": e} for d, e in zip(setting["densities"], setting["epsilons"], strict=True)]
+    per_model = [
+        {"density": d, "epsilon": e} for d, e in zip(setting["densities"], setting["epsilons"], strict=True)
+    ]
     got = alloy(method, models, base=base, params=globals_, weights=weights, model_params=per_model, seed=7)
     keys = [dare_key(seed=7, source_index=i, name=NAME) for i in range(3)]
     masks = _AlloyMasks(keys)
@@ -348,7 +362,9 @@ def test_sce_matches_mergekit(shape, k, select_topk):
 
 def test_sce_zero_task_vectors_give_the_base():
     base = rand((5, 5), 61)
-    assert torch.equal(alloy("sce", [base.clone(), base.clone()], base=base, params={"select_topk": 0.3}), base)
+    assert torch.equal(
+        alloy("sce", [base.clone(), base.clone()], base=base, params={"select_topk": 0.3}), base
+    )
 
 
 # -- ram / ramplus_tl -------------------------------------------------------------------------------------------
