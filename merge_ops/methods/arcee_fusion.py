@@ -24,7 +24,7 @@ from merge_ops.registry import TensorContext, register_method
 _QUANTILES = (0.25, 0.5, 0.75)
 
 
-def importance_scores(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+def importance_scores(model: torch.Tensor, *, base: torch.Tensor) -> torch.Tensor:
     eps = 1e-8
     p = F.softmax(model, dim=-1) + eps
     q = F.softmax(base, dim=-1) + eps
@@ -50,7 +50,7 @@ def merge_arcee_fusion(
     tau = task_vectors[0].float()
     if tau.numel() == 0:
         return tau.clone()
-    importance = importance_scores(model, base)
+    importance = importance_scores(model, base=base)
     mask = importance >= fusion_threshold(importance)
     ctx.report["kept_density"] = float(mask.float().mean())
     return torch.where(mask, tau, 0.0)

@@ -24,7 +24,7 @@ EPS = 1e-8
 NORM_EPS = 1e-7
 
 
-def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool, flatten: bool) -> torch.Tensor:
+def nuslerp(v0: torch.Tensor, v1: torch.Tensor, *, t: float, row_wise: bool, flatten: bool) -> torch.Tensor:
     out_shape = v0.shape
     if flatten or v0.dim() == 0:
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
@@ -51,6 +51,6 @@ def merge_nuslerp(task_vectors: torch.Tensor, ctx: TensorContext, params: Nusler
     options = {"row_wise": params.nuslerp_row_wise, "flatten": params.nuslerp_flatten}
     if not ctx.reference_is_input:  # a base: interpolate the task vectors
         tv = task_vectors.float()
-        return nuslerp(t, tv[0], tv[1], **options)
+        return nuslerp(tv[0], tv[1], t=t, **options)
     models = model_weights(task_vectors, ctx, "nuslerp")
-    return nuslerp(t, models[0], models[1], **options) - models[0]
+    return nuslerp(models[0], models[1], t=t, **options) - models[0]

@@ -19,7 +19,7 @@ from merge_ops.params import SceParams
 from merge_ops.registry import TensorContext, register_method
 
 
-def select_mask(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor:
+def select_mask(task_vectors: torch.Tensor, *, fraction: float) -> torch.Tensor:
     """The Select step's keep mask over the tensor's entries (float32 [*S])."""
     shape = task_vectors.shape[1:]
     if fraction <= 0:
@@ -48,7 +48,7 @@ def energy_weights(task_vectors: torch.Tensor) -> torch.Tensor:
 def merge_sce(task_vectors: torch.Tensor, ctx: TensorContext, params: SceParams) -> torch.Tensor:
     tv = task_vectors.float()
     if params.select_topk < 1:
-        tv = tv * select_mask(tv, float(params.select_topk)).unsqueeze(0)
+        tv = tv * select_mask(tv, fraction=float(params.select_topk)).unsqueeze(0)
     elected = torch.where(tv.sum(dim=0) >= 0, 1.0, -1.0)
     agree = (torch.sign(tv) == elected).to(torch.float32)
     eta = energy_weights(tv).reshape(-1, *([1] * (tv.dim() - 1)))

@@ -24,7 +24,7 @@ DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def slerp(v0: torch.Tensor, v1: torch.Tensor, *, t: float) -> tuple[torch.Tensor, bool]:
     """SLERP of two same-shape float32 tensors, each taken as one vector; also whether it fell back to lerp."""
     a, b = v0.reshape(-1), v1.reshape(-1)
     tt = torch.tensor(t, dtype=torch.float32, device=v0.device)
@@ -51,6 +51,6 @@ def merge_slerp(task_vectors: torch.Tensor, ctx: TensorContext, params: SlerpPar
     else:
         count_models(task_vectors, "slerp", expected=1)
         v1 = model_weights(task_vectors, ctx, "slerp")[0]
-    merged, lerp = slerp(float(params.t), base, v1)
+    merged, lerp = slerp(base, v1, t=float(params.t))
     ctx.report["slerp_lerp"] = float(lerp)
     return merged - base

@@ -308,6 +308,16 @@ def test_della_matches_mergekit_given_the_same_mask(method, shape, setting, monk
     assert_same(got, want, reference=base)
 
 
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.999])
+def test_counter_bits_give_dares_mask_at_a_constant_probability(density):
+    from kernels import dare_keep_mask
+
+    key = dare_key(seed=3, source_index=1, name=NAME)
+    bits = counter_bits24(5000, key=key)
+    want = dare_keep_mask((5000,), density=density, seed=3, source_index=1, name=NAME)
+    assert torch.equal(bits < int(density * (1 << 24)), want)
+
+
 def test_della_global_params_equal_per_model_params():
     base = rand((10, 12), 51)
     models = fine_tunes(base, 2, seed=51)

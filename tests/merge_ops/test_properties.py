@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -174,3 +176,33 @@ def test_compeft_decompress_of_compress_is_the_ternarized_vector(tv, density, al
     if tv[0].numel() >= 2:
         assert torch.equal(restored, ternary)
         assert len(ternary.abs().unique()) <= 2  # {0, ασ}
+
+
+@PROPERTY_SETTINGS
+@given(tv=stacks(k_min=2, k_max=2), t=st.sampled_from([0.0, 1.0]))
+def test_slerp_endpoints_are_the_inputs(tv, t):
+    base, tau = tv[0], tv[1]
+    ctx = dataclasses.replace(make_ctx(1), base=base)
+    out = base + get_method("slerp").fn(tau.unsqueeze(0), ctx, params_for("slerp", t=t))
+    want = base if t == 0.0 else base + tau
+    scale = max(1.0, float(tv.abs().max()))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@PROPERTY_SETTINGS
+@given(
+    tv=stacks(k_min=1, k_max=1),
+    copies=st.integers(1, 4),
+    method=st.sampled_from(["multislerp", "karcher", "ram"]),
+)
+def test_merging_identical_models_gives_that_model(tv, copies, method):
+    identical = tv.repeat(copies, *([1] * (tv.dim() - 1)))
+    params = params_for(method, epsilon=0.0) if method == "ram" else params_for(method)
+    if method == "karcher":  # with a base, karcher averages the base too: merge the copies alone
+        ctx = dataclasses.replace(make_ctx(copies), base=tv[0], reference_is_input=True)
+        out = tv[0] + get_method(method).fn(torch.zeros_like(identical), ctx, params)
+    else:  # identical task vectors against a base
+        ctx = dataclasses.replace(make_ctx(copies), base=torch.zeros(tv.shape[1:]))
+        out = get_method(method).fn(identical, ctx, params)
+    scale = max(1.0, float(tv.abs().max()))
+    torch.testing.assert_close(out, tv[0], rtol=1e-5, atol=1e-5 * scale)
