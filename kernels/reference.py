@@ -152,6 +152,11 @@ def counter_bits24(numel: int, *, key: int, device: torch.device | str | None = 
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cpu":
         return torch.from_numpy(_counter_bits_numpy(numel, key=key))
+    return _counter_bits_torch(numel, key=key, device=device)
+
+
+def _counter_bits_torch(numel: int, *, key: int, device: torch.device) -> Tensor:
+    """The accelerator path of ``counter_bits24`` (torch int64 ops; equal to the numpy path bit for bit)."""
     out = torch.empty(numel, dtype=torch.int32, device=device)
     for start in range(0, numel, _CHUNK):
         index = torch.arange(start, min(start + _CHUNK, numel), dtype=torch.int64, device=device)

@@ -318,6 +318,15 @@ def test_counter_bits_give_dares_mask_at_a_constant_probability(density):
     assert torch.equal(bits < int(density * (1 << 24)), want)
 
 
+def test_counter_bits_torch_path_equals_the_numpy_path():
+    from kernels.reference import _counter_bits_torch
+
+    key = dare_key(seed=11, source_index=2, name=NAME)
+    assert torch.equal(
+        _counter_bits_torch(70_001, key=key, device=torch.device("cpu")), counter_bits24(70_001, key=key)
+    )
+
+
 def test_della_global_params_equal_per_model_params():
     base = rand((10, 12), 51)
     models = fine_tunes(base, 2, seed=51)
