@@ -478,6 +478,7 @@ CATALOG: dict[str, MethodInfo] = {
             NearswapParams,
             "Take the model's values where they are close to the base, interpolate toward the base elsewhere.",
             max_models=1,
+            needs_base_weights=True,
         ),
         MethodInfo(
             "della",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from merge_ops.methods._points import count_models
+from merge_ops.methods._points import count_models, model_weights, reference_weights
 from merge_ops.params import NearswapParams
 from merge_ops.registry import TensorContext, register_method
 
@@ -19,8 +19,11 @@ from merge_ops.registry import TensorContext, register_method
 @register_method("nearswap")
 def merge_nearswap(task_vectors: torch.Tensor, ctx: TensorContext, params: NearswapParams) -> torch.Tensor:
     count_models(task_vectors, "nearswap", expected=1)
-    tau = task_vectors[0].float()
-    weight = (float(params.t) / tau.abs().clamp(min=1e-6)).clamp(min=0, max=1)
-    if tau.numel():
+    base = reference_weights(ctx, "nearswap")
+    model = model_weights(task_vectors, ctx, "nearswap")[0]
+    weight = (float(params.t) / (base - model).abs().clamp(min=1e-6)).clamp(min=0, max=1)
+    if weight.numel():
         ctx.report["nearswap_mean_weight"] = float(weight.mean())
-    return weight * tau
+    # mergekit's form on the weights (not base + w·τ): base + (this − base) then rounds back to it exactly
+    # wherever the two are within a factor 2 (Sterbenz), so the output equals mergekit's bit for bit there
+    return (weight * model + (1 - weight) * base) - base
