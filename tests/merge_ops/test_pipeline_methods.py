@@ -139,6 +139,21 @@ def test_della_pruning_end_to_end_is_seeded(models, tmp_path):
     assert 0.5 < float((delta != 0).float().mean()) < 0.8  # 1 − (1 − 0.4)² = 0.64 expected
 
 
+def test_della_per_model_density_field_and_recipe_default(models, tmp_path):
+    """A model without its own ``density`` uses the recipe's; one with it uses its own (1: unpruned)."""
+    fields = {
+        "method": "della_linear",
+        "base": str(models["base"]),
+        "models": [{"source": str(models["a"]), "density": 1.0}, {"source": str(models["b"])}],
+        "params": {"density": 0.4, "epsilon": 0.1},
+    }
+    out = merged(tmp_path, **fields)
+    base, a, b = (load_all(models[k]) for k in ("base", "a", "b"))
+    name = "model.layers.1.self_attn.q_proj.weight"
+    kept_b = (out[name] - base[name] - (a[name] - base[name])).abs() > 1e-7
+    assert 0.3 < float(kept_b.float().mean()) < 0.5  # b pruned at density 0.4, a kept whole
+
+
 @pytest.mark.parametrize(
     ("fields", "loc", "message"),
     [
