@@ -1,7 +1,8 @@
 """Pick the implementation of a kernel op: the Triton twin or the torch reference.
 
 ``ALLOY_KERNELS`` (read at every call, so tests can flip it): ``auto`` (default) uses Triton when any argument
-tensor is on CUDA and ``kernels.triton_ops`` imports and defines the op, else the reference, silently;
+tensor is on CUDA and ``kernels.triton_ops`` imports and defines the op, else the CPU twin in ``kernels.cpu_fused``
+where there is one (bit-exact with the reference, cache-blocked and multithreaded), else the reference, silently;
 ``torch`` always uses the reference; ``triton`` uses Triton or raises ``KernelUnavailableError`` saying why.
 Only ``kernels/triton_ops.py`` (and ``kernels/triton/``) import triton, lazily, on first use here.
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from kernels import reference
+from kernels import cpu_fused, reference
 from merge_ops.errors import KernelUnavailableError
 
 _MODES = ("auto", "torch", "triton")
@@ -60,7 +61,7 @@ def kernel(op_name: str, *tensors: Any) -> Callable[..., Any]:
     if on_cuda and triton_fn is not None:
         return triton_fn
     if mode == "auto":
-        return ref
+        return getattr(cpu_fused, op_name, ref) if not on_cuda else ref
     if not on_cuda:
         why = "its tensors are not on a CUDA device"
     elif module is None:

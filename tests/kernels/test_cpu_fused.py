@@ -1,0 +1,99 @@
+"""The CPU twins (``kernels.cpu_fused``) against the torch reference they replace: bit-exact over odd tails,
+K in {1, 2, 5, 8}, every storage dtype, the multithreaded split, NaN/Inf propagation; inputs never written; the
+``ALLOY_KERNELS`` switch picks the twin (auto) or the reference (torch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import cpu_fused, reference
+from kernels.dispatch import kernel
+
+SIZES = [0, 1, 1023, 4097, cpu_fused.BLOCK * 3 + 5, (1 << 18) + 12345]  # the last one runs on every thread
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _inputs(numel: int, k: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(numel, generator=g) * 3
+    fts = [(base + 0.05 * torch.randn(numel, generator=g) * (t + 1)).to(dtype) for t in range(k)]
+    return base.to(dtype), fts
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+def test_fused_task_arithmetic_is_bit_exact(numel: int, k: int) -> None:
+    if numel > 1 << 18 and k > 2:
+        pytest.skip("the threaded split is covered at K <= 2 (keeps the suite fast on 2 cores)")
+    for i, (dtype, out_dtype) in enumerate([(d, o) for d in DTYPES for o in DTYPES]):
+        base, fts = _inputs(numel, k, dtype, seed=numel + k + i)
+        weights = [0.5 - 0.3 * t for t in range(k)]
+        for scale in (1.0, 0.37):
+            want = reference.fused_task_arithmetic(base, fts, weights, scale=scale, out_dtype=out_dtype)
+            got = cpu_fused.fused_task_arithmetic(base, fts, weights, scale=scale, out_dtype=out_dtype)
+            assert got.dtype == out_dtype and got.shape == base.shape
+            assert torch.equal(_bits(got), _bits(want)), (dtype, out_dtype, scale)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_result_does_not_depend_on_the_thread_count(threads: int) -> None:
+    base, fts = _inputs((1 << 19) + 7, 3, torch.bfloat16, seed=1)
+    want = reference.fused_task_arithmetic(base, fts, [1, 1, 1], scale=0.5, out_dtype=torch.bfloat16)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_fused.fused_task_arithmetic(base, fts, [1, 1, 1], scale=0.5, out_dtype=torch.bfloat16)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(_bits(got), _bits(want))
+
+
+def test_shapes_are_kept_and_non_contiguous_inputs_are_read_right() -> None:
+    base = torch.randn(64, 48)
+    fts = [torch.randn(48, 64).t(), torch.randn(64, 48)]  # a transposed view
+    want = reference.fused_task_arithmetic(base, fts, [1.0, 2.0], scale=1.0, out_dtype=torch.float16)
+    got = cpu_fused.fused_task_arithmetic(base, fts, [1.0, 2.0], scale=1.0, out_dtype=torch.float16)
+    assert got.shape == (64, 48) and torch.equal(_bits(got), _bits(want))
+
+
+@pytest.mark.parametrize("fn", [cpu_fused.fused_task_arithmetic, reference.fused_task_arithmetic])
+def test_inputs_are_never_written_and_nan_reaches_the_output(fn) -> None:
+    base = torch.randn(5000)  # float32: .float() is the base itself, the case that used to be overwritten
+    fts = [base + 1, base + 2]
+    fts[1][17] = float("nan")
+    fts[0][4000] = float("inf")
+    before = [t.clone() for t in (base, *fts)]
+    out = fn(base, fts, [1.0, 1.0], scale=1.0, out_dtype=torch.float32)
+    assert torch.isnan(out[17]) and torch.isinf(out[4000])
+    for t, b in zip((base, *fts), before, strict=True):
+        assert torch.equal(t, b) or torch.equal(torch.isnan(t), torch.isnan(b))
+
+
+def test_fp16_overflow_is_inf_in_the_cast_output() -> None:
+    base = torch.full((10,), 60000.0, dtype=torch.float16)
+    fts = [torch.full((10,), 64000.0, dtype=torch.float16), torch.full((10,), 65000.0, dtype=torch.float16)]
+    out = cpu_fused.fused_task_arithmetic(base, fts, [1.0, 1.0], scale=3.0, out_dtype=torch.float16)
+    assert torch.isinf(out).all()  # the pipeline's check after the cast catches this
+
+
+def test_errors_match_the_reference() -> None:
+    with pytest.raises(ValueError, match="weights"):
+        cpu_fused.fused_task_arithmetic(torch.zeros(3), [torch.zeros(3)], [1, 2], out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="shape"):
+        cpu_fused.fused_task_arithmetic(torch.zeros(3), [torch.zeros(4)], [1], out_dtype=torch.float32)
+
+
+def test_dispatch_picks_the_twin_on_cpu_and_the_reference_when_asked(monkeypatch) -> None:
+    monkeypatch.setenv("ALLOY_KERNELS", "auto")
+    assert kernel("fused_task_arithmetic", torch.zeros(1)) is cpu_fused.fused_task_arithmetic
+    assert kernel("disjoint_merge", torch.zeros(1)) is reference.disjoint_merge  # no twin: the reference
+    monkeypatch.setenv("ALLOY_KERNELS", "torch")
+    assert kernel("fused_task_arithmetic", torch.zeros(1)) is reference.fused_task_arithmetic
+    out = kernels.fused_task_arithmetic(torch.ones(4), [torch.ones(4) * 3], [0.5], out_dtype=torch.float32)
+    assert torch.equal(out, torch.full((4,), 2.0))
