@@ -213,7 +213,7 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     nbytes = info.nbytes
     if nbytes == 0:
         return out
-    buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+    buffer = out.view(-1).view(torch.uint8).numpy().data  # a writable memoryview of the storage
     try:
         with open(info.file, "rb", buffering=0) as fh:
             done = 0
