@@ -86,3 +86,92 @@ def fused_task_arithmetic(
     if flat_base.numel():
         _run_spans(flat_base.numel(), work)
     return out.view(base.shape)
+
+
+def fused_sparse_merge(
+    x: Tensor,
+    weights: Tensor,
+    *,
+    consensus: bool,
+    mean: bool,
+    keep: Tensor | None = None,
+    skip: Tensor | None = None,
+    boundary: tuple[Tensor, Tensor] | None = None,
+    lower_boundary: tuple[Tensor, Tensor] | None = None,
+    dare: tuple[Sequence[int], Sequence[float]] | None = None,
+    scale: Tensor | None = None,
+    ternary: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``reference.fused_sparse_merge``, bit-exact: the same selection (``reference.sparse_task_vectors``), then
+    the aggregation and the report counts in one cache-blocked pass over the K sparse task vectors, per element
+    the reference's float32 operations in its order (sign election Σ_t w_t·τ̂_t, agreement on the weighted
+    value, disjoint sum, the mean's divisor; or the plain weighted sum)."""
+    from kernels.reference import sparse_task_vectors
+
+    w = weights.to(device=x.device, dtype=torch.float32).reshape(-1)
+    if w.numel() != x.shape[0]:
+        raise ValueError(f"{w.numel()} weights for {x.shape[0]} task vectors")
+    sparse = sparse_task_vectors(
+        x,
+        keep=keep,
+        skip=skip,
+        boundary=boundary,
+        lower_boundary=lower_boundary,
+        dare=dare,
+        scale=scale,
+        ternary=ternary,
+    )
+    k = sparse.shape[0]
+    rows = sparse.reshape(k, -1)
+    numel = rows.shape[1]
+    ws = w.tolist()
+    equal_weights = len(set(ws)) == 1
+    total_w = float(w.sum())
+    plain_divisor = total_w if abs(total_w) >= 1e-8 else 1.0
+    merged = torch.empty(numel, dtype=torch.float32)
+    counts: list[tuple[int, int]] = []
+
+    def work(lo: int, hi: int) -> None:
+        kept = conflicts = 0
+        for start in range(lo, hi, BLOCK):
+            end = min(start + BLOCK, hi)
+            xs = [rows[t, start:end] for t in range(k)]
+            nonzero = torch.zeros(end - start, dtype=torch.uint8 if k < 256 else torch.int32)
+            for xt in xs:
+                nonzero.add_(xt != 0)
+            kept += int(nonzero.sum(dtype=torch.int64))
+            summed = torch.zeros(end - start, dtype=torch.float32)
+            for xt, weight in zip(xs, ws, strict=True):
+                summed.add_(xt, alpha=weight)
+            if not consensus:
+                merged[start:end].copy_(summed / plain_divisor if mean else summed)
+                continue
+            gamma = torch.where(summed >= 0, 1.0, -1.0)
+            total = torch.zeros_like(gamma)
+            contributors = torch.zeros(gamma.shape, dtype=nonzero.dtype)
+            divisor = torch.zeros_like(gamma) if mean and not equal_weights else None
+            for xt, weight in zip(xs, ws, strict=True):
+                if weight == 0:
+                    continue  # w_t·x_t = 0 never agrees with γ = ±1
+                agree = torch.sign(xt) == (gamma if weight > 0 else -gamma)
+                total.add_(torch.where(agree, xt, 0.0), alpha=weight)
+                contributors.add_(agree)
+                if divisor is not None:
+                    divisor.add_(agree, alpha=weight)
+            conflicts += int((nonzero > contributors).sum(dtype=torch.int64))
+            if mean:
+                if divisor is None:
+                    divisor = contributors.to(torch.float32).mul_(ws[0])
+                total = total / torch.where(divisor == 0, 1.0, divisor)
+            merged[start:end].copy_(total)
+        counts.append((kept, conflicts))  # list.append is atomic under the GIL
+
+    if numel:
+        _run_spans(numel, work)
+    kept = sum(c[0] for c in counts)
+    conflicts = sum(c[1] for c in counts)
+    return (
+        merged.view(sparse.shape[1:]),
+        torch.tensor(kept, dtype=torch.int64),
+        torch.tensor(conflicts, dtype=torch.int64),
+    )

@@ -92,8 +92,72 @@ def test_errors_match_the_reference() -> None:
 def test_dispatch_picks_the_twin_on_cpu_and_the_reference_when_asked(monkeypatch) -> None:
     monkeypatch.setenv("ALLOY_KERNELS", "auto")
     assert kernel("fused_task_arithmetic", torch.zeros(1)) is cpu_fused.fused_task_arithmetic
+    assert kernel("fused_sparse_merge", torch.zeros(1)) is cpu_fused.fused_sparse_merge
     assert kernel("disjoint_merge", torch.zeros(1)) is reference.disjoint_merge  # no twin: the reference
     monkeypatch.setenv("ALLOY_KERNELS", "torch")
     assert kernel("fused_task_arithmetic", torch.zeros(1)) is reference.fused_task_arithmetic
     out = kernels.fused_task_arithmetic(torch.ones(4), [torch.ones(4) * 3], [0.5], out_dtype=torch.float32)
     assert torch.equal(out, torch.full((4,), 2.0))
+
+
+def _stack(k: int, rows: int, m: int, seed: int) -> torch.Tensor:
+    x = torch.randn(k, rows, m, generator=torch.Generator().manual_seed(seed))
+    x[..., ::4] = x[..., 5:6]  # many exact ties
+    x[..., ::8] = -x[..., ::8]
+    x[..., 3] = 0.0  # exact zeros never count as kept or as conflicts
+    return x
+
+
+def _selections(k: int, rows: int, m: int) -> list[dict]:
+    g = torch.Generator().manual_seed(k * 7 + m)
+    keep = torch.randint(1, max(2, m // 2), (k * rows,), generator=g)
+    skip = torch.randint(0, max(1, m // 4), (k * rows,), generator=g)
+    densities = [0.3 + 0.6 * t / max(1, k - 1) for t in range(k)]
+    keys = [reference.dare_key(seed=11, source_index=t, name="w") for t in range(k)]
+    return [
+        {},
+        {"keep": keep},
+        {"keep": keep, "skip": skip},
+        {"keep": keep, "scale": torch.rand(k * rows) + 0.1, "ternary": True},
+        {"dare": (keys, densities), "scale": torch.tensor([1 / d for d in densities])},
+    ]
+
+
+WEIGHTS = {
+    "equal": lambda k: torch.ones(k),
+    "ramp": lambda k: torch.linspace(0.5, 1.5, k),
+    "signed": lambda k: torch.tensor([(-1.0) ** t * (t + 1) * 0.5 for t in range(k)]),
+    "with_zero": lambda k: torch.tensor([0.0] + [1.0] * (k - 1)),
+}
+
+
+@pytest.mark.parametrize(("k", "rows", "m"), [(1, 1, 1023), (2, 3, 4097), (5, 2, 129), (8, 1, 700)])
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+def test_fused_sparse_merge_is_bit_exact(k: int, rows: int, m: int, weights: str) -> None:
+    x = _stack(k, rows, m, seed=k + rows + m)
+    w = WEIGHTS[weights](k)
+    for selection in _selections(k, rows, m):
+        for consensus in (True, False):
+            for mean in (True, False):
+                args = {"consensus": consensus, "mean": mean, **selection}
+                want = reference.fused_sparse_merge(x, w, **args)
+                got = cpu_fused.fused_sparse_merge(x, w, **args)
+                assert got[0].shape == want[0].shape
+                assert torch.equal(_bits(got[0]), _bits(want[0])), (selection.keys(), consensus, mean)
+                assert (int(got[1]), int(got[2])) == (int(want[1]), int(want[2]))
+
+
+def test_fused_sparse_merge_threaded_split_is_bit_exact() -> None:
+    x = _stack(3, 4, (1 << 16) + 17, seed=5)  # over the parallel threshold: every thread takes a span
+    w = torch.tensor([0.7, 1.0, 1.3])
+    keep = torch.full((12,), 20000)
+    for consensus, mean in [(True, True), (True, False), (False, True)]:
+        want = reference.fused_sparse_merge(x, w, consensus=consensus, mean=mean, keep=keep)
+        got = cpu_fused.fused_sparse_merge(x, w, consensus=consensus, mean=mean, keep=keep)
+        assert torch.equal(_bits(got[0]), _bits(want[0]))
+        assert (int(got[1]), int(got[2])) == (int(want[1]), int(want[2]))
+
+
+def test_fused_sparse_merge_weight_count_is_checked() -> None:
+    with pytest.raises(ValueError, match="weights"):
+        cpu_fused.fused_sparse_merge(torch.zeros(2, 1, 4), torch.ones(3), consensus=True, mean=True)

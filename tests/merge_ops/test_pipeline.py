@@ -332,7 +332,9 @@ def test_fp16_overflow_is_refused_after_the_cast(tmp_path: Path, method: str) ->
     (ties) and the fused (task arithmetic) path alike, naming the tensor and the dtype, with nothing written."""
 
     def model(value: float) -> Path:
-        return make_checkpoint(tmp_path / f"m{int(value)}", {"w": torch.full((4, 8), value, dtype=torch.float16)})
+        return make_checkpoint(
+            tmp_path / f"m{int(value)}", {"w": torch.full((4, 8), value, dtype=torch.float16)}
+        )
 
     params = {"lambda": 3.0, "density": 1.0} if method == "ties" else {"lambda": 3.0}
     _assert_fails(
