@@ -331,3 +331,17 @@ def test_truncated_after_open_is_a_typed_error(tmp_path: Path) -> None:
         os.truncate(path, path.stat().st_size - 100)
         with pytest.raises(CorruptCheckpointError, match="early"):
             ckpt.load("w")
+
+
+def test_loaded_tensors_are_private_copies_on_write(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file(
+        {"w": torch.arange(4096, dtype=torch.float32), "h": torch.ones(3, dtype=torch.float16)}, str(path)
+    )
+    before = path.read_bytes()
+    with Checkpoint.open(path) as ckpt:
+        w = ckpt.load("w")
+        w.add_(1)  # in place on the mapped tensor: must stay in this process
+        assert torch.equal(ckpt.load("w"), torch.arange(4096, dtype=torch.float32))
+        assert torch.equal(ckpt.load("h"), torch.ones(3, dtype=torch.float16))
+    assert path.read_bytes() == before
