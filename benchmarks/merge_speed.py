@@ -219,6 +219,7 @@ def main() -> None:
             cwd=ROOT,
         )
         report = json.loads((outputs / method / "alloy-report.json").read_text())
+        shutil.rmtree(outputs / method)  # 20 model-sized outputs would fill the disk and the page cache
         if report.get("peak_cuda_bytes"):
             gpu_peaks[method] = report["peak_cuda_bytes"] / gpu_bound
         mk: dict[str, tuple[float, int]] = {}
@@ -280,7 +281,9 @@ def _run_mergekit(
     cmd = [mergekit, str(mk_path), str(out), "--lazy-unpickle"]
     if args.device == "cuda":
         cmd.append("--cuda")
-    return run_measured(cmd)
+    measured = run_measured(cmd)
+    shutil.rmtree(out, ignore_errors=True)
+    return measured
 
 
 if __name__ == "__main__":
