@@ -95,15 +95,15 @@ def make_models(root: Path) -> dict[str, Path]:
     }
 
 
-def _fill(value: Any, paths: dict[str, Path]) -> Any:
+def fill_paths(value: Any, paths: dict[str, Path]) -> Any:
     if isinstance(value, str):
         for key in _MODELS:
             value = value.replace("{" + key + "}", str(paths[key]))
         return value
     if isinstance(value, list):
-        return [_fill(v, paths) for v in value]
+        return [fill_paths(v, paths) for v in value]
     if isinstance(value, dict):
-        return {k: _fill(v, paths) for k, v in value.items()}
+        return {k: fill_paths(v, paths) for k, v in value.items()}
     return value
 
 
@@ -139,7 +139,7 @@ def main(workdir: Path) -> None:
             log.clear()
             out = workdir / "out" / case / mode
             started = time.perf_counter()
-            report = run_merge(load_recipe({**_fill(fields, paths), "output": {"path": str(out)}}))
+            report = run_merge(load_recipe({**fill_paths(fields, paths), "output": {"path": str(out)}}))
             results[case][mode] = {
                 "totals": {k: v for k, v in report.totals.items() if isinstance(v, int | float)},
                 "ops": sorted(set(log)),

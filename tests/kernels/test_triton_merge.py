@@ -107,3 +107,30 @@ def test_explicit_triton_that_cannot_run_fails_the_merge_typed(monkeypatch, tmp_
     assert isinstance(raised.value.__cause__, kernels.KernelUnavailable)
     assert "can't run on Triton" in raised.value.detail and raised.value.context["op"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", CASES)
+def test_compiled_triton_merge_on_cuda_equals_torch_on_cpu(case: str, monkeypatch, tmp_path: Path) -> None:
+    """The same comparison with the compiled kernels: the merge on CUDA (``ALLOY_KERNELS=triton``) against the
+    torch reference on the CPU."""
+    from merge_ops.pipeline import run_merge
+    from merge_ops.recipe import load_recipe
+    from tests.kernels.interpreted_merge import fill_paths, make_models
+
+    paths = make_models(tmp_path / "models")
+    fields = fill_paths(merge_cases()[case], paths)
+    reports = {}
+    for mode, device in (("torch", "cpu"), ("triton", "cuda")):
+        monkeypatch.setenv("ALLOY_KERNELS", mode)
+        recipe = load_recipe({**fields, "output": {"path": str(tmp_path / mode)}})
+        reports[mode] = run_merge(recipe, device=device)
+    assert reports["triton"].totals == reports["torch"].totals
+    want, got = load_all(tmp_path / "torch"), load_all(tmp_path / "triton")
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(got[name].float(), tensor.float(), rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(got[name], tensor), name
