@@ -51,7 +51,9 @@ def kernel_mode() -> str:
 
 def interpreting(module: ModuleType | None) -> bool:
     """Whether Triton kernels can run on CPU tensors now: compiled by the interpreter and still under it."""
-    return bool(getattr(module, "INTERPRETED", False)) and os.environ.get("TRITON_INTERPRET") == "1"
+    # the values triton itself reads as true (its C++ getenv_bool)
+    flag = os.environ.get("TRITON_INTERPRET", "").strip().lower() in {"1", "true", "on"}
+    return flag and bool(getattr(module, "INTERPRETED", False))
 
 
 def kernel(op_name: str, *tensors: Any) -> Callable[..., Any]:
