@@ -51,7 +51,7 @@ if [[ $MODE == dry ]]; then
   # no GPU test can run here: the interpreted whole-merge comparison stands in for them
   PYTEST_ARGS=(tests/kernels/test_triton_merge.py -k "not compiled")
   DEVICE=cpu
-  LIMITS=(120 120 300)
+  LIMITS=(120 120 240)
 else
   # ~1.04B parameters per model (hidden 2048, MLP 5504, 18 layers, vocab 32000), bf16: 2.1 GB each, 8.3 GB
   # for base + 3 fine-tunes; the largest tensor (embed/lm_head, 65.5M) is what the GPU-memory bound uses
@@ -60,16 +60,26 @@ else
   KERNEL_ARGS=()
   PYTEST_ARGS=(-m gpu tests/kernels)
   DEVICE=cuda
-  LIMITS=(150 150 300)
+  LIMITS=(150 120 240)
 fi
 METHODS=task_arithmetic,ties,dare_ties,breadcrumbs_ties,compeft
 
 log() { printf '%s\n' "$*" | tee -a "$LOG"; }
 SUMMARY=()
 FAILED=0
+# the whole run ends (summary written) within this many seconds (8 minutes: a 15-minute lease can run it twice);
+# steps that would start past it are skipped, and a step's limit is cut to the time left
+DEADLINE_S="${ALLOY_GPU_DEADLINE_S:-480}"
 step() {  # step NAME LIMIT_S CMD...: run, tee into the log, record the exit status and wall seconds
   local name=$1 limit=$2
   shift 2
+  local left=$((DEADLINE_S - SECONDS - 10))
+  if ((left < 20)); then
+    SUMMARY+=("$(printf '%-28s skipped: %ss left of %ss' "$name" "$((DEADLINE_S - SECONDS))" "$DEADLINE_S")")
+    FAILED=1
+    return
+  fi
+  ((limit > left)) && limit=$left
   log ""
   log "=== $name (limit ${limit}s): $(printf '%.150s' "$*" | head -1)"
   local start=$SECONDS rc
@@ -101,7 +111,7 @@ command -v nvidia-smi >/dev/null && step "nvidia-smi" 30 nvidia-smi --query-gpu=
 # The models first, timed on their own; merge_speed.py then finds them (same spec, same folder, its stamp). Its
 # generate() writes them one after another on one core (~30 s per 1B-parameter fine-tune); here each
 # write_synthetic_model call it makes runs in its own process instead, so the four take the time of one.
-step "generate models" 240 "$PY" -c '
+step "generate models" 150 "$PY" -c '
 import multiprocessing, sys, time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
