@@ -62,7 +62,7 @@ else
   DEVICE=cuda
   LIMITS=(150 120 240)
 fi
-METHODS=task_arithmetic,ties,dare_ties,breadcrumbs_ties,compeft
+METHODS=task_arithmetic,ties,dare_ties,breadcrumbs_ties,compeft,della
 
 log() { printf '%s\n' "$*" | tee -a "$LOG"; }
 SUMMARY=()

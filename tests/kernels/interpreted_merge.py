@@ -53,8 +53,7 @@ def merge_cases() -> dict[str, dict[str, Any]]:
             # uniform linear merge of the chosen ones (merge_ops.greedy_soup), the `model_soup` case below
             continue
         else:
-            models = three if info.min_models <= 3 else [*three, *three][: info.min_models]
-            cases[name] = {"method": name, "base": "{base}", "models": models}
+            cases[name] = _default_case(info, three)
     # per-row selection launches one radix select per row: under the interpreter that costs seconds per
     # tensor, so this case merges two tensors (a matrix and a vector) and copies the rest from the base
     cases["ties-per_row"] = {
@@ -80,6 +79,37 @@ def merge_cases() -> dict[str, dict[str, Any]]:
         "seed": 3,
     }
     return cases
+
+
+#: values for params a method requires (no default), by field name; a new required field fails the case loudly
+REQUIRED_PARAMS: dict[str, Any] = {"t": 0.5}
+
+
+def _default_case(info: Any, models: list[dict[str, Any]]) -> dict[str, Any]:
+    """The method with its defaults on the base and up to three fine-tunes, within its input bounds (the base
+    counts as an input; it is dropped only when the method takes no base and the bounds leave no room)."""
+    k = max(min(len(models), info.max_models or len(models)), info.min_models)
+    with_base = True
+    while info.max_inputs is not None and k + with_base > info.max_inputs:
+        if k > info.min_models:
+            k -= 1
+        elif with_base and not info.needs_base:
+            with_base = False
+        else:
+            break  # no valid shape: load_recipe says why
+    required: dict[str, Any] = {}
+    for key, field in info.params.model_fields.items():
+        if field.is_required():
+            param = field.alias or key
+            if param not in REQUIRED_PARAMS:
+                raise KeyError(f"method {info.name!r} requires {param!r}: give it a value in REQUIRED_PARAMS")
+            required[param] = REQUIRED_PARAMS[param]
+    case: dict[str, Any] = {"method": info.name, "models": models[:k]}
+    if with_base:
+        case["base"] = "{base}"
+    if required:
+        case["params"] = required
+    return case
 
 
 def make_models(root: Path) -> dict[str, Path]:
