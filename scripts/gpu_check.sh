@@ -90,10 +90,15 @@ step() {  # step NAME LIMIT_S CMD...: run, tee into the log, record the exit sta
 }
 
 log "=== alloy gpu_check ($MODE) $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-if [[ -d .whl ]] && ! "$PY" -c "import pydantic" 2>/dev/null; then
-  step "install wheels" 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$WORK/site" .whl/*.whl
-  export PYTHONPATH="$ROOT:$WORK/site"
+if ! "$PY" -c "import pydantic" 2>/dev/null; then
+  if [[ -d .whl ]]; then
+    step "install wheels" 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$WORK/site" .whl/*.whl
+    export PYTHONPATH="$ROOT:$WORK/site"
+  else
+    log "pydantic is missing and there is no .whl/: run 'bash scripts/gpu_check.sh --fetch-wheels' where pip works"
+    log "and bring .whl/ along (the device tool: carry [\".whl\"])"
+  fi
 fi
 step "environment" 60 "$PY" -c '
 import platform, torch, pydantic, safetensors
