@@ -37,7 +37,7 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=280,  # inside pytest-timeout's 300 s for the first test, which pays for this fixture
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return workdir, json.loads((workdir / "results.json").read_text())
