@@ -39,6 +39,10 @@ class Bench:
 
     params: dict[str, float] = field(default_factory=dict)
     mergekit: dict[str, float] | None = None
+    #: how many of the K fine-tunes the merge takes (None: all); slerp's contract is the base and one model
+    fine_tunes: int | None = None
+    #: mergekit's slerp configs list the base as an input too and take ``t`` as a global parameter
+    mergekit_lists_base: bool = False
 
 
 SPARSE = {"density": 0.2}
@@ -55,8 +59,10 @@ METHODS: dict[str, Bench] = {
     "dare_ties": Bench(SPARSE, SPARSE),
     "compeft": Bench(),
     "model_stock": Bench(),
+    "slerp": Bench({"t": 0.5}, {"t": 0.5}, fine_tunes=1, mergekit_lists_base=True),
+    "della": Bench({"density": 0.5, "epsilon": 0.1}, {"density": 0.5, "epsilon": 0.1}),
 }
-DEFAULT_METHODS = "task_arithmetic,linear,lines,ties,breadcrumbs,dare_linear,dare_ties,compeft"
+DEFAULT_METHODS = "task_arithmetic,linear,lines,ties,breadcrumbs,dare_linear,dare_ties,compeft,slerp,della"
 MERGEKIT_DTYPES = ("native", "float32")
 
 # Alloy's own reader and writer, nothing computed: every tensor of the K+1 inputs read, the base's written, one
@@ -203,12 +209,14 @@ def main() -> None:
     ]
     gpu_bound = 2 * (args.k + 1) * largest_tensor_numel(base) * 4
     gpu_peaks: dict[str, float] = {}
+    models_of: dict[str, list[Path]] = {}
     for method in args.methods.split(","):
         bench = METHODS[method]
+        used = models_of[method] = models[: bench.fine_tunes] if bench.fine_tunes else models
         recipe = {
             "method": method,
             "base": str(base),
-            "models": [{"source": str(m)} for m in models],
+            "models": [{"source": str(m)} for m in used],
             "params": dict(bench.params),
             "output": {"path": str(outputs / method)},
         }
@@ -226,7 +234,7 @@ def main() -> None:
         if mergekit and bench.mergekit is not None:
             for mk_dtype in mk_dtypes:
                 mk[mk_dtype] = _run_mergekit(
-                    mergekit, method, bench.mergekit, base, models, workdir, outputs, args, mk_dtype
+                    mergekit, method, bench, base, used, workdir, outputs, args, mk_dtype
                 )
         rows.append((method, wall, rss, mk))
 
@@ -236,9 +244,10 @@ def main() -> None:
     header += f"{'GPU peak/bound':>16}" if gpu_peaks else ""
     print(header)
     for name, wall, rss, mk in rows:
+        read = in_bytes if name not in models_of else folder_bytes(base) * (len(models_of[name]) + 1)
         line = (
             f"{name:<28}{wall:>9.2f}{wall / floor_s:>9.2f}{rss / 2**20:>14.0f}"
-            f"{(in_bytes + out_bytes) / wall / 1e9:>8.2f}"
+            f"{(read + out_bytes) / wall / 1e9:>8.2f}"
         )
         for mk_dtype in mk_dtypes if mergekit else ():
             if mk_dtype in mk:
@@ -256,7 +265,7 @@ def main() -> None:
 def _run_mergekit(
     mergekit: str,
     method: str,
-    params: dict[str, float],
+    bench: Bench,
     base: Path,
     models: list[Path],
     workdir: Path,
@@ -271,10 +280,15 @@ def _run_mergekit(
         "base_model": str(base),
         "dtype": args.dtype if mk_dtype == "native" else "float32",
         "out_dtype": args.dtype,
-        "models": [{"model": str(m), "parameters": {"weight": 1.0, **params}} for m in models],
+        "models": [
+            {"model": str(m), "parameters": {"weight": 1.0, **(bench.mergekit or {})}} for m in models
+        ],
     }
     if method == "linear":
         mk_cfg.pop("base_model")
+    if bench.mergekit_lists_base:
+        mk_cfg["models"] = [{"model": str(base)}, *({"model": str(m)} for m in models)]
+        mk_cfg["parameters"] = bench.mergekit
     mk_path = workdir / f"{method}-mergekit-{mk_dtype}.yaml"
     mk_path.write_text(yaml.safe_dump(mk_cfg))
     out = outputs / f"{method}-mergekit-{mk_dtype}"

@@ -23,7 +23,7 @@ import torch
 
 from merge_ops import __version__
 from merge_ops.checkpoint import torch_dtype
-from merge_ops.errors import MergeCancelled, OutputError
+from merge_ops.errors import MergeCancelled, OutputError, maps_kernel_errors
 from merge_ops.params import CATALOG, MethodInfo
 from merge_ops.preflight import (
     MergePlan,
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["REPORT_NAME", "MergePlan", "MergeReport", "Progress", "plan_merge", "run_merge"]
 
 
+@maps_kernel_errors
 def run_merge(
     recipe: Recipe,
     *,

@@ -142,8 +142,9 @@ class TensorMerger:
             )
         return self._params_cache[key]
 
-    def context(self, name: str, global_stats: Any) -> TensorContext:
-        """The one place a method's ``TensorContext`` is built (the merge and the LiNeS α pass both use it)."""
+    def context(self, name: str, global_stats: Any, base: torch.Tensor | None = None) -> TensorContext:
+        """The one place a method's ``TensorContext`` is built (the merge and the LiNeS α pass both use it).
+        ``base``: θ_0 as stored, passed on in float32 only to methods whose catalog entry asks for it."""
         return TensorContext(
             name=name,
             weights=self.weights,
@@ -152,6 +153,8 @@ class TensorMerger:
             scope=self.scope,
             densities=self.densities,
             global_stats=global_stats,
+            base=base.float() if base is not None and self.method.info.needs_base_weights else None,
+            reference_is_input=self.sources.reference_is_input,
         )
 
     def merged_delta(
@@ -160,7 +163,7 @@ class TensorMerger:
         taus = self.task_vectors(loaded, tp)
         if not all_finite(taus):
             raise self._non_finite(tp.name, loaded, taus)
-        ctx = self.context(tp.name, global_stats)
+        ctx = self.context(tp.name, global_stats, loaded.base)
         delta = self.method.fn(taus, ctx, self.params_for(tp))
         return delta, ctx
 
