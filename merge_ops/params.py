@@ -268,6 +268,18 @@ class ArceeFusionParams(Params):
     """No parameters: the threshold is derived from the importance scores of each tensor."""
 
 
+class SparseSoupParams(Params):
+    """Weighted mean of models that share one sparsity pattern (Zimmer et al., Sparse Model Soups)."""
+
+    mask: Literal["intersection", "union"] | None = Field(
+        None,
+        description=(
+            "Unset: the models' zero patterns must agree (else an error names the first tensor that differs). "
+            "intersection: zero wherever any model is zero; union: the plain mean (zero only where all are)."
+        ),
+    )
+
+
 class PassthroughParams(Params):
     """Copy the single model, optionally scaled."""
 
@@ -298,6 +310,9 @@ class MethodInfo:
     max_inputs: int | None = None
     #: The method reads θ_0 itself (``TensorContext.base``): it interpolates weights, not only task vectors.
     needs_base_weights: bool = False
+    #: The method gets the models' weights θ_t themselves (task vectors against a zero reference) and returns
+    #: the merged weights (the pipeline adds no base): for exact zero patterns (sparse_soup).
+    reads_weights: bool = False
 
 
 _PAPERS = {
@@ -319,6 +334,7 @@ _PAPERS = {
     "ram": "https://arxiv.org/abs/2601.13572",
     "arcee_fusion": "https://arcee.ai",
     "passthrough": "https://github.com/arcee-ai/mergekit",
+    "sparse_soup": "https://arxiv.org/abs/2306.16788",
 }
 
 CATALOG: dict[str, MethodInfo] = {
@@ -533,6 +549,15 @@ CATALOG: dict[str, MethodInfo] = {
             needs_base=False,
             max_inputs=1,
             needs_base_weights=True,
+        ),
+        MethodInfo(
+            "sparse_soup",
+            "Sparse model soup",
+            _PAPERS["sparse_soup"],
+            SparseSoupParams,
+            "Average pruned models that share one sparsity pattern; the soup keeps the pattern.",
+            needs_base=False,
+            reads_weights=True,
         ),
     ]
 }

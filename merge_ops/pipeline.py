@@ -116,10 +116,11 @@ class _Engine:
         self.positions = block_map([t.name for t in plan.tensors if t.action == "merge"])
         self._params_cache: dict[tuple[Any, ...], Any] = {}
         self.fused_weights = _fused_weights(recipe, sources)
-        # A soup without normalize is Σ w_t·θ_t: task vectors against a zero reference, and no base added.
+        # A soup without normalize is Σ w_t·θ_t, and sparse_soup needs exact zeros: task vectors against a zero
+        # reference, and no base added.
         info = CATALOG[recipe.method]
-        self.zero_reference = info.kind == "soup" and not getattr(
-            info.params.model_validate(recipe.params), "normalize", True
+        self.zero_reference = info.reads_weights or (
+            info.kind == "soup" and not getattr(info.params.model_validate(recipe.params), "normalize", True)
         )
 
     # -- loading (runs in the loader thread) ---------------------------------------------------------
@@ -546,7 +547,7 @@ def _totals(
         "side_files": side,
     }
     weights = {r["name"]: numel(r["shape"]) for r in merged}
-    for key in ("kept_density", "sign_conflict_rate"):
+    for key in ("kept_density", "sign_conflict_rate", "sparsity"):
         values = [(r[key], weights[r["name"]]) for r in merged if key in r]
         if values:
             totals[key] = round(sum(v * w for v, w in values) / max(1, sum(w for _, w in values)), 6)

@@ -17,6 +17,7 @@ from merge_ops.methods import (  # noqa: F401  (imported for their registration 
     sce,
     slerp,
     soup,
+    sparse_soup,
     stages,
     task_arithmetic,
     ties,
