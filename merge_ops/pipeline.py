@@ -119,6 +119,10 @@ class _Engine:
         # A soup without normalize is Σ w_t·θ_t, and sparse_soup needs exact zeros: task vectors against a zero
         # reference, and no base added.
         info = CATALOG[recipe.method]
+        if info.reads_weights and (delta := next((s for s in sources.inputs if s.is_delta), None)):
+            raise IncompatibleModelsError(
+                f"{recipe.method} averages full weights; {delta.label} is a {delta.kind}", source=delta.label
+            )
         self.zero_reference = info.reads_weights or (
             info.kind == "soup" and not getattr(info.params.model_validate(recipe.params), "normalize", True)
         )
