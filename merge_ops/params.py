@@ -280,6 +280,31 @@ class SparseSoupParams(Params):
     )
 
 
+Coefficient = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
+
+
+class AtlasParams(Params):
+    """aTLAS: one coefficient per task vector and parameter block (tensor), learned on a few-shot objective."""
+
+    lambda_: float = Field(
+        0.3, alias="lambda", gt=0, le=10, description="Initial coefficient of every task vector and block."
+    )
+    steps: int = Field(
+        20, ge=0, le=10000, description="Adam steps on the evaluator's loss (0: task arithmetic)."
+    )
+    lr: float = Field(0.05, gt=0, le=10, description="Adam learning rate of the coefficients.")
+    objective: Literal["supervised", "entropy"] = Field(
+        "supervised",
+        description="supervised: cross-entropy on the evaluator's labelled rows; entropy: mean prediction entropy "
+        "(test-time adaptation, labels unused).",
+    )
+    coefficients: dict[str, list[Coefficient]] | None = Field(
+        None,
+        description="Fixed coefficients per tensor name (one per model); set, nothing is trained. The report of "
+        "a trained merge holds the learned ones in this form.",
+    )
+
+
 class PassthroughParams(Params):
     """Copy the single model, optionally scaled."""
 
@@ -335,6 +360,7 @@ _PAPERS = {
     "arcee_fusion": "https://arcee.ai",
     "passthrough": "https://github.com/arcee-ai/mergekit",
     "sparse_soup": "https://arxiv.org/abs/2306.16788",
+    "atlas": "https://arxiv.org/abs/2407.02880",
 }
 
 CATALOG: dict[str, MethodInfo] = {
@@ -558,6 +584,13 @@ CATALOG: dict[str, MethodInfo] = {
             "Average pruned models that share one sparsity pattern; the soup keeps the pattern.",
             needs_base=False,
             reads_weights=True,
+        ),
+        MethodInfo(
+            "atlas",
+            "aTLAS (learned anisotropic scaling)",
+            _PAPERS["atlas"],
+            AtlasParams,
+            "Learn one coefficient per task vector and tensor by gradient descent on a few-shot objective.",
         ),
     ]
 }

@@ -60,7 +60,8 @@ class Progress:
     bytes_done: int
     bytes_total: int
     eta_s: float | None
-    #: "merge", or "evaluate" while greedy soup scores candidates (then the tensor counts are evaluations)
+    #: "merge", "evaluate" while greedy soup scores candidates (then the tensor counts are evaluations), or
+    #: "train" while aTLAS learns its coefficients (then they are steps)
     phase: str = "merge"
 
 
@@ -81,6 +82,8 @@ class MergeReport(BaseModel):
     model_card: str | None = None
     #: greedy_soup: every ingredient's score, the order tried and the chosen ingredients
     greedy_soup: dict[str, Any] | None = None
+    #: atlas: the learned coefficient per block (tensor) and model, the loss per step, the settings
+    atlas: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -293,6 +296,19 @@ def run_merge(
         from merge_ops.greedy_soup import write_greedy_soup
 
         return write_greedy_soup(
+            recipe,
+            output_dir=output_dir,
+            resolver=resolver,
+            device=device,
+            progress=progress,
+            should_cancel=should_cancel,
+            scratch_root=scratch_root,
+            data_root=data_root,
+        )
+    if recipe.method == "atlas" and recipe.params.get("coefficients") is None:
+        from merge_ops.atlas import write_atlas
+
+        return write_atlas(  # type: ignore[no-any-return]
             recipe,
             output_dir=output_dir,
             resolver=resolver,

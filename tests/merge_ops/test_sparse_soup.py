@@ -110,3 +110,13 @@ def test_intersection_zeroes_where_any_model_is_zero_and_union_is_the_plain_mean
 def test_mask_is_validated_at_the_edge() -> None:
     with pytest.raises(Exception, match="mask"):
         load_recipe({"method": "sparse_soup", "models": [{"source": "./a"}], "params": {"mask": "xor"}})
+
+
+def test_delta_sources_are_refused(tmp_path: Path) -> None:
+    from merge_ops.artifacts import extract_task_vector
+
+    first, second = (make_checkpoint(tmp_path / n, pruned(1)) for n in ("a", "b"))
+    tv = extract_task_vector(first, second, tmp_path / "tv")
+    recipe = {"method": "sparse_soup", "models": [{"source": str(first)}, {"source": str(tv)}]}
+    with pytest.raises(IncompatibleModelsError, match="averages full weights"):
+        run_merge(load_recipe({**recipe, "output": {"path": str(tmp_path / "out")}}))
