@@ -76,6 +76,19 @@ def run_merge(
             scratch_root=scratch_root,
             data_root=data_root,
         )
+    if recipe.method == "atlas" and recipe.params.get("coefficients") is None:
+        from merge_ops.atlas import write_atlas
+
+        return write_atlas(  # type: ignore[no-any-return]
+            recipe,
+            output_dir=output_dir,
+            resolver=resolver,
+            device=device,
+            progress=progress,
+            should_cancel=should_cancel,
+            scratch_root=scratch_root,
+            data_root=data_root,
+        )
     started = time.perf_counter()
     target = target_dir(recipe, output_dir)
     info = CATALOG[recipe.method]

@@ -22,7 +22,8 @@ class Progress:
     bytes_done: int
     bytes_total: int
     eta_s: float | None
-    #: "merge", or "evaluate" while greedy soup scores candidates (then the tensor counts are evaluations)
+    #: "merge", "evaluate" while greedy soup scores candidates (then the tensor counts are evaluations), or
+    #: "train" while aTLAS learns its coefficients (then they are steps)
     phase: str = "merge"
 
 
@@ -43,6 +44,8 @@ class MergeReport(BaseModel):
     model_card: str | None = None
     #: greedy_soup: every ingredient's score, the order tried and the chosen ingredients
     greedy_soup: dict[str, Any] | None = None
+    #: atlas: the learned coefficient per block (tensor) and model, the loss per step, the settings
+    atlas: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -63,7 +66,7 @@ def merge_totals(
         "side_files": side,
     }
     weights = {r["name"]: numel(r["shape"]) for r in merged}
-    for key in ("kept_density", "sign_conflict_rate"):
+    for key in ("kept_density", "sign_conflict_rate", "sparsity"):
         values = [(r[key], weights[r["name"]]) for r in merged if key in r]
         if values:
             totals[key] = round(sum(v * w for v, w in values) / max(1, sum(w for _, w in values)), 6)

@@ -59,10 +59,15 @@ class TensorMerger:
         self.positions = block_map([t.name for t in plan.tensors if t.action == "merge"])
         self._params_cache: dict[tuple[Any, ...], Any] = {}
         self.fused_weights = fused_weights(recipe, sources)
-        # A soup without normalize is Σ w_t·θ_t: task vectors against a zero reference, and no base added.
+        # A soup without normalize is Σ w_t·θ_t, and sparse_soup needs exact zeros: task vectors against a zero
+        # reference, and no base added.
         info = CATALOG[recipe.method]
-        self.zero_reference = info.kind == "soup" and not getattr(
-            info.params.model_validate(recipe.params), "normalize", True
+        if info.reads_weights and (delta := next((s for s in sources.inputs if s.is_delta), None)):
+            raise IncompatibleModelsError(
+                f"{recipe.method} averages full weights; {delta.label} is a {delta.kind}", source=delta.label
+            )
+        self.zero_reference = info.reads_weights or (
+            info.kind == "soup" and not getattr(info.params.model_validate(recipe.params), "normalize", True)
         )
 
     # -- loading (runs in the loader thread) ---------------------------------------------------------
