@@ -346,6 +346,7 @@ def _merge_into(
 ) -> MergeReport:
     from merge_ops.lines import lines_scales
     from merge_ops.modelcard import read_front_matter, write_model_card
+    from merge_ops.structured_sources import finish_side_files
     from merge_ops.writer import ShardedWriter, copy_side_files
 
     engine = _Engine(recipe, sources, plan, dev)
@@ -456,6 +457,7 @@ def _merge_into(
         }
     )
     side = copy_side_files(sources.side_files_from, scratch) if sources.side_files_from else []
+    side += [f for f in finish_side_files(recipe, scratch) if f not in side]  # slices' layer count
     report = MergeReport(
         method=recipe.method,
         recipe_digest=recipe.digest(),

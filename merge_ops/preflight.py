@@ -144,6 +144,17 @@ def open_sources(recipe: Recipe, info: MethodInfo, resolver: Any) -> Sources:
                 [1.0],
                 side_files_from=side if side.is_dir() else None,
             )
+        copy_from = recipe.output.copy_files_from
+        side_source = (
+            recipe.base or recipe.models[0].source if copy_from == "base" else recipe.models[copy_from].source
+        )
+        if recipe.slices is not None or any(m.lora for m in recipe.models):
+            from merge_ops.structured_sources import open_structured_sources
+
+            structured = open_structured_sources(recipe, open_, _label)
+            side = local_path(side_source, resolver=resolver)
+            structured.side_files_from = side if side.is_dir() else None
+            return structured
         weights = recipe.model_weights()
         models = [open_(m.source) for m in recipe.models]
         labels = [_label(m.source) for m in recipe.models]
@@ -156,10 +167,6 @@ def open_sources(recipe: Recipe, info: MethodInfo, resolver: Any) -> Sources:
             raise IncompatibleModelsError(
                 f"the base {ref_label} is a {reference.kind}, not a full checkpoint"
             )
-        copy_from = recipe.output.copy_files_from
-        side_source = (
-            recipe.base or recipe.models[0].source if copy_from == "base" else recipe.models[copy_from].source
-        )
         side = local_path(side_source, resolver=resolver)
         return Sources(
             reference,

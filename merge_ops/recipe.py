@@ -27,6 +27,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from merge_ops.errors import RecipeError
 from merge_ops.evaluators.spec import EvaluatorSpec
 from merge_ops.params import CATALOG, LinesParams, Params, Scope
+from merge_ops.slices import SliceSpec, derive_models
 
 OutputDtype = Literal["float32", "float16", "bfloat16"]
 _SIZE_UNITS = {
@@ -81,11 +82,15 @@ class ModelEntry(_Model):
     source: Source
     weight: float = Field(1.0, ge=-100, le=100, description="w_t; negative weights negate a task vector.")
     density: float | None = Field(None, gt=0, le=1, description="Per-model override of params.density.")
+    lora: Source | None = Field(
+        None, description="A PEFT LoRA adapter merged into this model before the merge (mergekit model+lora)."
+    )
 
-    @field_validator("source")
+    @field_validator("source", "lora")
     @classmethod
-    def _parse(cls, value: Source) -> Source:
-        parse_source(value)
+    def _parse(cls, value: Source | None) -> Source | None:
+        if value is not None:
+            parse_source(value)
         return value
 
 
@@ -174,6 +179,9 @@ class Recipe(_Model):
     dtype: OutputDtype | None = Field(None, description="Output dtype; default: the base's.")
     seed: int = Field(0, ge=0, lt=2**63)
     filters: Filters = Field(default_factory=Filters)
+    slices: list[SliceSpec] | None = Field(
+        None, description="Build the output from layer ranges of the models (see merge_ops.slices)."
+    )
     vocab_policy: Literal["error", "truncate", "pad_zero", "pad_mean"] = "error"
     evaluator: EvaluatorSpec | None = Field(None, description="Held-out scorer for greedy_soup.")
     allow_pickle: bool = Field(
@@ -189,7 +197,11 @@ class Recipe(_Model):
     @classmethod
     def _validate_everything(cls, data: Any, handler: Any) -> Self:
         """Run field validation and the cross-field rules, and report the problems of both at once."""
-        problems = _cross_field_problems(data) if isinstance(data, dict) else []
+        problems: list[InitErrorDetails] = []
+        if isinstance(data, dict) and data.get("slices") is not None:
+            data, slice_problems = derive_models(data)  # one model entry per input slot
+            problems += [_problem(loc, msg) for loc, msg in slice_problems]
+        problems += _cross_field_problems(data) if isinstance(data, dict) else []
         try:
             recipe = handler(data)
         except ValidationError as exc:
