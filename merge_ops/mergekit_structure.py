@@ -1,0 +1,246 @@
+"""mergekit's structural fields -> Alloy's: ``slices``/``layer_range``, ``modules``, ``model+lora`` references.
+
+Called from ``merge_ops.mergekit_compat.translate_mergekit`` through two hooks: ``extract_structure`` runs first
+and hands the parameter translation a plain ``models:`` config (one entry per input slot, from the first slice);
+``apply_structure`` runs last and puts the slices and LoRA adapters into the Alloy recipe.
+
+mergekit 0.1.5 semantics kept here (``plan.py``, ``config.py``, ``common.py``):
+  - ``slices: [{sources: [{model, layer_range: [a, b], parameters}], parameters, base_model}]``: output layer
+    ``n + i`` of a slice merges layer ``a + i`` of each source; every source of a slice spans the same number of
+    layers; the base model must be one of the sources of each slice (it is θ_0 there); embeddings come from the
+    first slice's sources, the final norm and lm_head from the last slice's; ``num_hidden_layers`` is the sum of
+    the slice lengths.
+  - ``modules: {<module>: {slices | models, parameters}}`` is the same for a single-module architecture (the
+    decoder-only models Alloy merges have one, ``default``).
+  - Parameters resolve source > slice > module > top level. A gradient's position ``t`` runs over the layers of its
+    own slice; with one slice that is Alloy's over the output's layers.
+  - ``model+lora`` is the model with the PEFT adapter merged in (``merge_and_unload``) before merging.
+What Alloy can't express yet is refused, naming the field: per-slice parameters or per-slice source parameters
+that differ between slices, gradients with several slices, a per-slice ``base_model`` other than the top-level
+one, ``residual_weight``, several modules, and a LoRA on the base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Fail = Any  # (loc, msg) -> None, from translate_mergekit
+_NO_BASE_METHODS = {"linear", "passthrough"}
+
+
+@dataclass
+class Structure:
+    """What ``extract_structure`` took out of the config, for ``apply_structure``."""
+
+    #: per output slice: [(raw model reference, lora reference or None, layer_range)] (base entries included)
+    slices: list[list[tuple[str, str | None, tuple[int, int]]]] | None = None
+    #: ``models:`` configs: (raw model reference, raw LoRA reference or None) per entry, in order
+    models: list[tuple[str, str | None]] = field(default_factory=list)
+    base: str | None = None
+
+
+def split_lora(ref: Any) -> tuple[Any, str | None]:
+    """mergekit's ``<model>+<lora>`` reference -> (model, lora); other values unchanged."""
+    if isinstance(ref, str) and "+" in ref:
+        model, _, lora = ref.partition("+")
+        return model, lora
+    return ref, None
+
+
+def extract_structure(data: dict[str, Any], fail: Fail) -> tuple[dict[str, Any], Structure]:
+    """A copy of ``data`` in the ``models:`` form the parameter translation handles, and the structure taken out."""
+    out = dict(data)
+    structure = Structure()
+    base, base_lora = split_lora(data.get("base_model"))
+    if base_lora is not None:
+        fail(["base_model"], "a LoRA on the base model (base_model: model+lora) is not supported yet")
+    if base is not None:
+        out["base_model"] = base
+    structure.base = base if isinstance(base, str) else None
+    top_params = data.get("parameters") if isinstance(data.get("parameters"), dict) else {}
+    # methods that ignore the base (or have none) take every slice source as an input
+    if data.get("merge_method") in _NO_BASE_METHODS:
+        base = None
+
+    modules = out.pop("modules", None)
+    if modules is not None:
+        if not isinstance(modules, dict) or len(modules) != 1:
+            fail(["modules"], "Alloy merges single-module models: modules must have exactly one entry")
+            return out, structure
+        ((name, module),) = modules.items()
+        if not isinstance(module, dict):
+            fail(["modules", name], "must be a mapping with slices or models")
+            return out, structure
+        if module.get("parameters"):
+            # module parameters come before the top-level ones (mergekit's precedence)
+            out["parameters"] = top_params = {**top_params, **module["parameters"]}
+        if module.get("models") is not None:
+            out["models"] = module["models"]
+        if module.get("slices") is not None:
+            out["slices"] = module["slices"]
+
+    slices = out.pop("slices", None)
+    if slices is not None:
+        if out.get("models"):
+            fail(["slices"], "mergekit takes exactly one of models, slices or modules")
+            return out, structure
+        models = _slices_to_models(slices, base, top_params, out, structure, fail)
+        out["models"] = models
+    models = out.get("models")
+    if isinstance(models, list):
+        cleaned = []
+        for entry in models:
+            if isinstance(entry, dict) and "model" in entry:
+                model, lora = split_lora(entry["model"])
+                structure.models.append((model, lora))
+                if lora is not None:
+                    entry = {**entry, "model": model}
+            cleaned.append(entry)
+        out["models"] = cleaned
+    return out, structure
+
+
+def _slices_to_models(
+    slices: Any, base: Any, top_params: dict[str, Any], out: dict[str, Any], structure: Structure, fail: Fail
+) -> list[dict[str, Any]]:
+    if not isinstance(slices, list) or not slices:
+        fail(["slices"], "slices must be a non-empty list of {sources: [...]}")
+        return []
+    plan: list[list[tuple[str, str | None, tuple[int, int]]]] = []
+    slots: list[dict[str, Any]] | None = None
+    for i, spec in enumerate(slices):
+        loc: list[str | int] = ["slices", i]
+        if not isinstance(spec, dict) or not isinstance(spec.get("sources"), list) or not spec["sources"]:
+            fail(loc, "each slice needs a non-empty sources list")
+            continue
+        for key in spec:
+            if key not in ("sources", "parameters", "base_model"):
+                fail([*loc, key], f"slice field {key!r} is not supported by Alloy")
+        slice_base = spec.get("base_model")
+        if slice_base is not None and slice_base != base:
+            fail(
+                [*loc, "base_model"],
+                "a per-slice base_model other than the top-level base_model is not supported",
+            )
+        if spec.get("parameters"):
+            if len(slices) > 1:
+                fail(
+                    [*loc, "parameters"],
+                    "slice-level parameters with several slices are not supported yet "
+                    "(move them to the top-level parameters or use one slice)",
+                )
+            else:  # one slice: its parameters apply to every tensor, ahead of the top-level ones
+                out["parameters"] = top_params = {**top_params, **spec["parameters"]}
+        entries: list[tuple[str, str | None, tuple[int, int]]] = []
+        inputs: list[dict[str, Any]] = []
+        for j, src in enumerate(spec["sources"]):
+            sloc = [*loc, "sources", j]
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                fail(sloc, "each slice source needs model and layer_range")
+                continue
+            for key in src:
+                if key not in ("model", "layer_range", "parameters"):
+                    fail([*sloc, key], f"slice source field {key!r} is not supported by Alloy")
+            layer_range = src["layer_range"]
+            if (
+                not isinstance(layer_range, list | tuple)
+                or len(layer_range) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in layer_range)
+            ):
+                fail([*sloc, "layer_range"], "layer_range must be [start, end] (integers)")
+                continue
+            model, lora = split_lora(src["model"])
+            entries.append((model, lora, (int(layer_range[0]), int(layer_range[1]))))
+            if base is not None and model == base and lora is None:
+                continue  # θ_0 of this slice
+            inputs.append({"model": model, "parameters": src.get("parameters") or {}})
+        plan.append(entries)
+        if slots is None:
+            slots = inputs
+        elif len(inputs) != len(slots):
+            fail(
+                [*loc, "sources"],
+                f"every slice must have the same number of sources besides the base ({len(slots)} in slice 0, "
+                f"{len(inputs)} here): Alloy merges the sources position by position",
+            )
+        else:
+            for j, (entry, first) in enumerate(zip(inputs, slots, strict=True)):
+                if entry["parameters"] != first["parameters"]:
+                    fail(
+                        [*loc, "sources", j, "parameters"],
+                        "a source's parameters must be the same in every slice in Alloy (they differ from slice 0)",
+                    )
+    if len(slices) > 1 and _has_gradient(top_params, slots or []):
+        fail(
+            ["parameters"],
+            "gradients with several slices are not supported yet (mergekit interpolates them over each slice)",
+        )
+    structure.slices = plan
+    return slots or []
+
+
+def _has_gradient(params: dict[str, Any], slots: list[dict[str, Any]]) -> bool:
+    def gradient(value: Any) -> bool:
+        if isinstance(value, list):
+            return any(not isinstance(v, dict) for v in value) or any(
+                isinstance(v, dict) and isinstance(v.get("value"), list) for v in value
+            )
+        return isinstance(value, dict) and isinstance(value.get("value"), list)
+
+    scopes = [params, *(s["parameters"] for s in slots)]
+    return any(gradient(v) for scope in scopes if isinstance(scope, dict) for v in scope.values())
+
+
+def apply_structure(recipe: dict[str, Any], structure: Structure, fail: Fail) -> dict[str, Any]:
+    """Put the slices and LoRA adapters taken out by ``extract_structure`` into the translated recipe."""
+    models = recipe.get("models") or []
+    if structure.slices is None and any(lora for _, lora in structure.models):
+        # walk both lists in order: the parameter translation may drop entries (a base listed again), never
+        # reorder them
+        pending = iter(structure.models)
+        for model in models:
+            for raw, lora in pending:
+                if _alloy_source(raw) == model.get("source"):
+                    if lora is not None:
+                        model["lora"] = _alloy_source(lora)
+                    break
+    if structure.slices is None:
+        return recipe
+    base = recipe.get("base")
+    slices = []
+    for entries in structure.slices:
+        sources = []
+        slot = 0
+        for model, lora, layer_range in entries:
+            item: dict[str, Any] = {"source": _alloy_source(model), "layers": list(layer_range)}
+            if lora is not None:
+                item["lora"] = _alloy_source(lora)
+            is_base = structure.base is not None and model == structure.base and lora is None
+            if is_base:
+                item["source"] = base if base is not None else item["source"]
+            elif slot < len(models):
+                translated = models[slot]
+                for key in ("weight", "density"):
+                    if key in translated:
+                        item[key] = translated[key]
+                slot += 1
+            sources.append(item)
+        slices.append({"sources": sources})
+    recipe = {k: v for k, v in recipe.items() if k != "models"}
+    recipe["slices"] = slices
+    return recipe
+
+
+def _alloy_source(ref: str) -> str:
+    """mergekit model reference -> Alloy source, as ``mergekit_compat`` translates ``models[].model``: an existing
+    local path stays a path, ``org/name[@rev]`` is a Hub repository (kept here so both hooks agree on LoRAs)."""
+    import re
+
+    if Path(ref).expanduser().exists() or ref.startswith(("/", ".", "~", "hf://")):
+        return ref
+    repo, _, revision = ref.partition("@")
+    if re.match(r"^[\w.\-]+/[\w.\-]+$", repo):
+        return f"hf://{repo}@{revision}" if revision else f"hf://{repo}"
+    return ref
