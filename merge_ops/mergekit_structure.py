@@ -39,6 +39,9 @@ class Structure:
     #: ``models:`` configs: (raw model reference, raw LoRA reference or None) per entry, in order
     models: list[tuple[str, str | None]] = field(default_factory=list)
     base: str | None = None
+    #: the native ``tokenizer`` spec with its raw ``source`` (translated in ``apply_structure``), and the template
+    tokenizer: dict[str, Any] | None = None
+    chat_template: str | None = None
 
 
 def split_lora(ref: Any) -> tuple[Any, str | None]:
@@ -59,11 +62,13 @@ def extract_structure(data: dict[str, Any], fail: Fail) -> tuple[dict[str, Any],
     if base is not None:
         out["base_model"] = base
     structure.base = base if isinstance(base, str) else None
-    top_params = data.get("parameters") if isinstance(data.get("parameters"), dict) else {}
+    raw_params = data.get("parameters")
+    top_params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
     # methods that ignore the base (or have none) take every slice source as an input
     if data.get("merge_method") in _NO_BASE_METHODS:
         base = None
 
+    _extract_tokenizer(out, structure, fail)
     modules = out.pop("modules", None)
     if modules is not None:
         if not isinstance(modules, dict) or len(modules) != 1:
@@ -86,12 +91,11 @@ def extract_structure(data: dict[str, Any], fail: Fail) -> tuple[dict[str, Any],
         if out.get("models"):
             fail(["slices"], "mergekit takes exactly one of models, slices or modules")
             return out, structure
-        models = _slices_to_models(slices, base, top_params, out, structure, fail)
-        out["models"] = models
-    models = out.get("models")
-    if isinstance(models, list):
+        out["models"] = _slices_to_models(slices, base, top_params, out, structure, fail)
+    listed = out.get("models")
+    if isinstance(listed, list):
         cleaned = []
-        for entry in models:
+        for entry in listed:
             if isinstance(entry, dict) and "model" in entry:
                 model, lora = split_lora(entry["model"])
                 structure.models.append((model, lora))
@@ -100,6 +104,45 @@ def extract_structure(data: dict[str, Any], fail: Fail) -> tuple[dict[str, Any],
             cleaned.append(entry)
         out["models"] = cleaned
     return out, structure
+
+
+def _extract_tokenizer(out: dict[str, Any], structure: Structure, fail: Fail) -> None:
+    """``tokenizer_source`` / ``tokenizer: {source, tokens, pad_to_multiple_of}`` / ``chat_template``."""
+    source = out.pop("tokenizer_source", None)
+    block = out.pop("tokenizer", None)
+    template = out.pop("chat_template", None)
+    if source is not None and block is not None:
+        fail(["tokenizer"], "mergekit takes tokenizer_source or tokenizer, not both")
+    elif block is not None:
+        if not isinstance(block, dict):
+            fail(["tokenizer"], "must be a mapping {source, tokens, pad_to_multiple_of}")
+        else:
+            for key in block:
+                if key not in ("source", "tokens", "pad_to_multiple_of"):
+                    fail(["tokenizer", key], f"tokenizer field {key!r} is not supported by mergekit")
+            if block.get("tokens"):
+                fail(
+                    ["tokenizer", "tokens"],
+                    "per-token embedding sources (tokenizer.tokens) are not supported yet; "
+                    "drop them to use mergekit's default rows",
+                )
+            spec: dict[str, Any] = {"source": block.get("source", "union")}
+            if block.get("pad_to_multiple_of") is not None:
+                spec["pad_to_multiple_of"] = block["pad_to_multiple_of"]
+            structure.tokenizer = spec
+    elif source is not None:
+        structure.tokenizer = {"source": source}
+    if structure.tokenizer is not None and not isinstance(structure.tokenizer["source"], str):
+        fail(
+            ["tokenizer_source" if source is not None else "tokenizer"],
+            "the source must be base, union or a model",
+        )
+        structure.tokenizer = None
+    if template is not None:
+        if not isinstance(template, str):
+            fail(["chat_template"], "must be a string")
+        else:
+            structure.chat_template = template
 
 
 def _slices_to_models(
@@ -206,6 +249,16 @@ def apply_structure(recipe: dict[str, Any], structure: Structure, fail: Fail) ->
                     if lora is not None:
                         model["lora"] = _alloy_source(lora)
                     break
+    if structure.tokenizer is not None:
+        source = structure.tokenizer["source"]
+        if source not in ("base", "union"):
+            model, lora = split_lora(source)
+            if lora is not None:
+                fail(["tokenizer_source"], "a model+lora tokenizer source is not supported; name the model")
+            source = _alloy_source(model)
+        recipe["tokenizer"] = {**structure.tokenizer, "source": source}
+    if structure.chat_template is not None:
+        recipe["chat_template"] = structure.chat_template
     if structure.slices is None:
         return recipe
     base = recipe.get("base")

@@ -457,7 +457,9 @@ def _merge_into(
         }
     )
     side = copy_side_files(sources.side_files_from, scratch) if sources.side_files_from else []
-    side += [f for f in finish_side_files(recipe, scratch) if f not in side]  # slices' layer count
+    side += [
+        f for f in finish_side_files(recipe, sources, scratch) if f not in side
+    ]  # slices' layer count, tokenizer
     report = MergeReport(
         method=recipe.method,
         recipe_digest=recipe.digest(),

@@ -28,6 +28,7 @@ from merge_ops.errors import RecipeError
 from merge_ops.evaluators.spec import EvaluatorSpec
 from merge_ops.params import CATALOG, LinesParams, Params, Scope
 from merge_ops.slices import SliceSpec, derive_models
+from merge_ops.tokenizer import TokenizerSpec, chat_template_problem
 
 OutputDtype = Literal["float32", "float16", "bfloat16"]
 _SIZE_UNITS = {
@@ -182,6 +183,13 @@ class Recipe(_Model):
     slices: list[SliceSpec] | None = Field(
         None, description="Build the output from layer ranges of the models (see merge_ops.slices)."
     )
+    tokenizer: TokenizerSpec | None = Field(
+        None,
+        description="The output's vocabulary; embedding/lm_head rows are re-indexed to it (merge_ops.tokenizer).",
+    )
+    chat_template: str | None = Field(
+        None, max_length=100_000, description="A Jinja chat template saved with the tokenizer, or 'auto'."
+    )
     vocab_policy: Literal["error", "truncate", "pad_zero", "pad_mean"] = "error"
     evaluator: EvaluatorSpec | None = Field(None, description="Held-out scorer for greedy_soup.")
     allow_pickle: bool = Field(
@@ -291,6 +299,9 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
             problems.append(
                 _problem(("models",), f"method {method!r} needs at least {info.min_models} model(s)")
             )
+    template = data.get("chat_template")
+    if isinstance(template, str) and (why := chat_template_problem(template)):
+        problems.append(_problem(("chat_template",), why))
     if method == "greedy_soup" and not data.get("evaluator"):
         problems.append(_problem(("evaluator",), "method 'greedy_soup' needs an evaluator"))
     weights = data.get("weights")

@@ -33,6 +33,7 @@ from merge_ops.slices import (
     split_slice,
 )
 from merge_ops.sources import ModelSource, SourceKind
+from merge_ops.tokenizer import VOCAB_TENSOR
 
 
 class LoraMergedSource(ModelSource):
@@ -186,17 +187,24 @@ def close_all(sources: list[ModelSource]) -> None:
 
 
 def open_structured_sources(
-    recipe: Any, open_: Callable[[Any], ModelSource], label_of: Callable[[Any], str]
+    recipe: Any,
+    open_: Callable[[Any], ModelSource],
+    label_of: Callable[[Any], str],
+    resolve: Callable[[Any], Path],
 ) -> Any:
-    """The preflight hook for recipes with ``slices`` or LoRA-adapted models: their ``Sources``."""
+    """The preflight hook for recipes with ``slices``, LoRA-adapted models or a ``tokenizer``: their ``Sources``.
+    ``resolve`` gives a source's local folder (the tokenizer a recipe names)."""
     from merge_ops.preflight import Sources
     from merge_ops.slices import SliceSpec as _Spec
 
     opened: list[ModelSource] = []
+    reference: ModelSource | None
+    inputs: list[ModelSource]
     try:
         if recipe.slices is not None:
             specs = [s if isinstance(s, _Spec) else _Spec.model_validate(s) for s in recipe.slices]
-            reference, inputs, opened = open_sliced(specs, recipe.base, open_, label_of)
+            sliced_reference, sliced_inputs, opened = open_sliced(specs, recipe.base, open_, label_of)
+            reference, inputs = sliced_reference, list(sliced_inputs)
             labels = [src.label for src in inputs]
         else:
             inputs = [open_with_lora(open_, m.source, m.lora, label_of(m.source)) for m in recipe.models]
@@ -208,6 +216,8 @@ def open_structured_sources(
         ref_is_input = reference is None
         if reference is None:  # no base: input 0 is the reference, its task vector is zero
             reference = inputs[0]
+        if getattr(recipe, "tokenizer", None) is not None:
+            reference, inputs = align_vocabulary(recipe, reference, inputs, ref_is_input, resolve)
         return Sources(
             reference,
             label_of(recipe.base) if recipe.base is not None else labels[0],
@@ -221,10 +231,28 @@ def open_structured_sources(
         raise
 
 
-def finish_side_files(recipe: Any, folder: Path) -> list[str]:
-    """After the side files are copied: ``config.json`` gets the sliced output's layer count. Returns the names
-    of the files written or changed."""
+def finish_side_files(recipe: Any, sources: Any, folder: Path) -> list[str]:
+    """After the side files are copied: ``config.json`` gets the sliced output's layer count; the tokenizer of
+    ``recipe.tokenizer`` (with its ``vocab_size``) and the ``chat_template`` replace the copied tokenizer files.
+    Returns the names of the files written or changed."""
+    from merge_ops import tokenizer as tok
+
     changed: list[str] = []
+    vocabulary = getattr(sources.reference, "vocabulary", None)
+    template = getattr(recipe, "chat_template", None)
+    if vocabulary is not None or template is not None:
+        members = [sources.reference, *sources.inputs]
+        folders = list(dict.fromkeys(model_folder(m, next(iter(m.infos)))[2] for m in members if m.infos))
+        picked = tok.pick_chat_template(template, folders) if template is not None else None
+        if vocabulary is not None:
+            changed += tok.save_tokenizer(
+                vocabulary.tokenizer, folder, chat_template=picked, vocab_size=vocabulary.size
+            )
+        elif picked is not None and sources.side_files_from is not None:
+            donor = tok.load_tokenizer(sources.side_files_from)
+            changed += tok.save_tokenizer(donor, folder, chat_template=picked, vocab_size=None)
+        if vocabulary is not None:
+            changed.append("config.json")
     if recipe.slices is not None:
         config = folder / "config.json"
         if config.is_file():
@@ -237,3 +265,111 @@ def finish_side_files(recipe: Any, folder: Path) -> list[str]:
             config.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
             changed.append(config.name)
     return changed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vocabulary alignment (merge_ops.tokenizer)
+
+
+def model_folder(src: ModelSource, name: str) -> tuple[ModelSource, str, Path]:
+    """The opened model behind ``src`` for tensor ``name``: (that model, its tensor name, its folder)."""
+    if isinstance(src, SlicedSource):
+        inner, inner_name = src.feeds[name]
+        return model_folder(inner, inner_name)
+    if isinstance(src, VocabAlignedSource):
+        return model_folder(src.inner, name)
+    if isinstance(src, LoraMergedSource):
+        return src, name, Path(src.model.label)
+    return src, name, Path(src.label)
+
+
+class _Aligner:
+    """Re-indexes the token rows of every member for one tensor at a time (the last one is cached: the engine
+    asks for the same tensor once per member)."""
+
+    def __init__(self, vocabulary: Any, members: list[ModelSource]) -> None:
+        self.vocabulary, self.members = vocabulary, members
+        self._name: str | None = None
+        self._aligned: list[torch.Tensor] = []
+
+    def aligned(self, name: str, position: int) -> torch.Tensor:
+        if name != self._name:
+            tensors = []
+            for member in self.members:
+                model, inner_name, folder = model_folder(member, name)
+                tensors.append((str(folder), model.load(inner_name)))
+            self._aligned = self.vocabulary.align(tensors)
+            self._name = name
+        return self._aligned[position]
+
+
+class VocabAlignedSource(ModelSource):
+    """A full checkpoint whose embedding / lm_head rows follow the output vocabulary."""
+
+    kind: SourceKind = "checkpoint"
+    is_delta = False
+
+    def __init__(self, inner: ModelSource, aligner: _Aligner, position: int) -> None:
+        super().__init__(inner.label)
+        self.inner, self.aligner, self.position = inner, aligner, position
+        size = aligner.vocabulary.size
+        self._infos = {
+            name: TensorInfo(name=name, dtype=info.dtype, shape=(size, *info.shape[1:]), file=info.file)
+            if VOCAB_TENSOR.search(name)
+            else info
+            for name, info in inner.infos.items()
+        }
+
+    @property
+    def vocabulary(self) -> Any:
+        return self.aligner.vocabulary
+
+    @property
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def load(self, name: str) -> torch.Tensor:
+        if VOCAB_TENSOR.search(name):
+            return self.aligner.aligned(name, self.position)
+        return self.inner.load(name)
+
+    def task_vector(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        return self.load(name).to(device=base.device, dtype=torch.float32) - base.to(torch.float32)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def align_vocabulary(
+    recipe: Any,
+    reference: ModelSource,
+    inputs: list[ModelSource],
+    ref_is_input: bool,
+    resolve: Callable[[Any], Path],
+) -> tuple[ModelSource, list[ModelSource]]:
+    """``reference`` and ``inputs`` re-indexed to the vocabulary ``recipe.tokenizer`` asks for."""
+    from merge_ops.tokenizer import build_vocabulary
+
+    members = inputs if ref_is_input else [*inputs, reference]  # mergekit appends the base after the models
+    for member in members:
+        if member.is_delta:
+            raise IncompatibleModelsError(
+                f"tokenizer: {member.label} is a {member.kind}; re-indexing token rows needs full checkpoints",
+                source=member.label,
+            )
+    folders: list[Path] = []
+    for member in members:
+        names = [n for n in member.infos if VOCAB_TENSOR.search(n)] or list(member.infos)[:1]
+        for name in names:
+            folder = model_folder(member, name)[2]
+            if folder not in folders:
+                folders.append(folder)
+    base = None if ref_is_input else model_folder(reference, next(iter(reference.infos)))[2]
+    spec = recipe.tokenizer
+    source = None if spec.source in ("base", "union") else resolve(spec.source)
+    vocabulary = build_vocabulary(spec, base=base, models=folders, source=source)
+    aligner = _Aligner(vocabulary, members)
+    wrapped = [VocabAlignedSource(m, aligner, i) for i, m in enumerate(members)]
+    new_inputs = wrapped[: len(inputs)]
+    new_reference = new_inputs[0] if ref_is_input else wrapped[-1]
+    return new_reference, new_inputs

@@ -458,3 +458,193 @@ def test_native_slices_rules():
     )
     bad = {"method": "linear", "slices": [{"sources": [{"source": "./a", "layers": [3, 1]}]}]}
     assert any(loc[:1] == ["slices"] for loc in problems(bad))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizers: tokenizer_source / tokenizer: / chat_template
+
+TEMPLATE_A = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+TEMPLATE_C = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+
+
+def write_tokenizer(folder: Path, tokens: list[str], template: str | None) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    inner = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=inner, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+    )
+    if template is not None:
+        fast.chat_template = template
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+    fast.save_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module")
+def vocab_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """base and a/c share a vocabulary; b replaces t30, t31 by x30, x31 (same row count, other tokens)."""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("vocab")
+    common = ["[UNK]", "<s>", "</s>", *(f"t{i}" for i in range(3, 32))]
+    other = [*common[:30], "x30", "x31"]
+    base = make_llama_like(root / "base", layers=4, hidden=16, vocab=32, seed=0)
+    zoo = {"base": base}
+    for i, name in enumerate(("a", "b", "c"), start=1):
+        zoo[name] = make_llama_like(root / name, layers=4, hidden=16, vocab=32, perturb_from=base, seed=i)
+    write_tokenizer(base, common, None)
+    write_tokenizer(zoo["a"], common, TEMPLATE_A)
+    write_tokenizer(zoo["b"], other, TEMPLATE_A)
+    write_tokenizer(zoo["c"], common, TEMPLATE_C)
+    return zoo
+
+
+def assert_same_by_token(got: Path, want: Path, *, template_from: Path | None = None) -> None:
+    """Every tensor equal; token-indexed rows compared token by token (mergekit numbers new tokens in the
+    order of a Python set of its models, so ids may legitimately differ), and the chat templates equal.
+
+    Without a base_model, mergekit's "base" tokenizer is the first of a Python set of the models (it changes
+    from run to run with the hash seed); Alloy takes the first model's: ``template_from`` names it."""
+    from transformers import AutoTokenizer
+
+    ours_tok, theirs_tok = AutoTokenizer.from_pretrained(str(got)), AutoTokenizer.from_pretrained(str(want))
+    ours_vocab, theirs_vocab = ours_tok.get_vocab(), theirs_tok.get_vocab()
+    assert set(ours_vocab) == set(theirs_vocab)
+    if template_from is None:
+        assert ours_tok.chat_template == theirs_tok.chat_template
+    else:
+        assert ours_tok.chat_template == AutoTokenizer.from_pretrained(str(template_from)).chat_template
+    ours, theirs = load_all(got), load_all(want)
+    for name, tensor in theirs.items():
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            order = list(theirs_vocab)
+            tensor = tensor[[theirs_vocab[t] for t in order]]
+            mine = ours[name][[ours_vocab[t] for t in order]]
+            assert ours[name].shape == theirs[name].shape
+        else:
+            mine = ours[name]
+        torch.testing.assert_close(mine.float(), tensor.float(), rtol=1e-6, atol=1e-6, msg=name)
+    ours_cfg = json.loads((got / "config.json").read_text())
+    theirs_cfg = json.loads((want / "config.json").read_text())
+    assert ours_cfg["vocab_size"] == theirs_cfg["vocab_size"]
+
+
+TOKENIZER_CONFIGS: list[tuple[str, str, dict[str, str]]] = [
+    (
+        # github.com/Naveenpoliasetty/Llama3-linear-merge-llms, README.md ("📄 Configuration")
+        """
+models:
+  - model: flammenai/Mahou-1.3-llama3-8B
+    parameters:
+      weight: 1.0
+  - model: Danielbrdz/Barcenas-Llama3-8b-ORPO
+    parameters:
+      weight: 1.0
+  - model: Weyaxi/Einstein-v6.1-Llama3-8B
+    parameters:
+      weight: 1.0
+merge_method: linear
+tokenizer_source: union
+dtype: float16
+""",
+        {
+            "flammenai/Mahou-1.3-llama3-8B": "a",
+            "Danielbrdz/Barcenas-Llama3-8b-ORPO": "b",
+            "Weyaxi/Einstein-v6.1-Llama3-8B": "c",
+        },
+    ),
+    (
+        # a public ThaiLLM merge sweep script (search index id 59877655033): task_arithmetic(alpha) with alpha = 0.5
+        """
+merge_method: task_arithmetic
+base_model: typhoon-ai/typhoon-s-thaillm-8b-instruct-research-preview
+models:
+  - model: ThaiLLM/ThaiLLM-8B-SFT-IQ
+    parameters:
+      weight: 1.0
+  - model: ThaiLLM/ThaiLLM-8B-ToolUse
+    parameters:
+      weight: 0.5
+parameters:
+  normalize: false
+dtype: bfloat16
+tokenizer:
+  source: ThaiLLM/ThaiLLM-8B-SFT-IQ
+chat_template: auto
+""",
+        {
+            "typhoon-ai/typhoon-s-thaillm-8b-instruct-research-preview": "base",
+            "ThaiLLM/ThaiLLM-8B-SFT-IQ": "b",
+            "ThaiLLM/ThaiLLM-8B-ToolUse": "a",
+        },
+    ),
+]
+
+
+def _tokenizer_point_at(
+    config: dict[str, Any], names: dict[str, str], zoo: dict[str, Path]
+) -> dict[str, Any]:
+    out = point_at(config, names, zoo)
+    tok = out.get("tokenizer")
+    if isinstance(tok, dict) and tok.get("source") in names:
+        out["tokenizer"] = {**tok, "source": str(zoo[names[tok["source"]]])}
+    if out.get("tokenizer_source") in names:
+        out["tokenizer_source"] = str(zoo[names[out["tokenizer_source"]]])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("text", "names"), TOKENIZER_CONFIGS, ids=["linear-union", "task-arithmetic-model-tokenizer"]
+)
+def test_tokenizer_config_parity(text, names, vocab_zoo, tmp_path):
+    config = _tokenizer_point_at(yaml.safe_load(text), names, vocab_zoo)
+    run_mergekit(config, tmp_path / "mk", tmp_path / "cache")
+    run_alloy(config, tmp_path / "alloy")
+    first = Path(config["models"][0]["model"])
+    assert_same_by_token(
+        tmp_path / "alloy", tmp_path / "mk", template_from=None if "base_model" in config else first
+    )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tokenizer_source": "base"},
+        {"tokenizer": {"source": "union", "pad_to_multiple_of": 8}},
+        {"tokenizer_source": "union", "chat_template": TEMPLATE_C},
+    ],
+    ids=["base", "union-padded", "union-template"],
+)
+def test_tokenizer_variants_parity(extra, vocab_zoo, tmp_path):
+    base, a, b = (str(vocab_zoo[k]) for k in ("base", "a", "b"))
+    config = {
+        "merge_method": "ties",
+        "base_model": base,
+        "models": [
+            {"model": a, "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": b, "parameters": {"weight": 0.4, "density": 0.5}},
+        ],
+        "dtype": "float32",
+        **extra,
+    }
+    run_mergekit(config, tmp_path / "mk", tmp_path / "cache")
+    run_alloy(config, tmp_path / "alloy")
+    assert_same_by_token(tmp_path / "alloy", tmp_path / "mk")
+
+
+def test_tokenizer_refusals():
+    tokens = {
+        "merge_method": "linear",
+        "models": [{"model": "./a", "parameters": {"weight": 1}}],
+        "tokenizer": {"source": "union", "tokens": {"<x>": {"source": "./a"}}},
+    }
+    assert ["tokenizer", "tokens"] in [e["loc"] for e in _errors(tokens)]
+    named = {
+        "merge_method": "linear",
+        "models": [{"model": "./a", "parameters": {"weight": 1}}],
+        "chat_template": "chatml",
+    }
+    assert ["chat_template"] in [e["loc"] for e in _errors(named)]
+    both = {**named, "chat_template": None, "tokenizer_source": "base", "tokenizer": {"source": "base"}}
+    assert ["tokenizer"] in [e["loc"] for e in _errors(both)]
