@@ -369,7 +369,7 @@ def align_vocabulary(
     source = None if spec.source in ("base", "union") else resolve(spec.source)
     vocabulary = build_vocabulary(spec, base=base, models=folders, source=source)
     aligner = _Aligner(vocabulary, members)
-    wrapped = [VocabAlignedSource(m, aligner, i) for i, m in enumerate(members)]
+    wrapped: list[ModelSource] = [VocabAlignedSource(m, aligner, i) for i, m in enumerate(members)]
     new_inputs = wrapped[: len(inputs)]
     new_reference = new_inputs[0] if ref_is_input else wrapped[-1]
     return new_reference, new_inputs
