@@ -61,12 +61,12 @@ def extract_structure(data: dict[str, Any], fail: Fail) -> tuple[dict[str, Any],
         fail(["base_model"], "a LoRA on the base model (base_model: model+lora) is not supported yet")
     if base is not None:
         out["base_model"] = base
-    structure.base = base if isinstance(base, str) else None
     raw_params = data.get("parameters")
     top_params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
     # methods that ignore the base (or have none) take every slice source as an input
     if data.get("merge_method") in _NO_BASE_METHODS:
         base = None
+    structure.base = base if isinstance(base, str) else None
 
     _extract_tokenizer(out, structure, fail)
     modules = out.pop("modules", None)
@@ -87,6 +87,10 @@ def extract_structure(data: dict[str, Any], fail: Fail) -> tuple[dict[str, Any],
             out["slices"] = module["slices"]
 
     slices = out.pop("slices", None)
+    if slices is not None and base is None:
+        # the translation of a base-less method must not add the base as one more input: mergekit's slices
+        # merge exactly their sources
+        out.pop("base_model", None)
     if slices is not None:
         if out.get("models"):
             fail(["slices"], "mergekit takes exactly one of models, slices or modules")
@@ -275,7 +279,7 @@ def apply_structure(recipe: dict[str, Any], structure: Structure, fail: Fail) ->
                 item["source"] = base if base is not None else item["source"]
             elif slot < len(models):
                 translated = models[slot]
-                for key in ("weight", "density"):
+                for key in ("weight", "density", "params"):
                     if key in translated:
                         item[key] = translated[key]
                 slot += 1

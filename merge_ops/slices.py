@@ -58,6 +58,9 @@ class SliceSource(BaseModel):
     )
     weight: float | None = Field(None, ge=-100, le=100, description="w of this input (default 1).")
     density: float | None = Field(None, gt=0, le=1, description="Per-input override of params.density.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Per-input params, as a model entry's (same in every slice)."
+    )
 
     @field_validator("source", "lora")
     @classmethod
@@ -161,13 +164,13 @@ def derive_models(data: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[tupl
             )
             continue
         for j, (entry, first) in enumerate(zip(entries, slots, strict=True)):
-            for key in ("weight", "density"):
+            for key in ("weight", "density", "params"):
                 if entry.get(key) != first.get(key):
                     problems.append(
                         (
                             ("slices", i, "sources", j, key),
                             f"input {j} has {key} {entry.get(key)} here but {first.get(key)} in slice 0; "
-                            "an input's weight and density must be the same in every slice",
+                            "an input's weight, density and params must be the same in every slice",
                         )
                     )
     return {**data, "models": slots or []}, problems
@@ -183,6 +186,8 @@ def _slot_entry(src: SliceSource) -> dict[str, Any]:
         entry["weight"] = src.weight
     if src.density is not None:
         entry["density"] = src.density
+    if src.params:
+        entry["params"] = src.params
     if src.lora is not None:
         entry["lora"] = src.lora
     return entry
