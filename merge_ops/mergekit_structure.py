@@ -13,11 +13,10 @@ mergekit 0.1.5 semantics kept here (``plan.py``, ``config.py``, ``common.py``):
   - ``modules: {<module>: {slices | models, parameters}}`` is the same for a single-module architecture (the
     decoder-only models Alloy merges have one, ``default``).
   - Parameters resolve source > slice > module > top level. A gradient's position ``t`` runs over the layers of its
-    own slice; with one slice that is Alloy's over the output's layers.
+    own slice (``t = 1`` in a one-layer slice): ``merge_ops.slices.gradient_positions``.
   - ``model+lora`` is the model with the PEFT adapter merged in (``merge_and_unload``) before merging.
 What Alloy can't express yet is refused, naming the field: per-slice parameters or per-slice source parameters
-that differ between slices, gradients with several slices, a per-slice ``base_model`` other than the top-level
-one, ``residual_weight``, several modules, and a LoRA on the base model.
+that differ between slices, a per-slice ``base_model`` other than the top-level one, ``residual_weight``, several modules, and a LoRA on the base model.
 """
 
 from __future__ import annotations
@@ -219,25 +218,8 @@ def _slices_to_models(
                         [*loc, "sources", j, "parameters"],
                         "a source's parameters must be the same in every slice in Alloy (they differ from slice 0)",
                     )
-    if len(slices) > 1 and _has_gradient(top_params, slots or []):
-        fail(
-            ["parameters"],
-            "gradients with several slices are not supported yet (mergekit interpolates them over each slice)",
-        )
     structure.slices = plan
     return slots or []
-
-
-def _has_gradient(params: dict[str, Any], slots: list[dict[str, Any]]) -> bool:
-    def gradient(value: Any) -> bool:
-        if isinstance(value, list):
-            return any(not isinstance(v, dict) for v in value) or any(
-                isinstance(v, dict) and isinstance(v.get("value"), list) for v in value
-            )
-        return isinstance(value, dict) and isinstance(value.get("value"), list)
-
-    scopes = [params, *(s["parameters"] for s in slots)]
-    return any(gradient(v) for scope in scopes if isinstance(scope, dict) for v in scope.values())
 
 
 def apply_structure(recipe: dict[str, Any], structure: Structure, fail: Fail) -> dict[str, Any]:

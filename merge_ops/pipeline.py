@@ -48,6 +48,7 @@ from merge_ops.preflight import (
 )
 from merge_ops.recipe import Recipe
 from merge_ops.registry import TensorContext, get_method
+from merge_ops.slices import gradient_positions
 
 __all__ = ["MergePlan", "MergeReport", "Progress", "plan_merge", "run_merge"]
 REPORT_NAME = "alloy-report.json"
@@ -113,7 +114,9 @@ class _Engine:
             tuple(m.density or 0.0 for m in recipe.models) if any(m.density for m in recipe.models) else None
         )
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.positions = block_map([t.name for t in plan.tensors if t.action == "merge"])
+        merged = [t.name for t in plan.tensors if t.action == "merge"]
+        # gradients run over each slice's own layers in a sliced recipe (merge_ops.slices)
+        self.positions = gradient_positions(recipe, merged) or block_map(merged)
         self._params_cache: dict[tuple[Any, ...], Any] = {}
         self.fused_weights = _fused_weights(recipe, sources)
         # A soup without normalize is Σ w_t·θ_t: task vectors against a zero reference, and no base added.

@@ -298,3 +298,30 @@ def layer_count_problems(specs: list[SliceSpec], counts: dict[int, int], plan: S
                     f"{counts.get(key, 0)} layers"
                 )
     return problems
+
+
+def gradient_positions(recipe: Any, names: Iterable[str]) -> dict[str, Any] | None:
+    """For a recipe with ``slices``: each output layer tensor's position for gradients, within its own slice
+    (mergekit's ``t = i / (n - 1)`` over the slice's n layers, and ``t = 1`` for a one-layer slice); None for
+    other recipes (positions over the whole stack). LiNeS keeps the whole output's depth."""
+    if getattr(recipe, "slices", None) is None:
+        return None
+    from merge_ops.lines import BlockPosition, find_block
+
+    bounds: list[tuple[int, int]] = []  # (first output layer, length) per slice
+    start = 0
+    for spec in recipe.slices:
+        length = spec.length if isinstance(spec, SliceSpec) else SliceSpec.model_validate(spec).length
+        bounds.append((start, length))
+        start += length
+    positions: dict[str, Any] = {}
+    for name in names:
+        block = find_block(name)
+        if block is None:
+            continue
+        stack, index = block
+        first, length = next((f, n) for f, n in bounds if f <= index < f + n)
+        # a one-layer slice sits at the end of a two-point ramp: t = 1, as mergekit sets it
+        depth, num = (1, 2) if length == 1 else (index - first, length)
+        positions[name] = BlockPosition(stack, index, depth, num)
+    return positions
