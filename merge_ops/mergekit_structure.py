@@ -14,9 +14,10 @@ mergekit 0.1.5 semantics kept here (``plan.py``, ``config.py``, ``common.py``):
     decoder-only models Alloy merges have one, ``default``).
   - Parameters resolve source > slice > module > top level. A gradient's position ``t`` runs over the layers of its
     own slice (``t = 1`` in a one-layer slice): ``merge_ops.slices.gradient_positions``.
-  - ``model+lora`` is the model with the PEFT adapter merged in (``merge_and_unload``) before merging.
+  - ``model+lora`` is the model with the PEFT adapter merged in (``merge_and_unload``) before merging; it is
+    another model than the bare one (the base ``x`` and an input ``x+lora`` are two models).
 What Alloy can't express yet is refused, naming the field: per-slice parameters or per-slice source parameters
-that differ between slices, a per-slice ``base_model`` other than the top-level one, ``residual_weight``, several modules, and a LoRA on the base model.
+that differ between slices, a per-slice ``base_model`` other than the top-level one, ``residual_weight`` and several modules.
 """
 
 from __future__ import annotations
@@ -35,9 +36,22 @@ class Structure:
 
     #: per output slice: [(raw model reference, lora reference or None, layer_range)] (base entries included)
     slices: list[list[tuple[str, str | None, tuple[int, int]]]] | None = None
-    #: ``models:`` configs: (raw model reference, raw LoRA reference or None) per entry, in order
-    models: list[tuple[str, str | None]] = field(default_factory=list)
+    #: stand-ins for ``model+lora`` references -> (model, lora): the parameter translation sees one distinct
+    #: reference per pair (as mergekit's ``ModelReference`` equality), never a '+'
+    stand_ins: dict[str, tuple[str, str]] = field(default_factory=dict)
     base: str | None = None
+    base_lora: str | None = None
+
+    def reference(self, model: str, lora: str | None) -> str:
+        if lora is None:
+            return model
+        for key, pair in self.stand_ins.items():
+            if pair == (model, lora):
+                return key
+        key = f"/alloy-lora-reference/{len(self.stand_ins)}"  # a path-like string: translated unchanged
+        self.stand_ins[key] = (model, lora)
+        return key
+
     #: the native ``tokenizer`` spec with its raw ``source`` (translated in ``apply_structure``), and the template
     tokenizer: dict[str, Any] | None = None
     chat_template: str | None = None
@@ -56,16 +70,15 @@ def extract_structure(data: dict[str, Any], fail: Fail) -> tuple[dict[str, Any],
     out = dict(data)
     structure = Structure()
     base, base_lora = split_lora(data.get("base_model"))
-    if base_lora is not None:
-        fail(["base_model"], "a LoRA on the base model (base_model: model+lora) is not supported yet")
-    if base is not None:
-        out["base_model"] = base
+    if base is not None and isinstance(base, str):
+        out["base_model"] = structure.reference(base, base_lora)
     raw_params = data.get("parameters")
     top_params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
     # methods that ignore the base (or have none) take every slice source as an input
     if data.get("merge_method") in _NO_BASE_METHODS:
-        base = None
+        base = base_lora = None
     structure.base = base if isinstance(base, str) else None
+    structure.base_lora = base_lora if structure.base is not None else None
 
     _extract_tokenizer(out, structure, fail)
     modules = out.pop("modules", None)
@@ -101,9 +114,8 @@ def extract_structure(data: dict[str, Any], fail: Fail) -> tuple[dict[str, Any],
         for entry in listed:
             if isinstance(entry, dict) and "model" in entry:
                 model, lora = split_lora(entry["model"])
-                structure.models.append((model, lora))
                 if lora is not None:
-                    entry = {**entry, "model": model}
+                    entry = {**entry, "model": structure.reference(model, lora)}
             cleaned.append(entry)
         out["models"] = cleaned
     return out, structure
@@ -199,9 +211,11 @@ def _slices_to_models(
                 continue
             model, lora = split_lora(src["model"])
             entries.append((model, lora, (int(layer_range[0]), int(layer_range[1]))))
-            if base is not None and model == base and lora is None:
+            if base is not None and (model, lora) == (base, structure.base_lora):
                 continue  # θ_0 of this slice
-            inputs.append({"model": model, "parameters": src.get("parameters") or {}})
+            inputs.append(
+                {"model": structure.reference(model, lora), "parameters": src.get("parameters") or {}}
+            )
         plan.append(entries)
         if slots is None:
             slots = inputs
@@ -225,16 +239,13 @@ def _slices_to_models(
 def apply_structure(recipe: dict[str, Any], structure: Structure, fail: Fail) -> dict[str, Any]:
     """Put the slices and LoRA adapters taken out by ``extract_structure`` into the translated recipe."""
     models = recipe.get("models") or []
-    if structure.slices is None and any(lora for _, lora in structure.models):
-        # walk both lists in order: the parameter translation may drop entries (a base listed again), never
-        # reorder them
-        pending = iter(structure.models)
-        for model in models:
-            for raw, lora in pending:
-                if _alloy_source(raw) == model.get("source"):
-                    if lora is not None:
-                        model["lora"] = _alloy_source(lora)
-                    break
+    for model in models:
+        pair = structure.stand_ins.get(model.get("source", ""))
+        if pair is not None:
+            model["source"], model["lora"] = _alloy_source(pair[0]), _alloy_source(pair[1])
+    base_pair = structure.stand_ins.get(recipe.get("base") or "")
+    if base_pair is not None:
+        recipe["base"], recipe["base_lora"] = _alloy_source(base_pair[0]), _alloy_source(base_pair[1])
     if structure.tokenizer is not None:
         source = structure.tokenizer["source"]
         if source not in ("base", "union"):
@@ -256,7 +267,7 @@ def apply_structure(recipe: dict[str, Any], structure: Structure, fail: Fail) ->
             item: dict[str, Any] = {"source": _alloy_source(model), "layers": list(layer_range)}
             if lora is not None:
                 item["lora"] = _alloy_source(lora)
-            is_base = structure.base is not None and model == structure.base and lora is None
+            is_base = structure.base is not None and (model, lora) == (structure.base, structure.base_lora)
             if is_base:
                 item["source"] = base if base is not None else item["source"]
             elif slot < len(models):

@@ -148,7 +148,7 @@ def open_sources(recipe: Recipe, info: MethodInfo, resolver: Any) -> Sources:
         side_source = (
             recipe.base or recipe.models[0].source if copy_from == "base" else recipe.models[copy_from].source
         )
-        if recipe.slices is not None or recipe.tokenizer is not None or any(m.lora for m in recipe.models):
+        if recipe.slices or recipe.tokenizer or recipe.base_lora or any(m.lora for m in recipe.models):
             from merge_ops.structured_sources import open_structured_sources
 
             resolve = lambda s: local_path(s, resolver=resolver, allow_pickle=recipe.allow_pickle)  # noqa: E731

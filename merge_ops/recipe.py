@@ -171,6 +171,9 @@ class Recipe(_Model):
 
     method: str = Field(description="A method id from GET /v1/methods.")
     base: Source | None = Field(None, description="The base model θ_0 (required by task-vector methods).")
+    base_lora: Source | None = Field(
+        None, description="A PEFT LoRA adapter merged into the base first (mergekit base_model: model+lora)."
+    )
     models: list[ModelEntry] = Field(default_factory=list)
     weights: list[float] | None = Field(None, description="Alternative to per-model weights; one per model.")
     params: dict[str, Any] = Field(default_factory=dict)
@@ -299,6 +302,8 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
             problems.append(
                 _problem(("models",), f"method {method!r} needs at least {info.min_models} model(s)")
             )
+    if data.get("base_lora") and not data.get("base"):
+        problems.append(_problem(("base_lora",), "base_lora needs a base to apply the adapter to"))
     template = data.get("chat_template")
     if isinstance(template, str) and (why := chat_template_problem(template)):
         problems.append(_problem(("chat_template",), why))

@@ -110,9 +110,19 @@ def _same_source(a: Any, b: Any) -> bool:
     return a == b or (isinstance(a, dict) and isinstance(b, dict) and a.items() == b.items())
 
 
-def split_slice(spec: SliceSpec, base: Any) -> tuple[SliceSource | None, list[SliceSource]]:
-    """(the base's entry or None, the inputs in order) of one slice."""
-    base_entry = next((s for s in spec.sources if base is not None and _same_source(s.source, base)), None)
+def split_slice(
+    spec: SliceSpec, base: Any, base_lora: Any = None
+) -> tuple[SliceSource | None, list[SliceSource]]:
+    """(the base's entry or None, the inputs in order) of one slice: the base is the source equal to ``base``
+    with the base's LoRA (``x`` and ``x`` + a LoRA are two models)."""
+    base_entry = next(
+        (
+            s
+            for s in spec.sources
+            if base is not None and _same_source(s.source, base) and _same_source(s.lora, base_lora)
+        ),
+        None,
+    )
     return base_entry, [s for s in spec.sources if s is not base_entry]
 
 
@@ -137,7 +147,7 @@ def derive_models(data: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[tupl
     base = data.get("base")
     slots: list[dict[str, Any]] | None = None
     for i, spec in enumerate(specs):
-        base_entry, inputs = split_slice(spec, base)
+        base_entry, inputs = split_slice(spec, base, data.get("base_lora"))
         if base is not None and base_entry is None and data.get("method") not in _NO_BASE_METHODS:
             problems.append(
                 (
@@ -229,7 +239,10 @@ def layer_of(name: str) -> int | None:
 
 
 def plan_slices(
-    specs: list[SliceSpec], base: Any, names_of: Callable[[int, tuple[Any, Any]], Iterable[str]]
+    specs: list[SliceSpec],
+    base: Any,
+    names_of: Callable[[int, tuple[Any, Any]], Iterable[str]],
+    base_lora: Any = None,
 ) -> SlicePlan:
     """The layer plan of ``specs``. ``names_of(key, (source, lora))`` lists the tensor names of the source
     numbered ``key`` (from its headers; called once per source and tensor table)."""
@@ -243,7 +256,7 @@ def plan_slices(
         keys.append(pair)
         return len(keys) - 1
 
-    split = [split_slice(spec, base) for spec in specs]
+    split = [split_slice(spec, base, base_lora) for spec in specs]
     has_base = all(b is not None for b, _ in split)
     k = len(split[0][1])
     reference: dict[str, Feed] | None = {} if has_base else None

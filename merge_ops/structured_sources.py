@@ -129,7 +129,11 @@ def open_with_lora(open_: Callable[[Any], ModelSource], source: Any, lora: Any, 
 
 
 def open_sliced(
-    specs: list[SliceSpec], base: Any, open_: Callable[[Any], ModelSource], label_of: Callable[[Any], str]
+    specs: list[SliceSpec],
+    base: Any,
+    open_: Callable[[Any], ModelSource],
+    label_of: Callable[[Any], str],
+    base_lora: Any = None,
 ) -> tuple[SlicedSource | None, list[SlicedSource], list[ModelSource]]:
     """(the sliced θ_0 or None, the sliced input of each slot, the opened models to close)."""
     opened: dict[int, ModelSource] = {}
@@ -141,7 +145,7 @@ def open_sliced(
         return list(opened[key].infos)
 
     try:
-        plan = plan_slices(specs, base, names_of)
+        plan = plan_slices(specs, base, names_of, base_lora)
         counts = {key: _layer_count(src) for key, src in opened.items()}
         problems = layer_count_problems(specs, counts, plan)
         if problems:
@@ -155,7 +159,7 @@ def open_sliced(
     def sliced(table: dict[str, Feed], label: str) -> SlicedSource:
         return SlicedSource({out: (opened[f.key], f.name) for out, f in table.items()}, label=label)
 
-    inputs_per_slice = [split_slice(spec, base)[1] for spec in specs]
+    inputs_per_slice = [split_slice(spec, base, base_lora)[1] for spec in specs]
     labels = [
         " + ".join(
             f"{label_of(as_source(ins[j].source))}[{ins[j].layers[0]}:{ins[j].layers[1]}]"
@@ -203,14 +207,20 @@ def open_structured_sources(
     try:
         if recipe.slices is not None:
             specs = [s if isinstance(s, _Spec) else _Spec.model_validate(s) for s in recipe.slices]
-            sliced_reference, sliced_inputs, opened = open_sliced(specs, recipe.base, open_, label_of)
+            sliced_reference, sliced_inputs, opened = open_sliced(
+                specs, recipe.base, open_, label_of, recipe.base_lora
+            )
             reference, inputs = sliced_reference, list(sliced_inputs)
             labels = [src.label for src in inputs]
         else:
             inputs = [open_with_lora(open_, m.source, m.lora, label_of(m.source)) for m in recipe.models]
             opened = list(inputs)
             labels = [src.label for src in inputs]
-            reference = open_(recipe.base) if recipe.base is not None else None
+            reference = (
+                open_with_lora(open_, recipe.base, recipe.base_lora, label_of(recipe.base))
+                if recipe.base is not None
+                else None
+            )
             if reference is not None:
                 opened.append(reference)
         ref_is_input = reference is None
@@ -291,6 +301,7 @@ class _Aligner:
         self.vocabulary, self.members = vocabulary, members
         self._name: str | None = None
         self._aligned: list[torch.Tensor] = []
+        self._served: set[int] = set()
 
     def aligned(self, name: str, position: int) -> torch.Tensor:
         if name != self._name:
@@ -299,8 +310,12 @@ class _Aligner:
                 model, inner_name, folder = model_folder(member, name)
                 tensors.append((str(folder), model.load(inner_name)))
             self._aligned = self.vocabulary.align(tensors)
-            self._name = name
-        return self._aligned[position]
+            self._name, self._served = name, set()
+        self._served.add(position)
+        tensor = self._aligned[position]
+        if len(self._served) == len(self.members):  # every member has its rows: hold nothing past this tensor
+            self._name, self._aligned = None, []
+        return tensor
 
 
 class VocabAlignedSource(ModelSource):

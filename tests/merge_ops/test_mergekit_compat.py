@@ -146,7 +146,7 @@ def test_two_filtered_params_combine_exactly():
         (config("ties", tokenizer_source="union", tokenizer={"source": "base"}), ["tokenizer"]),
         (config("ties", params={"epsilon": 0.1}), ["parameters", "epsilon"]),
         (config("ties", params={"rescale": True}), ["parameters", "rescale"]),
-        (config("ties", base_model="org/base+org/lora"), ["base_model"]),
+        (config("ties", slices=[{"sources": [], "residual_weight": 0.5}]), ["slices"]),
         (config("ties", models=[{"model": "org/a"}]), ["models", 0, "parameters", "weight"]),
         (
             config("ties", models=[{"model": "org/a", "parameters": {"weight": [0.1, 0.2]}}]),

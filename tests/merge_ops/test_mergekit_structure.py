@@ -378,12 +378,32 @@ def test_refusals_name_the_field(zoo):
     uneven = _slices_config("ties", zoo)
     uneven["slices"][1]["sources"].pop()
     assert ["slices", 1, "sources"] in [e["loc"] for e in _errors(uneven)]
-    lora_base = {
-        "merge_method": "ties",
-        "base_model": f"{base}+{a}",
-        "models": [{"model": b, "parameters": {"weight": 1}}],
+
+
+@pytest.mark.parametrize("form", ["models", "slices"])
+def test_lora_on_the_base_and_the_base_with_another_lora(form, zoo, tmp_path):
+    """``x+lora1`` as the base and ``x+lora2`` as an input are two models (mergekit's ModelReference)."""
+    base, a, lora1, lora2 = (str(zoo[k]) for k in ("base", "a", "lora1", "lora2"))
+    sources = [(f"{base}+{lora2}", 0.5), (a, 0.8)]
+    config: dict[str, Any] = {
+        "merge_method": "task_arithmetic",
+        "base_model": f"{base}+{lora1}",
+        "dtype": "float32",
     }
-    assert ["base_model"] in [e["loc"] for e in _errors(lora_base)]
+    if form == "models":
+        config["models"] = [{"model": m, "parameters": {"weight": w}} for m, w in sources]
+    else:
+        config["slices"] = [
+            {
+                "sources": [
+                    {"model": f"{base}+{lora1}", "layer_range": [0, 20]},
+                    *({"model": m, "layer_range": [0, 20], "parameters": {"weight": w}} for m, w in sources),
+                ]
+            }
+        ]
+    run_mergekit(config, tmp_path / "mk", tmp_path / "cache")
+    run_alloy(config, tmp_path / "alloy")
+    assert_same_model(tmp_path / "alloy", tmp_path / "mk")
 
 
 def test_layer_range_past_the_model_is_an_incompatible_models_error(zoo, tmp_path):
@@ -413,7 +433,10 @@ def test_extract_structure_hands_a_models_config_to_the_parameter_translation():
         lambda loc, msg: errors.append((loc, msg)),
     )
     assert not errors
-    assert "slices" not in data and data["models"] == [{"model": "org/a", "parameters": {"weight": 1}}]
+    assert "slices" not in data and data["models"] == [
+        {"model": "/alloy-lora-reference/0", "parameters": {"weight": 1}}
+    ]
+    assert structure.stand_ins == {"/alloy-lora-reference/0": ("org/a", "org/lora")}
     assert structure.slices == [[("org/base", None, (0, 4)), ("org/a", "org/lora", (0, 4))]]
 
 
