@@ -67,11 +67,11 @@ def point_at(config: dict[str, Any], names: dict[str, str], zoo: dict[str, Path]
     return out
 
 
-def run_mergekit(config: dict[str, Any], out: Path, cache: Path) -> None:
+def run_mergekit(config: dict[str, Any], out: Path, cache: Path, *, copy_tokenizer: bool = False) -> None:
     from mergekit.config import MergeConfiguration
 
     options = mergekit_merge.MergeOptions(
-        copy_tokenizer=False, quiet=True, lora_merge_cache=str(cache), lazy_unpickle=False
+        copy_tokenizer=copy_tokenizer, quiet=True, lora_merge_cache=str(cache), lazy_unpickle=False
     )
     mergekit_merge.run_merge(MergeConfiguration.model_validate(config), str(out), options)
 
@@ -684,3 +684,44 @@ def test_tokenizer_refusals():
     assert ["chat_template"] in [e["loc"] for e in _errors(named)]
     both = {**named, "chat_template": None, "tokenizer_source": "base", "tokenizer": {"source": "base"}}
     assert ["tokenizer"] in [e["loc"] for e in _errors(both)]
+
+
+def test_slices_with_a_union_tokenizer(vocab_zoo, tmp_path):
+    """Embeddings come from the first slice's model, lm_head from the last's, each re-indexed to the union."""
+    a, b = str(vocab_zoo["a"]), str(vocab_zoo["b"])
+    config = {
+        "merge_method": "linear",
+        "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 3]}]},
+            {"sources": [{"model": b, "layer_range": [1, 4]}]},
+        ],
+        "parameters": {"weight": 1.0},
+        "tokenizer_source": "union",
+        "dtype": "float32",
+    }
+    run_mergekit(config, tmp_path / "mk", tmp_path / "cache")
+    run_alloy(config, tmp_path / "alloy")
+    assert_same_by_token(tmp_path / "alloy", tmp_path / "mk", template_from=Path(a))
+
+
+def test_chat_template_alone_is_saved_with_the_base_tokenizer(vocab_zoo, tmp_path):
+    """mergekit's CLI default (copy_tokenizer): the donor's tokenizer re-saved with the template."""
+    base, a, c = (str(vocab_zoo[k]) for k in ("base", "a", "c"))
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "models": [{"model": a, "parameters": {"weight": 0.5}}, {"model": c, "parameters": {"weight": 0.5}}],
+        "chat_template": TEMPLATE_C,
+        "dtype": "float32",
+    }
+    run_mergekit(config, tmp_path / "mk", tmp_path / "cache", copy_tokenizer=True)
+    run_alloy(config, tmp_path / "alloy")
+    assert_same_by_token(tmp_path / "alloy", tmp_path / "mk")
+
+
+def test_dry_run_plans_the_sliced_output(zoo):
+    from merge_ops.preflight import plan_merge
+
+    plan = plan_merge(load_recipe(_slices_config("ties", zoo)))
+    layers = {t.layer for t in plan.tensors if t.layer is not None}
+    assert layers == set(range(22)) and plan.models[0].startswith(str(zoo["a"]))
