@@ -39,6 +39,12 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         models[name] = make_llama_like(
             root / name, layers=LAYERS, hidden=16, vocab=32, perturb_from=base, seed=i, scale=0.02
         )
+    try:  # real tokenizers (one vocabulary): the configs that name a tokenizer source need them
+        vocab = ["[UNK]", "<s>", "</s>", *(f"t{i}" for i in range(3, 32))]
+        for name in ("base", "a", "b", "c"):
+            write_tokenizer(models[name], vocab, None)
+    except ImportError:  # no transformers: those configs are refused by mergekit and Alloy alike
+        pass
     for i, name in enumerate(("lora1", "lora2"), start=1):
         models[name] = make_lora_adapter(
             root / name, base_dir=base, targets=("q_proj", "v_proj", "up_proj"), seed=i
@@ -170,6 +176,88 @@ base_model: base_model
 dtype: float16
 """,
         {"model_a": "a", "model_b": "b", "base_model": "base"},
+    ),
+    (
+        "dare-ties-slices-base-not-a-source",
+        # a public fine-tuning course page (search index id 29689980678, "### DARE-TIES Configuration",
+        # dare_ties_merge.yaml): unsloth's base is not a source of the slice, so mergekit 0.1.5 refuses it
+        "refused",
+        """
+# dare_ties_merge.yaml
+merge_method: dare_ties
+slices:
+  - sources:
+      - model: ./adapters/task_api_persona
+        layer_range: [0, 28]
+      - model: ./adapters/task_api_agentic
+        layer_range: [0, 28]
+parameters:
+  weight: 0.5
+  density: 0.3    # Keep only 30% of parameters (drop 70%)
+  rescale: true   # Rescale survivors to compensate
+base_model: unsloth/Llama-3.2-3B-Instruct
+dtype: float16
+""",
+        {
+            "./adapters/task_api_persona": "a",
+            "./adapters/task_api_agentic": "b",
+            "unsloth/Llama-3.2-3B-Instruct": "base",
+        },
+    ),
+    (
+        "slerp-gradient-colorshadow",
+        # model card of nlpguy/ColorShadow-7B-v3 (search index id 60746416484): a gradient SLERP over one slice
+        "same",
+        """
+slices:
+  - sources:
+      - model: nlpguy/ColorShadow-7B
+        layer_range: [0, 32]
+      - model: Q-bert/Terminis-7B
+        layer_range: [0, 32]
+merge_method: slerp
+base_model: nlpguy/ColorShadow-7B
+parameters:
+  t:
+    - filter: self_attn
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - filter: mlp
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - value: 0.5 # fallback for rest of tensors
+dtype: float16
+""",
+        {"nlpguy/ColorShadow-7B": "a", "Q-bert/Terminis-7B": "b"},
+    ),
+    (
+        "slerp-union-seraph-base-not-a-source",
+        # model card of openchat-3.5-1210-Seraph-Slerp (search index id 19497161953): the base_model is not one of
+        # the slice's sources, which mergekit 0.1.5 refuses for slerp
+        "refused",
+        """
+
+slices:
+  - sources:
+      - model: openchat/openchat-3.5-1210
+        layer_range: [0, 32]
+      - model: Weyaxi/Seraph-7B
+        layer_range: [0, 32]
+
+merge_method: slerp
+base_model: mistralai/Mistral-7B-v0.1
+
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5 # fallback for rest of tensors
+tokenizer_source: union
+
+dtype: bfloat16
+
+""",
+        {"openchat/openchat-3.5-1210": "a", "Weyaxi/Seraph-7B": "b", "mistralai/Mistral-7B-v0.1": "base"},
     ),
     (
         "task-arithmetic-model-plus-lora",
