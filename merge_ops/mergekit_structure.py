@@ -41,6 +41,8 @@ class Structure:
     stand_ins: dict[str, tuple[str, str]] = field(default_factory=dict)
     base: str | None = None
     base_lora: str | None = None
+    #: slices configs: the position in slice 0's sources of each input the translation sees as models[j]
+    slot_sources: list[int] = field(default_factory=list)
 
     def reference(self, model: str, lora: str | None) -> str:
         if lora is None:
@@ -154,8 +156,12 @@ def _extract_tokenizer(out: dict[str, Any], structure: Structure, fail: Fail) ->
         )
         structure.tokenizer = None
     if template is not None:
+        from merge_ops.tokenizer import chat_template_problem
+
         if not isinstance(template, str):
             fail(["chat_template"], "must be a string")
+        elif why := chat_template_problem(template):
+            fail(["chat_template"], why)
         else:
             structure.chat_template = template
 
@@ -213,8 +219,16 @@ def _slices_to_models(
             entries.append((model, lora, (int(layer_range[0]), int(layer_range[1]))))
             if base is not None and (model, lora) == (base, structure.base_lora):
                 continue  # θ_0 of this slice
+            if i == 0:
+                structure.slot_sources.append(j)
             inputs.append(
                 {"model": structure.reference(model, lora), "parameters": src.get("parameters") or {}}
+            )
+        if base is not None and entries and len(inputs) == len(entries):
+            fail(
+                [*loc, "sources"],
+                "base_model must be one of the sources of every slice (mergekit 0.1.5: base input is not "
+                "present in merge inputs); add it with the slice's layer_range",
             )
         plan.append(entries)
         if slots is None:
@@ -234,6 +248,19 @@ def _slices_to_models(
                     )
     structure.slices = plan
     return slots or []
+
+
+def slice_loc(loc: list[Any], structure: Structure) -> list[Any]:
+    """A location in the ``models:`` list the translation saw -> where it is in a slices config."""
+    if (
+        structure.slices is not None
+        and len(loc) >= 2
+        and loc[0] == "models"
+        and isinstance(loc[1], int)
+        and loc[1] < len(structure.slot_sources)
+    ):
+        return ["slices", 0, "sources", structure.slot_sources[loc[1]], *loc[2:]]
+    return loc
 
 
 def apply_structure(recipe: dict[str, Any], structure: Structure, fail: Fail) -> dict[str, Any]:

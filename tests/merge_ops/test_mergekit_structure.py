@@ -23,7 +23,7 @@ from merge_ops.errors import RecipeError
 from merge_ops.mergekit_structure import extract_structure
 from merge_ops.params import CATALOG
 from merge_ops.recipe import load_recipe
-from tests.utils.factories import load_all, make_llama_like, make_lora_adapter
+from tests.utils.factories import load_all, make_llama_like, make_lora_adapter, write_word_tokenizer
 
 mergekit_merge = pytest.importorskip("mergekit.merge")
 LAYERS = 40
@@ -592,18 +592,7 @@ TEMPLATE_C = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endf
 
 
 def write_tokenizer(folder: Path, tokens: list[str], template: str | None) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    inner = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
-    inner.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=inner, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
-    )
-    if template is not None:
-        fast.chat_template = template
-    (folder / "tokenizer.json").unlink(missing_ok=True)
-    fast.save_pretrained(str(folder))
+    write_word_tokenizer(folder, vocab=tokens, chat_template=template)
 
 
 @pytest.fixture(scope="module")
