@@ -137,15 +137,11 @@ def _extract_tokenizer(out: dict[str, Any], structure: Structure, fail: Fail) ->
             for key in block:
                 if key not in ("source", "tokens", "pad_to_multiple_of"):
                     fail(["tokenizer", key], f"tokenizer field {key!r} is not supported by mergekit")
-            if block.get("tokens"):
-                fail(
-                    ["tokenizer", "tokens"],
-                    "per-token embedding sources (tokenizer.tokens) are not supported yet; "
-                    "drop them to use mergekit's default rows",
-                )
             spec: dict[str, Any] = {"source": block.get("source", "union")}
             if block.get("pad_to_multiple_of") is not None:
                 spec["pad_to_multiple_of"] = block["pad_to_multiple_of"]
+            if block.get("tokens"):
+                spec["tokens"] = _tokens(block["tokens"], fail)
             structure.tokenizer = spec
     elif source is not None:
         structure.tokenizer = {"source": source}
@@ -164,6 +160,26 @@ def _extract_tokenizer(out: dict[str, Any], structure: Structure, fail: Fail) ->
             fail(["chat_template"], why)
         else:
             structure.chat_template = template
+
+
+def _tokens(tokens: Any, fail: Fail) -> dict[str, Any]:
+    """mergekit's ``tokenizer.tokens`` with the model references translated (the native form is the same)."""
+    if not isinstance(tokens, dict):
+        fail(["tokenizer", "tokens"], "must be a mapping of token -> {source, force}")
+        return {}
+    out: dict[str, Any] = {}
+    for token, entry in tokens.items():
+        loc: list[str | int] = ["tokenizer", "tokens", str(token)]
+        if not isinstance(entry, dict) or "source" not in entry:
+            fail(loc, "each token needs a source (a model, {kind: model_token, ...} or {kind: zero})")
+            continue
+        src = entry["source"]
+        if isinstance(src, str):
+            src = _alloy_source(src)
+        elif isinstance(src, dict) and isinstance(src.get("model"), str):
+            src = {**src, "model": _alloy_source(src["model"])}
+        out[str(token)] = {**entry, "source": src}
+    return out
 
 
 def _slices_to_models(

@@ -382,7 +382,7 @@ def align_vocabulary(
     base = None if ref_is_input else model_folder(reference, next(iter(reference.infos)))[2]
     spec = recipe.tokenizer
     source = None if spec.source in ("base", "union") else resolve(spec.source)
-    vocabulary = build_vocabulary(spec, base=base, models=folders, source=source)
+    vocabulary = build_vocabulary(spec, base=base, models=folders, source=source, resolve=resolve)
     aligner = _Aligner(vocabulary, members)
     wrapped: list[ModelSource] = [VocabAlignedSource(m, aligner, i) for i, m in enumerate(members)]
     new_inputs = wrapped[: len(inputs)]

@@ -13,8 +13,10 @@ mergekit 0.1.5 semantics (``tokenizer/build.py``, ``tokenizer/embed.py``, ``merg
     tokenizer.
 Intended differences: mergekit walks the models in an unspecified (set) order for ``union`` and ``auto``; Alloy
 uses the recipe's order (base, then the models), which only matters when two models add different new tokens.
-Not supported yet (refused, naming the field): the ``tokens:`` table (per-token embedding sources), mergekit's
-named templates (``chatml``, ``llama3``, ...: paste the template itself), and a base tokenizer with tokens past
+  - ``tokens: {<token>: {source, force}}``: the token is added to the vocabulary if new, and its row comes from
+    ``source`` (a model's row for it, ``{kind: model_token, model, token | token_id}`` another token's row of a
+    model, or ``{kind: zero}``) for the models that lack it, or for every model with ``force``.
+Not supported yet (refused, naming the field): mergekit's named templates (``chatml``, ``llama3``, ...: paste the template itself), and a base tokenizer with tokens past
 its model's ``vocab_size``. Needs the ``transformers`` package (``pip install alloy[tokenizers]``), imported only
 when a recipe uses these fields.
 """
@@ -24,11 +26,11 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from merge_ops.errors import IncompatibleModelsError, RecipeError
 
@@ -51,6 +53,39 @@ TOKENIZER_FILES = (
 )
 
 
+class ModelToken(BaseModel):
+    """Another token's row of one model (by id in that model, or by its text in that model's tokenizer)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["model_token"]
+    model: str | dict[str, Any]
+    token_id: int | None = Field(None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelToken:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("set exactly one of token_id and token")
+        return self
+
+
+class ZeroToken(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(BaseModel):
+    """mergekit's ``tokens:`` entry: ``source`` a model (its row for this token), a model's other token, or
+    zeros; ``force`` uses it for every model, even those that have the token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: ModelToken | ZeroToken | str | dict[str, Any]
+    force: bool = False
+
+
 class TokenizerSpec(BaseModel):
     """Which vocabulary the output has (mergekit's ``tokenizer:`` block / ``tokenizer_source``)."""
 
@@ -60,6 +95,10 @@ class TokenizerSpec(BaseModel):
         "union", description="'base', 'union', or a model's source (its tokenizer)."
     )
     pad_to_multiple_of: int | None = Field(None, ge=1, le=2**16)
+    tokens: dict[str, TokenEmbedding] = Field(
+        default_factory=dict,
+        description="Per token: where its embedding rows come from (added to the vocabulary if new).",
+    )
 
     @field_validator("source")
     @classmethod
@@ -125,6 +164,9 @@ class Vocabulary:
     size: int
     rows: dict[str, list[int]]
     base: str | None
+    #: out token id -> (kind "model" | "model_token" | "zero", model folder, that model's row for model_token,
+    #: force)
+    rules: dict[int, tuple[str, str | None, int | None, bool]] = field(default_factory=dict)
 
     def align(self, tensors: list[tuple[str, Any]]) -> list[Any]:
         """``tensors``: (model folder, its [rows, *S] tensor) for the models merged into one tensor, in order.
@@ -139,25 +181,45 @@ class Vocabulary:
         for _, t in tensors:
             dtype = torch.promote_types(dtype, t.dtype)
         shape = tuple(tensors[0][1].shape[1:])
-        # default rows for tokens some model lacks
+        # default rows for tokens some model lacks (or that a forced rule sets)
         default = torch.zeros((vocab_len, *shape), dtype=dtype)
-        base_pos = next((m for m, (folder, _) in enumerate(tensors) if folder == self.base), None)
-        missing = (count < len(tensors)).nonzero().flatten().tolist()
-        for token in missing:
+        has_default = torch.zeros(vocab_len, dtype=torch.bool)
+        position = {folder: m for m, (folder, _) in enumerate(tensors)}
+        base_pos = position.get(self.base) if self.base is not None else None
+        forced = torch.zeros(vocab_len, dtype=torch.bool)
+        for token, (_, _, _, force) in self.rules.items():
+            forced[token] = force
+        todo = ((count < len(tensors)) | forced).nonzero().flatten().tolist()
+        for token in todo:
+            rule = self.rules.get(token)
             holders = [m for m in range(len(tensors)) if bool(present[m, token])]
-            if len(holders) == 1:
+            if rule is not None:
+                kind, folder, row, _ = rule
+                if kind != "zero":
+                    m = position.get(folder or "")
+                    if m is None:
+                        raise IncompatibleModelsError(
+                            f"tokenizer.tokens: token {self._text(token)!r} takes its row from {folder}, which is "
+                            "not one of the models merged into this tensor"
+                        )
+                    row = row if kind == "model_token" else int(index[m][token])
+                    if row is None or row < 0 or row >= tensors[m][1].shape[0]:
+                        raise IncompatibleModelsError(
+                            f"tokenizer.tokens: token {self._text(token)!r}: {folder} has no such row"
+                        )
+                    default[token] = tensors[m][1][row]
+            elif len(holders) == 1:
                 default[token] = tensors[holders[0]][1][index[holders[0]][token]]
-            elif not holders:
-                continue  # zeros
-            elif base_pos is not None and bool(present[base_pos, token]):
+            elif base_pos is not None and holders and bool(present[base_pos, token]):
                 default[token] = tensors[base_pos][1][index[base_pos][token]]
-            else:
+            elif holders:
                 rows = [tensors[m][1][index[m][token]].to(dtype) for m in holders]
                 default[token] = torch.stack(rows).sum(dim=0) / len(rows)
+            has_default[token] = True  # zeros when nobody has it
         out = []
         for (_, tensor), idx in zip(tensors, index, strict=True):
             new = torch.zeros((self.size, *shape), dtype=dtype)
-            have = idx >= 0
+            have = (idx >= 0) & ~forced
             new[:vocab_len][have] = tensor.to(dtype)[idx[have]]
             new[:vocab_len][~have] = default[~have]
             if self.size > vocab_len:
@@ -165,12 +227,21 @@ class Vocabulary:
             out.append(new)
         return out
 
+    def _text(self, token_id: int) -> str:
+        return next((t for t, i in self.tokenizer.get_vocab().items() if i == token_id), str(token_id))
+
 
 def build_vocabulary(
-    spec: TokenizerSpec, *, base: Path | None, models: list[Path], source: Path | None
+    spec: TokenizerSpec,
+    *,
+    base: Path | None,
+    models: list[Path],
+    source: Path | None,
+    resolve: Any = None,
 ) -> Vocabulary:
     """mergekit's ``build_tokenizer`` for ``spec``; ``source`` is the folder of ``spec.source`` when it names a
-    model. ``models`` are every referenced model folder (the base included, once)."""
+    model, ``resolve`` gives the folder of a model ``spec.tokens`` names. ``models`` are every referenced model
+    folder (the base included, once)."""
     base_folder = base or models[0]
     tokenizers = {str(base_folder): load_tokenizer(base_folder)}
     base_tok = tokenizers[str(base_folder)]
@@ -194,6 +265,13 @@ def build_vocabulary(
     else:
         assert source is not None
         out = load_tokenizer(source)
+    if spec.tokens:
+        out = _copy(out)  # never add to a model's own tokenizer object (its vocabulary is read below)
+        existing = set(out.get_vocab())
+        for token in spec.tokens:
+            if token not in existing:
+                out.add_tokens(token)
+                existing.add(token)
     vocab_out = out.get_vocab()
     size = len(vocab_out)
     if spec.pad_to_multiple_of and size % spec.pad_to_multiple_of:
@@ -208,13 +286,46 @@ def build_vocabulary(
             if old is not None and old < limit:
                 table[new_id] = old
         rows[str(folder)] = table
-    return Vocabulary(tokenizer=out, size=size, rows=rows, base=str(base) if base is not None else None)
+    rules: dict[int, tuple[str, str | None, int | None, bool]] = {}
+    for token, embedding in spec.tokens.items():
+        src = embedding.source
+        if isinstance(src, ZeroToken):
+            rules[vocab_out[token]] = ("zero", None, None, embedding.force)
+            continue
+        model = src.model if isinstance(src, ModelToken) else src
+        folder = Path(resolve(model)) if resolve is not None else Path(str(model))
+        row = None
+        if isinstance(src, ModelToken):
+            row = src.token_id
+            if src.token is not None:
+                own = tokenizers.get(str(folder)) or load_tokenizer(folder)
+                row = own.get_vocab().get(src.token)
+                if row is None:
+                    raise IncompatibleModelsError(
+                        f"tokenizer.tokens.{token}: {folder}'s tokenizer has no token {src.token!r}",
+                        source=str(folder),
+                    )
+        rules[vocab_out[token]] = (
+            "model_token" if row is not None else "model",
+            str(folder),
+            row,
+            embedding.force,
+        )
+    return Vocabulary(
+        tokenizer=out, size=size, rows=rows, base=str(base) if base is not None else None, rules=rules
+    )
+
+
+def _copy(tokenizer: Any) -> Any:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return load_tokenizer(Path(tmp))
 
 
 def _union(base_tok: Any, tokenizers: dict[str, Any]) -> Any:
     """The base's tokenizer plus every other model's tokens it lacks (mergekit's ``build_union_tokenizer``)."""
-    import tempfile
-
     new_tokens: dict[str, None] = {}
     added: dict[str, Any] = {}
     for folder, tok in tokenizers.items():
@@ -227,9 +338,7 @@ def _union(base_tok: Any, tokenizers: dict[str, Any]) -> Any:
         for idx, info in added_here.items():
             if idx < limit:
                 added.setdefault(info.content, info)
-    with tempfile.TemporaryDirectory() as tmp:  # a copy: never mutate the base's tokenizer object
-        base_tok.save_pretrained(tmp)
-        out = load_tokenizer(Path(tmp))
+    out = _copy(base_tok)  # never mutate the base's tokenizer object
     base_vocab = base_tok.get_vocab()
     for token in new_tokens:
         if token not in added and token not in base_vocab:

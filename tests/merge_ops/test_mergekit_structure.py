@@ -747,12 +747,6 @@ def test_tokenizer_variants_parity(extra, vocab_zoo, tmp_path):
 
 
 def test_tokenizer_refusals():
-    tokens = {
-        "merge_method": "linear",
-        "models": [{"model": "./a", "parameters": {"weight": 1}}],
-        "tokenizer": {"source": "union", "tokens": {"<x>": {"source": "./a"}}},
-    }
-    assert ["tokenizer", "tokens"] in [e["loc"] for e in _errors(tokens)]
     named = {
         "merge_method": "linear",
         "models": [{"model": "./a", "parameters": {"weight": 1}}],
@@ -761,6 +755,38 @@ def test_tokenizer_refusals():
     assert ["chat_template"] in [e["loc"] for e in _errors(named)]
     both = {**named, "chat_template": None, "tokenizer_source": "base", "tokenizer": {"source": "base"}}
     assert ["tokenizer"] in [e["loc"] for e in _errors(both)]
+    bad_token = {
+        **named,
+        "chat_template": None,
+        "tokenizer": {"source": "union", "tokens": {"<x>": {"force": True}}},
+    }
+    assert ["tokenizer", "tokens", "<x>"] in [e["loc"] for e in _errors(bad_token)]
+
+
+def test_token_table_parity(vocab_zoo, tmp_path):
+    """tokenizer.tokens: a new token from another token's row, a forced zero row, a forced model row."""
+    base, a, b = (str(vocab_zoo[k]) for k in ("base", "a", "b"))
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "models": [
+            {"model": a, "parameters": {"weight": 0.6}},
+            {"model": b, "parameters": {"weight": 0.4}},
+        ],
+        "tokenizer": {
+            "source": "union",
+            "tokens": {
+                "<new>": {"source": {"kind": "model_token", "model": a, "token": "</s>"}},
+                "t5": {"source": {"kind": "zero"}, "force": True},
+                "x30": {"source": b, "force": True},
+                "t31": {"source": {"kind": "model_token", "model": base, "token_id": 4}},
+            },
+        },
+        "dtype": "float32",
+    }
+    run_mergekit(config, tmp_path / "mk", tmp_path / "cache")
+    run_alloy(config, tmp_path / "alloy")
+    assert_same_by_token(tmp_path / "alloy", tmp_path / "mk")
 
 
 def test_slices_with_a_union_tokenizer(vocab_zoo, tmp_path):
