@@ -37,7 +37,9 @@ from merge_ops.tokenizer import VOCAB_TENSOR
 
 
 class LoraMergedSource(ModelSource):
-    """A full checkpoint with a PEFT LoRA adapter merged into it (mergekit ``model+lora``)."""
+    """A full checkpoint with a PEFT LoRA adapter merged into it (mergekit ``model+lora``). θ + s·B·A is summed in
+    float32 and rounded once to the model's dtype (PEFT rounds ΔW to a half-precision model's dtype first: the
+    results agree exactly on float32 models, and to half-precision rounding otherwise)."""
 
     kind: SourceKind = "checkpoint"
     is_delta = False
