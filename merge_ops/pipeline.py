@@ -216,6 +216,8 @@ class _Engine:
             scope=self.scope,
             densities=self.densities,
             global_stats=global_stats,
+            base=loaded.base.float() if self.method.info.needs_base_weights else None,
+            reference_is_input=self.sources.reference_is_input,
         )
         delta = self.method.fn(taus, ctx, self.params_for(tp))
         return delta, ctx
