@@ -338,7 +338,9 @@ def global_pass_needed(recipe: Recipe) -> bool:
 
 
 def has_gradients(recipe: Recipe) -> bool:
-    return any(isinstance(v, list) for v in recipe.params.values())
+    # a gradient set only in an override (a filtered mergekit gradient) is a gradient too
+    scopes = [recipe.params, *(o.params for o in recipe.overrides)]
+    return any(isinstance(v, list) for scope in scopes for v in scope.values())
 
 
 def lines_params(recipe: Recipe) -> LinesParams | None:

@@ -861,3 +861,57 @@ def test_native_passthrough_slices_equal_mergekit(zoo, tmp_path):
     run_merge(recipe, output_dir=tmp_path / "alloy")
     assert_same_model(tmp_path / "alloy", tmp_path / "mk")
     assert json.loads((tmp_path / "alloy" / "config.json").read_text())["num_hidden_layers"] == 44
+
+
+def test_native_gradient_slerp_slices_equal_mergekit(zoo, tmp_path):
+    """mergekit's examples/gradient-slerp.yml (t filtered by name, gradients over the slice) as a native recipe."""
+    if "slerp" not in CATALOG:
+        pytest.skip("slerp is not in this build's catalog")
+    from merge_ops.pipeline import run_merge
+
+    a, b = str(zoo["a"]), str(zoo["b"])
+    mk_config = {
+        "slices": [{"sources": [{"model": a, "layer_range": [4, 36]}, {"model": b, "layer_range": [8, 40]}]}],
+        "merge_method": "slerp",
+        "base_model": a,
+        "parameters": {
+            "t": [
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5},
+            ]
+        },
+        "dtype": "float32",
+    }
+    run_mergekit(mk_config, tmp_path / "mk", tmp_path / "cache")
+    recipe = load_recipe(
+        {
+            "method": "slerp",
+            "base": a,
+            "slices": [{"sources": [{"source": a, "layers": [4, 36]}, {"source": b, "layers": [8, 40]}]}],
+            "params": {"t": 0.5},
+            "overrides": [
+                {"filter": "self_attn", "params": {"t": [0, 0.5, 0.3, 0.7, 1]}},
+                {"filter": "mlp", "params": {"t": [1, 0.5, 0.7, 0.3, 0]}},
+            ],
+            "dtype": "float32",
+        }
+    )
+    run_merge(recipe, output_dir=tmp_path / "alloy")
+    assert_same_model(tmp_path / "alloy", tmp_path / "mk")
+
+
+def test_filtered_gradient_is_interpolated(zoo, tmp_path):
+    """A gradient set only under a filter (an override) runs over the layers too (it used to take its first
+    anchor everywhere)."""
+    base, a, b = (str(zoo[k]) for k in ("base", "a", "b"))
+    config = {
+        "merge_method": "ties",
+        "base_model": base,
+        "models": [{"model": a, "parameters": {"weight": 0.7}}, {"model": b, "parameters": {"weight": 0.4}}],
+        "parameters": {"density": [{"filter": "mlp", "value": [0.2, 0.9]}, {"value": 0.5}]},
+        "dtype": "float32",
+    }
+    run_mergekit(config, tmp_path / "mk", tmp_path / "cache")
+    run_alloy(config, tmp_path / "alloy")
+    assert_same_model(tmp_path / "alloy", tmp_path / "mk")
