@@ -28,7 +28,13 @@ from pydantic import BaseModel
 import kernels
 from merge_ops import __version__
 from merge_ops.checkpoint import torch_dtype
-from merge_ops.errors import IncompatibleModelsError, MergeCancelled, NonFiniteTensorError, OutputError
+from merge_ops.errors import (
+    IncompatibleModelsError,
+    MergeCancelled,
+    NonFiniteTensorError,
+    OutputError,
+    maps_kernel_errors,
+)
 from merge_ops.lines import block_map
 from merge_ops.params import CATALOG, MethodInfo, StagesParams
 from merge_ops.preflight import (
@@ -271,6 +277,7 @@ def _prefetched(engine: _Engine, tensors: list[TensorPlan]) -> Iterator[tuple[Te
             yield tp, loaded
 
 
+@maps_kernel_errors
 def run_merge(
     recipe: Recipe,
     *,
