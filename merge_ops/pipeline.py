@@ -67,7 +67,8 @@ class Progress:
     bytes_done: int
     bytes_total: int
     eta_s: float | None
-    #: "merge", or "evaluate" while greedy soup scores candidates (then the tensor counts are evaluations)
+    #: "merge", "evaluate" while greedy soup scores candidates (then the tensor counts are evaluations), or
+    #: "train" while aTLAS learns its coefficients (then they are steps)
     phase: str = "merge"
 
 
@@ -88,6 +89,8 @@ class MergeReport(BaseModel):
     model_card: str | None = None
     #: greedy_soup: every ingredient's score, the order tried and the chosen ingredients
     greedy_soup: dict[str, Any] | None = None
+    #: atlas: the learned coefficient per block (tensor) and model, the loss per step, the settings
+    atlas: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -125,10 +128,15 @@ class _Engine:
         self.positions = gradient_positions(recipe, merged) or block_map(merged)
         self._params_cache: dict[tuple[Any, ...], Any] = {}
         self.fused_weights = _fused_weights(recipe, sources)
-        # A soup without normalize is Σ w_t·θ_t: task vectors against a zero reference, and no base added.
+        # A soup without normalize is Σ w_t·θ_t, and sparse_soup needs exact zeros: task vectors against a zero
+        # reference, and no base added.
         info = CATALOG[recipe.method]
-        self.zero_reference = info.kind == "soup" and not getattr(
-            info.params.model_validate(recipe.params), "normalize", True
+        if info.reads_weights and (delta := next((s for s in sources.inputs if s.is_delta), None)):
+            raise IncompatibleModelsError(
+                f"{recipe.method} averages full weights; {delta.label} is a {delta.kind}", source=delta.label
+            )
+        self.zero_reference = info.reads_weights or (
+            info.kind == "soup" and not getattr(info.params.model_validate(recipe.params), "normalize", True)
         )
 
     # -- loading (runs in the loader thread) ---------------------------------------------------------
@@ -298,6 +306,19 @@ def run_merge(
         from merge_ops.greedy_soup import write_greedy_soup
 
         return write_greedy_soup(
+            recipe,
+            output_dir=output_dir,
+            resolver=resolver,
+            device=device,
+            progress=progress,
+            should_cancel=should_cancel,
+            scratch_root=scratch_root,
+            data_root=data_root,
+        )
+    if recipe.method == "atlas" and recipe.params.get("coefficients") is None:
+        from merge_ops.atlas import write_atlas
+
+        return write_atlas(  # type: ignore[no-any-return]
             recipe,
             output_dir=output_dir,
             resolver=resolver,
@@ -560,7 +581,7 @@ def _totals(
         "side_files": side,
     }
     weights = {r["name"]: numel(r["shape"]) for r in merged}
-    for key in ("kept_density", "sign_conflict_rate"):
+    for key in ("kept_density", "sign_conflict_rate", "sparsity"):
         values = [(r[key], weights[r["name"]]) for r in merged if key in r]
         if values:
             totals[key] = round(sum(v * w for v, w in values) / max(1, sum(w for _, w in values)), 6)

@@ -312,6 +312,17 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
         problems.append(_problem(("chat_template",), why))
     if method == "greedy_soup" and not data.get("evaluator"):
         problems.append(_problem(("evaluator",), "method 'greedy_soup' needs an evaluator"))
+    raw_params = data.get("params")
+    atlas_params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
+    if (
+        method == "atlas"
+        and not data.get("evaluator")
+        and atlas_params.get("coefficients") is None
+        and atlas_params.get("steps", 1) != 0
+    ):
+        problems.append(
+            _problem(("evaluator",), "method 'atlas' trains on an evaluator's data: set evaluator")
+        )
     weights = data.get("weights")
     if isinstance(weights, list) and isinstance(models, list) and len(weights) != len(models):
         problems.append(_problem(("weights",), f"{len(weights)} weights for {len(models)} models"))
