@@ -251,9 +251,11 @@ def _finish_report(
 ) -> None:
     """Totals, peak memory, side files and the model card (written into ``scratch``, its text in the report)."""
     from merge_ops.modelcard import read_front_matter, write_model_card
+    from merge_ops.structured_sources import finish_side_files
     from merge_ops.writer import copy_side_files
 
     side = copy_side_files(sources.side_files_from, scratch) if sources.side_files_from else []
+    side += [f for f in finish_side_files(recipe, sources, scratch) if f not in side]  # slices, tokenizer
     report.totals = merge_totals(report.tensors, plan, files, side)
     report.peak_rss_bytes = peak_rss_bytes()
     report.peak_cuda_bytes = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None

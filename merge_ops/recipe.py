@@ -27,6 +27,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from merge_ops.errors import RecipeError
 from merge_ops.evaluators.spec import EvaluatorSpec
 from merge_ops.params import CATALOG, LinesParams, MethodInfo, Params, Scope
+from merge_ops.slices import SliceSpec, derive_models
+from merge_ops.tokenizer import TokenizerSpec, chat_template_problem
 
 OutputDtype = Literal["float32", "float16", "bfloat16"]
 _SIZE_UNITS = {
@@ -81,11 +83,15 @@ class ModelEntry(_Model):
     source: Source
     weight: float = Field(1.0, ge=-100, le=100, description="w_t; negative weights negate a task vector.")
     density: float | None = Field(None, gt=0, le=1, description="Per-model override of params.density.")
+    lora: Source | None = Field(
+        None, description="A PEFT LoRA adapter merged into this model before the merge (mergekit model+lora)."
+    )
 
-    @field_validator("source")
+    @field_validator("source", "lora")
     @classmethod
-    def _parse(cls, value: Source) -> Source:
-        parse_source(value)
+    def _parse(cls, value: Source | None) -> Source | None:
+        if value is not None:
+            parse_source(value)
         return value
 
 
@@ -165,6 +171,9 @@ class Recipe(_Model):
 
     method: str = Field(description="A method id from GET /v1/methods.")
     base: Source | None = Field(None, description="The base model θ_0 (required by task-vector methods).")
+    base_lora: Source | None = Field(
+        None, description="A PEFT LoRA adapter merged into the base first (mergekit base_model: model+lora)."
+    )
     models: list[ModelEntry] = Field(default_factory=list)
     weights: list[float] | None = Field(None, description="Alternative to per-model weights; one per model.")
     params: dict[str, Any] = Field(default_factory=dict)
@@ -174,6 +183,16 @@ class Recipe(_Model):
     dtype: OutputDtype | None = Field(None, description="Output dtype; default: the base's.")
     seed: int = Field(0, ge=0, lt=2**63)
     filters: Filters = Field(default_factory=Filters)
+    slices: list[SliceSpec] | None = Field(
+        None, description="Build the output from layer ranges of the models (see merge_ops.slices)."
+    )
+    tokenizer: TokenizerSpec | None = Field(
+        None,
+        description="The output's vocabulary; embedding/lm_head rows are re-indexed to it (merge_ops.tokenizer).",
+    )
+    chat_template: str | None = Field(
+        None, max_length=100_000, description="A Jinja chat template saved with the tokenizer, or 'auto'."
+    )
     vocab_policy: Literal["error", "truncate", "pad_zero", "pad_mean"] = "error"
     evaluator: EvaluatorSpec | None = Field(None, description="Held-out scorer for greedy_soup.")
     allow_pickle: bool = Field(
@@ -189,7 +208,11 @@ class Recipe(_Model):
     @classmethod
     def _validate_everything(cls, data: Any, handler: Any) -> Self:
         """Run field validation and the cross-field rules, and report the problems of both at once."""
-        problems = _cross_field_problems(data) if isinstance(data, dict) else []
+        problems: list[InitErrorDetails] = []
+        if isinstance(data, dict) and data.get("slices") is not None:
+            data, slice_problems = derive_models(data)  # one model entry per input slot
+            problems += [_problem(loc, msg) for loc, msg in slice_problems]
+        problems += _cross_field_problems(data) if isinstance(data, dict) else []
         try:
             recipe = handler(data)
         except ValidationError as exc:
@@ -282,6 +305,11 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
         problems += _input_count_problems(
             info, models, has_base=bool(data.get("base")), lines=data.get("lines")
         )
+    if data.get("base_lora") and not data.get("base"):
+        problems.append(_problem(("base_lora",), "base_lora needs a base to apply the adapter to"))
+    template = data.get("chat_template")
+    if isinstance(template, str) and (why := chat_template_problem(template)):
+        problems.append(_problem(("chat_template",), why))
     if method == "greedy_soup" and not data.get("evaluator"):
         problems.append(_problem(("evaluator",), "method 'greedy_soup' needs an evaluator"))
     raw_params = data.get("params")

@@ -29,6 +29,7 @@ from merge_ops.params import CATALOG, StagesParams
 from merge_ops.preflight import MergePlan, Sources, TensorPlan, has_gradients
 from merge_ops.recipe import Recipe
 from merge_ops.registry import TensorContext, get_method
+from merge_ops.slices import gradient_positions
 
 
 @dataclass
@@ -56,7 +57,9 @@ class TensorMerger:
             tuple(m.density or 0.0 for m in recipe.models) if any(m.density for m in recipe.models) else None
         )
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.positions = block_map([t.name for t in plan.tensors if t.action == "merge"])
+        merged = [t.name for t in plan.tensors if t.action == "merge"]
+        # gradients run over each slice's own layers in a sliced recipe (merge_ops.slices)
+        self.positions = gradient_positions(recipe, merged) or block_map(merged)
         self._params_cache: dict[tuple[Any, ...], Any] = {}
         self.fused_weights = fused_weights(recipe, sources)
         # A soup without normalize is Σ w_t·θ_t, and sparse_soup needs exact zeros: task vectors against a zero
