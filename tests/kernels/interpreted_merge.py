@@ -52,6 +52,10 @@ def merge_cases() -> dict[str, dict[str, Any]]:
             # the evaluator chooses the ingredients (a forward pass, no kernels); the tensors it writes are the
             # uniform linear merge of the chosen ones (merge_ops.greedy_soup), the `model_soup` case below
             continue
+        elif name == "atlas":
+            # training is a torch autograd loop on the evaluator's model (no kernels); with zero steps the written
+            # tensors are θ_0 + λ·Σ τ through the same streaming merge
+            cases[name] = {**_default_case(info, three), "params": {"steps": 0}}
         else:
             cases[name] = _default_case(info, three)
     # per-row selection launches one radix select per row: under the interpreter that costs seconds per
