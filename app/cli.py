@@ -99,7 +99,23 @@ class _ProgressBar:
             self._bar.stop()
 
 
+def _density(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"density must be in (0, 1], got {text}")
+    return value
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
+    if args.density is not None:
+        from merge_ops.sparse_task_vector import extract_sparse_task_vector
+
+        report = extract_sparse_task_vector(
+            Path(args.base), Path(args.finetuned), Path(args.out), density=args.density
+        )
+        details = "".join(f"\n  {k}: {v}" for k, v in report.model_dump().items())
+        print(f"sparse task vector written to {args.out}{details}")
+        return 0
     from merge_ops.artifacts import extract_task_vector
 
     out = extract_task_vector(Path(args.base), Path(args.finetuned), Path(args.out))
@@ -213,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base")
     p.add_argument("finetuned")
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--density",
+        type=_density,
+        help="keep only this fraction of each tensor's entries (largest |τ|, exact values): a sparse task vector",
+    )
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("compress", help="ComPEFT-compress a task vector (folder written by extract)")

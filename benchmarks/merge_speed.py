@@ -6,8 +6,10 @@
 Generates a llama-shaped base and K fine-tunes (about 0.37B parameters each with the defaults), then runs each
 merge in a fresh subprocess (so peak RSS is the merge's own) and prints a table. "floor" reads the K+1 inputs and
 writes one output once, with nothing computed: the target is a merge within 1.5× of it. When mergekit is
-installed (`mergekit-yaml` on PATH), the same merges run with mergekit in the same invocation and the table shows
-the time ratio. Effective GB/s = (bytes read + bytes written) / wall time. With ``--device cuda`` a last column
+installed (`mergekit-yaml` on PATH), the same merges run with mergekit in the same invocation, computing in the
+models' dtype (``native``, as users' configs ask) and in float32 (``--mergekit-dtype`` picks one), and the table
+shows the time and peak-RSS ratios. The rows come from ``METHODS`` (one entry per method, with the same density on
+both sides). Effective GB/s = (bytes read + bytes written) / wall time. With ``--device cuda`` a last column
 gives the merge's peak GPU memory (``alloy-report.json``) over 2·(K+1)·the largest tensor (float32 bytes), the
 bound the kernels are built to (≤ 1.0 is within it).
 """
@@ -21,48 +23,65 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-MERGEKIT_METHODS = {
-    "task_arithmetic",
-    "linear",
-    "ties",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "dare_linear",
-    "dare_ties",
-    "slerp",
-    "della",
-}
-# methods compared with settings of their own: Alloy params (mergekit: the same, per model), and slerp merges the
-# base with the first fine-tune only (its contract: two inputs)
-METHOD_PARAMS: dict[str, dict[str, float]] = {"slerp": {"t": 0.5}, "della": {"density": 0.5, "epsilon": 0.1}}
 
+
+@dataclass(frozen=True)
+class Bench:
+    """One row: the Alloy recipe's params, and mergekit's per-model parameters (None: no mergekit counterpart).
+    Both sides get the same density, so the rows compare the same work."""
+
+    params: dict[str, float] = field(default_factory=dict)
+    mergekit: dict[str, float] | None = None
+    #: how many of the K fine-tunes the merge takes (None: all); slerp's contract is the base and one model
+    fine_tunes: int | None = None
+    #: mergekit's slerp configs list the base as an input too and take ``t`` as a global parameter
+    mergekit_lists_base: bool = False
+
+
+SPARSE = {"density": 0.2}
+#: the rows the benchmark knows; add a method here (with its mergekit counterpart, if any) to benchmark it
+METHODS: dict[str, Bench] = {
+    "task_arithmetic": Bench(mergekit={}),
+    "linear": Bench(mergekit={}),
+    "model_soup": Bench(),
+    "lines": Bench(),
+    "ties": Bench(SPARSE, SPARSE),
+    "breadcrumbs": Bench(SPARSE, SPARSE),
+    "breadcrumbs_ties": Bench(SPARSE, SPARSE),
+    "dare_linear": Bench(SPARSE, SPARSE),
+    "dare_ties": Bench(SPARSE, SPARSE),
+    "compeft": Bench(),
+    "model_stock": Bench(),
+    "slerp": Bench({"t": 0.5}, {"t": 0.5}, fine_tunes=1, mergekit_lists_base=True),
+    "della": Bench({"density": 0.5, "epsilon": 0.1}, {"density": 0.5, "epsilon": 0.1}),
+}
+DEFAULT_METHODS = "task_arithmetic,linear,lines,ties,breadcrumbs,dare_linear,dare_ties,compeft,slerp,della"
+MERGEKIT_DTYPES = ("native", "float32")
+
+# Alloy's own reader and writer, nothing computed: every tensor of the K+1 inputs read, the base's written, one
+# fsync per file (as a merge does). A merge's time over this is its compute cost.
 _FLOOR = """
-import sys
+import os, sys
 from pathlib import Path
-from safetensors import safe_open
-from merge_ops.checkpoint import torch_dtype
+from merge_ops.checkpoint import Checkpoint
 from merge_ops.writer import ShardedWriter
-folders = [Path(p) for p in sys.argv[1:-1]]
+sources = [Checkpoint.open(Path(p)) for p in sys.argv[1:-1]]
 out = Path(sys.argv[-1])
-out.mkdir(parents=True)
-def open_all(folder):
-    return {n: h for h in (safe_open(str(f), "pt") for f in sorted(folder.glob("*.safetensors"))) for n in h.keys()}
-sources = [open_all(f) for f in folders]
-plan = []
-for name, handle in sources[0].items():
-    sl = handle.get_slice(name)
-    plan.append((name, torch_dtype(sl.get_dtype()), tuple(sl.get_shape())))
+plan = [(name, info.torch_dtype, info.shape) for name, info in sources[0].infos.items()]
 writer = ShardedWriter(out, plan=plan, shard_size=5 * 10**9, metadata={"format": "pt"})
 for name, _, _ in plan:
-    tensors = [src[name].get_tensor(name) for src in sources]
+    tensors = [src.load(name) for src in sources]
     writer.write(name, tensors[0])
-writer.close()
+for path in writer.close():
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 """
 
 
@@ -147,17 +166,17 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(
-        "--methods",
-        default="task_arithmetic,linear,ties,dare_ties,breadcrumbs,compeft,model_stock,slerp,della",
+        "--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {', '.join(METHODS)}"
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alloy-bench"))
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument(
         "--mergekit-dtype",
-        default="float32",
-        choices=["float32", "native"],
-        help="mergekit's compute dtype (Alloy always computes in float32)",
+        default="both",
+        choices=["both", *MERGEKIT_DTYPES],
+        help="mergekit's compute dtype: native (the models' dtype, as users' configs ask) and/or float32 "
+        "(Alloy always computes in float32)",
     )
     args = parser.parse_args()
 
@@ -184,17 +203,21 @@ def main() -> None:
     floor_s, floor_rss = run_measured(
         [sys.executable, "-c", _FLOOR, str(base), *map(str, models), str(outputs / "floor")], cwd=ROOT
     )
-    rows = [("floor (read K+1, write 1)", floor_s, floor_rss, None)]
+    mk_dtypes = MERGEKIT_DTYPES if args.mergekit_dtype == "both" else (args.mergekit_dtype,)
+    rows: list[tuple[str, float, int, dict[str, tuple[float, int]]]] = [
+        ("floor (read K+1, write 1)", floor_s, floor_rss, {})
+    ]
     gpu_bound = 2 * (args.k + 1) * largest_tensor_numel(base) * 4
     gpu_peaks: dict[str, float] = {}
     models_of: dict[str, list[Path]] = {}
     for method in args.methods.split(","):
-        used = models_of[method] = models[:1] if method == "slerp" else models
+        bench = METHODS[method]
+        used = models_of[method] = models[: bench.fine_tunes] if bench.fine_tunes else models
         recipe = {
             "method": method,
             "base": str(base),
             "models": [{"source": str(m)} for m in used],
-            "params": METHOD_PARAMS.get(method, {}),
+            "params": dict(bench.params),
             "output": {"path": str(outputs / method)},
         }
         recipe_path = workdir / f"{method}.yaml"
@@ -204,35 +227,20 @@ def main() -> None:
             cwd=ROOT,
         )
         report = json.loads((outputs / method / "alloy-report.json").read_text())
+        shutil.rmtree(outputs / method)  # 20 model-sized outputs would fill the disk and the page cache
         if report.get("peak_cuda_bytes"):
             gpu_peaks[method] = report["peak_cuda_bytes"] / gpu_bound
-        mk = None
-        if mergekit and method in MERGEKIT_METHODS:
-            mk_cfg = {
-                "merge_method": method,
-                "base_model": str(base),
-                "dtype": args.dtype,
-                "models": [
-                    {"model": str(m), "parameters": {"weight": 1.0, **_mk_params(method)}} for m in models
-                ],
-            }
-            if method == "linear":
-                mk_cfg.pop("base_model")
-            if (
-                method == "slerp"
-            ):  # t is global; the base is listed as an input too (mergekit's slerp configs)
-                mk_cfg["models"] = [{"model": str(base)}, *({"model": str(m)} for m in used)]
-                mk_cfg["parameters"] = METHOD_PARAMS["slerp"]
-            mk_path = workdir / f"{method}-mergekit.yaml"
-            mk_path.write_text(yaml.safe_dump(mk_cfg))
-            cmd = [mergekit, str(mk_path), str(outputs / f"{method}-mergekit"), "--lazy-unpickle"]
-            if args.device == "cuda":
-                cmd.append("--cuda")
-            mk = run_measured(cmd)
+        mk: dict[str, tuple[float, int]] = {}
+        if mergekit and bench.mergekit is not None:
+            for mk_dtype in mk_dtypes:
+                mk[mk_dtype] = _run_mergekit(
+                    mergekit, method, bench, base, used, workdir, outputs, args, mk_dtype
+                )
         rows.append((method, wall, rss, mk))
 
     header = f"{'method':<28}{'wall s':>9}{'x floor':>9}{'peak RSS MiB':>14}{'GB/s':>8}"
-    header += f"{'mergekit s':>12}{'mk RSS MiB':>12}{'mk/alloy':>10}" if mergekit else ""
+    for mk_dtype in mk_dtypes if mergekit else ():
+        header += f"{'mk ' + mk_dtype + ' s':>16}{'mk RSS MiB':>12}{'mk/alloy':>10}"
     header += f"{'GPU peak/bound':>16}" if gpu_peaks else ""
     print(header)
     for name, wall, rss, mk in rows:
@@ -241,12 +249,12 @@ def main() -> None:
             f"{name:<28}{wall:>9.2f}{wall / floor_s:>9.2f}{rss / 2**20:>14.0f}"
             f"{(read + out_bytes) / wall / 1e9:>8.2f}"
         )
-        if mergekit:
-            line += (
-                f"{mk[0]:>12.2f}{mk[1] / 2**20:>12.0f}{mk[0] / wall:>10.2f}"
-                if mk
-                else f"{'-':>12}{'-':>12}{'-':>10}"
-            )
+        for mk_dtype in mk_dtypes if mergekit else ():
+            if mk_dtype in mk:
+                mk_s, mk_rss = mk[mk_dtype]
+                line += f"{mk_s:>16.2f}{mk_rss / 2**20:>12.0f}{mk_s / wall:>10.2f}"
+            else:
+                line += f"{'-':>16}{'-':>12}{'-':>10}"
         if gpu_peaks:
             line += f"{gpu_peaks[name]:>16.2f}" if name in gpu_peaks else f"{'-':>16}"
         print(line)
@@ -254,14 +262,42 @@ def main() -> None:
         print("(mergekit not installed: `pip install mergekit` to compare in the same run)")
 
 
-def _mk_params(method: str) -> dict[str, float]:
-    if method == "della":
-        return METHOD_PARAMS["della"]
-    return (
-        {"density": 0.2}
-        if method in {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"}
-        else {}
-    )
+def _run_mergekit(
+    mergekit: str,
+    method: str,
+    bench: Bench,
+    base: Path,
+    models: list[Path],
+    workdir: Path,
+    outputs: Path,
+    args: argparse.Namespace,
+    mk_dtype: str,
+) -> tuple[float, int]:
+    """mergekit-yaml on the same merge; ``native`` computes in the models' dtype, ``float32`` in float32 (its
+    output is then cast back to the models' dtype by ``out_dtype``)."""
+    mk_cfg: dict[str, object] = {
+        "merge_method": method,
+        "base_model": str(base),
+        "dtype": args.dtype if mk_dtype == "native" else "float32",
+        "out_dtype": args.dtype,
+        "models": [
+            {"model": str(m), "parameters": {"weight": 1.0, **(bench.mergekit or {})}} for m in models
+        ],
+    }
+    if method == "linear":
+        mk_cfg.pop("base_model")
+    if bench.mergekit_lists_base:
+        mk_cfg["models"] = [{"model": str(base)}, *({"model": str(m)} for m in models)]
+        mk_cfg["parameters"] = bench.mergekit
+    mk_path = workdir / f"{method}-mergekit-{mk_dtype}.yaml"
+    mk_path.write_text(yaml.safe_dump(mk_cfg))
+    out = outputs / f"{method}-mergekit-{mk_dtype}"
+    cmd = [mergekit, str(mk_path), str(out), "--lazy-unpickle"]
+    if args.device == "cuda":
+        cmd.append("--cuda")
+    measured = run_measured(cmd)
+    shutil.rmtree(out, ignore_errors=True)
+    return measured
 
 
 if __name__ == "__main__":

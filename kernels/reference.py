@@ -52,7 +52,9 @@ def fused_task_arithmetic(
             raise ValueError(f"shape {tuple(theta.shape)} differs from the base's {tuple(base.shape)}")
         delta.copy_(theta).sub_(base32)  # convert, then subtract: much faster on CPU than a mixed-dtype sub
         acc.add_(delta, alpha=float(weight))
-    return base32.add_(acc.mul_(scale)).to(out_dtype)
+    # acc + base, not base.add_: for a float32 base, .float() is the base itself (an in-place add would overwrite
+    # the caller's input, and a NaN in a fine-tune would then be found in the base). Addition commutes exactly.
+    return acc.mul_(scale).add_(base32).to(out_dtype)
 
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)

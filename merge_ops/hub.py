@@ -84,6 +84,7 @@ SIDE_FILE_PATTERNS = (
     "vocab.json",
     "spiece.model",
     "sentencepiece.bpe.model",
+    "*.jinja",  # chat_template.jinja: the template chat_template: auto picks
 )
 MODEL_CARD_TAGS = ("merge", "alloy")
 TASK_VECTOR_TAGS = ("alloy", "task-vector", "compeft")

@@ -38,6 +38,7 @@ from typing import Any
 
 from merge_ops import patterns
 from merge_ops.errors import RecipeError
+from merge_ops.mergekit_structure import Structure, apply_structure, extract_structure, slice_loc
 
 #: mergekit method -> (Alloy method, Alloy stage params fixed by the mergekit method, mergekit's normalize default)
 _METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
@@ -99,10 +100,16 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     """The Alloy recipe dict equivalent to mergekit config ``data``; raises ``RecipeError`` listing every
     unsupported or invalid field as ``{loc, msg}``."""
     errors: list[dict[str, Any]] = []
+    structure: Structure | None = None
 
     def fail(loc: list[str | int], msg: str) -> None:
-        errors.append({"loc": loc, "msg": msg})
+        # a slices config's inputs are models[j] here: name the slice source instead
+        errors.append({"loc": slice_loc(loc, structure) if structure is not None else loc, "msg": msg})
 
+    # slices / modules / model+lora (merge_ops.mergekit_structure): the rest sees a plain models: config
+    data, structure = extract_structure(data, fail)
+    if errors and not data.get("models"):
+        raise _error(errors)
     for key in data:
         if key not in _TOP_FIELDS:
             fail([key], f"mergekit field {key!r} is not supported by Alloy")
@@ -184,7 +191,7 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     recipe["params"] = base_params
     if overrides:
         recipe["overrides"] = overrides
-    return recipe
+    return apply_structure(recipe, structure, fail)
 
 
 def _error(errors: list[dict[str, Any]]) -> RecipeError:

@@ -268,6 +268,43 @@ class ArceeFusionParams(Params):
     """No parameters: the threshold is derived from the importance scores of each tensor."""
 
 
+class SparseSoupParams(Params):
+    """Weighted mean of models that share one sparsity pattern (Zimmer et al., Sparse Model Soups)."""
+
+    mask: Literal["intersection", "union"] | None = Field(
+        None,
+        description=(
+            "Unset: the models' zero patterns must agree (else an error names the first tensor that differs). "
+            "intersection: zero wherever any model is zero; union: the plain mean (zero only where all are)."
+        ),
+    )
+
+
+Coefficient = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
+
+
+class AtlasParams(Params):
+    """aTLAS: one coefficient per task vector and parameter block (tensor), learned on a few-shot objective."""
+
+    lambda_: float = Field(
+        0.3, alias="lambda", gt=0, le=10, description="Initial coefficient of every task vector and block."
+    )
+    steps: int = Field(
+        20, ge=0, le=10000, description="Adam steps on the evaluator's loss (0: task arithmetic)."
+    )
+    lr: float = Field(0.05, gt=0, le=10, description="Adam learning rate of the coefficients.")
+    objective: Literal["supervised", "entropy"] = Field(
+        "supervised",
+        description="supervised: cross-entropy on the evaluator's labelled rows; entropy: mean prediction entropy "
+        "(test-time adaptation, labels unused).",
+    )
+    coefficients: dict[str, list[Coefficient]] | None = Field(
+        None,
+        description="Fixed coefficients per tensor name (one per model); set, nothing is trained. The report of "
+        "a trained merge holds the learned ones in this form.",
+    )
+
+
 class PassthroughParams(Params):
     """Copy the single model, optionally scaled."""
 
@@ -298,6 +335,9 @@ class MethodInfo:
     max_inputs: int | None = None
     #: The method reads θ_0 itself (``TensorContext.base``): it interpolates weights, not only task vectors.
     needs_base_weights: bool = False
+    #: The method gets the models' weights θ_t themselves (task vectors against a zero reference) and returns
+    #: the merged weights (the pipeline adds no base): for exact zero patterns (sparse_soup).
+    reads_weights: bool = False
 
 
 _PAPERS = {
@@ -319,6 +359,8 @@ _PAPERS = {
     "ram": "https://arxiv.org/abs/2601.13572",
     "arcee_fusion": "https://arcee.ai",
     "passthrough": "https://github.com/arcee-ai/mergekit",
+    "sparse_soup": "https://arxiv.org/abs/2306.16788",
+    "atlas": "https://arxiv.org/abs/2407.02880",
 }
 
 CATALOG: dict[str, MethodInfo] = {
@@ -533,6 +575,22 @@ CATALOG: dict[str, MethodInfo] = {
             needs_base=False,
             max_inputs=1,
             needs_base_weights=True,
+        ),
+        MethodInfo(
+            "sparse_soup",
+            "Sparse model soup",
+            _PAPERS["sparse_soup"],
+            SparseSoupParams,
+            "Average pruned models that share one sparsity pattern; the soup keeps the pattern.",
+            needs_base=False,
+            reads_weights=True,
+        ),
+        MethodInfo(
+            "atlas",
+            "aTLAS (learned anisotropic scaling)",
+            _PAPERS["atlas"],
+            AtlasParams,
+            "Learn one coefficient per task vector and tensor by gradient descent on a few-shot objective.",
         ),
     ]
 }

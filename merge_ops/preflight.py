@@ -144,6 +144,18 @@ def open_sources(recipe: Recipe, info: MethodInfo, resolver: Any) -> Sources:
                 [1.0],
                 side_files_from=side if side.is_dir() else None,
             )
+        copy_from = recipe.output.copy_files_from
+        side_source = (
+            recipe.base or recipe.models[0].source if copy_from == "base" else recipe.models[copy_from].source
+        )
+        if recipe.slices or recipe.tokenizer or recipe.base_lora or any(m.lora for m in recipe.models):
+            from merge_ops.structured_sources import open_structured_sources
+
+            resolve = lambda s: local_path(s, resolver=resolver, allow_pickle=recipe.allow_pickle)  # noqa: E731
+            structured = open_structured_sources(recipe, open_, _label, resolve)
+            side = local_path(side_source, resolver=resolver)
+            structured.side_files_from = side if side.is_dir() else None
+            return structured
         weights = recipe.model_weights()
         models = [open_(m.source) for m in recipe.models]
         labels = [_label(m.source) for m in recipe.models]
@@ -156,10 +168,6 @@ def open_sources(recipe: Recipe, info: MethodInfo, resolver: Any) -> Sources:
             raise IncompatibleModelsError(
                 f"the base {ref_label} is a {reference.kind}, not a full checkpoint"
             )
-        copy_from = recipe.output.copy_files_from
-        side_source = (
-            recipe.base or recipe.models[0].source if copy_from == "base" else recipe.models[copy_from].source
-        )
         side = local_path(side_source, resolver=resolver)
         return Sources(
             reference,
@@ -330,7 +338,9 @@ def global_pass_needed(recipe: Recipe) -> bool:
 
 
 def has_gradients(recipe: Recipe) -> bool:
-    return any(isinstance(v, list) for v in recipe.params.values())
+    # a gradient set only in an override (a filtered mergekit gradient) is a gradient too
+    scopes = [recipe.params, *(o.params for o in recipe.overrides)]
+    return any(isinstance(v, list) for scope in scopes for v in scope.values())
 
 
 def lines_params(recipe: Recipe) -> LinesParams | None:

@@ -29,6 +29,8 @@ from merge_ops.errors import RecipeError
 from merge_ops.evaluators.spec import EvaluatorSpec
 from merge_ops.params import CATALOG, LinesParams, MethodInfo, Params, Scope
 from merge_ops.safe_load import UnsafeDocumentError, check_plain_data, load_yaml
+from merge_ops.slices import SliceSpec, derive_models
+from merge_ops.tokenizer import TokenizerSpec, chat_template_problem
 
 OutputDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -146,11 +148,15 @@ class ModelEntry(_Model):
     source: Source
     weight: Weight = 1.0
     density: float | None = Field(None, gt=0, le=1, description="Per-model override of params.density.")
+    lora: Source | None = Field(
+        None, description="A PEFT LoRA adapter merged into this model before the merge (mergekit model+lora)."
+    )
 
-    @field_validator("source")
+    @field_validator("source", "lora")
     @classmethod
-    def _parse(cls, value: Source) -> Source:
-        parse_source(value)
+    def _parse(cls, value: Source | None) -> Source | None:
+        if value is not None:
+            parse_source(value)
         return value
 
 
@@ -249,6 +255,9 @@ class Recipe(_Model):
 
     method: str = Field(description="A method id from GET /v1/methods.")
     base: Source | None = Field(None, description="The base model θ_0 (required by task-vector methods).")
+    base_lora: Source | None = Field(
+        None, description="A PEFT LoRA adapter merged into the base first (mergekit base_model: model+lora)."
+    )
     models: list[ModelEntry] = Field(default_factory=list, max_length=MAX_MODELS)
     weights: list[Weight] | None = Field(
         None, max_length=MAX_MODELS, description="Alternative to per-model weights; one per model."
@@ -260,6 +269,16 @@ class Recipe(_Model):
     dtype: OutputDtype | None = Field(None, description="Output dtype; default: the base's.")
     seed: int = Field(0, ge=0, lt=2**63)
     filters: Filters = Field(default_factory=Filters)
+    slices: list[SliceSpec] | None = Field(
+        None, description="Build the output from layer ranges of the models (see merge_ops.slices)."
+    )
+    tokenizer: TokenizerSpec | None = Field(
+        None,
+        description="The output's vocabulary; embedding/lm_head rows are re-indexed to it (merge_ops.tokenizer).",
+    )
+    chat_template: str | None = Field(
+        None, max_length=100_000, description="A Jinja chat template saved with the tokenizer, or 'auto'."
+    )
     vocab_policy: Literal["error", "truncate", "pad_zero", "pad_mean"] = "error"
     evaluator: EvaluatorSpec | None = Field(None, description="Held-out scorer for greedy_soup.")
     allow_pickle: bool = Field(
@@ -282,7 +301,11 @@ class Recipe(_Model):
     @classmethod
     def _validate_everything(cls, data: Any, handler: Any) -> Self:
         """Run field validation and the cross-field rules, and report the problems of both at once."""
-        problems = _cross_field_problems(data) if isinstance(data, dict) else []
+        problems: list[InitErrorDetails] = []
+        if isinstance(data, dict) and data.get("slices") is not None:
+            data, slice_problems = derive_models(data)  # one model entry per input slot
+            problems += [_problem(loc, msg) for loc, msg in slice_problems]
+        problems += _cross_field_problems(data) if isinstance(data, dict) else []
         try:
             recipe = handler(data)
         except ValidationError as exc:
@@ -375,8 +398,24 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
         problems += _input_count_problems(
             info, models, has_base=bool(data.get("base")), lines=data.get("lines")
         )
+    if data.get("base_lora") and not data.get("base"):
+        problems.append(_problem(("base_lora",), "base_lora needs a base to apply the adapter to"))
+    template = data.get("chat_template")
+    if isinstance(template, str) and (why := chat_template_problem(template)):
+        problems.append(_problem(("chat_template",), why))
     if method == "greedy_soup" and not data.get("evaluator"):
         problems.append(_problem(("evaluator",), "method 'greedy_soup' needs an evaluator"))
+    raw_params = data.get("params")
+    atlas_params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
+    if (
+        method == "atlas"
+        and not data.get("evaluator")
+        and atlas_params.get("coefficients") is None
+        and atlas_params.get("steps", 1) != 0
+    ):
+        problems.append(
+            _problem(("evaluator",), "method 'atlas' trains on an evaluator's data: set evaluator")
+        )
     weights = data.get("weights")
     if isinstance(weights, list) and isinstance(models, list) and len(weights) != len(models):
         problems.append(_problem(("weights",), f"{len(weights)} weights for {len(models)} models"))

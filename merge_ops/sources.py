@@ -4,6 +4,7 @@
   - ``lora``: a folder with ``adapter_config.json`` (PEFT LoRA) -> ΔW = s·B·A on its targets, zero elsewhere;
   - ``task_vector``: safetensors whose metadata says ``alloy_format: task_vector`` (``alloy extract``) -> τ;
   - ``compressed_task_vector``: ``alloy_format: compressed_task_vector`` (``alloy compress``) -> τ̃;
+  - ``sparse_task_vector``: ``alloy_format: sparse_task_vector`` (``alloy extract --density``) -> τ at kept entries;
   - ``checkpoint``: any other safetensors file/folder (or pickle, with ``allow_pickle``) -> θ_t − θ_0.
 Task vectors hold floating tensors only; non-float buffers (position ids, counters) are the base's.
 """
@@ -20,7 +21,7 @@ from merge_ops.checkpoint import Checkpoint, TensorInfo
 from merge_ops.errors import IncompatibleModelsError, SourceNotFoundError
 from merge_ops.lora import CONFIG_NAME, LoraAdapter
 
-SourceKind = Literal["checkpoint", "lora", "task_vector", "compressed_task_vector"]
+SourceKind = Literal["checkpoint", "lora", "task_vector", "compressed_task_vector", "sparse_task_vector"]
 
 
 class ModelSource:
@@ -222,6 +223,10 @@ def open_source(path: Path, *, allow_pickle: bool = False) -> ModelSource:
             return TaskVectorSource(checkpoint, label=label)
         if fmt == artifacts.COMPRESSED_FORMAT:
             return CompressedTaskVectorSource(artifacts.CompressedTaskVector(checkpoint), label=label)
+        if fmt == "sparse_task_vector":  # merge_ops.sparse_task_vector (alloy extract --density)
+            from merge_ops.sparse_task_vector import open_sparse_task_vector
+
+            return open_sparse_task_vector(checkpoint, label=label)
         if fmt is not None:
             raise IncompatibleModelsError(f"{path}: unknown alloy_format {fmt!r}", file=label)
     except BaseException:

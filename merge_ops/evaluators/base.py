@@ -30,6 +30,15 @@ class Evaluator(Protocol):
     def score(self, state_dict: StateDict, /) -> float: ...
 
 
+@runtime_checkable
+class DifferentiableEvaluator(Evaluator, Protocol):
+    """An evaluator that can also return a differentiable loss (lower is better) of a state dict whose tensors
+    may require grad: aTLAS (``merge_ops.atlas``) trains coefficients through it. ``objective`` is
+    ``supervised`` (cross-entropy on the labelled rows) or ``entropy`` (mean prediction entropy, no labels)."""
+
+    def loss(self, state_dict: StateDict, /, *, objective: str) -> torch.Tensor: ...
+
+
 EvaluatorFactory = Callable[..., Evaluator]
 
 _BUILTINS = {
@@ -110,6 +119,15 @@ def load_into(model: torch.nn.Module, state_dict: StateDict) -> None:
     Every model parameter must be covered, except ones tied to a covered tensor (lm_head ↔ embeddings);
     non-float extras in the checkpoint (position_ids buffers) are ignored, float extras are an error.
     """
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in model_names(model, state_dict).items():
+            own[name].copy_(tensor.to(own[name].dtype))
+
+
+def model_names(model: torch.nn.Module, state_dict: StateDict) -> dict[str, torch.Tensor]:
+    """``state_dict``'s tensors under the model's own names (see ``load_into`` for the rules), without
+    copying: ``torch.func.functional_call`` with this dict keeps the graph to tensors that require grad."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     own = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
@@ -137,9 +155,7 @@ def load_into(model: torch.nn.Module, state_dict: StateDict) -> None:
         raise EvaluatorError(
             f"checkpoint lacks tensors the evaluator needs: {', '.join(missing[:5])}", tensors=missing[:20]
         )
-    with torch.no_grad():
-        for name, tensor in mapped.items():
-            own[name].copy_(tensor.to(own[name].dtype))
+    return mapped
 
 
 def load_pretrained(auto_class: Any, model_dir: Path, *, device: torch.device, **kwargs: Any) -> Any:

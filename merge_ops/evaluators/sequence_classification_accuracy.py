@@ -1,7 +1,9 @@
 """``sequence_classification_accuracy``: accuracy of a sequence-classification model on JSONL ``{text, label}``.
 
 Labels are class ids (ints), or names mapped through ``spec.classes`` (their order gives the ids) or else the
-model config's ``label2id``. Score = correct / rows.
+model config's ``label2id``. Score = correct / rows. ``loss`` is the differentiable hook aTLAS trains through
+(``DifferentiableEvaluator``): mean cross-entropy over the rows, or their mean prediction entropy (the rows still
+carry a label field, which that objective does not read).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from merge_ops.evaluators.base import (
     load_into,
     load_pretrained,
     load_tokenizer,
+    model_names,
     read_jsonl,
     tokenize_batches,
 )
@@ -61,6 +64,7 @@ class SequenceClassificationAccuracyEvaluator:
             tokenizer, texts, batch_size=spec.batch_size, max_length=spec.max_length
         )
         self.device = device
+        self.batch_size = spec.batch_size
 
     @torch.no_grad()
     def predict(self, state_dict: StateDict) -> torch.Tensor:
@@ -73,3 +77,19 @@ class SequenceClassificationAccuracyEvaluator:
 
     def score(self, state_dict: StateDict, /) -> float:
         return float((self.predict(state_dict) == self.labels).double().mean())
+
+    def loss(self, state_dict: StateDict, /, *, objective: str = "supervised") -> torch.Tensor:
+        if objective not in ("supervised", "entropy"):
+            raise EvaluatorError(f"unknown objective {objective!r}; use supervised or entropy")
+        weights = model_names(self.model, state_dict)
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(self.batches):
+            inputs = {k: v.to(self.device) for k, v in batch.items()}
+            logits = torch.func.functional_call(self.model, weights, args=(), kwargs=inputs).logits.float()
+            log_p = logits.log_softmax(dim=-1)
+            if objective == "supervised":
+                labels = self.labels[i * self.batch_size : (i + 1) * self.batch_size].to(self.device)
+                total = total + torch.nn.functional.nll_loss(log_p, labels, reduction="sum")
+            else:
+                total = total - (log_p.exp() * log_p).sum()
+        return total / len(self.labels)

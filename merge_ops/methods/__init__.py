@@ -2,6 +2,7 @@
 
 from merge_ops.methods import (  # noqa: F401  (imported for their registration side effect)
     arcee_fusion,
+    atlas,
     breadcrumbs,
     compeft,
     dare,
@@ -17,6 +18,7 @@ from merge_ops.methods import (  # noqa: F401  (imported for their registration 
     sce,
     slerp,
     soup,
+    sparse_soup,
     stages,
     task_arithmetic,
     ties,

@@ -285,3 +285,63 @@ def test_safetensors_written_by_reference_library_round_trips(tmp_path: Path) ->
     save_file(tensors, str(path))
     header = read_safetensors_header(path)
     assert set(header.infos) == set(tensors)
+
+
+def test_oversized_header_is_refused_before_parsing(tmp_path: Path) -> None:
+    from merge_ops.checkpoint import MAX_HEADER_BYTES
+
+    # 50 MB of __metadata__: valid JSON that safetensors itself accepts, refused here by its length alone
+    header = {"__metadata__": {"pad": "x" * (MAX_HEADER_BYTES + 1)}, "w": f32_entry([2], 0)}
+    path = raw_file(tmp_path / "big.safetensors", header, b"\0" * 8)
+    with pytest.raises(CorruptCheckpointError, match="exceeds the"):
+        Checkpoint.open(path)
+
+
+def test_header_is_parsed_once_and_reads_do_not_reopen_it(tmp_path: Path, monkeypatch) -> None:
+    import merge_ops.checkpoint as checkpoint
+
+    tensors = {
+        "f32": torch.randn(5, 7),
+        "bf16": torch.randn(33).to(torch.bfloat16),
+        "f16": torch.randn(2, 2, 3).half(),
+        "i64": torch.arange(9),
+        "flag": torch.tensor([True, False, True]),
+        "fp8": torch.randn(16).to(torch.float8_e4m3fn),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+    }
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"note": "y" * 10_000})
+    parsed = []
+    real = checkpoint.read_safetensors_header
+    monkeypatch.setattr(checkpoint, "read_safetensors_header", lambda p: parsed.append(p) or real(p))
+    with Checkpoint.open(tmp_path) as ckpt:
+        monkeypatch.setattr(checkpoint, "safe_open", None)  # a read must not go through safetensors' re-parse
+        for _ in range(3):
+            for name, expected in tensors.items():
+                got = ckpt.load(name)
+                assert got.dtype == expected.dtype and got.shape == expected.shape
+                assert torch.equal(got.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8))
+    assert len(parsed) == 1
+
+
+def test_truncated_after_open_is_a_typed_error(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(1000)}, str(path))
+    with Checkpoint.open(path) as ckpt:
+        os.truncate(path, path.stat().st_size - 100)
+        with pytest.raises(CorruptCheckpointError, match="early"):
+            ckpt.load("w")
+
+
+def test_loaded_tensors_are_private_copies_on_write(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file(
+        {"w": torch.arange(4096, dtype=torch.float32), "h": torch.ones(3, dtype=torch.float16)}, str(path)
+    )
+    before = path.read_bytes()
+    with Checkpoint.open(path) as ckpt:
+        w = ckpt.load("w")
+        w.add_(1)  # in place on the mapped tensor: must stay in this process
+        assert torch.equal(ckpt.load("w"), torch.arange(4096, dtype=torch.float32))
+        assert torch.equal(ckpt.load("h"), torch.ones(3, dtype=torch.float16))
+    assert path.read_bytes() == before

@@ -143,13 +143,10 @@ def test_two_filtered_params_combine_exactly():
     [
         (config("slerp"), ["merge_method"]),
         (config("ties", slices=[]), ["slices"]),
-        (config("ties", tokenizer_source="union"), ["tokenizer_source"]),
+        (config("ties", tokenizer_source="union", tokenizer={"source": "base"}), ["tokenizer"]),
         (config("ties", params={"epsilon": 0.1}), ["parameters", "epsilon"]),
         (config("ties", params={"rescale": True}), ["parameters", "rescale"]),
-        (
-            config("ties", models=[{"model": "org/a+org/lora", "parameters": {"weight": 1}}]),
-            ["models", 0, "model"],
-        ),
+        (config("ties", slices=[{"sources": [], "residual_weight": 0.5}]), ["slices"]),
         (config("ties", models=[{"model": "org/a"}]), ["models", 0, "parameters", "weight"]),
         (
             config("ties", models=[{"model": "org/a", "parameters": {"weight": [0.1, 0.2]}}]),

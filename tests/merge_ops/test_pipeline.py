@@ -326,6 +326,49 @@ def test_nan_input_names_tensor_and_source(models: dict[str, Path], tmp_path: Pa
     )
 
 
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_fp16_overflow_is_refused_after_the_cast(tmp_path: Path, method: str) -> None:
+    """Finite in float32 (60000 + 3·(4000 + 5000) = 87000) but Inf once cast to float16: refused on the generic
+    (ties) and the fused (task arithmetic) path alike, naming the tensor and the dtype, with nothing written."""
+
+    def model(value: float) -> Path:
+        return make_checkpoint(
+            tmp_path / f"m{int(value)}", {"w": torch.full((4, 8), value, dtype=torch.float16)}
+        )
+
+    params = {"lambda": 3.0, "density": 1.0} if method == "ties" else {"lambda": 3.0}
+    _assert_fails(
+        tmp_path,
+        NonFiniteTensorError,
+        r"merging w overflowed.*float16",
+        method=method,
+        base=str(model(60000)),
+        models=[{"source": str(model(64000))}, {"source": str(model(65000))}],
+        params=params,
+        dtype="float16",
+    )
+
+
+def test_nan_in_a_float32_fine_tune_is_blamed_on_it_on_the_fused_path(tmp_path: Path) -> None:
+    """A float32 base: ``.float()`` is the base itself, which the fused path used to add into (then the NaN of the
+    fine-tune was found in the base)."""
+    base = make_checkpoint(tmp_path / "base", {"w": torch.randn(16, 8)})
+    fine = load_all(base)
+    fine["w"][2, 3] = float("nan")
+    poisoned = make_checkpoint(tmp_path / "poisoned", fine)
+    other = make_checkpoint(tmp_path / "other", {"w": torch.randn(16, 8)})
+    with pytest.raises(NonFiniteTensorError) as err:
+        run_merge(
+            _recipe(
+                tmp_path / "out",
+                method="task_arithmetic",
+                base=str(base),
+                models=[{"source": str(other)}, {"source": str(poisoned)}],
+            )
+        )
+    assert err.value.context["source"] == str(poisoned)
+
+
 def test_truncated_safetensors(models: dict[str, Path], tmp_path: Path) -> None:
     folder = make_llama_like(tmp_path / "trunc", seed=5, perturb_from=models["base"])
     data = (folder / "model.safetensors").read_bytes()

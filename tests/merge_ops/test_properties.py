@@ -16,11 +16,15 @@ from tests.merge_ops.test_methods import make_ctx
 
 PROPERTY_SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # methods that take any number of task vectors and nothing else (slerp, karcher, ... also need θ_0 or a fixed
-# number of models: their identities are in test_methods_vs_mergekit.py)
+# number of models: their identities are in test_methods_vs_mergekit.py; sparse_soup takes the weights
+# themselves: test_sparse_soup.py)
 TASK_VECTOR_METHODS = [
     m
     for m in registered_names()
-    if m != "transfer" and not CATALOG[m].needs_base_weights and CATALOG[m].max_models is None
+    if m != "transfer"
+    and not CATALOG[m].needs_base_weights
+    and not CATALOG[m].reads_weights
+    and CATALOG[m].max_models is None
 ]
 # RAM's "changed" threshold (|τ| > epsilon) and SCE's uniform-weight floor are absolute, so scaling τ moves them
 SCALE_COVARIANT = [m for m in TASK_VECTOR_METHODS if m not in {"ram", "ramplus_tl", "sce"}]

@@ -200,3 +200,23 @@ def load_all(folder: Path) -> dict[str, torch.Tensor]:
             for name in f.keys():  # noqa: SIM118
                 out[name] = f.get_tensor(name)
     return out
+
+
+def write_word_tokenizer(folder: Path, *, vocab: int | list[str], chat_template: str | None = None) -> None:
+    """A real (loadable) word-level fast tokenizer in ``folder``, replacing the dummy tokenizer.json: tokens
+    ``[UNK] <s> </s> t3 t4 ...`` (``vocab`` of them), or the given token list. Needs ``transformers``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = (
+        vocab if isinstance(vocab, list) else ["[UNK]", "<s>", "</s>", *(f"t{i}" for i in range(3, vocab))]
+    )
+    inner = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=inner, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    (Path(folder) / "tokenizer.json").unlink(missing_ok=True)
+    fast.save_pretrained(str(folder))
