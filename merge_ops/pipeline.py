@@ -81,6 +81,8 @@ class MergeReport(BaseModel):
     model_card: str | None = None
     #: greedy_soup: every ingredient's score, the order tried and the chosen ingredients
     greedy_soup: dict[str, Any] | None = None
+    #: what the recipe's source format (mergekit) ignores or coerces: [{loc, msg}]
+    warnings: list[dict[str, Any]] = []
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -115,6 +117,7 @@ class _Engine:
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.positions = block_map([t.name for t in plan.tensors if t.action == "merge"])
         self._params_cache: dict[tuple[Any, ...], Any] = {}
+        self._model_params_cache: dict[tuple[Any, ...], Any] = {}
         self.fused_weights = _fused_weights(recipe, sources)
         # A soup without normalize is Σ w_t·θ_t: task vectors against a zero reference, and no base added.
         info = CATALOG[recipe.method]
@@ -205,17 +208,51 @@ class _Engine:
         taus = self.task_vectors(loaded, tp)
         if not all_finite(taus):
             raise self._non_finite(tp.name, loaded, taus)
+        params = self.params_for(tp)
+        weights, densities, model_params = self.model_params_for(tp, params)
         ctx = TensorContext(
             name=tp.name,
-            weights=self.weights,
+            weights=weights,
             seed=self.recipe.seed,
             source_indices=tuple(range(self.k)),
             scope=self.scope,
-            densities=self.densities,
+            densities=densities,
             global_stats=global_stats,
+            model_params=model_params,
         )
-        delta = self.method.fn(taus, ctx, self.params_for(tp))
+        delta = self.method.fn(taus, ctx, params)
         return delta, ctx
+
+    def model_params_for(
+        self, tp: TensorPlan, params: Any
+    ) -> tuple[torch.Tensor, tuple[float, ...] | None, tuple[dict[str, float], ...]]:
+        """Per-model weights, densities and params of one tensor (recipe ``models[].params``: numbers,
+        gradients over the block depth, filtered lists), cached by their resolved values."""
+        if not self.recipe.has_model_params():
+            return self.weights, self.densities, ()
+        position = self.positions.get(tp.name)
+        resolved = self.recipe.model_params_for(
+            tp.name,
+            layer=position.depth if position else None,
+            num_layers=position.num_blocks if position else None,
+        )
+        default_density = float(getattr(params, "density", 1.0))
+        key = (tuple(tuple(sorted(r.items())) for r in resolved), default_density)
+        if key not in self._model_params_cache:
+            weights = self.weights
+            if any("weight" in r for r in resolved):
+                base_weights = self.sources.weights
+                weights = torch.tensor(
+                    [r.get("weight", w) for r, w in zip(resolved, base_weights, strict=True)],
+                    dtype=torch.float32,
+                    device=self.device,
+                )
+            densities = self.densities
+            if any("density" in r for r in resolved):
+                own = self.densities or (default_density,) * self.k
+                densities = tuple(r.get("density", d) for r, d in zip(resolved, own, strict=True))
+            self._model_params_cache[key] = (weights, densities, resolved)
+        return self._model_params_cache[key]
 
     def fused_output(self, loaded: _Loaded, tp: TensorPlan, scale: float) -> torch.Tensor:
         """base + scale·Σ w_t(θ_t − base) in one pass (kernels.fused_task_arithmetic), cast to the output dtype.
@@ -346,7 +383,7 @@ def _merge_into(
 ) -> MergeReport:
     from merge_ops.lines import lines_scales
     from merge_ops.modelcard import read_front_matter, write_model_card
-    from merge_ops.writer import ShardedWriter, copy_side_files
+    from merge_ops.writer import ShardedWriter, copy_side_files, set_config_dtype
 
     engine = _Engine(recipe, sources, plan, dev)
     timings: dict[str, float] = {}
@@ -456,6 +493,8 @@ def _merge_into(
         }
     )
     side = copy_side_files(sources.side_files_from, scratch) if sources.side_files_from else []
+    if recipe.dtype is not None and "config.json" in side:
+        set_config_dtype(scratch, recipe.dtype)
     report = MergeReport(
         method=recipe.method,
         recipe_digest=recipe.digest(),
@@ -468,6 +507,7 @@ def _merge_into(
         peak_cuda_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
         copied_non_float=copied_non_float,
         lines=lines_info,
+        warnings=[w.model_dump() for w in recipe.warnings],
     )
     base_card = read_front_matter(sources.side_files_from / "README.md") if sources.side_files_from else None
     lineage = [sources.reference_label] if recipe.base or info.kind == "transfer" else sources.labels
@@ -511,7 +551,13 @@ def _fused_weights(recipe: Recipe, sources: Sources) -> list[float] | None:
     """Weights for the one-pass path, when the merge is a plain weighted sum of full checkpoints: soups, task
     arithmetic, LiNeS, and ``stages`` without sparsify/consensus. None when the generic path is needed."""
     full_inputs = all(s.kind == "checkpoint" and not s.sparse_coverage for s in sources.inputs)
-    if not full_inputs or recipe.vocab_policy != "error" or recipe.overrides or has_gradients(recipe):
+    if (
+        not full_inputs
+        or recipe.vocab_policy != "error"
+        or recipe.overrides
+        or has_gradients(recipe)
+        or recipe.has_model_params()
+    ):
         return None
     info = CATALOG[recipe.method]
     params = info.params.model_validate(recipe.params)
