@@ -117,7 +117,9 @@ class _Translator:
             summary = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in self.errors
             )
-            raise RecipeError(f"unsupported mergekit config: {summary}", errors=self.errors)
+            raise RecipeError(
+                f"unsupported mergekit config: {summary}", errors=self.errors, warnings=self.warnings
+            )
 
     # -- the whole config ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -136,9 +138,11 @@ class _Translator:
         elif name not in _STAGES and name not in ("linear", "model_stock") and name not in CATALOG:
             self.fail(["merge_method"], f"mergekit merge_method {name!r} is not supported by Alloy yet")
         self._structure()
+        # the top-level parameters are read even when the structure is refused, so every warning is listed
+        top_chains = self._top_chains(mk) if mk is not None else {}
         self.raise_if_failed()
         assert mk is not None
-        recipe = self._method(mk)
+        recipe = self._method(mk, top_chains)
         self.raise_if_failed()
         dtype_key = "out_dtype" if data.get("out_dtype") else "dtype"
         dtype = data.get(dtype_key)
@@ -188,18 +192,22 @@ class _Translator:
             self.fail(["parameters"], "must be a mapping")
 
     # -- one method ------------------------------------------------------------------------------------------
-    def _method(self, mk: MkMethod) -> dict[str, Any]:
-        data = self.data
-        top = data.get("parameters") or {}
+    def _top_chains(self, mk: MkMethod) -> dict[str, Chain]:
+        top = self.data.get("parameters") or {}
+        if not isinstance(top, dict):
+            return {}
         for key in top:
             if mk.param(key) is None:
                 self.warn(
                     ["parameters", key],
                     f"mergekit's {mk.name} ignores the parameter {key!r}{suggest(key, mk.names)}",
                 )
-        top_chains = {
+        return {
             p.name: self.chain(top[p.name], p, ["parameters", p.name]) for p in mk.params if p.name in top
         }
+
+    def _method(self, mk: MkMethod, top_chains: dict[str, Chain]) -> dict[str, Any]:
+        data = self.data
         models = self._models(mk)
         base = data.get("base_model")
         recipe: dict[str, Any] = {}
