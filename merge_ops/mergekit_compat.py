@@ -124,11 +124,14 @@ class _Translator:
     # -- the whole config ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         data = self.data
-        for key in data:
-            if key not in CONFIG_FIELDS:
-                self.warn([key], f"mergekit ignores the field {key!r}{suggest(key, CONFIG_FIELDS)}")
         name = data.get("merge_method")
         mk = MERGEKIT_METHODS.get(name) if isinstance(name, str) else None
+        for key in data:
+            if key not in CONFIG_FIELDS:
+                hint = suggest(key, CONFIG_FIELDS)
+                if not hint and mk is not None and (param := suggest(key, mk.names)):
+                    hint = f"{param.removesuffix('?')} under 'parameters:'?"
+                self.warn([key], f"mergekit ignores the field {key!r}{hint}")
         if mk is None:
             self.fail(
                 ["merge_method"],
@@ -474,18 +477,22 @@ class _Translator:
 
 def _hoist_shared(recipe: dict[str, Any], keys: tuple[str, ...]) -> None:
     """Per-model numbers every model shares move to the method-level ``params`` (a readable recipe, and the
-    engine's plain path)."""
+    engine's plain path); all of ``keys`` or none, since Breadcrumbs validates density and top_removed together."""
     entries = recipe["models"]
-    for key in keys:
+    present = [k for k in keys if any(k in e or k in e.get("params", {}) for e in entries)]
+    shared = {}
+    for key in present:
         values = [e.get(key, e.get("params", {}).get(key)) for e in entries]
-        if not entries or not all(isinstance(v, float) and v == values[0] for v in values):
-            continue
-        recipe["params"][key] = values[0]
-        for e in entries:
+        if not all(isinstance(v, float) and v == values[0] for v in values):
+            return
+        shared[key] = values[0]
+    recipe["params"].update(shared)
+    for e in entries:
+        for key in shared:
             e.pop(key, None)
             e.get("params", {}).pop(key, None)
-            if "params" in e and not e["params"]:
-                del e["params"]
+        if "params" in e and not e["params"]:
+            del e["params"]
 
 
 def _yaml(value: Any) -> str:
