@@ -114,7 +114,9 @@ def test_corpus_config(path, models, tmp_path):
     if dtype in _HALF_DTYPES:
         # mergekit computed in half precision, where rounding also flips top-k and sign choices, so values are
         # compared on the float32 twin; the verbatim outputs must have the same dtypes
-        assert {n: t.dtype for n, t in alloy.items() if n in mergekit} == {n: t.dtype for n, t in mergekit.items()}
+        assert {n: t.dtype for n, t in alloy.items() if n in mergekit} == {
+            n: t.dtype for n, t in mergekit.items()
+        }
         config = as_float32(config)
         alloy, _ = run_alloy(config, tmp_path / "alloy-float32")
         mergekit = run_mergekit(config, tmp_path / "mergekit-float32")
