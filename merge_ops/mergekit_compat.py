@@ -236,6 +236,9 @@ class _Translator:
                 p.name: m["chains"].get(p.name, []) + top_chains.get(p.name, []) for p in per_model
             }
         shared = {p.name: top_chains.get(p.name, [(None, p.default)]) for p in mk.params if not p.per_model}
+        for p in mk.params:
+            if not p.per_model and not _covers_all(shared[p.name]) and p.default is REQUIRED:
+                self.fail(["parameters", p.name], f"mergekit's {mk.name} needs {p.name} for every tensor")
         if self.errors:
             return recipe
         if mk.name in _STAGES:
@@ -512,7 +515,7 @@ def _truncate(chain: Chain) -> Chain:
 
 
 def _covers_all(chain: Chain) -> bool:
-    return any(pattern is None and value is not None for pattern, value in chain)
+    return any(pattern is None and value is not None and value is not REQUIRED for pattern, value in chain)
 
 
 def _alloy_value(chain: Chain, default: Any) -> Any:
