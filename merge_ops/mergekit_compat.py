@@ -305,7 +305,8 @@ class _Translator:
         return out
 
     def _ref(self, ref: Any) -> str:
-        return ref.strip() if isinstance(ref, str) else repr(ref)
+        flat = _reference_string(ref)
+        return flat.strip() if isinstance(flat, str) else repr(ref)
 
     # -- the task-arithmetic family --------------------------------------------------------------------------
     def _stages(self, mk: MkMethod, models: list[dict[str, Any]], shared: dict[str, Chain]) -> dict[str, Any]:
@@ -578,9 +579,25 @@ def _expand_filters(filtered: dict[str, Chain], mk: MkMethod) -> tuple[dict[str,
     return base, overrides
 
 
+def _reference_string(ref: Any) -> Any:
+    """mergekit's mapping forms of a reference (``{model: {path, revision}, lora: ...}``, ``{path, revision}``)
+    as its string form ``path[@revision][+lora]``; anything else unchanged."""
+    if isinstance(ref, dict):
+        if "model" in ref:
+            model, lora = _reference_string(ref["model"]), ref.get("lora")
+            if isinstance(model, str) and lora is not None:
+                lora = _reference_string(lora)
+                return f"{model}+{lora}" if isinstance(lora, str) else ref
+            return model
+        if isinstance(ref.get("path"), str):
+            return f"{ref['path']}@{ref['revision']}" if ref.get("revision") else ref["path"]
+    return ref
+
+
 def _source(ref: Any, loc: Loc, fail: Any) -> str:
     """mergekit model reference -> Alloy source: an existing local folder stays a path, ``org/name[@rev]`` is a
     Hub repository."""
+    ref = _reference_string(ref)
     if not isinstance(ref, str) or not ref.strip():
         fail(loc, "a model reference must be a string")
         return ""

@@ -148,6 +148,19 @@ def test_per_model_gradients_and_filters_resolve_per_tensor():
     )
 
 
+def test_model_references_in_mergekits_mapping_forms():
+    models = [
+        {"model": {"model": {"path": "org/a", "revision": "abc123"}}, "parameters": {"weight": 1}},
+        {"model": "org/b@v2", "parameters": {"weight": 1}},
+        {"model": {"model": {"path": "org/base"}}},
+    ]
+    recipe = translate_mergekit(config("task_arithmetic", models=models))
+    assert [m["source"] for m in recipe["models"]] == ["hf://org/a@abc123", "hf://org/b@v2"]
+    with pytest.raises(RecipeError) as info:
+        translate_mergekit(config("ties", models=[{"model": {"model": "org/a", "lora": "org/l"}}]))
+    assert ["models", 0, "model"] in [e["loc"] for e in info.value.context["errors"]]
+
+
 def test_the_base_listed_in_models_is_dropped():
     models = [
         {"model": "org/base"},
