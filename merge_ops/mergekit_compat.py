@@ -253,7 +253,7 @@ class _Translator:
             )
             recipe["models"] = [{"source": m["source"]} for m in models]
         else:  # a method Alloy implements under mergekit's name, with mergekit's parameter names
-            params, overrides = self.shared_params(shared, mk)
+            params, overrides = self.shared_params(_known_to_alloy(shared, mk, self.fail), mk)
             recipe.update(method=mk.name, params=params)
             if overrides:
                 recipe["overrides"] = overrides
@@ -477,6 +477,24 @@ class _Translator:
         if type(value) is not type(result) and not (kind is float and type(value) is int):
             self.warn(loc, f"mergekit reads {value!r} as {result!r}; write {_yaml(result)}")
         return float(result) if kind is float else result
+
+
+#: mergekit parameters with no effect on the merged values (int8_mask only changes mergekit's mask dtype)
+_NO_EFFECT = {"int8_mask"}
+
+
+def _known_to_alloy(shared: dict[str, Chain], mk: MkMethod, fail: Any) -> dict[str, Chain]:
+    """The shared parameters Alloy's params model of ``mk`` declares; one that changes the merge and that Alloy
+    lacks is refused (never silently dropped)."""
+    fields = {f.alias or name for name, f in CATALOG[mk.name].params.model_fields.items()}
+    kept = {}
+    for key, chain in shared.items():
+        param = mk.param(key)
+        if key in fields:
+            kept[key] = chain
+        elif key not in _NO_EFFECT and param is not None and chain != [(None, param.default)]:
+            fail(["parameters", key], f"Alloy's {mk.name} does not take {key!r} yet")
+    return kept
 
 
 def _hoist_shared(recipe: dict[str, Any], keys: tuple[str, ...]) -> None:
