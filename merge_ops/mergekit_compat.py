@@ -38,7 +38,6 @@ global RNG), float32 compute for half-precision inputs.
 from __future__ import annotations
 
 import difflib
-import itertools
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,11 +54,10 @@ from merge_ops.mergekit_methods import (
     MkMethod,
     MkParam,
 )
+from merge_ops.mergekit_values import Chain, alloy_value, anchors, covers_all, expand_filters, truncate
 from merge_ops.params import CATALOG
 
 Loc = list[str | int]
-#: A resolved mergekit setting: (substring filter or None for every tensor, value or gradient), first match wins.
-Chain = list[tuple[str | None, Any]]
 
 #: mergekit method -> Alloy stage params fixed by the method (the GeneralizedTaskArithmeticMerge family)
 _STAGES: dict[str, dict[str, str]] = {
@@ -237,7 +235,7 @@ class _Translator:
             }
         shared = {p.name: top_chains.get(p.name, [(None, p.default)]) for p in mk.params if not p.per_model}
         for p in mk.params:
-            if not p.per_model and not _covers_all(shared[p.name]) and p.default is REQUIRED:
+            if not p.per_model and not covers_all(shared[p.name]) and p.default is REQUIRED:
                 self.fail(["parameters", p.name], f"mergekit's {mk.name} needs {p.name} for every tensor")
         if self.errors:
             return recipe
@@ -353,11 +351,11 @@ class _Translator:
     def _top_removed(self, m: dict[str, Any]) -> Any:
         """mergekit's gamma with its density rule, for one model (see the module docstring)."""
         density, gamma = m["resolved"]["density"], m["resolved"]["gamma"]
-        d = _alloy_value(density, 1.0)
-        g = _alloy_value(gamma, 0.01)
+        d = alloy_value(density, 1.0)
+        g = alloy_value(gamma, 0.01)
         if isinstance(d, float) and isinstance(g, float):
             return 0.0 if d >= 1 else min(g, 1.0 - d)
-        ds, gs = _anchors(density, 1.0), _anchors(gamma, 0.01)
+        ds, gs = anchors(density, 1.0), anchors(gamma, 0.01)
         if any(x >= 1 for x in ds) or any(x + y > 1 for x in ds for y in gs):
             self.fail(
                 [*m["loc"], "parameters", "gamma"],
@@ -376,7 +374,7 @@ class _Translator:
             chain = m["resolved"].get(key, [])
             p = mk.param(key)
             p_default = p.default if p is not None else None
-            if key == "weight" and not _covers_all(chain):
+            if key == "weight" and not covers_all(chain):
                 where = "for tensors matching none of its filters " if chain else ""
                 self.fail(
                     [*m["loc"], "parameters", "weight"],
@@ -384,7 +382,7 @@ class _Translator:
                     f"the base {where}(set it here or in the top-level parameters)",
                 )
                 continue
-            value = _alloy_value(chain, p_default)
+            value = alloy_value(chain, p_default)
             if value is None:
                 continue
             if key in ("weight", "density") and isinstance(value, float):
@@ -405,7 +403,7 @@ class _Translator:
             p = mk.param(key)
             if p is None:
                 continue
-            chain = _truncate(chain)
+            chain = truncate(chain)
             if chain and chain[0][0] is None:
                 if chain[0][1] is not None:
                     params[key] = chain[0][1]
@@ -413,12 +411,12 @@ class _Translator:
                 self.fail(["parameters", key], f"a filtered {key} is not supported; give one value")
             else:
                 filtered[key] = chain
-        base, overrides = _expand_filters(filtered, mk)
+        base, overrides = expand_filters(filtered, mk)
         params.update(base)
         return params, overrides
 
     def constant(self, shared: dict[str, Chain], key: str) -> Any:
-        chain = _truncate(shared[key])
+        chain = truncate(shared[key])
         if chain and chain[0][0] is None and not isinstance(chain[0][1], list):
             return chain[0][1]
         self.fail(["parameters", key], f"{key} must be a single value in Alloy")
@@ -523,78 +521,6 @@ def _yaml(value: Any) -> str:
 
 def _is_scalar(value: Any) -> bool:
     return isinstance(value, bool | int | float | str)
-
-
-def _truncate(chain: Chain) -> Chain:
-    """Entries after a catch-all are unreachable."""
-    for i, (pattern, _) in enumerate(chain):
-        if pattern is None:
-            return chain[: i + 1]
-    return chain
-
-
-def _covers_all(chain: Chain) -> bool:
-    return any(pattern is None and value is not None and value is not REQUIRED for pattern, value in chain)
-
-
-def _alloy_value(chain: Chain, default: Any) -> Any:
-    """A chain as an Alloy value: a number, a gradient, or a filtered list ending with the default."""
-    chain = _truncate(chain)
-    if not chain:
-        return None if default is REQUIRED or default is None else float(default)
-    if chain[0][0] is None:
-        return chain[0][1]
-    entries: list[dict[str, Any]] = [
-        {"filter": re.escape(pattern), "value": value} for pattern, value in chain if pattern is not None
-    ]
-    if chain[-1][0] is None:
-        entries.append({"value": chain[-1][1]})
-    elif default is not None and default is not REQUIRED:
-        entries.append({"value": float(default)})
-    return entries
-
-
-def _anchors(chain: Chain, default: float) -> list[float]:
-    values: list[float] = []
-    for _, value in _truncate(chain):
-        values += value if isinstance(value, list) else [value]
-    if not _covers_all(_truncate(chain)):
-        values.append(default)
-    return [float(v) for v in values]
-
-
-def _expand_filters(filtered: dict[str, Chain], mk: MkMethod) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Filtered shared params as base params plus mutually exclusive overrides (one per combination of
-    first-matching entries, written as look-ahead regexes; the all-unmatched combination is the base)."""
-    options_by_key: dict[str, list[tuple[str | None, Any]]] = {}
-    for key, chain in filtered.items():
-        options = [
-            (re.escape(pattern) if pattern is not None else None, value)
-            for pattern, value in _truncate(chain)
-        ]
-        if not options or options[-1][0] is not None:
-            p = mk.param(key)
-            options.append((None, p.default if p is not None and p.default is not REQUIRED else None))
-        options_by_key[key] = options
-    keys = list(options_by_key)
-    base: dict[str, Any] = {}
-    overrides = []
-    for choice in itertools.product(*(range(len(options_by_key[k])) for k in keys)):
-        conditions: list[str] = []
-        params: dict[str, Any] = {}
-        for key, index in zip(keys, choice, strict=True):
-            options = options_by_key[key]
-            conditions += [f"(?!.*(?:{p}))" for p, _ in options[:index] if p is not None]
-            pattern, value = options[index]
-            if pattern is not None:
-                conditions.append(f"(?=.*(?:{pattern}))")
-            if value is not None:
-                params[key] = value
-        if all(options_by_key[k][i][0] is None for k, i in zip(keys, choice, strict=True)):
-            base.update(params)
-        else:
-            overrides.append({"filter": "^" + "".join(conditions), "params": params})
-    return base, overrides
 
 
 def _reference_string(ref: Any) -> Any:
