@@ -178,7 +178,9 @@ class _Translator:
                 "only tokenizer_source: base is supported yet (Alloy copies the base's tokenizer)",
             )
         tokenizer = data.get("tokenizer")
-        if tokenizer is not None and tokenizer != {"source": "base"}:
+        if tokenizer is not None and tokenizer_source is not None:
+            self.fail(["tokenizer"], "mergekit takes tokenizer_source or tokenizer, not both")
+        elif tokenizer is not None and tokenizer != {"source": "base"}:
             self.fail(
                 ["tokenizer"],
                 "only 'tokenizer: {source: base}' is supported yet (Alloy copies the base's tokenizer)",

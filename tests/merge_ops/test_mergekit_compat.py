@@ -242,6 +242,7 @@ def test_normalize_number_means_what_mergekit_reads():
         (config("ties", slices=[{"sources": []}]), ["slices"]),
         (config("ties", tokenizer_source="union"), ["tokenizer_source"]),
         (config("ties", tokenizer={"source": "union"}), ["tokenizer"]),
+        (config("ties", tokenizer={"source": "base"}, tokenizer_source="base"), ["tokenizer"]),
         (config("ties", chat_template="chatml"), ["chat_template"]),
         (config("ties", params={"rescale": True}), ["parameters", "rescale"]),
         (config("ties", params={"normalize": 2}), ["parameters", "normalize"]),
