@@ -134,3 +134,75 @@ def test_shared_parameter_parity(method, params, models, tmp_path):
             entry.pop("parameters")
     config["parameters"] = dict(params)
     _check(config, models, tmp_path)
+
+
+#: mergekit's other methods, each parameter in the places mergekit reads it (base: whether base_model is set)
+_NEW_METHOD_CASES: list[tuple[str, str, bool, dict[str, Any], list[dict[str, Any]]]] = [
+    # (id, method, base, top-level parameters, per-model parameters of ft1, ft2, ...)
+    ("slerp-t", "slerp", True, {"t": 0.3}, [{}]),
+    ("slerp-t-gradient", "slerp", True, {"t": [0.0, 0.5, 0.3, 0.7, 1.0]}, [{}]),
+    ("slerp-t-filtered", "slerp", True, {"t": _filtered([0.2, 0.8, 0.5])}, [{}]),
+    ("slerp-t-per-model-ignored", "slerp", True, {"t": 0.4}, [{"t": 0.9}]),
+    ("nearswap-t", "nearswap", True, {"t": 0.01}, [{}]),
+    ("nearswap-t-gradient", "nearswap", True, {"t": [0.001, 0.05]}, [{}]),
+    ("nuslerp-weight", "nuslerp", True, {}, [{"weight": 0.3}, {"weight": 0.7}]),
+    ("nuslerp-weight-gradient", "nuslerp", True, {}, [{"weight": [0.2, 0.8]}, {"weight": 0.5}]),
+    ("nuslerp-no-base", "nuslerp", False, {"weight": 1.0}, [{"weight": 0.4}, {}]),
+    (
+        "nuslerp-row-wise",
+        "nuslerp",
+        False,
+        {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        [{"weight": 0.4}, {"weight": 0.6}],
+    ),
+    ("multislerp-weight", "multislerp", True, {}, [{"weight": 0.3}, {"weight": 0.5}, {"weight": 0.2}]),
+    (
+        "multislerp-weight-filtered",
+        "multislerp",
+        False,
+        {"weight": _filtered([0.2, 0.8, 0.5])},
+        [{}, {"weight": 0.5}],
+    ),
+    ("karcher", "karcher", False, {"max_iter": 20, "tol": 1e-7}, [{}, {}, {}]),
+    ("sce-select-topk", "sce", True, {"select_topk": 0.5}, [{}, {}, {}]),
+    ("sce-select-topk-filtered", "sce", True, {"select_topk": _filtered([0.3, 0.7, 1.0])}, [{}, {}]),
+    ("ram-epsilon", "ram", True, {"epsilon": 0.01}, [{}, {}]),
+    ("ramplus-tl", "ramplus_tl", True, {"r": 0.2, "alpha": 0.4, "epsilon": 0.01}, [{}, {}]),
+    ("arcee-fusion", "arcee_fusion", True, {}, [{}]),
+    ("passthrough-scale", "passthrough", False, {}, [{"scale": 0.5}]),
+    ("passthrough-scale-filtered", "passthrough", False, {}, [{"scale": _filtered([0.5, 2.0, 1.0])}]),
+    (
+        "della-density-1-weights",
+        "della",
+        True,
+        {"density": 1.0, "lambda": 0.8},
+        [{"weight": [0.2, 0.9]}, {"weight": 0.5, "epsilon": 0.1}],
+    ),
+    (
+        "della-linear-density-1",
+        "della_linear",
+        True,
+        {"density": 1.0, "normalize": True},
+        [{"weight": _filtered([0.2, 0.9, 0.5])}, {"weight": 0.5}],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "base", "top", "per_model"),
+    [pytest.param(*case[1:], id=case[0]) for case in _NEW_METHOD_CASES],
+)
+def test_other_mergekit_methods_parity(method, base, top, per_model, models, tmp_path):
+    from merge_ops.params import CATALOG
+
+    if method not in CATALOG:
+        pytest.skip(f"{method} is not in Alloy's catalog on this branch (translated configs are refused)")
+    config: dict[str, Any] = {
+        "merge_method": method,
+        "models": [{"model": _FT[i], "parameters": p} for i, p in enumerate(per_model)],
+        "parameters": top,
+        "dtype": "float32",
+    }
+    if base:
+        config["base_model"] = "tiny/base"
+    _check(config, models, tmp_path)
