@@ -17,7 +17,9 @@ mergekit (spec "mergekit recipes give mergekit's result"); the facts about each 
   (``*`` or no filter: every tensor; no entry matches: the next place). Per-model chains go to
   ``models[].params`` (plain numbers to ``weight`` / ``density``); shared filtered lists become ``overrides``.
 - Breadcrumbs ``gamma`` is the top fraction removed: ``top_removed = gamma``, 0 where density is 1 (mergekit
-  returns the tensor unpruned), ``1 − density`` where density + gamma > 1 (mergekit shrinks the removed top).
+  returns the tensor unpruned), ``1 − density`` where density + gamma > 1 (mergekit shrinks the removed top to
+  n − ⌊density·n⌋; Alloy's ⌊(1 − density)·n⌋ can be one less: an intended difference of Alloy's floor rule).
+  Gradients of density/gamma reaching those cases are refused (no gradient of top_removed expresses them).
 - ``base_model``: θ_0 for methods that use a base; listed again in ``models:`` it is dropped there (it is the
   base, and needs no weight). For ``linear`` and the other methods mergekit gives no base, ``base_model`` is one
   more input model (mergekit adds it when it is not listed), with the top-level parameters.
@@ -342,7 +344,7 @@ class _Translator:
         for m in models:
             entry = self._model_entry(m, keys, mk)
             if stages["sparsify"] == "breadcrumbs":
-                top_removed = self._top_removed(m)
+                top_removed = self._top_removed(m, mk)
                 if top_removed is not None:
                     entry.setdefault("params", {})["top_removed"] = top_removed
             entries.append(entry)
@@ -350,22 +352,30 @@ class _Translator:
         _hoist_shared(recipe, ("density", "top_removed"))
         return recipe
 
-    def _top_removed(self, m: dict[str, Any]) -> Any:
+    def _top_removed(self, m: dict[str, Any], mk: MkMethod) -> Any:
         """mergekit's gamma with its density rule, for one model (see the module docstring)."""
         density, gamma = m["resolved"]["density"], m["resolved"]["gamma"]
         d = alloy_value(density, 1.0)
         g = alloy_value(gamma, 0.01)
         if isinstance(d, float) and isinstance(g, float):
-            return 0.0 if d >= 1 else min(g, 1.0 - d)
+            return _gamma_rule(d, g)
         ds, gs = anchors(density, 1.0), anchors(gamma, 0.01)
-        if any(x >= 1 for x in ds) or any(x + y > 1 for x in ds for y in gs):
-            self.fail(
-                [*m["loc"], "parameters", "gamma"],
-                "a gradient or filtered density/gamma where density = 1 "
-                "or density + gamma > 1 is not supported (mergekit shrinks the removed top there)",
-            )
-            return None
-        return g
+        if all(x < 1 for x in ds) and all(x + y <= 1 for x in ds for y in gs):
+            return g  # the rule is the identity on every value these can take
+        if not any(isinstance(v, list) for _, v in [*truncate(density), *truncate(gamma)]):
+            # filtered numbers only: the rule per combination of matching entries, as one filtered list
+            base, overrides = expand_filters({"density": density, "gamma": gamma}, mk)
+            entries = [
+                {"filter": o["filter"], "value": _gamma_rule(o["params"]["density"], o["params"]["gamma"])}
+                for o in overrides
+            ]
+            return [*entries, {"value": _gamma_rule(base["density"], base["gamma"])}]
+        self.fail(
+            [*m["loc"], "parameters", "gamma"],
+            "a density or gamma gradient reaching density = 1 or density + gamma > 1 is not supported (mergekit "
+            "shrinks the removed top there, which no gradient of top_removed expresses)",
+        )
+        return None
 
     # -- values ----------------------------------------------------------------------------------------------
     def _model_entry(self, m: dict[str, Any], keys: set[str], mk: MkMethod) -> dict[str, Any]:
@@ -495,6 +505,11 @@ def _known_to_alloy(shared: dict[str, Chain], mk: MkMethod, fail: Any) -> dict[s
         elif key not in _NO_EFFECT and param is not None and chain != [(None, param.default)]:
             fail(["parameters", key], f"Alloy's {mk.name} does not take {key!r} yet")
     return kept
+
+
+def _gamma_rule(density: float, gamma: float) -> float:
+    """mergekit's Breadcrumbs: density 1 prunes nothing; density + gamma > 1 shrinks the removed top."""
+    return 0.0 if density >= 1 else min(float(gamma), 1.0 - float(density))
 
 
 def _hoist_shared(recipe: dict[str, Any], keys: tuple[str, ...]) -> None:

@@ -11,13 +11,14 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -414,9 +415,12 @@ def _model_params_problems(info: Any, data: dict[str, Any]) -> list[InitErrorDet
             problems.append(
                 _problem(("models", i, "params"), "per-model params need scope per_tensor or per_row")
             )
-        own = {k: a[0] for k, v in params.items() if k in fields and (a := _anchors(v))}
+        # plain numbers are checked together (density + top_removed ≤ 1, ...); a value that varies by tensor
+        # pairs with the others per tensor only, so then each value is checked on its own field's bounds
+        own = {k: v for k, v in params.items() if k in fields and isinstance(v, int | float)}
         if "density" in fields and isinstance(model.get("density"), int | float) and "density" not in own:
             own["density"] = model["density"]
+        varying = {k for k, v in params.items() if k in fields and isinstance(v, list)}
         for key, value in params.items():
             loc = ("models", i, "params", key)
             if key not in allowed:
@@ -434,11 +438,21 @@ def _model_params_problems(info: Any, data: dict[str, Any]) -> list[InitErrorDet
                         problems.append(_problem(loc, "weight must be in [-100, 100]"))
                     continue
                 try:
-                    info.params.model_validate({**top, **own, key: anchor})
+                    if varying - {key}:
+                        _field_adapter(info.params, key).validate_python(anchor)
+                    else:
+                        info.params.model_validate({**top, **own, key: anchor})
                 except ValidationError as exc:
                     problems += [_problem(loc, e["msg"]) for e in exc.errors()]
                     break
     return problems
+
+
+def _field_adapter(model: type[Params], key: str) -> TypeAdapter[Any]:
+    """A validator of one field of ``model`` (by name or alias) with its constraints."""
+    name = next(n for n, f in model.model_fields.items() if key in (n, f.alias))
+    field = model.model_fields[name]
+    return TypeAdapter(Annotated[field.annotation, *field.metadata])
 
 
 #: params a model may set for itself (methods read them with ``ctx.per_model`` or ``ctx.densities``)

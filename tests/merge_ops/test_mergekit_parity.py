@@ -206,3 +206,16 @@ def test_other_mergekit_methods_parity(method, base, top, per_model, models, tmp
     if base:
         config["base_model"] = "tiny/base"
     _check(config, models, tmp_path)
+
+
+def test_breadcrumbs_filtered_density_one(models, tmp_path):
+    """mergekit prunes nothing where density is 1 whatever gamma is: per filter entry, so Alloy's per-model
+    top_removed becomes a filtered list of the rule's values. (Where density + gamma > 1 mergekit removes
+    n − ⌊density·n⌋ at the top, Alloy ⌊(1 − density)·n⌋: one element fewer when (1 − density)·n is not whole, an
+    intended difference of Alloy's floor rule.)"""
+    config = build_config("breadcrumbs", "density", "model")
+    config["models"][0]["parameters"].update(
+        density=[{"filter": "lm_head", "value": 1.0}, {"filter": "mlp", "value": 0.5}, {"value": 0.75}],
+        gamma=[{"filter": "mlp", "value": 0.02}, {"value": 0.25}],
+    )
+    _check(config, models, tmp_path)
