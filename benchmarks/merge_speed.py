@@ -35,7 +35,12 @@ MERGEKIT_METHODS = {
     "breadcrumbs_ties",
     "dare_linear",
     "dare_ties",
+    "slerp",
+    "della",
 }
+# methods compared with settings of their own: Alloy params (mergekit: the same, per model), and slerp merges the
+# base with the first fine-tune only (its contract: two inputs)
+METHOD_PARAMS: dict[str, dict[str, float]] = {"slerp": {"t": 0.5}, "della": {"density": 0.5, "epsilon": 0.1}}
 
 _FLOOR = """
 import sys
@@ -142,7 +147,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(
-        "--methods", default="task_arithmetic,linear,ties,dare_ties,breadcrumbs,compeft,model_stock"
+        "--methods",
+        default="task_arithmetic,linear,ties,dare_ties,breadcrumbs,compeft,model_stock,slerp,della",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "alloy-bench"))
@@ -181,11 +187,14 @@ def main() -> None:
     rows = [("floor (read K+1, write 1)", floor_s, floor_rss, None)]
     gpu_bound = 2 * (args.k + 1) * largest_tensor_numel(base) * 4
     gpu_peaks: dict[str, float] = {}
+    models_of: dict[str, list[Path]] = {}
     for method in args.methods.split(","):
+        used = models_of[method] = models[:1] if method == "slerp" else models
         recipe = {
             "method": method,
             "base": str(base),
-            "models": [{"source": str(m)} for m in models],
+            "models": [{"source": str(m)} for m in used],
+            "params": METHOD_PARAMS.get(method, {}),
             "output": {"path": str(outputs / method)},
         }
         recipe_path = workdir / f"{method}.yaml"
@@ -209,6 +218,11 @@ def main() -> None:
             }
             if method == "linear":
                 mk_cfg.pop("base_model")
+            if (
+                method == "slerp"
+            ):  # t is global; the base is listed as an input too (mergekit's slerp configs)
+                mk_cfg["models"] = [{"model": str(base)}, *({"model": str(m)} for m in used)]
+                mk_cfg["parameters"] = METHOD_PARAMS["slerp"]
             mk_path = workdir / f"{method}-mergekit.yaml"
             mk_path.write_text(yaml.safe_dump(mk_cfg))
             cmd = [mergekit, str(mk_path), str(outputs / f"{method}-mergekit"), "--lazy-unpickle"]
@@ -222,9 +236,10 @@ def main() -> None:
     header += f"{'GPU peak/bound':>16}" if gpu_peaks else ""
     print(header)
     for name, wall, rss, mk in rows:
+        read = in_bytes if name not in models_of else folder_bytes(base) * (len(models_of[name]) + 1)
         line = (
             f"{name:<28}{wall:>9.2f}{wall / floor_s:>9.2f}{rss / 2**20:>14.0f}"
-            f"{(in_bytes + out_bytes) / wall / 1e9:>8.2f}"
+            f"{(read + out_bytes) / wall / 1e9:>8.2f}"
         )
         if mergekit:
             line += (
@@ -240,6 +255,8 @@ def main() -> None:
 
 
 def _mk_params(method: str) -> dict[str, float]:
+    if method == "della":
+        return METHOD_PARAMS["della"]
     return (
         {"density": 0.2}
         if method in {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"}

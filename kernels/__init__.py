@@ -1,5 +1,6 @@
 """Public kernel ops. Each call dispatches (``kernels.dispatch``) to the Triton twin or the torch reference,
-which share names and signatures; see ``kernels/reference.py`` for the exact semantics of every op."""
+which share names and signatures; see ``kernels/reference.py`` for the exact semantics of every op. A Triton op
+that was asked for and can't run raises ``KernelUnavailable`` (``kernels.errors``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from kernels.dispatch import kernel, kernel_mode
+from kernels.errors import KernelUnavailable
 
 Tensor = torch.Tensor
 
@@ -116,6 +118,7 @@ __all__ = [
     "topk_mask",
     "dare_keep_mask",
     "fused_sparse_merge",
+    "KernelUnavailable",
     "fused_task_arithmetic",
     "kernel",
     "kernel_mode",

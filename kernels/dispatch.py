@@ -2,8 +2,13 @@
 
 ``ALLOY_KERNELS`` (read at every call, so tests can flip it): ``auto`` (default) uses Triton when any argument
 tensor is on CUDA and ``kernels.triton_ops`` imports and defines the op, else the reference, silently;
-``torch`` always uses the reference; ``triton`` uses Triton or raises ``KernelUnavailableError`` saying why.
-Only ``kernels/triton_ops.py`` (and ``kernels/triton/``) import triton, lazily, on first use here.
+``torch`` always uses the reference; ``triton`` uses Triton or raises ``KernelUnavailable`` saying why.
+
+CPU tensors run on Triton only under its interpreter, and only when asked for: ``ALLOY_KERNELS=triton`` with
+``TRITON_INTERPRET=1`` set both when triton is first imported (``@triton.jit`` picks the interpreter at
+decoration time) and at the call (triton checks it again while a kernel runs). That is how CI runs the whole
+Triton merge path without a GPU. ``auto`` never picks the interpreter: it is orders of magnitude slower than the
+reference. Only ``kernels/triton_ops.py`` (and ``kernels/triton/``) import triton, lazily, on first use here.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import torch
 
 from kernels import reference
-from merge_ops.errors import KernelUnavailableError
+from kernels.errors import KernelUnavailable
 
 _MODES = ("auto", "torch", "triton")
 _triton_module: ModuleType | None = None
@@ -40,10 +45,15 @@ def _load_triton_ops() -> ModuleType | None:
 def kernel_mode() -> str:
     mode = os.environ.get("ALLOY_KERNELS", "auto").strip().lower() or "auto"
     if mode not in _MODES:
-        raise KernelUnavailableError(
-            f"ALLOY_KERNELS={mode!r}; expected one of {', '.join(_MODES)}", mode=mode
-        )
+        raise KernelUnavailable(f"ALLOY_KERNELS={mode!r}; expected one of {', '.join(_MODES)}", mode=mode)
     return mode
+
+
+def interpreting(module: ModuleType | None) -> bool:
+    """Whether Triton kernels can run on CPU tensors now: compiled by the interpreter and still under it."""
+    # the values triton itself reads as true (its C++ getenv_bool)
+    flag = os.environ.get("TRITON_INTERPRET", "").strip().lower() in {"1", "true", "on"}
+    return flag and bool(getattr(module, "INTERPRETED", False))
 
 
 def kernel(op_name: str, *tensors: Any) -> Callable[..., Any]:
@@ -55,18 +65,21 @@ def kernel(op_name: str, *tensors: Any) -> Callable[..., Any]:
     if mode == "torch":
         return ref
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
-    module = _load_triton_ops() if (on_cuda or mode == "triton") else None
+    if mode == "auto" and not on_cuda:
+        return ref
+    module = _load_triton_ops()
     triton_fn = getattr(module, op_name, None) if module is not None else None
-    if on_cuda and triton_fn is not None:
+    if triton_fn is not None and (on_cuda or interpreting(module)):
         return triton_fn
     if mode == "auto":
         return ref
-    if not on_cuda:
-        why = "its tensors are not on a CUDA device"
-    elif module is None:
+    if module is None:
         why = f"kernels.triton_ops does not import ({_triton_error})"
-    else:
+    elif triton_fn is None:
         why = "kernels.triton_ops has no such op"
-    raise KernelUnavailableError(
-        f"ALLOY_KERNELS=triton but op {op_name!r} can't run on Triton: {why}", op=op_name
-    )
+    else:
+        why = (
+            "its tensors are not on a CUDA device (CPU tensors run on Triton only under its interpreter: "
+            "set TRITON_INTERPRET=1 before triton is first imported)"
+        )
+    raise KernelUnavailable(f"ALLOY_KERNELS=triton but op {op_name!r} can't run on Triton: {why}", op=op_name)

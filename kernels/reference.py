@@ -145,6 +145,41 @@ def dare_keep_mask(
     return _dare_mask(numel, key=key, threshold=threshold, device=device).view(tuple(shape))
 
 
+def counter_bits24(numel: int, *, key: int, device: torch.device | str | None = None) -> Tensor:
+    """The 24-bit values ``h_i >> 8`` behind ``dare_keep_mask`` (int32 [numel], same stream for the same key):
+    ``bits < floor(p_i·2^24)`` is a Bernoulli(p_i) keep mask with a probability per element (DELLA), and equals
+    DARE's mask where every p_i is the same density. No RNG state is touched."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cpu":
+        return torch.from_numpy(_counter_bits_numpy(numel, key=key))
+    return _counter_bits_torch(numel, key=key, device=device)
+
+
+def _counter_bits_torch(numel: int, *, key: int, device: torch.device) -> Tensor:
+    """The accelerator path of ``counter_bits24`` (torch int64 ops; equal to the numpy path bit for bit)."""
+    out = torch.empty(numel, dtype=torch.int32, device=device)
+    for start in range(0, numel, _CHUNK):
+        index = torch.arange(start, min(start + _CHUNK, numel), dtype=torch.int64, device=device)
+        h = _mix32_tensor(_mix32_tensor((index & _MASK32) ^ key) ^ (index >> 32))
+        out[start : start + index.numel()] = (h >> 8).to(torch.int32)
+    return out
+
+
+def _counter_bits_numpy(numel: int, *, key: int) -> np.ndarray:
+    out = np.empty(numel, dtype=np.int32)
+    for start in range(0, numel, _CHUNK):
+        stop = min(start + _CHUNK, numel)
+        low = np.arange(start, stop, dtype=np.uint64)
+        high = (low >> np.uint64(32)).astype(np.uint32)
+        x = low.astype(np.uint32)
+        x ^= np.uint32(key)
+        x = _mix32_numpy(x)
+        x ^= high
+        x = _mix32_numpy(x)
+        out[start:stop] = (x >> np.uint32(8)).astype(np.int32)
+    return out
+
+
 def _mix32_numpy(x: np.ndarray) -> np.ndarray:
     # uint32 arithmetic wraps modulo 2^32 by definition: the fast CPU twin of _mix32_tensor (~15x faster)
     x ^= x >> np.uint32(16)

@@ -45,6 +45,7 @@ from merge_ops.errors import (
     IncompatibleModelsError,
     NonFiniteTensorError,
     OutputError,
+    maps_kernel_errors,
 )
 from merge_ops.global_stats import GlobalStats, compute_global_stats
 from merge_ops.methods._scope import kept_count, scope_view
@@ -214,6 +215,7 @@ class _TauReader:
             yield name, self.tau(name)
 
 
+@maps_kernel_errors
 def compress_task_vector(
     source: Path | ModelSource,
     out: Path,
@@ -516,6 +518,7 @@ class CompressedTaskVector:
 _NO_INFO = TensorInfo(name="", dtype="", shape=(), file=Path())
 
 
+@maps_kernel_errors
 def decompress(
     compressed: Path,
     out: Path,

@@ -7,7 +7,12 @@ cross Celery unchanged. ``app/api/problems.py`` maps codes to HTTP statuses.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class MergeError(Exception):
@@ -84,9 +89,29 @@ class MergeCancelled(MergeError):
 
 
 class KernelUnavailableError(MergeError, RuntimeError):
-    """``ALLOY_KERNELS=triton`` was asked for but Triton can't run here."""
+    """``ALLOY_KERNELS=triton`` was asked for but Triton can't run here (``kernels.KernelUnavailable``, mapped by
+    ``maps_kernel_errors`` at the merge_ops entry points that call into kernels)."""
 
     code = "kernel_unavailable"
+
+
+def maps_kernel_errors(fn: _F) -> _F:
+    """Decorate a merge_ops entry point: the kernels' own ``KernelUnavailable`` leaves it as
+    ``KernelUnavailableError`` (same code, detail and context). kernels imports nothing from merge_ops, and
+    this module stays torch-free (the API imports it): the kernels' error class is looked up only once an
+    exception is in flight, and if ``kernels.errors`` was never imported no kernel can have raised it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            kernel_errors = sys.modules.get("kernels.errors")
+            if kernel_errors is not None and isinstance(exc, kernel_errors.KernelUnavailable):
+                raise KernelUnavailableError(exc.detail, **exc.context) from exc
+            raise
+
+    return wrapper  # type: ignore[return-value]
 
 
 class HubError(MergeError, OSError):

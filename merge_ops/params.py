@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -177,6 +177,112 @@ class LinesMethodParams(LinesParams):
     lambda_: Lambda = 1.0
 
 
+class SlerpParams(Params):
+    """Spherical interpolation from the base (t = 0) to the other model (t = 1), over the whole tensor."""
+
+    t: float = Field(
+        allow_inf_nan=False,
+        description="Interpolation factor: 0 gives the base (or the first model), 1 the other model.",
+    )
+
+
+class NuslerpParams(Params):
+    """SLERP of two models' task vectors (or weights, without a base), t = w₂/(w₁ + w₂)."""
+
+    nuslerp_row_wise: bool = Field(False, description="Interpolate column vectors (dim 0) instead of rows.")
+    nuslerp_flatten: bool = Field(True, description="Interpolate the whole tensor as one vector.")
+
+
+class MultislerpParams(Params):
+    """Weighted barycentric interpolation of any number of models on the hypersphere."""
+
+    normalize_weights: bool = Field(True, description="Divide the weights by their sum.")
+    eps: float = Field(1e-8, ge=0, le=1, description="Numerical floor of norms.")
+
+
+class KarcherParams(Params):
+    """Riemannian (Karcher) mean of the models' directions on the unit sphere, times their mean norm."""
+
+    max_iter: int = Field(10, ge=0, le=1000, description="Iterations of the fixed-point update.")
+    tol: float = Field(1e-5, ge=0, le=1, description="Stop when the tangent step is below this.")
+
+
+class NearswapParams(Params):
+    """Take the other model's value where it is within ``t`` of the base, interpolate beyond."""
+
+    t: float = Field(allow_inf_nan=False, description="Similarity threshold on |θ_1 − θ_0|.")
+
+
+class DellaParams(Params):
+    """DELLA: magnitude-ranked random drop (MagPrune), L1 rescale, sign election, disjoint mean."""
+
+    density: Density = 1.0
+    epsilon: float = Field(
+        0.15,
+        allow_inf_nan=False,
+        description="Half-width of the keep probabilities: from density − ε (smallest) to density + ε.",
+    )
+    normalize: bool = Field(True, description="Divide by the sum of the contributing weights.")
+    rescale: bool = Field(True, description="Rescale each pruned task vector to its original L1 norm.")
+    lambda_: Lambda = 1.0
+
+    @model_validator(mode="after")
+    def _check_epsilon(self) -> Self:
+        check_della_window(self.density, self.epsilon)
+        return self
+
+
+def check_della_window(density: float, epsilon: float) -> None:
+    """mergekit's rule: when pruning (density < 1), density ± epsilon must lie inside (0, 1)."""
+    if density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+        raise ValueError(f"epsilon {epsilon} with density {density}: density ± epsilon must be inside (0, 1)")
+
+
+class DellaLinearParams(DellaParams):
+    """DELLA without sign election; a plain weighted sum by default."""
+
+    normalize: bool = Field(False, description="Divide by the sum of the weights.")
+
+
+class SceParams(Params):
+    """SCE: select high-variance entries, weight models by their mean square, sign election, weighted mean."""
+
+    select_topk: float = Field(
+        1.0,
+        allow_inf_nan=False,
+        description="Fraction of the entries with non-zero variance across models kept (≥ 1: all, ≤ 0: none).",
+    )
+
+
+class RamParams(Params):
+    """RAM: average each entry over the models that change it (|τ| > epsilon)."""
+
+    epsilon: float = Field(
+        1e-5, ge=0, allow_inf_nan=False, description="An entry counts as changed above this."
+    )
+
+
+class RamplusTlParams(RamParams):
+    """RAM+ (tensor-local): RAM, with each model's unique entries boosted by its overlap ratio."""
+
+    r: float = Field(0.1, allow_inf_nan=False, description="Boost factor of the unique entries.")
+    alpha: float = Field(0.2, allow_inf_nan=False, description="Cap of the overlap ratio ρ.")
+
+
+class ArceeFusionParams(Params):
+    """No parameters: the threshold is derived from the importance scores of each tensor."""
+
+
+class PassthroughParams(Params):
+    """Copy the single model, optionally scaled."""
+
+    scale: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="Multiply the tensor by this (per model or for all); none: copy.",
+    )
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
@@ -190,6 +296,13 @@ class MethodInfo:
     #: ``transfer`` takes three named models instead of ``base`` + ``models``.
     kind: Literal["task_vector", "soup", "transfer"] = "task_vector"
     min_models: int = 1
+    #: Most models besides the base (None: no limit).
+    max_models: int | None = None
+    #: Bounds on the inputs as mergekit counts them: the models plus the base when the recipe has one.
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    #: The method reads θ_0 itself (``TensorContext.base``): it interpolates weights, not only task vectors.
+    needs_base_weights: bool = False
 
 
 _PAPERS = {
@@ -202,6 +315,15 @@ _PAPERS = {
     "stock": "https://arxiv.org/abs/2403.19522",
     "lines": "https://arxiv.org/abs/2410.17146",
     "transfer": "https://arxiv.org/abs/2503.20110",
+    "slerp": "https://en.wikipedia.org/wiki/Slerp",
+    "multislerp": "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    "karcher": "https://arxiv.org/abs/2603.04972",
+    "nearswap": "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    "della": "https://arxiv.org/abs/2406.11617",
+    "sce": "https://arxiv.org/abs/2408.07990",
+    "ram": "https://arxiv.org/abs/2601.13572",
+    "arcee_fusion": "https://arcee.ai",
+    "passthrough": "https://github.com/arcee-ai/mergekit",
 }
 
 CATALOG: dict[str, MethodInfo] = {
@@ -314,8 +436,119 @@ CATALOG: dict[str, MethodInfo] = {
             StagesParams,
             "Set the sparsify, consensus and aggregate stages directly.",
         ),
+        MethodInfo(
+            "slerp",
+            "SLERP",
+            _PAPERS["slerp"],
+            SlerpParams,
+            "Spherical interpolation between two models (the base and one model, or two models).",
+            needs_base=False,
+            min_inputs=2,
+            max_inputs=2,
+            needs_base_weights=True,
+        ),
+        MethodInfo(
+            "nuslerp",
+            "NuSLERP",
+            _PAPERS["slerp"],
+            NuslerpParams,
+            "SLERP of two models' task vectors (or weights without a base), t from their weights.",
+            needs_base=False,
+            min_models=2,
+            max_models=2,
+            needs_base_weights=True,
+        ),
+        MethodInfo(
+            "multislerp",
+            "Multi-SLERP",
+            _PAPERS["multislerp"],
+            MultislerpParams,
+            "Weighted spherical interpolation of any number of models.",
+            needs_base=False,
+            needs_base_weights=True,
+        ),
+        MethodInfo(
+            "karcher",
+            "Karcher mean",
+            _PAPERS["karcher"],
+            KarcherParams,
+            "Riemannian mean of the models (and the base, if given) on the sphere.",
+            needs_base=False,
+            needs_base_weights=True,
+        ),
+        MethodInfo(
+            "nearswap",
+            "NearSwap",
+            _PAPERS["nearswap"],
+            NearswapParams,
+            "Take the model's values where they are close to the base, interpolate toward the base elsewhere.",
+            max_models=1,
+            needs_base_weights=True,
+        ),
+        MethodInfo(
+            "della",
+            "DELLA",
+            _PAPERS["della"],
+            DellaParams,
+            "Drop deltas at random with magnitude-ranked probabilities, rescale, elect signs, average.",
+        ),
+        MethodInfo(
+            "della_linear",
+            "DELLA (linear)",
+            _PAPERS["della"],
+            DellaLinearParams,
+            "DELLA's magnitude-ranked random drop and rescale, then a weighted sum.",
+        ),
+        MethodInfo(
+            "sce",
+            "SCE",
+            _PAPERS["sce"],
+            SceParams,
+            "Select high-variance entries, weight models by energy, elect signs, average.",
+        ),
+        MethodInfo(
+            "ram",
+            "RAM",
+            _PAPERS["ram"],
+            RamParams,
+            "Average each entry over the models that change it.",
+        ),
+        MethodInfo(
+            "ramplus_tl",
+            "RAM+ (tensor-local)",
+            _PAPERS["ram"],
+            RamplusTlParams,
+            "RAM with each model's unique entries boosted by its overlap ratio.",
+        ),
+        MethodInfo(
+            "arcee_fusion",
+            "Arcee Fusion",
+            _PAPERS["arcee_fusion"],
+            ArceeFusionParams,
+            "Keep the model's changes whose importance (|Δ| · KL of softmaxes) is an outlier.",
+            max_models=1,
+            needs_base_weights=True,
+        ),
+        MethodInfo(
+            "passthrough",
+            "Passthrough",
+            _PAPERS["passthrough"],
+            PassthroughParams,
+            "Copy one model's tensors unchanged, or scaled.",
+            needs_base=False,
+            max_inputs=1,
+            needs_base_weights=True,
+        ),
     ]
 }
+
+
+def default_params(params: type[Params]) -> dict[str, Any]:
+    """The defaults of a params model as JSON, by alias; required params (slerp's ``t``) are left out."""
+    required = {name for name, field in params.model_fields.items() if field.is_required()}
+    if not required:
+        return params().model_dump(mode="json", by_alias=True)
+    return params.model_construct().model_dump(mode="json", by_alias=True, exclude=required)
 
 
 def method_info(name: str) -> MethodInfo:

@@ -28,7 +28,13 @@ from pydantic import BaseModel
 import kernels
 from merge_ops import __version__
 from merge_ops.checkpoint import torch_dtype
-from merge_ops.errors import IncompatibleModelsError, MergeCancelled, NonFiniteTensorError, OutputError
+from merge_ops.errors import (
+    IncompatibleModelsError,
+    MergeCancelled,
+    NonFiniteTensorError,
+    OutputError,
+    maps_kernel_errors,
+)
 from merge_ops.lines import block_map
 from merge_ops.params import CATALOG, MethodInfo, StagesParams
 from merge_ops.preflight import (
@@ -219,6 +225,8 @@ class _Engine:
             densities=densities,
             global_stats=global_stats,
             model_params=model_params,
+            base=loaded.base.float() if self.method.info.needs_base_weights else None,
+            reference_is_input=self.sources.reference_is_input,
         )
         delta = self.method.fn(taus, ctx, params)
         return delta, ctx
@@ -303,6 +311,7 @@ def _prefetched(engine: _Engine, tensors: list[TensorPlan]) -> Iterator[tuple[Te
             yield tp, loaded
 
 
+@maps_kernel_errors
 def run_merge(
     recipe: Recipe,
     *,

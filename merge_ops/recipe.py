@@ -27,7 +27,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from merge_ops.errors import RecipeError
 from merge_ops.evaluators.spec import EvaluatorSpec
-from merge_ops.params import CATALOG, LinesParams, Params, Scope
+from merge_ops.params import CATALOG, LinesParams, MethodInfo, Params, Scope
 
 OutputDtype = Literal["float32", "float16", "bfloat16"]
 _SIZE_UNITS = {
@@ -352,6 +352,9 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
             problems.append(
                 _problem(("models",), f"method {method!r} needs at least {info.min_models} model(s)")
             )
+        problems += _input_count_problems(
+            info, models, has_base=bool(data.get("base")), lines=data.get("lines")
+        )
     if method == "greedy_soup" and not data.get("evaluator"):
         problems.append(_problem(("evaluator",), "method 'greedy_soup' needs an evaluator"))
     weights = data.get("weights")
@@ -364,6 +367,31 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
             if isinstance(override, dict) and isinstance(override.get("params"), dict):
                 merged = {**(data.get("params") or {}), **override["params"]}
                 problems += _params_problems(info.params, merged, ("overrides", i, "params"))
+    return problems
+
+
+def _input_count_problems(
+    info: MethodInfo, models: list[Any], *, has_base: bool, lines: Any
+) -> list[InitErrorDetails]:
+    """mergekit's input contracts (the base counts as an input) and LiNeS only on pure task-vector methods."""
+    problems: list[InitErrorDetails] = []
+    name, count, inputs = info.name, len(models), len(models) + int(has_base)
+    if info.max_models is not None and count > info.max_models:
+        problems.append(_problem(("models",), f"method {name!r} takes at most {info.max_models} model(s)"))
+    with_base = " (the base counts as one)" if has_base else ""
+    if inputs < info.min_inputs or (info.max_inputs is not None and inputs > info.max_inputs):
+        want = (
+            f"exactly {info.min_inputs}"
+            if info.min_inputs == info.max_inputs
+            else f"at least {info.min_inputs}"
+            if info.max_inputs is None
+            else f"{info.min_inputs} to {info.max_inputs}"
+        )
+        problems.append(
+            _problem(("models",), f"method {name!r} takes {want} input model(s){with_base}, got {inputs}")
+        )
+    if lines is not None and info.needs_base_weights:
+        problems.append(_problem(("lines",), f"LiNeS scales task-vector merges; method {name!r} is not one"))
     return problems
 
 

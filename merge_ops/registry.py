@@ -41,6 +41,9 @@ class TensorContext:
     #: θ_0 of this tensor (float32, compute device) for methods that interpolate weights rather than sum task
     #: vectors (slerp, karcher, ...); None unless the method's catalog entry asks for it.
     base: torch.Tensor | None = None
+    #: True when the recipe has no base and ``base`` is the first model (whose task vector is then zero); methods
+    #: that treat a given base as one more input (karcher) or as the origin (nuslerp, multislerp) need to know.
+    reference_is_input: bool = False
     #: Per task vector, the per-model parameters resolved for this tensor (mergekit's per-model ``parameters``:
     #: gamma, epsilon, t, ...); empty when the recipe sets none. Read them with ``per_model``.
     model_params: tuple[Mapping[str, Any], ...] = ()

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
+import types
 
 import numpy as np
 import pytest
 import torch
 
 import kernels
-from kernels import cpu_select, reference
-from merge_ops.errors import KernelUnavailableError
+import kernels.dispatch
+from kernels import KernelUnavailable, cpu_select, reference
 
 SIZES = [1, 7, 8, 9, 1023, 4097]
 
@@ -354,16 +356,57 @@ def test_ternarize_values():
 # -- dispatch ---------------------------------------------------------------------------------------------------
 def test_dispatch_modes(monkeypatch):
     x = torch.zeros(3)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("ALLOY_KERNELS", "torch")
     assert kernels.kernel("pack_bits", x) is reference.pack_bits
     monkeypatch.setenv("ALLOY_KERNELS", "auto")
     assert kernels.kernel("pack_bits", x) is reference.pack_bits  # CPU tensors: the reference, silently
     monkeypatch.setenv("ALLOY_KERNELS", "triton")
-    with pytest.raises(KernelUnavailableError):
+    with pytest.raises(KernelUnavailable):
         kernels.kernel("pack_bits", x)
     monkeypatch.setenv("ALLOY_KERNELS", "cuda-please")
-    with pytest.raises(KernelUnavailableError):
+    with pytest.raises(KernelUnavailable):
         kernels.kernel("pack_bits", x)
     monkeypatch.delenv("ALLOY_KERNELS")
     with pytest.raises(KeyError):
         kernels.kernel("no_such_op", x)
+
+
+def _fake_triton_ops(*, interpreted: bool):
+    def pack_bits(mask):  # stands in for the Triton twin; never called here
+        raise AssertionError
+
+    pack_bits.__module__ = "kernels.triton.elementwise"
+    return types.SimpleNamespace(INTERPRETED=interpreted, pack_bits=pack_bits)
+
+
+def test_dispatch_cpu_tensors_run_on_triton_only_under_the_interpreter(monkeypatch):
+    x = torch.zeros(3)
+    interpreted = _fake_triton_ops(interpreted=True)
+    monkeypatch.setattr(kernels.dispatch, "_load_triton_ops", lambda: interpreted)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("ALLOY_KERNELS", "triton")
+    assert kernels.kernel("pack_bits", x) is interpreted.pack_bits
+    monkeypatch.setenv("ALLOY_KERNELS", "auto")  # auto never picks the (slow) interpreter
+    assert kernels.kernel("pack_bits", x) is reference.pack_bits
+    monkeypatch.setenv("ALLOY_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")  # the interpreter's kernels run only while the variable is set
+    with pytest.raises(KernelUnavailable, match="TRITON_INTERPRET=1"):
+        kernels.kernel("pack_bits", x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    compiled = _fake_triton_ops(interpreted=False)  # triton imported before the variable was set
+    monkeypatch.setattr(kernels.dispatch, "_load_triton_ops", lambda: compiled)
+    with pytest.raises(KernelUnavailable, match="not on a CUDA device") as raised:
+        kernels.kernel("pack_bits", x)
+    assert raised.value.code == "kernel_unavailable" and raised.value.context == {"op": "pack_bits"}
+    with pytest.raises(KernelUnavailable, match="has no such op"):
+        kernels.kernel("topk_mask", x)
+    monkeypatch.setattr(kernels.dispatch, "_load_triton_ops", lambda: None)
+    with pytest.raises(KernelUnavailable, match="does not import"):
+        kernels.kernel("pack_bits", x)
+
+
+def test_kernel_unavailable_pickles():
+    error = KernelUnavailable("no triton", op="pack_bits")
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is KernelUnavailable and again.detail == "no triton" and again.context == error.context

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -79,18 +81,43 @@ def test_every_catalog_method_is_registered():
     assert sorted(CATALOG) == registered_names()
 
 
+#: values for the params that have no default (mergekit requires them too)
+REQUIRED_PARAMS = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.05}}
+
+
+def contract_inputs(method: str) -> tuple[int, bool]:
+    """(K, whether the recipe has a base) that the method's input contract accepts, as many models as allowed."""
+    info = CATALOG[method]
+    if method == "transfer":
+        return 1, True
+    if info.max_inputs is not None:
+        return info.max_inputs, False  # the first model is the reference
+    return (info.max_models or 3), True
+
+
 @pytest.mark.parametrize("method", registered_names())
 @pytest.mark.parametrize("shape", SHAPES)
 def test_contract_float32_shape_finite_deterministic(method, shape):
-    k = 1 if method == "transfer" else 3
+    k, with_base = contract_inputs(method)
     tv = random_tv(k, shape, seed=len(shape))
-    ctx = make_ctx(k, weights=[1.0] if k == 1 else [0.5, 1.0, 2.0])
+    if not with_base:
+        tv[0].zero_()  # the reference's own task vector
+    weights = [0.5, 1.0, 2.0][:k]
     info = CATALOG[method]
     scope = Scope.per_tensor if info.default_scope == Scope.global_ else info.default_scope
-    ctx = make_ctx(k, weights=ctx.weights.tolist(), scope=scope)
+    params = info.params.model_validate(REQUIRED_PARAMS.get(method, {}))
+
+    def context() -> TensorContext:
+        ctx = make_ctx(k, weights=weights, scope=scope)
+        if not info.needs_base_weights:
+            return ctx
+        base = random_tv(1, shape, seed=99)[0]
+        return dataclasses.replace(ctx, base=base, reference_is_input=not with_base)
+
+    ctx = context()
     before = tv.clone()
-    first = get_method(method).fn(tv, ctx, info.params())
-    second = get_method(method).fn(tv, make_ctx(k, weights=ctx.weights.tolist(), scope=scope), info.params())
+    first = get_method(method).fn(tv, ctx, params)
+    second = get_method(method).fn(tv, context(), params)
     assert first.dtype == torch.float32
     assert first.shape == torch.Size(shape)
     assert torch.isfinite(first).all()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,7 +15,15 @@ from merge_ops.registry import get_method, registered_names
 from tests.merge_ops.test_methods import make_ctx
 
 PROPERTY_SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-TASK_VECTOR_METHODS = [m for m in registered_names() if m != "transfer"]
+# methods that take any number of task vectors and nothing else (slerp, karcher, ... also need θ_0 or a fixed
+# number of models: their identities are in test_methods_vs_mergekit.py)
+TASK_VECTOR_METHODS = [
+    m
+    for m in registered_names()
+    if m != "transfer" and not CATALOG[m].needs_base_weights and CATALOG[m].max_models is None
+]
+# RAM's "changed" threshold (|τ| > epsilon) and SCE's uniform-weight floor are absolute, so scaling τ moves them
+SCALE_COVARIANT = [m for m in TASK_VECTOR_METHODS if m not in {"ram", "ramplus_tl", "sce"}]
 SHAPES = st.sampled_from([(), (1,), (5,), (3, 4), (2, 3, 5), (17, 3)])
 FINITE = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_subnormal=False, width=32)
 
@@ -134,7 +144,7 @@ def test_permuting_models_changes_nothing(method, tv, data, scope):
 
 @PROPERTY_SETTINGS
 @given(
-    method=st.sampled_from(TASK_VECTOR_METHODS),
+    method=st.sampled_from(SCALE_COVARIANT),
     tv=stacks(),
     c=st.sampled_from([0.25, 0.5, 2.0, 8.0]),
     scope=st.sampled_from(list(Scope)[:2]),
@@ -166,3 +176,33 @@ def test_compeft_decompress_of_compress_is_the_ternarized_vector(tv, density, al
     if tv[0].numel() >= 2:
         assert torch.equal(restored, ternary)
         assert len(ternary.abs().unique()) <= 2  # {0, ασ}
+
+
+@PROPERTY_SETTINGS
+@given(tv=stacks(k_min=2, k_max=2), t=st.sampled_from([0.0, 1.0]))
+def test_slerp_endpoints_are_the_inputs(tv, t):
+    base, tau = tv[0], tv[1]
+    ctx = dataclasses.replace(make_ctx(1), base=base)
+    out = base + get_method("slerp").fn(tau.unsqueeze(0), ctx, params_for("slerp", t=t))
+    want = base if t == 0.0 else base + tau
+    scale = max(1.0, float(tv.abs().max()))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@PROPERTY_SETTINGS
+@given(
+    tv=stacks(k_min=1, k_max=1),
+    copies=st.integers(1, 4),
+    method=st.sampled_from(["multislerp", "karcher", "ram"]),
+)
+def test_merging_identical_models_gives_that_model(tv, copies, method):
+    identical = tv.repeat(copies, *([1] * (tv.dim() - 1)))
+    params = params_for(method, epsilon=0.0) if method == "ram" else params_for(method)
+    if method == "karcher":  # with a base, karcher averages the base too: merge the copies alone
+        ctx = dataclasses.replace(make_ctx(copies), base=tv[0], reference_is_input=True)
+        out = tv[0] + get_method(method).fn(torch.zeros_like(identical), ctx, params)
+    else:  # identical task vectors against a base
+        ctx = dataclasses.replace(make_ctx(copies), base=torch.zeros(tv.shape[1:]))
+        out = get_method(method).fn(identical, ctx, params)
+    scale = max(1.0, float(tv.abs().max()))
+    torch.testing.assert_close(out, tv[0], rtol=1e-5, atol=1e-5 * scale)

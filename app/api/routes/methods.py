@@ -8,7 +8,7 @@ from fastapi import APIRouter
 
 from app.api.openapi_docs import PROBLEM_RESPONSES
 from app.schemas import MethodOut
-from merge_ops.params import CATALOG
+from merge_ops.params import CATALOG, default_params
 
 router = APIRouter(prefix="/methods", tags=["methods"], responses={401: PROBLEM_RESPONSES[401]})
 
@@ -26,7 +26,7 @@ def _catalog() -> tuple[MethodOut, ...]:
             default_scope=info.default_scope.value,
             min_models=info.min_models,
             params_schema=info.params.model_json_schema(by_alias=True),
-            defaults=info.params().model_dump(mode="json", by_alias=True),
+            defaults=default_params(info.params),
         )
         for info in CATALOG.values()
     )
