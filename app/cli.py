@@ -36,6 +36,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from merge_ops.recipe import load_recipe
 
     recipe = load_recipe(Path(args.recipe))
+    for warning in recipe.warnings:
+        where = ".".join(str(part) for part in warning.loc) or "recipe"
+        print(f"warning: {where}: {warning.msg}", file=sys.stderr)
     sources = [recipe.base, recipe.source_base, recipe.source_finetuned, recipe.target_base]
     resolver = _hub_client(_uses_hub(*sources, *(m.source for m in recipe.models)))
     if args.dry_run:

@@ -59,6 +59,11 @@ class ModelStockParams(Params):
     filter_wise: bool = Field(
         False, description="Compute the angle per row instead of per tensor (mergekit)."
     )
+    cosine_clamp: Literal["nonnegative", "mergekit"] = Field(
+        "nonnegative",
+        description="nonnegative: cos clamped to [0, 1] (never extrapolates); mergekit: each pairwise cos "
+        "clamped to [-1, 1] and t = 0 where 1 + (N-1)·cos is 0 (mergekit configs use this).",
+    )
 
 
 class TransferParams(Params):

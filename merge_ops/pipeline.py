@@ -157,6 +157,7 @@ def _merge_into(
         peak_rss_bytes=0,
         copied_non_float=[r["name"] for r in rows if r.get("reason") == "not a floating tensor"],
         lines=passes.lines_info,
+        warnings=[w.model_dump() for w in recipe.warnings],
     )
     _finish_report(report, recipe, info, sources, plan, files, scratch, dev)
     return report
@@ -252,9 +253,11 @@ def _finish_report(
     """Totals, peak memory, side files and the model card (written into ``scratch``, its text in the report)."""
     from merge_ops.modelcard import read_front_matter, write_model_card
     from merge_ops.structured_sources import finish_side_files
-    from merge_ops.writer import copy_side_files
+    from merge_ops.writer import copy_side_files, set_config_dtype
 
     side = copy_side_files(sources.side_files_from, scratch) if sources.side_files_from else []
+    if recipe.dtype is not None and "config.json" in side:
+        set_config_dtype(scratch, recipe.dtype)
     side += [f for f in finish_side_files(recipe, sources, scratch) if f not in side]  # slices, tokenizer
     report.totals = merge_totals(report.tensors, plan, files, side)
     report.peak_rss_bytes = peak_rss_bytes()

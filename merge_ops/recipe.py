@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -144,12 +145,41 @@ Weight = Annotated[
 ]
 
 
+class FilteredValue(_Model):
+    """One entry of a filtered per-model value: ``value`` for the tensors whose name matches ``filter``."""
+
+    filter: str | None = Field(
+        None, description="Regex searched in the tensor name; null matches every tensor."
+    )
+    value: float | list[float] = Field(description="A number, or a gradient over the layer depth.")
+
+    @field_validator("filter")
+    @classmethod
+    def _compile(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            patterns.compile_pattern(
+                pattern
+            )  # linear-time engine (merge_ops.patterns), as every recipe regex
+        return pattern
+
+
+#: A per-model parameter: a number, a gradient (numbers spread over the layer depth), or a filtered list (the
+#: first entry whose filter matches the tensor name wins; no match -> the method-level value).
+PerModelValue = float | list[float] | list[FilteredValue]
+
+
 class ModelEntry(_Model):
     source: Source
     weight: Weight = 1.0
     density: float | None = Field(None, gt=0, le=1, description="Per-model override of params.density.")
     lora: Source | None = Field(
         None, description="A PEFT LoRA adapter merged into this model before the merge (mergekit model+lora)."
+    )
+    params: dict[str, PerModelValue] = Field(
+        default_factory=dict,
+        description="Per-model params resolved per tensor (weight, density, top_removed, ...): a number, a "
+        "gradient over depth, or a filtered list [{filter: regex, value: x}, ...]; they win over `weight`, "
+        "`density` and the method-level `params`.",
     )
 
     @field_validator("source", "lora")
@@ -196,6 +226,13 @@ class ParamOverride(_Model):
     def _compile(cls, pattern: str) -> str:
         patterns.compile_pattern(pattern)
         return pattern
+
+
+class RecipeWarning(_Model):
+    """Something the recipe's source format accepts that Alloy ignored or coerced (mergekit leniency)."""
+
+    loc: list[str | int]
+    msg: str
 
 
 class HubOutput(_Model):
@@ -289,6 +326,11 @@ class Recipe(_Model):
     source_finetuned: Source | None = None
     target_base: Source | None = None
     output: OutputSpec = Field(default_factory=OutputSpec)
+    warnings: list[RecipeWarning] = Field(
+        default_factory=list,
+        description="Keys the recipe's source format (mergekit) ignores or coerces, with suggestions; they do "
+        "not change the merge.",
+    )
 
     @field_validator("base", "source_base", "source_finetuned", "target_base")
     @classmethod
@@ -334,9 +376,39 @@ class Recipe(_Model):
         resolved = {k: _interpolate(v, layer, num_layers) for k, v in raw.items()}
         return CATALOG[self.method].params.model_validate(resolved)
 
+    def has_model_params(self) -> bool:
+        return any(m.params for m in self.models)
+
+    def model_params_for(
+        self, tensor_name: str, *, layer: int | None = None, num_layers: int | None = None
+    ) -> tuple[dict[str, float], ...]:
+        """Each model's own params for one tensor (filters by name, then gradients over depth). A key whose
+        filtered list matches nothing is left out: the method-level value applies (mergekit's precedence)."""
+        out = []
+        for model in self.models:
+            resolved: dict[str, float] = {}
+            for key, value in model.params.items():
+                if isinstance(value, list) and value and isinstance(value[0], FilteredValue):
+                    entry = next(
+                        (
+                            e
+                            for e in value
+                            if isinstance(e, FilteredValue)
+                            and (e.filter is None or patterns.search(e.filter, tensor_name))
+                        ),
+                        None,
+                    )
+                    if entry is None:
+                        continue
+                    value = entry.value
+                resolved[key] = float(_interpolate(value, layer, num_layers))
+            out.append(resolved)
+        return tuple(out)
+
     def digest(self) -> str:
-        """A stable hash of the recipe (the provenance and idempotency key)."""
-        canonical = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        """A stable hash of the recipe (the provenance and idempotency key); warnings don't change the merge."""
+        dumped = self.model_dump(mode="json", by_alias=True, exclude={"warnings"})
+        canonical = json.dumps(dumped, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -436,6 +508,7 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
         )
     if info is not None:
         problems += _params_problems(info.params, data.get("params") or {}, ("params",))
+        problems += _model_params_problems(info, data)
         for i, override in enumerate(data.get("overrides") or []):
             if isinstance(override, dict) and isinstance(override.get("params"), dict):
                 merged = {**(data.get("params") or {}), **override["params"]}
@@ -498,6 +571,84 @@ def _params_problems(model: type[Params], raw: Any, loc: tuple[str | int, ...]) 
                     seen.add(key)
                     problems.append(_problem((*loc, *error["loc"]), error["msg"]))
     return problems
+
+
+#: per-model keys every task-vector and soup method reads (besides its params model's own fields)
+_PER_MODEL_ALWAYS = {"weight"}
+
+
+def _model_params_problems(info: Any, data: dict[str, Any]) -> list[InitErrorDetails]:
+    """Per-model params: known keys, every anchor valid for the method, and a scope that can use them."""
+    models = data.get("models")
+    if not isinstance(models, list):
+        return []
+    fields = {f.alias or name for name, f in info.params.model_fields.items()}
+    allowed = (fields & _PER_MODEL_KEYS) | _PER_MODEL_ALWAYS
+    top = {k: v for k, v in (data.get("params") or {}).items() if not isinstance(v, list)}
+    problems: list[InitErrorDetails] = []
+    for i, model in enumerate(models):
+        params = model.get("params") if isinstance(model, dict) else None
+        if not isinstance(params, dict) or not params:
+            continue
+        scope = data.get("scope") or info.default_scope
+        if scope == "global":
+            problems.append(
+                _problem(("models", i, "params"), "per-model params need scope per_tensor or per_row")
+            )
+        # plain numbers are checked together (density + top_removed ≤ 1, ...); a value that varies by tensor
+        # pairs with the others per tensor only, so then each value is checked on its own field's bounds
+        own = {k: v for k, v in params.items() if k in fields and isinstance(v, int | float)}
+        if "density" in fields and isinstance(model.get("density"), int | float) and "density" not in own:
+            own["density"] = model["density"]
+        varying = {k for k, v in params.items() if k in fields and isinstance(v, list)}
+        for key, value in params.items():
+            loc = ("models", i, "params", key)
+            if key not in allowed:
+                problems.append(
+                    _problem(
+                        loc,
+                        f"method {info.name!r} takes no per-model {key!r}; per-model keys: "
+                        f"{', '.join(sorted(allowed))}",
+                    )
+                )
+                continue
+            for anchor in _anchors(value):
+                if key == "weight":
+                    if not -100 <= anchor <= 100:
+                        problems.append(_problem(loc, "weight must be in [-100, 100]"))
+                    continue
+                try:
+                    if varying - {key}:
+                        _field_adapter(info.params, key).validate_python(anchor)
+                    else:
+                        info.params.model_validate({**top, **own, key: anchor})
+                except ValidationError as exc:
+                    problems += [_problem(loc, e["msg"]) for e in exc.errors()]
+                    break
+    return problems
+
+
+def _field_adapter(model: type[Params], key: str) -> TypeAdapter[Any]:
+    """A validator of one field of ``model`` (by name or alias) with its constraints."""
+    name = next(n for n, f in model.model_fields.items() if key in (n, f.alias))
+    field = model.model_fields[name]
+    return TypeAdapter(Annotated[field.annotation, *field.metadata])
+
+
+#: params a model may set for itself (methods read them with ``ctx.per_model`` or ``ctx.densities``)
+_PER_MODEL_KEYS = {"density", "top_removed", "epsilon", "t", "gamma", "select_topk", "scale"}
+
+
+def _anchors(value: Any) -> list[float]:
+    """Every number a per-model value can take (gradient anchors, filtered entries' values)."""
+    items = value if isinstance(value, list) else [value]
+    out: list[float] = []
+    for item in items:
+        inner = item.get("value") if isinstance(item, dict) else item
+        for x in inner if isinstance(inner, list) else [inner]:
+            if isinstance(x, int | float) and not isinstance(x, bool):
+                out.append(float(x))
+    return out
 
 
 def hub_lineage(recipe: Recipe) -> list[str]:

@@ -46,6 +46,8 @@ class MergeReport(BaseModel):
     greedy_soup: dict[str, Any] | None = None
     #: atlas: the learned coefficient per block (tensor) and model, the loss per step, the settings
     atlas: dict[str, Any] | None = None
+    #: what the recipe's source format (mergekit) ignores or coerces: [{loc, msg}]
+    warnings: list[dict[str, Any]] = []
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

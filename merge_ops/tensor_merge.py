@@ -61,6 +61,8 @@ class TensorMerger:
         # gradients run over each slice's own layers in a sliced recipe (merge_ops.slices)
         self.positions = gradient_positions(recipe, merged) or block_map(merged)
         self._params_cache: dict[tuple[Any, ...], Any] = {}
+        self._model_params_cache: dict[tuple[Any, ...], Any] = {}
+        self._plans = {t.name: t for t in plan.tensors}
         self.fused_weights = fused_weights(recipe, sources)
         # A soup without normalize is Σ w_t·θ_t, and sparse_soup needs exact zeros: task vectors against a zero
         # reference, and no base added.
@@ -153,17 +155,49 @@ class TensorMerger:
     def context(self, name: str, global_stats: Any, base: torch.Tensor | None = None) -> TensorContext:
         """The one place a method's ``TensorContext`` is built (the merge and the LiNeS α pass both use it).
         ``base``: θ_0 as stored, passed on in float32 only to methods whose catalog entry asks for it."""
+        weights, densities, model_params = self.model_params_for(name)
         return TensorContext(
             name=name,
-            weights=self.weights,
+            weights=weights,
             seed=self.recipe.seed,
             source_indices=tuple(range(self.k)),
             scope=self.scope,
-            densities=self.densities,
+            densities=densities,
             global_stats=global_stats,
+            model_params=model_params,
             base=base.float() if base is not None and self.method.info.needs_base_weights else None,
             reference_is_input=self.sources.reference_is_input,
         )
+
+    def model_params_for(
+        self, name: str
+    ) -> tuple[torch.Tensor, tuple[float, ...] | None, tuple[dict[str, float], ...]]:
+        """Per-model weights, densities and params of one tensor (recipe ``models[].params``: numbers,
+        gradients over the block depth, filtered lists), cached by their resolved values."""
+        if not self.recipe.has_model_params():
+            return self.weights, self.densities, ()
+        position = self.positions.get(name)
+        resolved = self.recipe.model_params_for(
+            name,
+            layer=position.depth if position else None,
+            num_layers=position.num_blocks if position else None,
+        )
+        default_density = float(getattr(self.params_for(self._plans[name]), "density", 1.0))
+        key = (tuple(tuple(sorted(r.items())) for r in resolved), default_density)
+        if key not in self._model_params_cache:
+            weights = self.weights
+            if any("weight" in r for r in resolved):
+                weights = torch.tensor(
+                    [r.get("weight", w) for r, w in zip(resolved, self.sources.weights, strict=True)],
+                    dtype=torch.float32,
+                    device=self.device,
+                )
+            densities = self.densities
+            if any("density" in r for r in resolved):
+                own = self.densities or (default_density,) * self.k
+                densities = tuple(r.get("density", d) for r, d in zip(resolved, own, strict=True))
+            self._model_params_cache[key] = (weights, densities, resolved)
+        return self._model_params_cache[key]
 
     def merged_delta(
         self, loaded: Loaded, tp: TensorPlan, global_stats: Any
@@ -266,7 +300,13 @@ def fused_weights(recipe: Recipe, sources: Sources) -> list[float] | None:
     """Weights for the one-pass path, when the merge is a plain weighted sum of full checkpoints: soups, task
     arithmetic, LiNeS, and ``stages`` without sparsify/consensus. None when the generic path is needed."""
     full_inputs = all(s.kind == "checkpoint" and not s.sparse_coverage for s in sources.inputs)
-    if not full_inputs or recipe.vocab_policy != "error" or recipe.overrides or has_gradients(recipe):
+    if (
+        not full_inputs
+        or recipe.vocab_policy != "error"
+        or recipe.overrides
+        or has_gradients(recipe)
+        or recipe.has_model_params()
+    ):
         return None
     info = CATALOG[recipe.method]
     params = info.params.model_validate(recipe.params)

@@ -217,3 +217,19 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
         shutil.copyfile(path, dst / path.name)
         copied.append(path.name)
     return copied
+
+
+def set_config_dtype(folder: Path, dtype: str) -> None:
+    """Make a copied ``config.json`` state the dtype the shards were written in (``torch_dtype``, and ``dtype``
+    where newer transformers wrote it), as mergekit does for ``dtype``/``out_dtype``."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no config, or not JSON: nothing states a dtype
+    if not isinstance(config, dict):
+        return
+    config["torch_dtype"] = dtype
+    if "dtype" in config:
+        config["dtype"] = dtype
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -78,7 +78,9 @@ def _local_counts(
     keep = kept_count(density, view.n)
     if kind != Sparsify.breadcrumbs:
         return keep, None
-    skip = floor_count(torch.full_like(density, float(params.top_removed)), view.n)
+    top_removed = ctx.per_model("top_removed", float(params.top_removed))  # per model: mergekit's gamma
+    rows = torch.tensor(top_removed, dtype=torch.float64)[view.model_of_row.cpu()]
+    skip = floor_count(rows, view.n)
     return torch.minimum(keep, view.n - skip), skip
 
 

@@ -150,3 +150,24 @@ def test_greedy_soup_end_to_end(tmp_path: Path) -> None:
     merged, chosen = load_all(tmp_path / "soup"), load_all(good)
     for name, tensor in chosen.items():
         assert torch.equal(merged[name], tensor), name
+
+
+def test_merge_prints_mergekit_warnings(models: dict[str, Path], tmp_path: Path) -> None:
+    """What mergekit ignores (a typo) is accepted with a warning naming it and the likely key; the report lists it."""
+    recipe = tmp_path / "mergekit.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(models["base"]),
+                "models": [{"model": str(models["a"]), "parameters": {"weight": 0.5}}],
+                "parameters": {"lamda": 0.5},
+            }
+        )
+    )
+    out = tmp_path / "out"
+    run = alloy("merge", str(recipe), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    assert "warning: parameters.lamda:" in run.stderr and "did you mean 'lambda'" in run.stderr
+    report = json.loads((out / "alloy-report.json").read_text())
+    assert [w["loc"] for w in report["warnings"]] == [["parameters", "lamda"]]

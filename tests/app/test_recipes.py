@@ -109,3 +109,13 @@ for api in start_api(Path({str(tmp_path)!r})):
 assert "torch" not in sys.modules, "the API process imported torch"
 """
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
+def test_import_returns_mergekit_warnings(api: Api) -> None:
+    lenient = MERGEKIT + "nomalize: true\n"
+    response = api.client.post(
+        "/v1/recipes/import", content=lenient, headers=api.headers(**{"Content-Type": "application/yaml"})
+    )
+    assert response.status_code == 200, response.text
+    warnings = response.json()["warnings"]
+    assert [w["loc"] for w in warnings] == [["nomalize"]] and "normalize" in warnings[0]["msg"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import pytest
@@ -65,16 +66,32 @@ def test_mergekit_defaults(method, expected):
         {"source": "hf://org/b", "weight": 0.4},
     ]
     assert recipe["base"] == "hf://org/base"
+    assert recipe["warnings"] == []
     load_recipe(config(method))  # the translation is a valid Alloy recipe
 
 
 def test_linear_model_stock_and_fields():
-    recipe = translate_mergekit(config("linear", dtype="bfloat16", tokenizer_source="base"))
+    cfg = config("linear", dtype="bfloat16", tokenizer_source="base")
+    del cfg["base_model"]
+    recipe = translate_mergekit(cfg)
     assert recipe["method"] == "linear" and recipe["params"] == {"normalize": True}
     assert recipe["dtype"] == "bfloat16" and "base" not in recipe
     stock = translate_mergekit(config("model_stock", params={"filter_wise": True}))
-    assert stock["params"] == {"filter_wise": True} and stock["base"] == "hf://org/base"
+    assert stock["params"] == {"filter_wise": True, "cosine_clamp": "mergekit"}
+    assert stock["base"] == "hf://org/base"
     assert translate_mergekit(config("ties", params={"normalize": False}))["params"]["aggregate"] == "sum"
+
+
+def test_linear_with_base_model_adds_it_as_an_input_like_mergekit():
+    """mergekit gives linear no base: base_model is one more input, weighted by the top-level weight."""
+    recipe = translate_mergekit(config("linear", params={"weight": 0.5}, models=[{"model": "org/a"}]))
+    assert recipe["models"] == [
+        {"source": "hf://org/a", "weight": 0.5},
+        {"source": "hf://org/base", "weight": 0.5},
+    ]
+    with pytest.raises(RecipeError) as info:
+        translate_mergekit(config("linear"))  # no weight for the base: mergekit fails too
+    assert ["base_model", "parameters", "weight"] in [e["loc"] for e in info.value.context["errors"]]
 
 
 def test_breadcrumbs_gamma_and_density():
@@ -83,6 +100,23 @@ def test_breadcrumbs_gamma_and_density():
     clamped = translate_mergekit(config("breadcrumbs", params={"density": 0.98, "gamma": 0.05}))["params"]
     assert clamped["top_removed"] == pytest.approx(0.02)
     assert "gamma" not in clamped
+    unpruned = translate_mergekit(config("breadcrumbs", params={"gamma": 0.05}))["params"]
+    assert (unpruned["density"], unpruned["top_removed"]) == (1.0, 0.0)  # density 1: mergekit prunes nothing
+
+
+def test_per_model_gamma_is_each_models_own():
+    """The issue's silent wrong merge: gamma set per model must be that model's removed top."""
+    models = [
+        {"model": "org/a", "parameters": {"weight": 1.0, "density": 0.3, "gamma": 0.05}},
+        {"model": "org/b", "parameters": {"weight": 1.0, "density": 0.4, "gamma": 0.02}},
+    ]
+    recipe = load_recipe(config("breadcrumbs", models=models))
+    assert [m.density for m in recipe.models] == [0.3, 0.4]
+    assert recipe.model_params_for("w") == ({"top_removed": 0.05}, {"top_removed": 0.02})
+    same = translate_mergekit(
+        config("breadcrumbs_ties", models=[{**m, "parameters": {**models[0]["parameters"]}} for m in models])
+    )
+    assert (same["params"]["density"], same["params"]["top_removed"]) == (0.3, 0.05)  # shared: method-level
 
 
 def test_per_model_density_and_top_level_weight():
@@ -94,11 +128,55 @@ def test_per_model_density_and_top_level_weight():
     ]
 
 
-def test_gradient_and_filtered_lists_become_overrides():
+def test_per_model_gradients_and_filters_resolve_per_tensor():
+    models = [
+        {
+            "model": "org/a",
+            "parameters": {"weight": [0.0, 1.0], "density": [{"filter": "mlp", "value": 0.2}]},
+        },
+        {"model": "org/b", "parameters": {"weight": [{"filter": "self_attn", "value": 0.7}, {"value": 0.1}]}},
+    ]
+    recipe = load_recipe(config("ties", params={"density": 0.9}, models=models))
+    assert recipe.model_params_for("model.layers.2.mlp.up.weight", layer=2, num_layers=3) == (
+        {"weight": 1.0, "density": 0.2},
+        {"weight": 0.1},
+    )
+    assert recipe.models[1].density == 0.9
+    assert recipe.model_params_for("model.layers.1.self_attn.q.weight", layer=1, num_layers=3) == (
+        {"weight": 0.5, "density": 0.9},  # the model's filter matches nothing: the top-level density
+        {"weight": 0.7},
+    )
+
+
+def test_model_references_in_mergekits_mapping_forms():
+    models = [
+        {"model": {"model": {"path": "org/a", "revision": "abc123"}}, "parameters": {"weight": 1}},
+        {"model": "org/b@v2", "parameters": {"weight": 1}},
+        {"model": {"model": {"path": "org/base"}}},
+    ]
+    recipe = translate_mergekit(config("task_arithmetic", models=models))
+    assert [m["source"] for m in recipe["models"]] == ["hf://org/a@abc123", "hf://org/b@v2"]
+    with pytest.raises(RecipeError) as info:
+        translate_mergekit(config("ties", models=[{"model": {"model": "org/a", "lora": "org/l"}}]))
+    assert ["models", 0, "model"] in [e["loc"] for e in info.value.context["errors"]]
+
+
+def test_the_base_listed_in_models_is_dropped():
+    models = [
+        {"model": "org/base"},
+        {"model": "org/a", "parameters": {"weight": 0.6}},
+        {"model": "org/b", "parameters": {"weight": 0.4}},
+    ]
+    for method in ("task_arithmetic", "dare_ties", "model_stock"):
+        recipe = translate_mergekit(config(method, models=models))
+        assert [m["source"] for m in recipe["models"]] == ["hf://org/a", "hf://org/b"], method
+
+
+def test_shared_filtered_and_gradient_params_become_overrides():
     cfg = config(
-        "ties",
+        "task_arithmetic",
         params={
-            "density": [
+            "lambda": [
                 {"filter": "mlp", "value": [0.2, 0.8]},
                 {"filter": "self_attn", "value": 0.3},
                 {"value": 0.9},
@@ -106,50 +184,72 @@ def test_gradient_and_filtered_lists_become_overrides():
         },
     )
     recipe = load_recipe(cfg)
-    assert recipe.params_for("model.layers.0.mlp.up.weight", layer=0, num_layers=3).density == 0.2
-    assert recipe.params_for("model.layers.2.mlp.up.weight", layer=2, num_layers=3).density == 0.8
-    assert recipe.params_for("model.layers.1.self_attn.q.weight").density == 0.3
-    assert recipe.params_for("model.norm.weight").density == 0.9
+    assert recipe.params_for("model.layers.0.mlp.up.weight", layer=0, num_layers=3).lambda_ == 0.2
+    assert recipe.params_for("model.layers.2.mlp.up.weight", layer=2, num_layers=3).lambda_ == 0.8
+    assert recipe.params_for("model.layers.1.self_attn.q.weight").lambda_ == 0.3
+    assert recipe.params_for("model.norm.weight").lambda_ == 0.9
 
 
-def test_filtered_list_without_catch_all_uses_mergekit_default():
-    recipe = load_recipe(config("ties", params={"density": [{"filter": "mlp", "value": 0.4}]}))
-    assert recipe.params_for("x.mlp.w").density == 0.4
-    assert recipe.params_for("x.attn.w").density == 1.0
+def test_filters_are_substrings_as_in_mergekit():
+    """mergekit 0.1.5 matches ``filter in tensor_name``; glob characters are literal there."""
+    models = [
+        {"model": "org/a", "parameters": {"weight": [{"filter": "*mlp*", "value": 0.4}, {"value": 1.0}]}}
+    ]
+    recipe = load_recipe(config("task_arithmetic", models=models))
+    assert recipe.model_params_for("x.mlp.w") == ({"weight": 1.0},)
+    assert recipe.model_params_for("x.*mlp*.w") == ({"weight": 0.4},)
 
 
-def test_two_filtered_params_combine_exactly():
-    cfg = config(
-        "breadcrumbs",
-        params={
-            "density": [{"filter": "mlp", "value": 0.5}, {"value": 0.8}],
-            "gamma": [{"filter": "layers.1.", "value": 0.1}, {"value": 0.01}],
-        },
-    )
+@pytest.mark.parametrize(
+    ("cfg", "loc", "text"),
+    [
+        (config("ties", nomalize=True), ["nomalize"], "did you mean 'normalize'"),
+        (config("ties", params={"lamda": 0.5}), ["parameters", "lamda"], "did you mean 'lambda'"),
+        (config("ties", params={"normalize": 1.0}), ["parameters", "normalize"], "reads 1.0 as True"),
+        (config("ties", params={"epsilon": 0.1}), ["parameters", "epsilon"], "ignores"),
+        (config("ties", dpyte="float16"), ["dpyte"], "did you mean 'dtype'"),
+        (
+            config("ties", models=[{"model": "org/a", "parameters": {"weight": 1, "normalize": True}}]),
+            ["models", 0, "parameters", "normalize"],
+            "only from the top-level",
+        ),
+        (
+            config("ties", models=[{"model": "org/a", "weight": 1, "parameters": {"weight": 1}}]),
+            ["models", 0, "weight"],
+            "ignores the model field",
+        ),
+        (config("task_arithmetic", params={"density": 0.5}), ["parameters", "density"], "no effect"),
+    ],
+)
+def test_lenient_where_mergekit_is_lenient(cfg, loc, text):
     recipe = load_recipe(cfg)
-    cases = {
-        "layers.1.mlp.w": (0.5, 0.1),
-        "layers.2.mlp.w": (0.5, 0.01),
-        "layers.1.attn.w": (0.8, 0.1),
-        "layers.2.attn.w": (0.8, 0.01),
-    }
-    for name, (density, top) in cases.items():
-        p = recipe.params_for(name)
-        assert (p.density, p.top_removed) == (density, pytest.approx(top)), name
+    matching = [w for w in recipe.warnings if w.loc == loc]
+    assert matching and text in matching[0].msg, recipe.warnings
+
+
+def test_normalize_number_means_what_mergekit_reads():
+    assert translate_mergekit(config("ties", params={"normalize": 0}))["params"]["aggregate"] == "sum"
+    assert (
+        translate_mergekit(config("task_arithmetic", params={"normalize": "yes"}))["params"]["aggregate"]
+        == "mean"
+    )
 
 
 @pytest.mark.parametrize(
     ("cfg", "loc"),
     [
-        (config("slerp"), ["merge_method"]),
-        (config("ties", slices=[]), ["slices"]),
-        (config("ties", tokenizer_source="union", tokenizer={"source": "base"}), ["tokenizer"]),
-        (config("ties", params={"epsilon": 0.1}), ["parameters", "epsilon"]),
-        (config("ties", params={"rescale": True}), ["parameters", "rescale"]),
+        (config("frankenmerge"), ["merge_method"]),
+        (config("ties", slices=[{"sources": []}]), ["slices"]),
         (config("ties", slices=[{"sources": [], "residual_weight": 0.5}]), ["slices"]),
+        (config("ties", tokenizer={"source": "base"}, tokenizer_source="base"), ["tokenizer"]),
+        (config("ties", chat_template="chatml"), ["chat_template"]),
+        (config("ties", params={"rescale": True}), ["parameters", "rescale"]),
+        (config("ties", params={"normalize": 2}), ["parameters", "normalize"]),
         (config("ties", models=[{"model": "org/a"}]), ["models", 0, "parameters", "weight"]),
         (
-            config("ties", models=[{"model": "org/a", "parameters": {"weight": [0.1, 0.2]}}]),
+            config(
+                "ties", models=[{"model": "org/a", "parameters": {"weight": [{"filter": "mlp", "value": 1}]}}]
+            ),
             ["models", 0, "parameters", "weight"],
         ),
         (config("ties", dtype="int8"), ["dtype"]),
@@ -157,6 +257,7 @@ def test_two_filtered_params_combine_exactly():
             {"merge_method": "ties", "models": [{"model": "org/a", "parameters": {"weight": 1}}]},
             ["base_model"],
         ),
+        (config("model_stock", models=[{"model": "org/a"}]), ["models"]),
     ],
 )
 def test_rejections_name_the_field(cfg, loc):
@@ -165,12 +266,38 @@ def test_rejections_name_the_field(cfg, loc):
     assert loc in [e["loc"] for e in info.value.context["errors"]]
 
 
+def test_messages_are_true():
+    with pytest.raises(RecipeError) as info:
+        translate_mergekit(config("ties", models=[{"model": "org/base"}, {"model": "org/a"}]))
+    errors = info.value.context["errors"]
+    assert [e["loc"] for e in errors] == [["models", 1, "parameters", "weight"]]  # not the base's
+    assert "except the base" in errors[0]["msg"]
+    cfg = config("ties", slices=[{"sources": [{"model": "org/a", "layer_range": [0, 2]}]}])
+    del cfg["models"]
+    with pytest.raises(RecipeError) as info:
+        translate_mergekit(cfg)
+    locs = [e["loc"] for e in info.value.context["errors"]]  # no "needs a models list", no models[] at all
+    assert locs == [["slices", 0, "sources"]]  # mergekit: "Base input is not present in merge inputs"
+
+
+def test_refusal_keeps_the_warnings():
+    with pytest.raises(RecipeError) as info:
+        translate_mergekit(config("ties", chat_template="chatml", nomalize=True))
+    assert info.value.context["warnings"][0]["loc"] == ["nomalize"]
+
+
 def test_load_recipe_accepts_mergekit_yaml_text():
     text = yaml.safe_dump(config("dare_ties", params={"density": 0.4, "lambda": 0.8}))
     recipe = load_recipe(text)
     assert recipe.method == "dare_ties"
     p = recipe.params_for("w")
     assert (p.density, p.lambda_, p.rescale, p.aggregate) == (0.4, 0.8, "l1", "sum")
+
+
+def test_warnings_do_not_change_the_digest():
+    plain = load_recipe(config("ties"))
+    warned = load_recipe(config("ties", nomalize=True))
+    assert warned.warnings and plain.digest() == warned.digest()
 
 
 # -- parity with mergekit itself (optional test extra) -----------------------------------------------------------
@@ -211,10 +338,16 @@ def test_parity_with_mergekit(method, params, shape):
         reference = base
 
     models = [{"model": f"org/m{i}", "parameters": {"weight": w}} for i, w in enumerate(weights)]
-    recipe = load_recipe(config(method, params=dict(params), models=models))
+    cfg = config(method, params=dict(params), models=models)
+    if method == "linear":
+        del cfg["base_model"]  # mergekit's linear would take it as one more input
+    recipe = load_recipe(cfg)
     p = recipe.params_for("w")
     registered = get_method(recipe.method)
     tv = torch.stack([t - reference for t in thetas])
-    delta = registered.fn(tv, make_ctx(3, name="w", weights=weights, scope=Scope.per_tensor), p)
+    ctx = make_ctx(3, name="w", weights=weights, scope=Scope.per_tensor)
+    if recipe.has_model_params():
+        ctx = dataclasses.replace(ctx, model_params=recipe.model_params_for("w"))
+    delta = registered.fn(tv, ctx, p)
     got = reference + getattr(p, "lambda_", 1.0) * delta
     torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-6)

@@ -1,0 +1,93 @@
+"""Per-model params in native recipes (``models[].params``): validation, per-tensor resolution, the merge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from merge_ops.errors import RecipeError
+from merge_ops.pipeline import run_merge
+from merge_ops.recipe import load_recipe
+from tests.utils.factories import load_all, make_llama_like
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model-params")
+    base = make_llama_like(root / "base", layers=4, seed=0)
+    return {
+        "base": base,
+        "a": make_llama_like(root / "a", layers=4, perturb_from=base, seed=1, scale=0.05),
+        "b": make_llama_like(root / "b", layers=4, perturb_from=base, seed=2, scale=0.05),
+    }
+
+
+def _recipe(tiny, method, models, **extra):
+    return {
+        "method": method,
+        "base": str(tiny["base"]),
+        "models": [{"source": str(tiny[name]), **entry} for name, entry in models],
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("params", "loc", "text"),
+    [
+        ({"gamma": 0.1}, ["models", "0", "params", "gamma"], "takes no per-model 'gamma'"),
+        ({"density": 1.5}, ["models", "0", "params", "density"], "less than or equal to 1"),
+        ({"top_removed": [0.1, 0.95]}, ["models", "0", "params", "top_removed"], "density + top_removed"),
+        ({"weight": [{"filter": "mlp", "value": 500}]}, ["models", "0", "params", "weight"], "[-100, 100]"),
+    ],
+)
+def test_per_model_params_are_validated(tiny, params, loc, text):
+    data = _recipe(tiny, "breadcrumbs", [("a", {"params": params}), ("b", {})])
+    with pytest.raises(RecipeError) as info:
+        load_recipe(data)
+    matching = [e for e in info.value.context["errors"] if e["loc"] == loc]
+    assert matching and text in matching[0]["msg"], info.value.context["errors"]
+
+
+def test_per_model_params_need_a_local_scope(tiny):
+    data = _recipe(tiny, "compeft", [("a", {"params": {"density": 0.3}}), ("b", {})])
+    with pytest.raises(RecipeError) as info:
+        load_recipe(data)
+    assert ["models", "0", "params"] in [e["loc"] for e in info.value.context["errors"]]
+
+
+def test_per_model_top_removed_is_each_models_own(tiny, tmp_path):
+    """A sum-aggregated Breadcrumbs merge of two models is the sum of each model's own Breadcrumbs delta."""
+    shared = {"params": {"density": 0.5, "top_removed": 0.0, "lambda": 1.0}}
+    both = _recipe(
+        tiny,
+        "breadcrumbs",
+        [("a", {"params": {"top_removed": 0.05}}), ("b", {"params": {"top_removed": 0.2}})],
+        **shared,
+    )
+    merged = load_all(run_merge(load_recipe(both), output_dir=tmp_path / "both").output_path)
+    parts = []
+    for name, top in (("a", 0.05), ("b", 0.2)):
+        one = _recipe(
+            tiny, "breadcrumbs", [(name, {})], params={"density": 0.5, "top_removed": top, "lambda": 1.0}
+        )
+        parts.append(load_all(run_merge(load_recipe(one), output_dir=tmp_path / name).output_path))
+    base = load_all(tiny["base"])
+    for tensor, value in merged.items():
+        if value.is_floating_point():
+            want = parts[0][tensor] + parts[1][tensor] - base[tensor]
+            torch.testing.assert_close(value, want, rtol=1e-6, atol=1e-6, msg=tensor)
+
+
+def test_per_model_weight_gradient_spreads_over_the_layers(tiny, tmp_path):
+    data = _recipe(tiny, "task_arithmetic", [("a", {"params": {"weight": [0.0, 1.0]}})], dtype="float16")
+    report = run_merge(load_recipe(data), output_dir=tmp_path / "out")
+    merged, base, a = load_all(report.output_path), load_all(tiny["base"]), load_all(tiny["a"])
+    name = "model.layers.{}.mlp.up_proj.weight"
+    torch.testing.assert_close(merged[name.format(0)], base[name.format(0)].half())
+    torch.testing.assert_close(merged[name.format(3)], a[name.format(3)].half())
+    mid = base[name.format(1)] + (a[name.format(1)] - base[name.format(1)]) / 3
+    torch.testing.assert_close(merged[name.format(1)], mid.half())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["torch_dtype"] == "float16"  # config.json states the written dtype
