@@ -118,21 +118,16 @@ def write_atlas(
 ) -> Any:
     """``run_merge`` for ``atlas`` without fixed coefficients: learn Λ (the model in memory, see above), then
     stream the merge with ``params.coefficients = Λ``; the report's ``atlas`` section carries Λ and the losses."""
-    from merge_ops.evaluators.base import build_evaluator
-    from merge_ops.greedy_soup import evaluator_model_dir
+    from merge_ops.greedy_soup import recipe_evaluator
     from merge_ops.pipeline import REPORT_NAME, Progress, run_merge, target_dir
 
     target = target_dir(recipe, output_dir)
     params = AtlasParams.model_validate(recipe.params)
-    evaluator = None
-    if params.steps > 0:
-        assert recipe.evaluator is not None  # the recipe validator requires it
-        evaluator = build_evaluator(
-            recipe.evaluator,
-            model_dir=evaluator_model_dir(recipe, resolver=resolver),
-            data_root=data_root,
-            device=device,
-        )
+    evaluator = (
+        recipe_evaluator(recipe, resolver=resolver, data_root=data_root, device=device)
+        if params.steps > 0
+        else None
+    )
     progress = run.get("progress")
 
     def trained(done: int, total: int) -> None:

@@ -71,6 +71,20 @@ def evaluator_model_dir(recipe: Recipe, *, resolver: Any = None) -> Path:
     return local_path(source, resolver=resolver)
 
 
+def recipe_evaluator(recipe: Recipe, *, resolver: Any, data_root: Path | None, device: str) -> Any:
+    """The recipe's evaluator, built on ``evaluator_model_dir`` (greedy soup scores with it, aTLAS trains on it).
+    A relative ``evaluator.data`` is read from ``data_root`` (the caller confines it)."""
+    from merge_ops.evaluators.base import build_evaluator
+
+    assert recipe.evaluator is not None  # the recipe validator requires it
+    return build_evaluator(
+        recipe.evaluator,
+        model_dir=evaluator_model_dir(recipe, resolver=resolver),
+        data_root=data_root,
+        device=device,
+    )
+
+
 def load_state_dict(path: Path, *, allow_pickle: bool = False) -> StateDict:
     """All tensors of a checkpoint; floating ones as float32 (the soup is averaged in float32)."""
     with Checkpoint.open(path, allow_pickle=allow_pickle) as checkpoint:
@@ -173,17 +187,10 @@ def write_greedy_soup(
     """``run_merge`` for ``greedy_soup``: choose the ingredients with the evaluator (whole models in memory, see
     above), then stream the chosen soup like any merge; the report carries every score. A relative
     ``evaluator.data`` is read from ``data_root`` (the caller confines it)."""
-    from merge_ops.evaluators.base import build_evaluator
     from merge_ops.pipeline import REPORT_NAME, Progress, run_merge, target_dir
 
     target = target_dir(recipe, output_dir)
-    assert recipe.evaluator is not None  # the recipe validator requires it
-    evaluator = build_evaluator(
-        recipe.evaluator,
-        model_dir=evaluator_model_dir(recipe, resolver=resolver),
-        data_root=data_root,
-        device=device,
-    )
+    evaluator = recipe_evaluator(recipe, resolver=resolver, data_root=data_root, device=device)
     progress = run.get("progress")
 
     def evaluated(done: int, total: int) -> None:

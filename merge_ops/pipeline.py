@@ -63,23 +63,9 @@ def run_merge(
     Raises typed ``MergeError``s; on any failure (or ``should_cancel()`` turning true between tensors) the scratch
     folder is removed and nothing is left at ``output_dir``.
     """
-    if recipe.method == "greedy_soup":
-        from merge_ops.greedy_soup import write_greedy_soup
-
-        return write_greedy_soup(
-            recipe,
-            output_dir=output_dir,
-            resolver=resolver,
-            device=device,
-            progress=progress,
-            should_cancel=should_cancel,
-            scratch_root=scratch_root,
-            data_root=data_root,
-        )
-    if recipe.method == "atlas" and recipe.params.get("coefficients") is None:
-        from merge_ops.atlas import write_atlas
-
-        return write_atlas(  # type: ignore[no-any-return]
+    whole_model = _whole_model_writer(recipe)
+    if whole_model is not None:
+        return whole_model(  # type: ignore[no-any-return]
             recipe,
             output_dir=output_dir,
             resolver=resolver,
@@ -118,6 +104,20 @@ def run_merge(
         raise
     finally:
         sources.close()
+
+
+def _whole_model_writer(recipe: Recipe) -> Callable[..., Any] | None:
+    """The run of a method that must hold whole models before it streams (greedy soup's evaluator, aTLAS'
+    training); None for the streaming methods."""
+    if recipe.method == "greedy_soup":
+        from merge_ops.greedy_soup import write_greedy_soup
+
+        return write_greedy_soup
+    if recipe.method == "atlas" and recipe.params.get("coefficients") is None:
+        from merge_ops.atlas import write_atlas
+
+        return write_atlas
+    return None
 
 
 def target_dir(recipe: Recipe, output_dir: Path | None) -> Path:
