@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from merge_ops.errors import MergeError
-from merge_ops.recipe import hub_lineage
 
 
 def _hub_client(needed: bool) -> Any:
@@ -39,8 +38,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for warning in recipe.warnings:
         where = ".".join(str(part) for part in warning.loc) or "recipe"
         print(f"warning: {where}: {warning.msg}", file=sys.stderr)
-    sources = [recipe.base, recipe.source_base, recipe.source_finetuned, recipe.target_base]
-    resolver = _hub_client(_uses_hub(*sources, *(m.source for m in recipe.models)))
+    resolver = _hub_client(_uses_hub(*(source for _, source in recipe.sources())))
     if args.dry_run:
         print(plan_merge(recipe, resolver=resolver).summary())
         return 0
@@ -53,7 +51,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         result = resolver.publish(
             Path(report.output_path or ""),
             recipe.output.hub,
-            base_model=hub_lineage(recipe) or None,
+            base_model=recipe.hub_lineage() or None,
             method=recipe.method,
         )
         print(f"pushed to {result.url} at {result.commit_sha}")

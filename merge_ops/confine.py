@@ -50,13 +50,7 @@ def _local(value: Any) -> str | None:
 
 def recipe_local_paths(recipe: Recipe) -> list[tuple[str, str]]:
     """(field, path) of every local path a merge of ``recipe`` reads."""
-    fields: list[tuple[str, Any]] = [
-        ("base", recipe.base),
-        ("source_base", recipe.source_base),
-        ("source_finetuned", recipe.source_finetuned),
-        ("target_base", recipe.target_base),
-        *((f"models.{i}.source", m.source) for i, m in enumerate(recipe.models)),
-    ]
+    fields: list[tuple[str, Any]] = [(".".join(map(str, loc)), value) for loc, value in recipe.sources()]
     if recipe.evaluator is not None:
         fields += [("evaluator.data", recipe.evaluator.data), ("evaluator.model", recipe.evaluator.model)]
     return [(name, path) for name, value in fields if (path := _local(value)) is not None]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -31,7 +32,7 @@ from merge_ops.evaluators.spec import EvaluatorSpec
 from merge_ops.params import CATALOG, LinesParams, MethodInfo, Params, Scope
 from merge_ops.safe_load import UnsafeDocumentError, check_plain_data, load_yaml
 from merge_ops.slices import SliceSpec, derive_models
-from merge_ops.tokenizer import TokenizerSpec, chat_template_problem
+from merge_ops.tokenizer import ModelToken, TokenizerSpec, ZeroToken, chat_template_problem
 
 OutputDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -112,6 +113,8 @@ class HubSource(_Model):
 
 
 Source = str | HubSource
+#: Where a value is written in a recipe: ``("models", 0, "source")``.
+Loc = tuple[str | int, ...]
 _HF_URI = re.compile(r"^hf://(?P<repo>[\w.\-]+/[\w.\-]+)(?P<sub>(/[\w.\-]+)*)(@(?P<rev>[^@\s]+))?$")
 
 
@@ -405,11 +408,72 @@ class Recipe(_Model):
             out.append(resolved)
         return tuple(out)
 
+    # -- the recipe's sources: one list, used to confine, pin, resolve and cite them --------------------------
+    def sources(self) -> list[tuple[Loc, Source]]:
+        """Every model and adapter the recipe reads, with where it is written (``("models", 0, "source")``).
+
+        A sliced recipe lists its slices' sources (its ``models`` are derived from them); the tokenizer's and
+        ``tokens:``' model sources are included. Hub sources are ``HubSource`` or ``hf://`` strings as written."""
+        found: list[tuple[Loc, Any]] = [
+            (("base",), self.base),
+            (("base_lora",), self.base_lora),
+            (("source_base",), self.source_base),
+            (("source_finetuned",), self.source_finetuned),
+            (("target_base",), self.target_base),
+        ]
+        if self.slices is None:
+            for i, model in enumerate(self.models):
+                found += [(("models", i, "source"), model.source), (("models", i, "lora"), model.lora)]
+        else:
+            for i, spec in enumerate(self.slices):
+                for j, src in enumerate(spec.sources):
+                    loc = ("slices", i, "sources", j)
+                    found += [((*loc, "source"), src.source), ((*loc, "lora"), src.lora)]
+        if self.tokenizer is not None:
+            if self.tokenizer.source not in ("base", "union"):
+                found.append((("tokenizer", "source"), self.tokenizer.source))
+            for token, entry in self.tokenizer.tokens.items():
+                loc = ("tokenizer", "tokens", token, "source")
+                if isinstance(entry.source, ModelToken):
+                    found.append(((*loc, "model"), entry.source.model))
+                elif not isinstance(entry.source, ZeroToken):
+                    found.append((loc, entry.source))
+        return [(loc, _as_source(value)) for loc, value in found if value is not None]
+
+    def with_sources(self, replace: Callable[[Loc, Source], Source]) -> Recipe:
+        """The recipe with each of ``sources()`` replaced by ``replace(loc, source)`` (confined paths, pinned
+        Hub revisions), validated again. A sliced recipe's ``models`` are derived again from its slices."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if self.slices is not None:
+            data.pop("models", None)
+        for loc, source in self.sources():
+            new = replace(loc, source)
+            if new is not source:
+                _set_at(data, loc, new.model_dump(mode="json") if isinstance(new, HubSource) else new)
+        return Recipe.model_validate(data)
+
+    def hub_lineage(self) -> list[str]:
+        """Hub repo ids of the recipe's models, base first: the model card's ``base_model``."""
+        models = [(loc, s) for loc, s in self.sources() if loc[-1] != "lora" and loc[0] != "tokenizer"]
+        models.sort(key=lambda item: item[0] != ("target_base",))  # transfer: the result's base first
+        repos = [parse_source(s) for _, s in models]
+        return list(dict.fromkeys(p.repo for p in repos if isinstance(p, HubSource)))
+
     def digest(self) -> str:
         """A stable hash of the recipe (the provenance and idempotency key); warnings don't change the merge."""
         dumped = self.model_dump(mode="json", by_alias=True, exclude={"warnings"})
         canonical = json.dumps(dumped, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _as_source(value: Any) -> Source:
+    return HubSource.model_validate(value) if isinstance(value, dict) else value
+
+
+def _set_at(data: Any, loc: Loc, value: Any) -> None:
+    for key in loc[:-1]:
+        data = data[key]
+    data[loc[-1]] = value
 
 
 def _interpolate(value: Any, layer: int | None, num_layers: int | None) -> Any:
@@ -649,13 +713,6 @@ def _anchors(value: Any) -> list[float]:
             if isinstance(x, int | float) and not isinstance(x, bool):
                 out.append(float(x))
     return out
-
-
-def hub_lineage(recipe: Recipe) -> list[str]:
-    """Hub repo ids of the recipe's sources, base first: the model card's ``base_model``."""
-    sources = [recipe.base, recipe.target_base, recipe.source_finetuned, *(m.source for m in recipe.models)]
-    parsed = [parse_source(s) for s in sources if s is not None]
-    return list(dict.fromkeys(p.repo for p in parsed if isinstance(p, HubSource)))
 
 
 def load_recipe(data: dict[str, Any] | str | Path) -> Recipe:

@@ -135,8 +135,6 @@ def derive_models(data: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[tupl
     raw = data.get("slices")
     if raw is None:
         return data, []
-    if data.get("models"):
-        return data, [(("slices",), "set either models or slices, not both (slices list their sources)")]
     try:
         specs = [SliceSpec.model_validate(s) for s in raw]
     except Exception:  # noqa: BLE001 - pydantic reports the exact problem when the field is validated
@@ -183,7 +181,21 @@ def derive_models(data: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[tupl
                             "an input's weight, density and params must be the same in every slice",
                         )
                     )
+    if data.get("models") and not _same_models(data["models"], slots or []):
+        problems.append((("slices",), "set either models or slices, not both (slices list their sources)"))
     return {**data, "models": slots or []}, problems
+
+
+def _same_models(written: Any, derived: list[dict[str, Any]]) -> bool:
+    """A stored (dumped) sliced recipe carries its derived models: those are accepted, nothing else."""
+    from merge_ops.recipe import ModelEntry  # recipe imports this module
+
+    try:
+        return [ModelEntry.model_validate(m) for m in written] == [
+            ModelEntry.model_validate(m) for m in derived
+        ]
+    except Exception:  # noqa: BLE001 - malformed entries are not the derived ones
+        return False
 
 
 #: methods that merge without a base (the base need not be a source of each slice)

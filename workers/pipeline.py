@@ -221,27 +221,6 @@ def internal_error(exc: BaseException) -> dict[str, Any]:
     return {"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}
 
 
-def pin_sources(data: dict[str, Any], pinned: dict[str, str]) -> dict[str, Any]:
-    """Replace Hub sources by the commit-pinned URIs resolved at submission (so a retry reads the same bytes)."""
-    if not pinned:
-        return data
-
-    def pin(value: Any) -> Any:
-        return pinned.get(value, value) if isinstance(value, str) else value
-
-    out = dict(data)
-    for key in ("base", "source_base", "source_finetuned", "target_base"):
-        if key in out:
-            out[key] = pin(out[key])
-    if isinstance(out.get("models"), list):
-        out["models"] = [
-            {**m, "source": pin(m.get("source"))} if isinstance(m, dict) else pin(m) for m in out["models"]
-        ]
-    if isinstance(out.get("sources"), list):
-        out["sources"] = [pin(s) for s in out["sources"]]
-    return out
-
-
 def completed_output(output_dir: Path, recipe: Recipe) -> dict[str, Any] | None:
     """The report of a finished merge of this recipe already at ``output_dir``: an earlier attempt renamed its
     output into place and died before recording it. run_merge renames only complete folders, so it is whole."""
@@ -273,7 +252,7 @@ def run_job(
             # duplicate or redelivered message, cancelled while queued, or already finished: nothing to do
             log.info("job %s: not claimable, message dropped", job_id)
             return JobOutcome(job_id, "skipped")
-        data = pin_sources(json.loads(job.recipe_json), job.pinned_sources)
+        data = json.loads(job.recipe_json)  # Hub sources were pinned into it at submission
         kind, attempts = job.kind, job.attempts or 0
     ticker = JobTicker(job_id, worker=worker, settings=settings)
     ticker.start()

@@ -32,7 +32,7 @@ from app.services.errors import (
     JobNotFoundError,
 )
 from app.services.paths import confine_analysis_sources, confine_recipe_paths
-from merge_ops.recipe import HubSource, Recipe, load_recipe, parse_source
+from merge_ops.recipe import HubSource, Recipe, Source, load_recipe, parse_source
 
 #: Pins a Hub source to a commit (``merge_ops.hub.HubClient.resolve``); raises HubError subclasses.
 SourcePinner = Callable[[HubSource], HubSource]
@@ -49,23 +49,53 @@ def prepare_recipe(raw: dict[str, Any] | str, *, settings: Settings) -> Recipe:
     return confine_recipe_paths(load_recipe(raw), roots=settings.data_dirs)
 
 
-def recipe_sources(recipe: Recipe) -> list[Any]:
-    sources = [recipe.base, recipe.source_base, recipe.source_finetuned, recipe.target_base]
-    return [s for s in sources + [m.source for m in recipe.models] if s is not None]
+class _Pins:
+    """Pins each Hub repo@revision once per submission, remembering {as written: pinned} for the job row."""
+
+    def __init__(self, pinner: SourcePinner) -> None:
+        self._pinner = pinner
+        self.pinned: dict[str, HubSource] = {}
+
+    def __call__(self, source: Source) -> Source:
+        parsed = parse_source(source)
+        if not isinstance(parsed, HubSource):
+            return source
+        key = parsed.uri()
+        if key not in self.pinned:
+            self.pinned[key] = self._pinner(parsed)
+        pinned = self.pinned[key]
+        return pinned.uri() if isinstance(source, str) else pinned
+
+    def table(self) -> dict[str, str]:
+        return {written: pinned.uri() for written, pinned in self.pinned.items()}
 
 
-def pin_hub_sources(sources: Sequence[Any], pinner: SourcePinner | None) -> dict[str, str]:
-    """{submitted uri: pinned uri} for every Hub source, so a job reads the same commit on every attempt."""
+def pin_recipe(recipe: Recipe, pinner: SourcePinner | None) -> tuple[Recipe, dict[str, str]]:
+    """The recipe with every Hub source pinned to a commit, as it is stored (every attempt reads the same
+    bytes; the worker never looks pins up), and {as written: pinned} for the job's ``pinned_sources``."""
     if pinner is None:
-        return {}
-    pinned: dict[str, str] = {}
-    for source in sources:
-        if source is None:  # an analysis without a base
-            continue
-        parsed = parse_source(HubSource.model_validate(source) if isinstance(source, dict) else source)
-        if isinstance(parsed, HubSource) and parsed.uri() not in pinned:
-            pinned[parsed.uri()] = pinner(parsed).uri()
-    return pinned
+        return recipe, {}
+    pins = _Pins(pinner)
+    pinned = recipe.with_sources(lambda _loc, source: pins(source))
+    return pinned, pins.table()
+
+
+def pin_analysis(
+    analysis: dict[str, Any], pinner: SourcePinner | None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """An analysis request with its Hub sources pinned, as ``pin_recipe`` does for a recipe."""
+    if pinner is None:
+        return analysis, {}
+    pins = _Pins(pinner)
+
+    def pin(source: Any) -> Any:
+        if source is None:
+            return None
+        pinned = pins(HubSource.model_validate(source) if isinstance(source, dict) else source)
+        return pinned.model_dump(mode="json") if isinstance(pinned, HubSource) else pinned
+
+    out = {**analysis, "sources": [pin(s) for s in analysis["sources"]], "base": pin(analysis.get("base"))}
+    return out, pins.table()
 
 
 def _existing_for_key(session: Session, *, owner: ApiToken, key: str) -> Job | None:
@@ -163,7 +193,7 @@ def submit_merge(
 ) -> Submission:
     """Record and enqueue a merge of a recipe from ``prepare_recipe``. The same ``idempotency_key``, or the
     same recipe while an earlier job for it is queued or running, returns that job instead."""
-    pinned = pin_hub_sources(recipe_sources(recipe), pinner)
+    recipe, pinned = pin_recipe(recipe, pinner)
     payload = recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
     return _submit(
         session,
@@ -200,7 +230,7 @@ def submit_analysis(
     pinner: SourcePinner | None = None,
 ) -> Submission:
     """Record and enqueue an ``analyze`` job (the worker runs the engine's inspect; its report holds the stats)."""
-    pinned = pin_hub_sources([*analysis["sources"], analysis.get("base")], pinner) if pinner else {}
+    analysis, pinned = pin_analysis(analysis, pinner)
     digest = hashlib.sha256(json.dumps({"analyze": analysis}, sort_keys=True).encode()).hexdigest()
     return _submit(
         session,
@@ -228,7 +258,7 @@ def submit_batch(
     pinner: SourcePinner | None = None,
 ) -> tuple[Batch, list[Job]]:
     """One job per recipe (no de-duplication: a batch asks for each), committed together, then enqueued."""
-    pinned = [pin_hub_sources(recipe_sources(r), pinner) for r in recipes]
+    pinned_recipes = [pin_recipe(r, pinner) for r in recipes]
     batch = Batch(owner_token_id=owner.id, priority=priority)
     session.add(batch)
     session.flush()
@@ -243,7 +273,7 @@ def submit_batch(
             recipe_digest=r.digest(),
             pinned_sources_json=json.dumps(p) if p else None,
         )
-        for r, p in zip(recipes, pinned, strict=True)
+        for r, p in pinned_recipes
     ]
     session.add_all(jobs)
     session.commit()

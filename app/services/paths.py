@@ -20,9 +20,6 @@ from app.services.errors import PathNotAllowedError
 from merge_ops.confine import escaping_files
 from merge_ops.recipe import HubSource, Recipe
 
-#: Recipe fields that hold one source.
-_SOURCE_FIELDS = ("base", "source_base", "source_finetuned", "target_base")
-
 
 class _Refused(ValueError):
     pass
@@ -90,32 +87,36 @@ def _confine_files(real: Path, loc: list[str], roots: Sequence[Path], errors: li
 
 def confine_recipe_paths(recipe: Recipe, *, roots: Sequence[Path]) -> Recipe:
     """The recipe with every local path absolute and inside ``roots``; PathNotAllowedError lists each offender."""
-    data = recipe.model_dump(mode="json", by_alias=True)
     errors: list[dict[str, Any]] = []
-    for field in _SOURCE_FIELDS:
-        data[field] = _confine_source(data.get(field), [field], roots, errors)
-    for index, model in enumerate(data.get("models") or []):
-        model["source"] = _confine_source(model["source"], ["models", str(index), "source"], roots, errors)
-    output = data.get("output") or {}
-    if output.get("path"):
+    confined = recipe.with_sources(
+        lambda loc, source: _confine_source(source, [str(part) for part in loc], roots, errors)
+    )
+    output = confined.output
+    if output.path:
         try:
-            output["path"] = str(confine_path(output["path"], roots=roots, must_exist=False))
-            _refuse_file_ancestor(Path(output["path"]))
+            real_output = confine_path(output.path, roots=roots, must_exist=False)
+            _refuse_file_ancestor(real_output)
+            output = output.model_copy(update={"path": str(real_output)})
         except _Refused as exc:
             errors.append({"loc": ["output", "path"], "msg": str(exc)})
-    evaluator = data.get("evaluator") or {}
-    for field in ("data", "model"):
-        if evaluator.get(field):
+    evaluator = confined.evaluator
+    if evaluator is not None:
+        update: dict[str, str] = {}
+        for field in ("data", "model"):
+            value = getattr(evaluator, field, None)
+            if not value:
+                continue
             try:
-                real = confine_path(evaluator[field], roots=roots, must_exist=True)
+                real = confine_path(value, roots=roots, must_exist=True)
             except _Refused as exc:
                 errors.append({"loc": ["evaluator", field], "msg": str(exc)})
             else:
-                evaluator[field] = str(real)
+                update[field] = str(real)
                 _confine_files(real, ["evaluator", field], roots, errors)
+        evaluator = evaluator.model_copy(update=update)
     if errors:
         raise _not_allowed(errors)
-    return Recipe.model_validate(data)
+    return confined.model_copy(update={"output": output, "evaluator": evaluator})
 
 
 def confine_analysis_sources(

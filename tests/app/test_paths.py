@@ -76,3 +76,46 @@ def test_confine_path_tries_roots_in_order(tmp_path: Path) -> None:
         confine_path("missing", roots=[first, second], must_exist=True)
     with pytest.raises(ValueError):
         confine_path(str(tmp_path), roots=[first, second], must_exist=False)
+
+
+def test_slice_sources_are_confined_and_the_stored_recipe_still_validates(api: Api) -> None:
+    """A sliced recipe through the API: its slices' paths are confined, and the stored recipe (which carries the
+    models derived from the slices) validates again in the worker. Both used to fail: confining re-validated a
+    dump with models and slices, a 422 "set either models or slices" for every sliced recipe."""
+    from merge_ops.recipe import Recipe
+
+    sliced = recipe(
+        models=None,
+        slices=[{"sources": [{"source": "base", "layers": [0, 1]}, {"source": "ft1", "layers": [0, 1]}]}],
+    )
+    del sliced["models"]
+    response = api.post_recipe(sliced)
+    assert response.status_code == 202, response.text
+    stored = Recipe.model_validate(response.json()["recipe"])
+    assert stored.slices is not None
+    assert stored.slices[0].sources[1].source == str((api.data / "ft1").resolve())
+    assert [m.source for m in stored.models] == [str((api.data / "ft1").resolve())]
+    errors = _errors(
+        api.post_recipe(
+            {
+                **sliced,
+                "slices": [
+                    {"sources": [{"source": "base", "layers": [0, 1]}, {"source": "../x", "layers": [0, 1]}]}
+                ],
+            }
+        )
+    )
+    assert set(errors) == {("slices", "0", "sources", "1", "source")}
+
+
+def test_lora_and_tokenizer_sources_are_confined(api: Api) -> None:
+    errors = _errors(
+        api.post_recipe(
+            recipe(
+                base_lora="/etc",
+                models=[{"source": "ft1", "lora": "../adapter"}],
+                tokenizer={"source": "/etc/tok"},
+            )
+        )
+    )
+    assert set(errors) == {("base_lora",), ("models", "0", "lora"), ("tokenizer", "source")}

@@ -84,9 +84,46 @@ def test_hub_sources_are_pinned_at_submission(api: Api) -> None:
         response = api.post_recipe(recipe(models=[{"source": "hf://org/model@main"}, {"source": "ft1"}]))
         assert response.status_code == 202, response.text
         assert response.json()["pinned_sources"] == {"hf://org/model@main": f"hf://org/model@{'c' * 40}"}
-        assert response.json()["recipe"]["models"][0]["source"] == "hf://org/model@main"
+        # the stored recipe itself is pinned: the worker runs exactly what it reads from the row
+        assert response.json()["recipe"]["models"][0]["source"] == f"hf://org/model@{'c' * 40}"
         missing = api.post_recipe(recipe(models=[{"source": "hf://org/missing"}]))
         assert missing.status_code == 422 and missing.json()["code"] == "hub_not_found"
+    finally:
+        api.client.app.dependency_overrides.clear()
+
+
+def test_pins_reach_the_worker_however_the_source_is_written(api: Api) -> None:
+    """A source without a revision, or written as {repo, revision}, is pinned in the stored recipe (it used to
+    be recorded under its normalised URI and then looked up by the string the user wrote: it ran unpinned)."""
+    from app.api.deps import get_pinner
+    from merge_ops.recipe import HubSource, Recipe
+
+    def pin(source: HubSource) -> HubSource:
+        return source.model_copy(update={"revision": source.repo[-1] * 40})
+
+    api.client.app.dependency_overrides[get_pinner] = lambda: pin
+    try:
+        body = recipe(
+            models=[
+                {"source": "hf://org/model-a"},
+                {"source": {"repo": "org/model-b", "revision": "v1"}},
+                {"source": "ft1"},
+            ]
+        )
+        response = api.post_recipe(body)
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert job["pinned_sources"] == {
+            "hf://org/model-a@main": "hf://org/model-a@" + "a" * 40,
+            "hf://org/model-b@v1": "hf://org/model-b@" + "b" * 40,
+        }
+        from app.db import get_engine, session_scope
+        from app.models import Job
+
+        with session_scope(get_engine(api.settings.database_url)) as session:
+            stored = Recipe.model_validate_json(session.get(Job, job["id"]).recipe_json)
+        assert stored.models[0].source == "hf://org/model-a@" + "a" * 40
+        assert stored.models[1].source == HubSource(repo="org/model-b", revision="b" * 40)
     finally:
         api.client.app.dependency_overrides.clear()
 
