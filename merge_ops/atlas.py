@@ -29,6 +29,7 @@ from merge_ops.evaluators.base import Evaluator
 from merge_ops.params import CATALOG, AtlasParams
 from merge_ops.preflight import build_plan, check_compatible, open_sources
 from merge_ops.recipe import Recipe
+from merge_ops.report import Chosen, Progress
 
 
 def learn_coefficients(
@@ -113,22 +114,26 @@ def learn_coefficients(
     return {"coefficients": {n: [float(c) for c in learned[b]] for b, n in enumerate(merged)}, **record}
 
 
-def write_atlas(
-    recipe: Recipe, *, output_dir: Path | None, resolver: Any, device: str, data_root: Path | None, **run: Any
-) -> Any:
-    """``run_merge`` for ``atlas`` without fixed coefficients: learn Λ (the model in memory, see above), then
-    stream the merge with ``params.coefficients = Λ``; the report's ``atlas`` section carries Λ and the losses."""
+def learn_atlas(
+    recipe: Recipe,
+    *,
+    resolver: Any,
+    device: str,
+    data_root: Path | None,
+    progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> Chosen:
+    """``run_merge``'s first step for ``atlas`` without fixed coefficients: learn Λ (the model in memory, see
+    above); the pipeline then streams the merge with ``params.coefficients = Λ`` while the report, card and
+    digest stay the recipe's. The report's ``atlas`` section carries Λ and the losses."""
     from merge_ops.greedy_soup import recipe_evaluator
-    from merge_ops.pipeline import REPORT_NAME, Progress, run_merge, target_dir
 
-    target = target_dir(recipe, output_dir)
     params = AtlasParams.model_validate(recipe.params)
     evaluator = (
         recipe_evaluator(recipe, resolver=resolver, data_root=data_root, device=device)
         if params.steps > 0
         else None
     )
-    progress = run.get("progress")
 
     def trained(done: int, total: int) -> None:
         if progress is not None:
@@ -140,16 +145,9 @@ def write_atlas(
         resolver=resolver,
         device=device,
         progress=trained,
-        should_cancel=run.get("should_cancel"),
+        should_cancel=should_cancel,
     )
     data = recipe.model_dump(mode="json", by_alias=True)
     data["params"] = {**recipe.params, "coefficients": result["coefficients"]}
-    report = run_merge(
-        Recipe.model_validate(data), output_dir=target, resolver=resolver, device=device, **run
-    )
-    report.atlas = result
-    if "train_s" in result:
-        report.timings["train_s"] = result["train_s"]
-        report.timings["total_s"] = round(report.timings["total_s"] + result["train_s"], 4)
-    (target / REPORT_NAME).write_text(report.to_json())
-    return report
+    timings = {"train_s": result["train_s"]} if "train_s" in result else {}
+    return Chosen(streamed=Recipe.model_validate(data), sections={"atlas": result}, timings=timings)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -29,9 +29,7 @@ from merge_ops.errors import EvaluatorError, MergeCancelled
 from merge_ops.evaluators.base import Evaluator
 from merge_ops.preflight import local_path
 from merge_ops.recipe import Recipe, Source
-
-if TYPE_CHECKING:
-    from merge_ops.pipeline import MergeReport
+from merge_ops.report import Chosen, Progress
 
 StateDict = dict[str, torch.Tensor]
 
@@ -181,35 +179,29 @@ def soup_recipe(recipe: Recipe, result: GreedySoupResult) -> Recipe:
     return Recipe.model_validate(data)
 
 
-def write_greedy_soup(
-    recipe: Recipe, *, output_dir: Path | None, resolver: Any, device: str, data_root: Path | None, **run: Any
-) -> MergeReport:
-    """``run_merge`` for ``greedy_soup``: choose the ingredients with the evaluator (whole models in memory, see
-    above), then stream the chosen soup like any merge; the report carries every score. A relative
-    ``evaluator.data`` is read from ``data_root`` (the caller confines it)."""
-    from merge_ops.pipeline import REPORT_NAME, Progress, run_merge, target_dir
-
-    target = target_dir(recipe, output_dir)
+def choose_soup(
+    recipe: Recipe,
+    *,
+    resolver: Any,
+    device: str,
+    data_root: Path | None,
+    progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> Chosen:
+    """``run_merge``'s first step for ``greedy_soup``: choose the ingredients with the evaluator (whole models in
+    memory, see above); the pipeline then streams ``soup_recipe`` while the report, card and digest stay the
+    greedy soup's. A relative ``evaluator.data`` is read from ``data_root`` (the caller confines it)."""
     evaluator = recipe_evaluator(recipe, resolver=resolver, data_root=data_root, device=device)
-    progress = run.get("progress")
 
     def evaluated(done: int, total: int) -> None:
         if progress is not None:
             progress(Progress(done, total, 0, 0, None, phase="evaluate"))
 
     result = run_greedy_soup(
-        recipe,
-        evaluator=evaluator,
-        resolver=resolver,
-        progress=evaluated,
-        should_cancel=run.get("should_cancel"),
+        recipe, evaluator=evaluator, resolver=resolver, progress=evaluated, should_cancel=should_cancel
     )
-    report = run_merge(
-        soup_recipe(recipe, result), output_dir=target, resolver=resolver, device=device, **run
+    return Chosen(
+        streamed=soup_recipe(recipe, result),
+        sections={"greedy_soup": result.model_dump(mode="json")},
+        timings={"select_s": result.seconds},
     )
-    report.method = "greedy_soup"
-    report.greedy_soup = result.model_dump(mode="json")
-    report.timings["select_s"] = result.seconds
-    report.timings["total_s"] = round(report.timings["total_s"] + result.seconds, 4)
-    (target / REPORT_NAME).write_text(report.to_json())
-    return report

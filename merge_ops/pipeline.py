@@ -38,7 +38,7 @@ from merge_ops.preflight import (
     plan_merge,
 )
 from merge_ops.recipe import Recipe
-from merge_ops.report import REPORT_NAME, MergeReport, Progress, merge_totals, peak_rss_bytes
+from merge_ops.report import REPORT_NAME, Chosen, MergeReport, Progress, merge_totals, peak_rss_bytes
 
 if TYPE_CHECKING:
     from merge_ops.tensor_merge import TensorMerger
@@ -63,32 +63,29 @@ def run_merge(
     Raises typed ``MergeError``s; on any failure (or ``should_cancel()`` turning true between tensors) the scratch
     folder is removed and nothing is left at ``output_dir``.
     """
-    whole_model = _whole_model_writer(recipe)
-    if whole_model is not None:
-        return whole_model(  # type: ignore[no-any-return]
-            recipe,
-            output_dir=output_dir,
-            resolver=resolver,
-            device=device,
-            progress=progress,
-            should_cancel=should_cancel,
-            scratch_root=scratch_root,
-            data_root=data_root,
-        )
     started = time.perf_counter()
     target = target_dir(recipe, output_dir)
-    info = CATALOG[recipe.method]
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OutputError("--device cuda was asked for but no CUDA device is available")
-    sources = open_sources(recipe, info, resolver)
+    chosen = _choose_first(
+        recipe,
+        resolver=resolver,
+        device=device,
+        data_root=data_root,
+        progress=progress,
+        should_cancel=should_cancel,
+    )
+    streamed: Recipe = chosen.streamed
+    info = CATALOG[streamed.method]
+    sources = open_sources(streamed, info, resolver)
     scratch = (scratch_root or target.parent) / f".{target.name}.alloy-tmp-{uuid.uuid4().hex[:12]}"
     try:
-        check_compatible(recipe, sources)
-        plan = build_plan(recipe, info, sources)
-        preflight_s = time.perf_counter() - started
+        check_compatible(streamed, sources)
+        plan = build_plan(streamed, info, sources)
+        preflight_s = time.perf_counter() - started - sum(chosen.timings.values())
         scratch.mkdir(parents=True)
-        report = _merge_into(recipe, info, sources, plan, dev, scratch, progress, should_cancel)
+        report = _merge_into(recipe, chosen, info, sources, plan, dev, scratch, progress, should_cancel)
         report.timings["preflight_s"] = round(preflight_s, 4)
         report.timings["total_s"] = round(time.perf_counter() - started, 4)
         report.output_path = str(target.resolve())
@@ -106,18 +103,19 @@ def run_merge(
         sources.close()
 
 
-def _whole_model_writer(recipe: Recipe) -> Callable[..., Any] | None:
-    """The run of a method that must hold whole models before it streams (greedy soup's evaluator, aTLAS'
-    training); None for the streaming methods."""
+def _choose_first(recipe: Recipe, **run: Any) -> Chosen:
+    """A method that must hold whole models decides what to stream before the merge starts (greedy soup's
+    ingredients, aTLAS' coefficients), so the card, digest and report are the recipe's before the rename. The
+    streaming methods stream the recipe itself."""
     if recipe.method == "greedy_soup":
-        from merge_ops.greedy_soup import write_greedy_soup
+        from merge_ops.greedy_soup import choose_soup
 
-        return write_greedy_soup
+        return choose_soup(recipe, **run)
     if recipe.method == "atlas" and recipe.params.get("coefficients") is None:
-        from merge_ops.atlas import write_atlas
+        from merge_ops.atlas import learn_atlas
 
-        return write_atlas
-    return None
+        return learn_atlas(recipe, **run)
+    return Chosen(streamed=recipe, sections={}, timings={})
 
 
 def target_dir(recipe: Recipe, output_dir: Path | None) -> Path:
@@ -130,6 +128,7 @@ def target_dir(recipe: Recipe, output_dir: Path | None) -> Path:
 
 def _merge_into(
     recipe: Recipe,
+    chosen: Chosen,
     info: MethodInfo,
     sources: Sources,
     plan: MergePlan,
@@ -141,10 +140,10 @@ def _merge_into(
     from merge_ops.first_passes import run_first_passes
     from merge_ops.tensor_merge import TensorMerger
 
-    merger = TensorMerger(recipe, sources, plan, dev)
+    merger = TensorMerger(chosen.streamed, sources, plan, dev)
     passes = run_first_passes(merger)
     rows, files, timings = _merge_tensors(
-        merger, passes.scales, passes.global_stats, scratch, progress, should_cancel
+        recipe, merger, passes.scales, passes.global_stats, scratch, progress, should_cancel
     )
     report = MergeReport(
         method=recipe.method,
@@ -153,17 +152,19 @@ def _merge_into(
         output_path=None,
         tensors=rows,
         totals={},
-        timings={**passes.timings, **timings},
+        timings={**chosen.timings, **passes.timings, **timings},
         peak_rss_bytes=0,
         copied_non_float=[r["name"] for r in rows if r.get("reason") == "not a floating tensor"],
         lines=passes.lines_info,
         warnings=[w.model_dump() for w in recipe.warnings],
+        **chosen.sections,
     )
     _finish_report(report, recipe, info, sources, plan, files, scratch, dev)
     return report
 
 
 def _merge_tensors(
+    recipe: Recipe,
     merger: TensorMerger,
     scales: dict[str, float],
     global_stats: Any,
@@ -171,11 +172,12 @@ def _merge_tensors(
     progress: Callable[[Progress], None] | None,
     should_cancel: Callable[[], bool] | None,
 ) -> tuple[list[dict[str, Any]], list[Path], dict[str, float]]:
-    """The main pass: every tensor of the plan merged (or copied) and written in plan order."""
+    """The main pass: every tensor of the plan merged (or copied) and written in plan order; the shards'
+    metadata name ``recipe`` (the recipe asked for, not the one streamed for it)."""
     from merge_ops.tensor_merge import prefetched
     from merge_ops.writer import ShardedWriter
 
-    recipe, plan, k = merger.recipe, merger.plan, merger.k
+    plan, k = merger.plan, merger.k
     metadata = {
         "format": "pt",
         "alloy_version": __version__,

@@ -27,6 +27,16 @@ class Progress:
     phase: str = "merge"
 
 
+@dataclass(frozen=True)
+class Chosen:
+    """What a whole-model method decided before the streaming merge: the recipe to stream (greedy soup: a linear
+    merge of the chosen ingredients; aTLAS: the learned coefficients), and the report fields that record it."""
+
+    streamed: Any  # Recipe (this module stays free of the recipe import cycle)
+    sections: dict[str, Any]
+    timings: dict[str, float]
+
+
 class MergeReport(BaseModel):
     alloy_version: str = __version__
     method: str

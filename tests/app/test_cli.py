@@ -150,6 +150,17 @@ def test_greedy_soup_end_to_end(tmp_path: Path) -> None:
     merged, chosen = load_all(tmp_path / "soup"), load_all(good)
     for name, tensor in chosen.items():
         assert torch.equal(merged[name], tensor), name
+    # written once, as a greedy soup (it used to be a nested linear merge: card "Linear", a digest no retry
+    # recognised, so a worker retry after a crash failed with output_error)
+    from merge_ops.params import CATALOG
+    from merge_ops.recipe import load_recipe
+    from workers.pipeline import completed_output
+
+    asked = load_recipe(recipe)
+    assert report["recipe_digest"] == asked.digest()
+    card = (tmp_path / "soup" / "README.md").read_text()
+    assert CATALOG["greedy_soup"].pretty_name in card and CATALOG["linear"].pretty_name not in card
+    assert completed_output(tmp_path / "soup", asked) == report
 
 
 def test_merge_prints_mergekit_warnings(models: dict[str, Path], tmp_path: Path) -> None:
