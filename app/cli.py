@@ -45,15 +45,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     with _ProgressBar(enabled=sys.stderr.isatty() and not args.quiet) as progress:
         report = run_merge(recipe, output_dir=out, resolver=resolver, device=args.device, progress=progress)
-    if recipe.output.hub is not None and resolver is None:
-        resolver = _hub_client(True)
     if recipe.output.hub is not None:
-        result = resolver.publish(
-            Path(report.output_path or ""),
-            recipe.output.hub,
-            base_model=recipe.hub_lineage() or None,
-            method=recipe.method,
-        )
+        from merge_ops.hub import publish_merge
+
+        result = publish_merge(resolver or _hub_client(True), Path(report.output_path or ""), recipe)
         print(f"pushed to {result.url} at {result.commit_sha}")
     totals = report.totals
     print(

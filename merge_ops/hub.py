@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-import yaml
 from huggingface_hub import CommitOperationAdd, HfApi, constants, hf_hub_download
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -53,7 +52,8 @@ from merge_ops.errors import (
     SourceNotFoundError,
     UnsafeCheckpointError,
 )
-from merge_ops.recipe import HubOutput, HubSource
+from merge_ops.modelcard import front_matter, with_front_matter
+from merge_ops.recipe import HubOutput, HubSource, Recipe
 
 try:  # huggingface_hub >= 2 talks through httpx2; older releases through httpx
     import httpx2 as _httpx
@@ -86,7 +86,6 @@ SIDE_FILE_PATTERNS = (
     "sentencepiece.bpe.model",
     "*.jinja",  # chat_template.jinja: the template chat_template: auto picks
 )
-MODEL_CARD_TAGS = ("merge", "alloy")
 TASK_VECTOR_TAGS = ("alloy", "task-vector", "compeft")
 
 
@@ -217,11 +216,11 @@ class HubClient:
         files = check_publishable(folder)
         if license is None and base_model:
             license = self._license_of(base_model[0])
-        metadata = model_card_metadata(
+        metadata = front_matter(
             base_model=base_model or [], method=method, license=license, extra_tags=extra_tags
         )
         existing = (folder / "README.md").read_text() if (folder / "README.md").is_file() else None
-        card = render_model_card(metadata, existing=existing, body=card_body)
+        card = with_front_matter(metadata, existing=existing, body=card_body)
         files = [f for f in files if f != "README.md"]
         message = target.commit_message or f"Alloy merge{f' ({method})' if method else ''}"
         repo = target.repo
@@ -404,6 +403,14 @@ class HubClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+def publish_merge(client: HubClient, folder: Path, recipe: Recipe) -> PublishResult:
+    """The one publish of a finished merge, for the CLI and the worker alike: to ``recipe.output.hub``, with the
+    recipe's Hub lineage (base first) on the card and its method in the tags and the commit message."""
+    if recipe.output.hub is None:
+        raise ValueError("publish_merge needs a recipe with output.hub")
+    return client.publish(folder, recipe.output.hub, base_model=recipe.hub_lineage(), method=recipe.method)
+
+
 def map_hub_error(exc: BaseException, *, what: str, **context: Any) -> HubError | None:
     """The Alloy error for a huggingface_hub / network error (looking through wrapped causes), or None."""
     seen: set[int] = set()
@@ -543,57 +550,6 @@ def check_publishable(folder: Path) -> list[str]:
                 missing=missing,
             )
     return files
-
-
-# -- model card ------------------------------------------------------------------------------------------------
-def model_card_metadata(
-    *,
-    base_model: list[str],
-    method: str | None = None,
-    license: str | None = None,
-    library_name: str = "transformers",
-    extra_tags: Iterable[str] = (),
-) -> dict[str, Any]:
-    """YAML front matter the Hub understands: base_model list (with relation ``merge`` when several),
-    tags [merge, alloy, <method>], library_name, and license when known."""
-    tags = list(dict.fromkeys([*MODEL_CARD_TAGS, *([method] if method else []), *extra_tags]))
-    metadata: dict[str, Any] = {}
-    if base_model:
-        metadata["base_model"] = list(dict.fromkeys(base_model))
-        if len(metadata["base_model"]) > 1:
-            metadata["base_model_relation"] = "merge"
-    metadata["library_name"] = library_name
-    metadata["tags"] = tags
-    if license:
-        metadata["license"] = license
-    return metadata
-
-
-_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n?", flags=re.DOTALL)
-
-
-def render_model_card(
-    metadata: dict[str, Any], *, existing: str | None = None, body: str | None = None
-) -> str:
-    """A README.md: ``metadata`` merged into an existing card's front matter (its keys win; tags are united),
-    followed by ``body``, the existing body, or a one-line default."""
-    front: dict[str, Any] = {}
-    old_body = ""
-    if existing:
-        match = _FRONT_MATTER.match(existing)
-        if match:
-            loaded = yaml.safe_load(match[1]) or {}
-            front = loaded if isinstance(loaded, dict) else {}
-            old_body = existing[match.end() :]
-        else:
-            old_body = existing
-    merged = {**metadata, **front}
-    if "tags" in front or "tags" in metadata:
-        theirs = front.get("tags") or []
-        theirs = [theirs] if isinstance(theirs, str) else list(theirs)
-        merged["tags"] = list(dict.fromkeys([*metadata.get("tags", []), *theirs]))
-    text = body if body is not None else (old_body.strip() or "This model was merged with Alloy.")
-    return f"---\n{yaml.safe_dump(merged, sort_keys=False, allow_unicode=True)}---\n\n{text.strip()}\n"
 
 
 def _complete(snapshot: Path, manifest: Path) -> bool:

@@ -443,14 +443,19 @@ class Recipe(_Model):
     def with_sources(self, replace: Callable[[Loc, Source], Source]) -> Recipe:
         """The recipe with each of ``sources()`` replaced by ``replace(loc, source)`` (confined paths, pinned
         Hub revisions), validated again. A sliced recipe's ``models`` are derived again from its slices."""
-        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return Recipe.model_validate(self.dump_with_sources(replace))
+
+    def dump_with_sources(self, replace: Callable[[Loc, Source], Source], **dump: Any) -> dict[str, Any]:
+        """``model_dump(mode="json")`` with each source replaced, not validated (a card's labels need not be
+        distinct). A sliced recipe's derived ``models`` are left out: its slices say it."""
+        data = self.model_dump(mode="json", by_alias=True, **({"exclude_none": True} | dump))
         if self.slices is not None:
             data.pop("models", None)
         for loc, source in self.sources():
             new = replace(loc, source)
             if new is not source:
                 _set_at(data, loc, new.model_dump(mode="json") if isinstance(new, HubSource) else new)
-        return Recipe.model_validate(data)
+        return data
 
     def hub_lineage(self) -> list[str]:
         """Hub repo ids of the recipe's models, base first: the model card's ``base_model``."""

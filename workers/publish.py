@@ -15,7 +15,7 @@ from typing import Any
 from app import crud
 from app.core.config import Settings, get_settings
 from merge_ops.errors import MergeError
-from merge_ops.recipe import Recipe, parse_source
+from merge_ops.recipe import Recipe
 from workers.pipeline import JobOutcome, JobTicker, RetryLater, _finish, _resolver, _session, retry_countdown
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,9 @@ def publish_job(
         client = _resolver(hf_token, settings)
         if client is None:
             raise MergeError("Hub publishing is not available: merge_ops.hub is missing")
-        base = recipe.base or recipe.target_base
-        base_model = None
-        if base is not None and not isinstance(parse_source(base), Path):
-            base_model = [parse_source(base).repo]  # type: ignore[union-attr]
-        result = client.publish(Path(output_path), hub_target, base_model=base_model)
+        from merge_ops.hub import publish_merge
+
+        result = publish_merge(client, Path(output_path), recipe)
     except MergeError as exc:
         ticker.flush()
         if exc.transient and attempt + 1 < settings.max_attempts:

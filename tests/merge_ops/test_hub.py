@@ -27,7 +27,8 @@ from merge_ops.errors import (
     SourceNotFoundError,
     UnsafeCheckpointError,
 )
-from merge_ops.hub import HubClient, model_card_metadata, render_model_card, select_files
+from merge_ops.hub import HubClient, select_files
+from merge_ops.modelcard import front_matter, with_front_matter
 from merge_ops.recipe import HubOutput, HubSource, parse_source
 from tests.utils.factories import make_checkpoint
 from tests.utils.hub_server import READ_TOKEN, WRITE_TOKEN, HubServer
@@ -487,14 +488,14 @@ def test_select_files() -> None:
 
 
 def test_model_card_metadata_and_render() -> None:
-    meta = model_card_metadata(base_model=["org/base"], method="task_arithmetic", license="llama3")
+    meta = front_matter(base_model=["org/base"], method="task_arithmetic", license="llama3")
     assert meta == {
         "base_model": ["org/base"],
         "library_name": "transformers",
         "tags": ["merge", "alloy", "task_arithmetic"],
         "license": "llama3",
     }
-    card = render_model_card(meta, body="# Body")
+    card = with_front_matter(meta, body="# Body")
     assert card.startswith("---\n") and card.endswith("# Body\n")
     assert yaml.safe_load(card.split("---")[1]) == meta
 
@@ -508,5 +509,5 @@ def test_cache_dir_and_endpoint_come_from_the_environment(monkeypatch, tmp_path)
 
 
 def test_existing_card_with_a_single_string_tag() -> None:
-    card = render_model_card({"tags": ["merge", "alloy"]}, existing="---\ntags: mine\n---\nbody\n")
+    card = with_front_matter({"tags": ["merge", "alloy"]}, existing="---\ntags: mine\n---\nbody\n")
     assert yaml.safe_load(card.split("---")[1])["tags"] == ["merge", "alloy", "mine"]

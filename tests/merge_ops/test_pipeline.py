@@ -86,6 +86,8 @@ def test_output_layout_card_report_and_provenance(models: dict[str, Path], tmp_p
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "tags:" in card and "- ties" in card and "method: ties" in card
+    # the card names local sources by folder, never by the server's absolute paths (it may be pushed)
+    assert str(tmp_path) not in card and f"- {models['a'].name} (weight 1.0)" in card
     data = json.loads((out / "alloy-report.json").read_text())
     assert data["method"] == "ties" and data["totals"]["merged"] == report.totals["merged"] > 0
     assert 0 < data["totals"]["kept_density"] <= 0.2 + 1e-6
