@@ -28,7 +28,7 @@ _CHUNK = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Fixed-signature ops (interfaces.md)
+# Fixed-signature ops (the dispatcher's contract, kernels/dispatch.py)
 # --------------------------------------------------------------------------------------------------------------
 def fused_task_arithmetic(
     base: Tensor,
@@ -129,7 +129,7 @@ def dare_keep_mask(
     name: str,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Counter-based Bernoulli(density) keep mask of ``shape`` (interfaces.md): element i (flat) is kept iff
+    """Counter-based Bernoulli(density) keep mask of ``shape`` (docs/spec.md, DARE: seeded by job seed, source and tensor): element i (flat) is kept iff
     ``(h_i >> 8) < floor(density·2^24)`` with ``h_i = mix32(mix32((i & 0xFFFFFFFF) ^ key) ^ (i >> 32))``.
 
     Exact and identical on every device; density 1 keeps everything; no RNG state is touched.

@@ -43,6 +43,7 @@ from merge_ops.checkpoint import DTYPES, Checkpoint, TensorInfo, dtype_code
 from merge_ops.errors import (
     CorruptCheckpointError,
     IncompatibleModelsError,
+    InvalidArgumentError,
     NonFiniteTensorError,
     OutputError,
     maps_kernel_errors,
@@ -231,12 +232,12 @@ def compress_task_vector(
     from merge_ops.sources import open_source
 
     if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density}")
+        raise InvalidArgumentError(f"density must be in (0, 1], got {density}", argument="density")
     if not alpha > 0:
-        raise ValueError(f"alpha must be positive, got {alpha}")
+        raise InvalidArgumentError(f"alpha must be positive, got {alpha}", argument="alpha")
     scope = str(getattr(scope, "value", scope))
     if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        raise InvalidArgumentError(f"scope must be one of {SCOPES}, got {scope!r}", argument="scope")
     owned = isinstance(source, str | Path)  # a source we open is a source we close
     src = open_source(Path(source), allow_pickle=allow_pickle) if isinstance(source, str | Path) else source
     base_ckpt = Checkpoint.open(base, allow_pickle=allow_pickle) if base is not None else None

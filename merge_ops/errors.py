@@ -139,3 +139,29 @@ class HubConflictError(HubError):
 
 class EvaluatorError(MergeError, ValueError):
     code = "evaluator_error"
+
+
+class InvalidArgumentError(MergeError, ValueError):
+    """An out-of-range argument of an engine call made outside a recipe (the CLI's task-vector tools)."""
+
+    code = "invalid_argument"
+
+
+class InternalError(MergeError):
+    """A bug or an unexpected exception: named (its type and message) on the failed job, never retried."""
+
+    code = "internal_error"
+
+    @classmethod
+    def wrapping(cls, exc: BaseException) -> InternalError:
+        return cls(f"{type(exc).__name__}: {exc}")
+
+
+class TimeLimitExceededError(MergeError):
+    code = "time_limit_exceeded"
+
+
+class WorkerLostError(MergeError):
+    """The worker running a job died ``attempts`` times without finishing it; the reaper gives up."""
+
+    code = "worker_lost"

@@ -427,17 +427,17 @@ class Recipe(_Model):
         else:
             for i, spec in enumerate(self.slices):
                 for j, src in enumerate(spec.sources):
-                    loc = ("slices", i, "sources", j)
-                    found += [((*loc, "source"), src.source), ((*loc, "lora"), src.lora)]
+                    at: Loc = ("slices", i, "sources", j)
+                    found += [((*at, "source"), src.source), ((*at, "lora"), src.lora)]
         if self.tokenizer is not None:
             if self.tokenizer.source not in ("base", "union"):
                 found.append((("tokenizer", "source"), self.tokenizer.source))
             for token, entry in self.tokenizer.tokens.items():
-                loc = ("tokenizer", "tokens", token, "source")
+                where: Loc = ("tokenizer", "tokens", token, "source")
                 if isinstance(entry.source, ModelToken):
-                    found.append(((*loc, "model"), entry.source.model))
+                    found.append(((*where, "model"), entry.source.model))
                 elif not isinstance(entry.source, ZeroToken):
-                    found.append((loc, entry.source))
+                    found.append((where, entry.source))
         return [(loc, _as_source(value)) for loc, value in found if value is not None]
 
     def with_sources(self, replace: Callable[[Loc, Source], Source]) -> Recipe:

@@ -18,11 +18,10 @@ from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from app.core.config import Settings, get_settings
+from app.core.queue import IO_QUEUE, MERGE_QUEUE, PUBLISH_JOB_TASK, RUN_JOB_TASK
 
 log = logging.getLogger(__name__)
 
-MERGE_QUEUE = "merge"
-IO_QUEUE = "io"
 QUEUES = (MERGE_QUEUE, IO_QUEUE)
 
 
@@ -44,7 +43,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         "task_default_queue": MERGE_QUEUE,
-        "task_routes": {"alloy.run_job": {"queue": MERGE_QUEUE}, "alloy.publish_job": {"queue": IO_QUEUE}},
+        "task_routes": {RUN_JOB_TASK: {"queue": MERGE_QUEUE}, PUBLISH_JOB_TASK: {"queue": IO_QUEUE}},
         # at-least-once: ack after the task body, requeue when the pool process dies under it
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

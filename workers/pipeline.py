@@ -1,12 +1,12 @@
-"""``run_job``: one job, start to end, as a plain function (the Celery task only calls it).
+"""``run_job``: one merge or analysis job, start to end, as a plain function (the Celery task only calls it).
 
-The job row is the source of truth; the message carries only the id (and a Hub token, which never touches the
-database). Order of events::
+Order of events (the row's writes are ``workers.job_row``'s)::
 
     claim (queued -> running, conditional: a redelivered or duplicate message exits here)
-    -> run_merge in this thread; a ticker thread owns every DB write meanwhile: progress at most every
-       progress_interval_s, a heartbeat every heartbeat_interval_s, and it reads cancel_requested
-    -> finish: succeeded | cancelled | failed (typed error code + detail) | back to queued (transient error)
+    -> run_merge in this thread; the job row's ticker thread owns every DB write meanwhile: progress at most
+       every progress_interval_s, a heartbeat every heartbeat_interval_s, and it reads cancel_requested
+    -> settle: succeeded | cancelled | failed (typed error code + detail) | back to queued (transient error)
+    -> with output.hub: handed to the io queue (``workers.publish``), which finishes the row
 
 The merged folder is built in a job-scoped scratch folder next to the output and renamed into place by
 run_merge; that scratch folder is wiped before each attempt and after it, so a killed attempt leaves nothing
@@ -19,51 +19,28 @@ import contextlib
 import json
 import logging
 import os
-import random
 import shutil
-import socket
-import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.orm import Session
-
-from app import crud
 from app.core.config import Settings, get_settings
-from app.db import get_engine, session_scope
 from merge_ops.confine import check_files, check_recipe_files
-from merge_ops.errors import MergeCancelled, MergeError, OutputError
+from merge_ops.errors import OutputError
 from merge_ops.recipe import Recipe
+from workers.job_row import (
+    JobOutcome,
+    JobTicker,
+    claim,
+    finish,
+    hub_client_for,
+    settle,
+    worker_identity,
+)
 
 log = logging.getLogger(__name__)
 
 SCRATCH_DIRNAME = ".alloy-scratch"
-
-
-class RetryLater(Exception):
-    """A transient error: the row is back in ``queued``; the task re-sends itself after ``countdown`` seconds."""
-
-    def __init__(self, error: dict[str, Any], *, countdown: float) -> None:
-        super().__init__(error.get("detail", "transient error"))
-        self.error = error
-        self.countdown = countdown
-
-
-@dataclass(frozen=True)
-class JobOutcome:
-    job_id: str
-    status: str  # succeeded | failed | cancelled | skipped | abandoned
-    error_code: str | None = None
-
-
-def worker_identity() -> str:
-    """Unique per attempt: host, pid and a nonce (a pid can be reused after a kill)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def default_output_dir(settings: Settings, job_id: str) -> Path:
@@ -76,125 +53,19 @@ def scratch_root_for(output_dir: Path, job_id: str) -> Path:
     return output_dir.parent / SCRATCH_DIRNAME / job_id
 
 
+def job_scratch(settings: Settings, job_id: str, recipe_json: str) -> Path | None:
+    """The scratch folder of a merge job's attempts (None for a row whose recipe is not a merge recipe)."""
+    try:
+        output = (json.loads(recipe_json).get("output") or {}).get("path")
+    except (ValueError, AttributeError):
+        return None
+    return scratch_root_for(Path(output) if output else default_output_dir(settings, job_id), job_id)
+
+
 def remove_scratch(scratch: Path) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
     with contextlib.suppress(OSError):
         scratch.parent.rmdir()  # only when no other job is using it
-
-
-def retry_countdown(attempts: int, *, base_s: float = 2.0, cap_s: float = 300.0) -> float:
-    """Exponential backoff with full jitter (AWS style), so retried jobs don't hit a recovering service at once."""
-    return random.uniform(0.5, 1.0) * min(cap_s, base_s * 2 ** max(0, attempts))
-
-
-def progress_interval(settings: Settings) -> float:
-    return min(settings.progress_interval_s, settings.heartbeat_interval_s)
-
-
-@contextmanager
-def _session(settings: Settings) -> Iterator[Session]:
-    # crud functions commit their own writes; the scope rolls back and closes
-    with session_scope(get_engine(settings.database_url)) as session:
-        yield session
-
-
-class JobTicker(threading.Thread):
-    """The only writer of the row while the merge runs: progress (rate-limited), heartbeat, cancel flag.
-
-    The merge thread never waits on the database; it hands the latest progress over and reads two events.
-    ``lost`` is set when the row is no longer ours (the reaper requeued it, or another attempt claimed it), so
-    this attempt stops without touching the row again.
-    """
-
-    def __init__(self, job_id: str, *, worker: str, settings: Settings) -> None:
-        super().__init__(name=f"alloy-ticker-{job_id[:8]}", daemon=True)
-        self.job_id = job_id
-        self.worker = worker
-        self.settings = settings
-        self.cancel = threading.Event()
-        self.lost = threading.Event()
-        self._stop_event = threading.Event()
-        self._lock = threading.Lock()
-        self._pending: Any = None
-        self._interval = progress_interval(settings)
-
-    def report(self, progress: Any) -> None:
-        with self._lock:
-            self._pending = progress
-
-    def should_stop(self) -> bool:
-        return self.cancel.is_set() or self.lost.is_set()
-
-    def run(self) -> None:
-        last_beat = time.monotonic()
-        while not self._stop_event.wait(self._interval):
-            try:
-                last_beat = self._tick(last_beat)
-            except Exception:  # a DB hiccup must not kill the merge; the next tick retries
-                log.warning("job %s: progress/heartbeat write failed", self.job_id, exc_info=True)
-
-    def _tick(self, last_beat: float) -> float:
-        with self._lock:
-            progress, self._pending = self._pending, None
-        now = time.monotonic()
-        with _session(self.settings) as session:
-            if not _still_ours(session, self.job_id, self.worker):
-                self.lost.set()
-                return now
-            if progress is not None:
-                write_progress(session, self.job_id, progress)
-                last_beat = now
-            elif now - last_beat >= self.settings.heartbeat_interval_s:
-                crud.heartbeat(session, job_id=self.job_id)
-                last_beat = now
-            if crud.is_cancel_requested(session, job_id=self.job_id):
-                self.cancel.set()
-        return last_beat
-
-    def flush(self) -> None:
-        """Stop ticking and write the last progress (so a finished job shows done == total)."""
-        self._stop_event.set()
-        self.join(timeout=30)
-        with self._lock:
-            progress, self._pending = self._pending, None
-        if progress is not None and not self.lost.is_set():
-            with _session(self.settings) as session:
-                write_progress(session, self.job_id, progress)
-
-
-def write_progress(session: Session, job_id: str, progress: Any) -> None:
-    crud.record_progress(
-        session,
-        job_id=job_id,
-        done=progress.tensors_done,
-        total=progress.tensors_total,
-        bytes_done=progress.bytes_done,
-        bytes_total=progress.bytes_total,
-        eta_s=progress.eta_s,
-    )
-
-
-def _still_ours(session: Session, job_id: str, worker: str) -> bool:
-    job = crud.get_job(session, job_id=job_id)
-    if job is None or job.status != "running":
-        return False
-    owner = getattr(job, "worker", None)
-    return owner is None or owner == worker
-
-
-def _finish(settings: Settings, job_id: str, *, status: str, **fields: Any) -> None:
-    with _session(settings) as session:
-        crud.finish_job(session, job_id=job_id, status=status, **fields)
-
-
-def _resolver(hf_token: str | None, settings: Settings) -> Any:
-    """A Hub client for ``hf://`` sources (the request's token, else the server's), or None without merge_ops.hub."""
-    try:
-        from merge_ops.hub import HubClient
-    except ImportError:
-        return None
-    token = hf_token or (settings.hf_token.get_secret_value() if settings.hf_token else None)
-    return HubClient(token=token, cache_dir=settings.hf_cache)
 
 
 def pick_device() -> str:
@@ -215,10 +86,6 @@ def pick_device() -> str:
     except ImportError:
         index = 0
     return f"cuda:{index % torch.cuda.device_count()}"
-
-
-def internal_error(exc: BaseException) -> dict[str, Any]:
-    return {"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}
 
 
 def completed_output(output_dir: Path, recipe: Recipe) -> dict[str, Any] | None:
@@ -246,71 +113,23 @@ def run_job(
     """
     settings = settings or get_settings()
     worker = worker_identity()
-    with _session(settings) as session:
-        job = crud.claim_job(session, job_id=job_id, worker=worker)
-        if job is None:
-            # duplicate or redelivered message, cancelled while queued, or already finished: nothing to do
-            log.info("job %s: not claimable, message dropped", job_id)
-            return JobOutcome(job_id, "skipped")
-        data = json.loads(job.recipe_json)  # Hub sources were pinned into it at submission
-        kind, attempts = job.kind, job.attempts or 0
+    job = claim(settings, job_id, worker=worker)
+    if job is None:
+        log.info("job %s: not claimable, message dropped", job_id)
+        return JobOutcome(job_id, "skipped")
+    data = json.loads(job.recipe_json)  # Hub sources were pinned into it at submission
+    kind, attempts = job.kind, job.attempts or 0
     ticker = JobTicker(job_id, worker=worker, settings=settings)
     ticker.start()
-    try:
+
+    def body() -> JobOutcome:
         if kind == "analyze":
             return _run_analysis(job_id, data, hf_token=hf_token, settings=settings, ticker=ticker)
         return _run_merge_job(
             job_id, data, hf_token=hf_token, settings=settings, ticker=ticker, merge=merge, attempts=attempts
         )
-    except MergeCancelled as exc:
-        ticker.flush()
-        if ticker.lost.is_set():
-            log.warning("job %s: row taken over by another attempt; this one stops", job_id)
-            return JobOutcome(job_id, "abandoned")
-        _finish(settings, job_id, status="cancelled", error=exc.to_dict())
-        return JobOutcome(job_id, "cancelled", exc.code)
-    except MergeError as exc:
-        ticker.flush()
-        if ticker.lost.is_set():
-            return JobOutcome(job_id, "abandoned")
-        if exc.transient and attempts + 1 < settings.max_attempts:
-            with _session(settings) as session:
-                requeued = crud.requeue_job(session, job_id=job_id)
-            if requeued:
-                log.info("job %s: transient %s, retrying", job_id, exc.code)
-                raise RetryLater(exc.to_dict(), countdown=retry_countdown(attempts)) from exc
-        _finish(settings, job_id, status="failed", error=exc.to_dict())
-        return JobOutcome(job_id, "failed", exc.code)
-    except Exception as exc:
-        # SoftTimeLimitExceeded, bugs, MemoryError: permanent, with the exception named on the row
-        ticker.flush()
-        if ticker.lost.is_set():
-            return JobOutcome(job_id, "abandoned")
-        error = _unexpected_error(exc, settings)
-        _finish(settings, job_id, status="failed", error=error)
-        return JobOutcome(job_id, "failed", error["code"])
-    except BaseException:
-        # the process is being shut down (SystemExit, KeyboardInterrupt): not the job's fault, so it goes back
-        # to the queue (attempts += 1); the redelivered message or the reaper's re-send runs it again
-        ticker.flush()
-        if not ticker.lost.is_set():
-            with _session(settings) as session:
-                crud.requeue_job(session, job_id=job_id)
-        raise
-    finally:
-        ticker.flush()
 
-
-def _unexpected_error(exc: Exception, settings: Settings) -> dict[str, Any]:
-    from celery.exceptions import SoftTimeLimitExceeded
-
-    if isinstance(exc, SoftTimeLimitExceeded):
-        return {
-            "code": "time_limit_exceeded",
-            "detail": f"the job ran longer than task_time_limit_s={settings.task_time_limit_s}",
-        }
-    log.error("unexpected error", exc_info=exc)
-    return internal_error(exc)
+    return settle(job_id, body, settings=settings, ticker=ticker, attempts=attempts)
 
 
 def _validated_recipe(data: dict[str, Any]) -> Recipe:
@@ -363,7 +182,7 @@ def _run_merge_job(
             result = merge(
                 recipe,
                 output_dir=output_dir,
-                resolver=_resolver(hf_token, settings),
+                resolver=hub_client_for(hf_token, settings),
                 device=pick_device(),
                 progress=ticker.report,
                 should_cancel=ticker.should_stop,
@@ -384,7 +203,7 @@ def _run_merge_job(
             job_id, output_path=output_path, report=report, hf_token=hf_token, settings=settings
         )
         return JobOutcome(job_id, "publishing")
-    _finish(settings, job_id, status="succeeded", output_path=output_path, report=report)
+    finish(settings, job_id, status="succeeded", output_path=output_path, report=report)
     return JobOutcome(job_id, "succeeded")
 
 
@@ -406,11 +225,11 @@ def _run_analysis(
     stats = inspect_task_vectors(
         base,
         list(sources),
-        resolver=_resolver(hf_token, settings),
+        resolver=hub_client_for(hf_token, settings),
         allow_pickle=bool(data.get("allow_pickle")),
     )
     ticker.flush()
     if ticker.lost.is_set():
         return JobOutcome(job_id, "abandoned")
-    _finish(settings, job_id, status="succeeded", report=stats)
+    finish(settings, job_id, status="succeeded", report=stats)
     return JobOutcome(job_id, "succeeded")

@@ -1,8 +1,9 @@
 """The Hub push of a finished merge, on the ``io`` queue so a slow upload never holds a GPU worker.
 
-The merge task leaves the row ``running`` with its report attached and sends ``alloy.publish_job``; the io worker
-heartbeats the row while it pushes (one commit, ``HubClient.publish``) and then finishes it. A lost publish message
-is recovered like any other: the reaper requeues the stale row, the merge task finds the output complete
+The merge task leaves the row ``running`` with its report attached and sends ``alloy.publish_job``
+(``hand_over_to_publisher``); the io worker heartbeats the row while it pushes (one commit,
+``merge_ops.hub.publish_merge``, the CLI's publish too) and then finishes it. A lost publish message is recovered
+like any other: the reaper requeues the stale row, the merge task finds the output complete
 (``completed_output``) and hands over again without recomputing.
 """
 
@@ -14,37 +15,24 @@ from typing import Any
 
 from app import crud
 from app.core.config import Settings, get_settings
+from app.core.queue import enqueue_publish
 from merge_ops.errors import MergeError
 from merge_ops.recipe import Recipe
-from workers.pipeline import JobOutcome, JobTicker, RetryLater, _finish, _resolver, _session, retry_countdown
+from workers.job_row import JobOutcome, JobTicker, finish, hub_client_for, job_session, settle
 
 log = logging.getLogger(__name__)
-
-PUBLISH_TASK = "alloy.publish_job"
 
 
 def hand_over_to_publisher(
     job_id: str, *, output_path: str, report: dict[str, Any], hf_token: str | None, settings: Settings
 ) -> None:
-    from workers.celery_app import IO_QUEUE, app
-
-    with _session(settings) as session:
+    with job_session(settings) as session:
         crud.set_output(session, job_id=job_id, report=report)
         crud.heartbeat(session, job_id=job_id)
-    kwargs: dict[str, Any] = {"output_path": output_path}
-    if hf_token:
-        kwargs["hf_token"] = hf_token
-    app.send_task(
-        PUBLISH_TASK,
-        args=[job_id],
-        kwargs=kwargs,
-        queue=IO_QUEUE,
-        routing_key=IO_QUEUE,
-        kwargsrepr=repr({k: ("***" if k == "hf_token" else v) for k, v in kwargs.items()}),
-    )
+    enqueue_publish(job_id, output_path=output_path, hf_token=hf_token, settings=settings)
 
 
-def publish_job(
+def push_to_hub(
     job_id: str,
     *,
     output_path: str,
@@ -54,46 +42,32 @@ def publish_job(
 ) -> JobOutcome:
     """Push ``output_path`` to the recipe's ``output.hub`` and finish the row with the commit and URL."""
     settings = settings or get_settings()
-    with _session(settings) as session:
+    with job_session(settings) as session:
         job = crud.get_job(session, job_id=job_id)
         if job is None or job.status != "running":
             return JobOutcome(job_id, "skipped")
         recipe = Recipe.model_validate_json(job.recipe_json)
         owner = job.worker or ""
-    hub_target = recipe.output.hub
-    assert hub_target is not None, "publish_job is only sent for recipes with output.hub"
     ticker = JobTicker(job_id, worker=owner, settings=settings)
     ticker.start()
-    try:
-        client = _resolver(hf_token, settings)
-        if client is None:
-            raise MergeError("Hub publishing is not available: merge_ops.hub is missing")
+
+    def body() -> JobOutcome:
         from merge_ops.hub import publish_merge
 
+        client = hub_client_for(hf_token, settings)
+        if client is None:
+            raise MergeError("Hub publishing is not available: merge_ops.hub is missing")
         result = publish_merge(client, Path(output_path), recipe)
-    except MergeError as exc:
         ticker.flush()
-        if exc.transient and attempt + 1 < settings.max_attempts:
-            raise RetryLater(exc.to_dict(), countdown=retry_countdown(attempt)) from exc
-        _finish(settings, job_id, status="failed", error=exc.to_dict())
-        return JobOutcome(job_id, "failed", exc.code)
-    except Exception as exc:
-        ticker.flush()
-        log.exception("job %s: publish failed", job_id)
-        _finish(
+        finish(
             settings,
             job_id,
-            status="failed",
-            error={"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"},
+            status="succeeded",
+            output_path=output_path,
+            output_url=result.url,
+            output_commit=result.commit_sha,
         )
-        return JobOutcome(job_id, "failed", "internal_error")
-    ticker.flush()
-    _finish(
-        settings,
-        job_id,
-        status="succeeded",
-        output_path=output_path,
-        output_url=result.url,
-        output_commit=result.commit_sha,
-    )
-    return JobOutcome(job_id, "succeeded")
+        return JobOutcome(job_id, "succeeded")
+
+    # a transient Hub error retries this task (the row stays running, heartbeated), not the merge
+    return settle(job_id, body, settings=settings, ticker=ticker, attempts=attempt, requeue_transient=False)

@@ -31,6 +31,7 @@ from app import crud
 from app.core.config import Settings, get_settings
 from app.db import make_engine, session_scope
 from app.models import Job, utcnow
+from merge_ops.errors import MergeCancelled, WorkerLostError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 class ReapResult:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, int]:
@@ -54,14 +56,24 @@ def reaper_interval_s(settings: Settings) -> float:
 
 
 def worker_lost_error(attempts: int) -> dict[str, Any]:
-    return {
-        "code": "worker_lost",
-        "detail": (
-            f"the worker running this job stopped {attempts} times without finishing it (killed, out of memory, "
-            "or its machine went away); giving up instead of retrying forever"
-        ),
-        "context": {"attempts": attempts},
-    }
+    return WorkerLostError(
+        f"the worker running this job stopped {attempts} times without finishing it (killed, out of memory, "
+        "or its machine went away); giving up instead of retrying forever",
+        attempts=attempts,
+    ).to_dict()
+
+
+def _cancelled_while_lost() -> dict[str, Any]:
+    return MergeCancelled("cancelled; its worker stopped before it could acknowledge the cancel").to_dict()
+
+
+def _remove_scratch_of(job: Job, settings: Settings) -> None:
+    """A job that ends here leaves no partial shards behind (its attempt died mid-merge)."""
+    from workers.pipeline import job_scratch, remove_scratch
+
+    scratch = job_scratch(settings, job.id, job.recipe_json)
+    if scratch is not None:
+        remove_scratch(scratch)
 
 
 def _default_enqueue(job_id: str, *, priority: int, settings: Settings) -> None:
@@ -83,13 +95,26 @@ def reap_once(
     with session_scope(engine) as session:
         for job in crud.stale_running_jobs(session, older_than=settings.heartbeat_stale_s):
             runs = (job.attempts or 0) + 1  # this run died too
-            if runs >= settings.max_attempts:
+            if job.cancel_requested:
+                # cancelled, then its worker died before it could stop: no worker may claim it again, so it
+                # ends here (it used to go back to queued, unclaimable, re-sent forever)
+                if crud.finish_job(session, job_id=job.id, status="cancelled", error=_cancelled_while_lost()):
+                    log.warning("job %s: cancelled and its worker lost: cancelled", job.id)
+                    result.cancelled.append(job.id)
+                    _remove_scratch_of(job, settings)
+            elif runs >= settings.max_attempts:
                 if crud.finish_job(session, job_id=job.id, status="failed", error=worker_lost_error(runs)):
                     log.warning("job %s: worker lost %d times, failed", job.id, runs)
                     result.failed.append(job.id)
+                    _remove_scratch_of(job, settings)
             elif crud.requeue_job(session, job_id=job.id):
                 log.warning("job %s: heartbeat stale, requeued (attempt %d)", job.id, runs + 1)
                 result.requeued.append(job.id)
+        # a job requeued (worker shutdown) after its cancel was asked for: claim refuses it, so end it here
+        for job in session.scalars(select(Job).where(Job.status == "queued", Job.cancel_requested.is_(True))):
+            if crud.finish_job(session, job_id=job.id, status="cancelled", error=_cancelled_while_lost()):
+                result.cancelled.append(job.id)
+                _remove_scratch_of(job, settings)
         cutoff = utcnow() - timedelta(seconds=queued_resend_s(settings))
         # queued jobs not claimed for a while; created_at/heartbeat_at bound how often one is re-sent
         stale_queued = session.scalars(

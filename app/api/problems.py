@@ -39,6 +39,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "hub_access_denied": 403,
     "hub_unavailable": 503,
     "hub_error": 502,
+    "hub_conflict": 409,
+    "invalid_argument": 422,
     "output_error": 409,
     "cancelled": 409,
     "kernel_unavailable": 503,
@@ -58,6 +60,10 @@ STATUS_BY_CODE: dict[str, int] = {
     "broker_unavailable": 503,
     "not_ready": 503,
     "internal_error": 500,
+    # outcomes of a job, shown on a failed job's row (never an answer's status of their own)
+    "merge_error": 500,
+    "worker_lost": 500,
+    "time_limit_exceeded": 500,
 }
 
 _TITLES = {

@@ -16,7 +16,12 @@ from celery import Celery
 
 from app.core.config import Settings, get_settings
 
+#: The task names and queues, once: the API and the reaper send by name, the workers register these names.
 RUN_JOB_TASK = "alloy.run_job"
+PUBLISH_JOB_TASK = "alloy.publish_job"
+REAP_TASK = "alloy.reap"
+MERGE_QUEUE = "merge"  # compute (GPU or CPU): one task per GPU
+IO_QUEUE = "io"  # Hub uploads: a slow upload never holds a GPU
 MAX_PRIORITY = 9
 
 
@@ -55,7 +60,7 @@ def enqueue_job(
     job_id: str,
     *,
     priority: int = 5,
-    queue: str = "merge",
+    queue: str = MERGE_QUEUE,
     hf_token: str | None = None,
     settings: Settings | None = None,
 ) -> None:
@@ -78,6 +83,24 @@ def enqueue_job(
         retry=False,
         # Celery logs and stores kwargsrepr in headers; mask the token there
         kwargsrepr=repr({key: "***" for key in kwargs}),
+    )
+
+
+def enqueue_publish(
+    job_id: str, *, output_path: str, hf_token: str | None = None, settings: Settings | None = None
+) -> None:
+    """Send ``alloy.publish_job(job_id, output_path)`` to the io queue (the Hub token as for ``enqueue_job``)."""
+    settings = settings or get_settings()
+    kwargs: dict[str, Any] = {"output_path": output_path}
+    if hf_token:
+        kwargs["hf_token"] = hf_token
+    celery_client(settings).send_task(
+        PUBLISH_JOB_TASK,
+        args=[job_id],
+        kwargs=kwargs,
+        queue=IO_QUEUE,
+        routing_key=IO_QUEUE,
+        kwargsrepr=repr({k: ("***" if k == "hf_token" else v) for k, v in kwargs.items()}),
     )
 
 

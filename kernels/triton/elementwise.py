@@ -203,7 +203,7 @@ def unpack_bits(packed: Tensor, n: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# DARE keep mask (counter-based hash of interfaces.md; uint32 arithmetic wraps modulo 2^32 by definition)
+# DARE keep mask (the counter-based hash of kernels.reference.dare_keep_mask; uint32 arithmetic wraps modulo 2^32 by definition)
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _mix32(x):

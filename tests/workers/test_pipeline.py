@@ -12,7 +12,8 @@ from sqlalchemy import update
 from app import crud
 from app.models import Job
 from merge_ops.errors import HubTransientError, SourceNotFoundError
-from workers.pipeline import RetryLater, run_job
+from workers.job_row import RetryLater
+from workers.pipeline import run_job
 
 from .helpers import (
     assert_output_matches,

@@ -12,7 +12,7 @@ import yaml
 from app import crud
 from tests.merge_ops.test_hub import _model
 from tests.utils.hub_server import WRITE_TOKEN
-from workers.publish import publish_job
+from workers.publish import push_to_hub
 
 
 def _front(card: str) -> dict:
@@ -35,7 +35,7 @@ def test_cli_and_worker_publish_the_same_lineage_and_message(
     job_id = job_store.insert_job(recipe)
     with job_store.session() as session:
         assert crud.claim_job(session, job_id=job_id, worker="w") is not None
-    outcome = publish_job(job_id, output_path=str(folder), hf_token=WRITE_TOKEN, settings=alloy_settings)
+    outcome = push_to_hub(job_id, output_path=str(folder), hf_token=WRITE_TOKEN, settings=alloy_settings)
     assert outcome.status == "succeeded", job_store.job(job_id).error_detail
 
     # the CLI's path: the same publish function on the same folder and recipe

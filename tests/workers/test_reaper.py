@@ -91,3 +91,43 @@ def test_broker_down_keeps_the_job_queued_for_the_next_pass(job_store, alloy_set
     _age_created(job_store, job_id, reaper.queued_resend_s(alloy_settings) + 5)
     sent = SentMessages()
     assert reaper.reap_once(alloy_settings, engine=job_store.engine, enqueue=sent).resent == [job_id]
+
+
+def test_cancelled_job_whose_worker_died_ends_cancelled_and_its_scratch_is_removed(
+    job_store, alloy_settings, tmp_path
+):
+    """Cancel, then the worker dies: the job used to go back to queued with cancel_requested (no worker may
+    claim that), be re-sent every pass forever, and leave its partial shard in .alloy-scratch/<id>/."""
+    from workers.pipeline import job_scratch
+
+    sent = SentMessages()
+    output = tmp_path / "out" / "merged"
+    job_id = job_store.insert_job({"method": "task_arithmetic", "output": {"path": str(output)}})
+    with job_store.session() as session:
+        assert crud.claim_job(session, job_id=job_id, worker="w") is not None
+        assert crud.cancel_job(session, job_id=job_id) == "running"
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(heartbeat_at=utcnow() - timedelta(seconds=alloy_settings.heartbeat_stale_s + 5))
+        )
+        session.commit()
+    scratch = job_scratch(alloy_settings, job_id, job_store.job(job_id).recipe_json)
+    assert scratch is not None
+    scratch.mkdir(parents=True)
+    (scratch / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+    result = reaper.reap_once(alloy_settings, engine=job_store.engine, enqueue=sent)
+    assert result.cancelled == [job_id] and result.requeued == [] and sent.sent == []
+    job = job_store.job(job_id)
+    assert (job.status, job.error_code) == ("cancelled", "cancelled")
+    assert not scratch.exists() and not scratch.parent.exists()
+    # a cancelled job that a shutdown put back in the queue ends at the next pass too
+    queued = job_store.insert_job({"method": "task_arithmetic"})
+    with job_store.session() as session:
+        crud.claim_job(session, job_id=queued, worker="w")
+        crud.cancel_job(session, job_id=queued)
+        crud.requeue_job(session, job_id=queued)
+    assert job_store.job(queued).status == "queued"
+    result = reaper.reap_once(alloy_settings, engine=job_store.engine, enqueue=sent)
+    assert result.cancelled == [queued] and sent.sent == []
+    assert job_store.job(queued).status == "cancelled"
