@@ -139,7 +139,7 @@ def cmd_decompress(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from merge_ops.inspect import format_table, inspect_task_vectors
+    from merge_ops.analysis import format_table, inspect_task_vectors
 
     resolver = _hub_client(_uses_hub(args.base, *args.models))
     stats = inspect_task_vectors(args.base, list(args.models), resolver=resolver)

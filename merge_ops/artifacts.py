@@ -1,27 +1,20 @@
-"""Task vectors as artifacts: extraction, ComPEFT compression and exact decompression.
+"""Task vectors as artifacts: extraction, ComPEFT compression and exact decompression (the formats they write
+are ``merge_ops.compressed``'s).
 
-**Task-vector folder** (``extract_task_vector``, ``decompress``): an HF-layout folder (``model.safetensors`` or
-shards + index) of float32 τ = θ_t − θ_0 for every floating tensor of the fine-tune, each shard's metadata
-holding ``alloy_format: task_vector``, the fine-tune's dtype per tensor (``alloy_source_dtypes``, JSON) and
-``alloy_sparse_coverage`` (true when absent tensors are zero deltas, e.g. a compressed LoRA).
+``extract_task_vector`` writes a task-vector folder of float32 τ = θ_t − θ_0 for every floating tensor of the
+fine-tune; ``decompress`` restores one from a compressed task vector, exactly.
 
-**Compressed task vector** (``compress_task_vector``; ComPEFT, Yadav et al. 2023, arXiv:2311.13171):
-τ̃ = α·σ·sgn(τ) ⊙ topk(|τ|), exactly the merge pipeline's ``compeft`` sparsifier (``merge_ops.methods.sparsify``)
-applied to this one task vector: the same scope units (``_scope.scope_view``), k = ⌊density·n⌋ (at least 1,
-``_scope.kept_count``), ties at the threshold broken by lowest flat index (``kernels.topk_mask``; ``global``: in
-sorted-name order, ``merge_ops.global_stats``), σ the unbiased std of the uncompressed τ over the scope unit and the
-float32 scale σ·α (``sparsify.ternary_scale``; a unit of one element has no unbiased std: its scale is |τ|). One
-``model.safetensors``, metadata ``alloy_format: compressed_task_vector`` and ``alloy_compression`` (JSON: per
-tensor shape, source dtype, encoding, kept count; the parameters and the ratio). Per tensor ``<name>::mask``
-(positions, bit-packed by ``kernels.pack_bits``: bit b of byte j is flat element 8j+b) or ``<name>::indices``
-(int32/int64 sorted flat positions), whichever is smaller (ties go to the mask); ``<name>::signs`` (one bit
-per kept entry in position order, 1 = negative); ``<name>::scale`` (float32 α·σ: one value, or one per row
-for ``per_row``). Kept positions exclude τ = 0 (sgn 0), so decompression yields exactly ±scale or 0: τ̃.
+``compress_task_vector`` (ComPEFT, Yadav et al. 2023, arXiv:2311.13171): τ̃ = α·σ·sgn(τ) ⊙ topk(|τ|), exactly the
+merge pipeline's ``compeft`` sparsifier (``merge_ops.methods.sparsify``) applied to this one task vector: the same
+scope units (``_scope.scope_view``), k = ⌊density·n⌋ (at least 1, ``_scope.kept_count``), ties at the threshold
+broken by lowest flat index (``kernels.topk_mask``; ``global``: in sorted-name order, ``merge_ops.global_stats``),
+σ the unbiased std of the uncompressed τ over the scope unit and the float32 scale σ·α
+(``sparsify.ternary_scale``; a unit of one element has no unbiased std: its scale is |τ|). Kept positions
+exclude τ = 0 (sgn 0), so decompression yields exactly ±scale or 0: τ̃.
 
 Memory stays bounded by a few tensors: ``global`` scope runs the merge pipeline's streaming first pass
 (``compute_global_stats``: σ and an exact radix select of the k-th largest |τ|, three passes over the tensors)
-with this vector as its one model, then applies it in a last pass. The compressed pieces go to a scratch data file
-and the header is written last, because kept counts (hence shapes) are only known after the data pass.
+with this vector as its one model, then applies it in a last pass.
 """
 
 from __future__ import annotations
@@ -29,17 +22,27 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel
 
-from kernels import pack_bits, topk_mask, unpack_bits
-from merge_ops.checkpoint import DTYPES, Checkpoint, TensorInfo, dtype_code
+from kernels import pack_bits, topk_mask
+from merge_ops.checkpoint import DTYPES, Checkpoint, TensorInfo
+from merge_ops.compressed import (
+    COMPRESSED_FORMAT,
+    COMPRESSION_KEY,
+    FORMAT_KEY,
+    SOURCE_DTYPES_KEY,
+    SPARSE_KEY,
+    TASK_VECTOR_FORMAT,
+    VERSION_KEY,
+    CompressedTaskVector,
+    TailHeaderWriter,
+)
 from merge_ops.errors import (
     CorruptCheckpointError,
     IncompatibleModelsError,
@@ -58,23 +61,9 @@ from merge_ops.writer import ShardedWriter
 if TYPE_CHECKING:
     from merge_ops.sources import ModelSource
 
-FORMAT_KEY = "alloy_format"
-TASK_VECTOR_FORMAT = "task_vector"
-COMPRESSED_FORMAT = "compressed_task_vector"
-VERSION_KEY = "alloy_format_version"
-SOURCE_DTYPES_KEY = "alloy_source_dtypes"
-SPARSE_KEY = "alloy_sparse_coverage"
-COMPRESSION_KEY = "alloy_compression"
+
 DEFAULT_SHARD_SIZE = 5 * 10**9
 SCOPES = ("per_tensor", "per_row", "global")
-
-
-def source_dtypes(metadata: dict[str, str]) -> dict[str, str]:
-    try:
-        value = json.loads(metadata.get(SOURCE_DTYPES_KEY, "{}"))
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 # --------------------------------------------------------------------------------------------- extraction
@@ -119,7 +108,7 @@ def extract_task_vector(
             "alloy_finetuned": str(finetuned),
         }
         plan = [(n, torch.float32, ft_ckpt.infos[n].shape) for n in names]
-        with _scratch_folder(out) as scratch:
+        with scratch_folder(out) as scratch:
             writer = ShardedWriter(scratch, plan=plan, shard_size=shard_size, metadata=metadata)
             with writer:
                 for name in names:
@@ -128,7 +117,7 @@ def extract_task_vector(
     return Path(out)
 
 
-class _scratch_folder:  # noqa: N801 - a context manager used like a function
+class scratch_folder:  # noqa: N801 - a context manager used like a function
     """Build ``out`` in a sibling scratch folder and rename it into place only on success."""
 
     def __init__(self, out: Path) -> None:
@@ -243,8 +232,8 @@ def compress_task_vector(
     base_ckpt = Checkpoint.open(base, allow_pickle=allow_pickle) if base is not None else None
     try:
         reader = _TauReader(src, base_ckpt)
-        stats = _global_stats(reader, density) if scope == "global" else None
-        with _scratch_folder(out) as scratch:
+        stats = _compeft_global_stats(reader, density) if scope == "global" else None
+        with scratch_folder(out) as scratch:
             report = _write_compressed(
                 reader,
                 scratch / "model.safetensors",
@@ -269,7 +258,7 @@ def compress_task_vector(
     )
 
 
-def _global_stats(reader: _TauReader, density: float) -> GlobalStats:
+def _compeft_global_stats(reader: _TauReader, density: float) -> GlobalStats:
     """σ and the exact top-k of the whole task vector: the merge pipeline's streaming first pass, with this
     vector as its one model (tensors in sorted-name order, which the global tie rule follows)."""
     return compute_global_stats(
@@ -311,33 +300,22 @@ def _write_compressed(
     entries: dict[str, dict[str, Any]] = {}
     elements = kept_total = original = compressed = 0
     sigma = (stats.sigma[0] if stats.sigma else 0.0) if stats is not None else None
-    with _TailHeaderWriter(path) as out:
+    with TailHeaderWriter(path) as out:
         for name, tau in reader:  # sorted-name order: the global tie rule depends on it
             flat = tau.reshape(-1)
             mask, scale = _mask_and_scale(name, tau, density=density, alpha=alpha, scope=scope, stats=stats)
             mask &= flat != 0  # sgn(0) = 0: a kept zero decompresses to zero without a position
-            positions = mask.nonzero().reshape(-1)
-            kept = positions.numel()
-            n = flat.numel()
-            index_dtype = torch.int32 if n <= 2**31 - 1 else torch.int64
-            use_indices = kept * index_dtype.itemsize < (n + 7) // 8
+            encoding, positions, position_bytes = out.add_positions(name, mask)
+            kept, n = positions.numel(), flat.numel()
             signs = pack_bits(flat[positions] < 0)
-            if use_indices:
-                out.add(f"{name}::indices", positions.to(index_dtype))
-            else:
-                out.add(f"{name}::mask", pack_bits(mask))
             out.add(f"{name}::signs", signs)
             out.add(f"{name}::scale", scale)
-            pieces = (
-                (kept * index_dtype.itemsize if use_indices else (n + 7) // 8)
-                + signs.numel()
-                + 4 * scale.numel()
-            )
+            pieces = position_bytes + signs.numel() + 4 * scale.numel()
             source_dtype = reader.original_dtypes[name]
             entries[name] = {
                 "shape": list(tau.shape),
                 "dtype": source_dtype,
-                "encoding": "indices" if use_indices else "mask",
+                "encoding": encoding,
                 "kept": kept,
             }
             elements += n
@@ -372,151 +350,7 @@ def _write_compressed(
     return {**report, "sigma": sigma}
 
 
-class _TailHeaderWriter:
-    """A single safetensors file whose header is written last: tensors stream into a scratch data file with
-    running offsets, then header + data are assembled (copying only the small compressed payload)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data_path = path.with_name(path.name + ".data")
-        self.header: dict[str, Any] = {}
-        self.metadata: dict[str, str] = {}
-        self.offset = 0
-        self._data: BinaryIO = self.data_path.open("xb")
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        self._data.write(data.numpy().data)
-        end = self.offset + data.numel()
-        self.header[name] = {
-            "dtype": dtype_code(tensor.dtype),
-            "shape": list(tensor.shape),
-            "data_offsets": [self.offset, end],
-        }
-        self.offset = end
-
-    def __enter__(self) -> _TailHeaderWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        self._data.close()
-        try:
-            if exc_type is None:
-                raw = json.dumps(
-                    {"__metadata__": self.metadata, **self.header}, separators=(",", ":")
-                ).encode()
-                raw += b" " * (-len(raw) % 8)
-                with self.path.open("xb") as f, self.data_path.open("rb") as data:
-                    f.write(struct.pack("<Q", len(raw)))
-                    f.write(raw)
-                    shutil.copyfileobj(data, f, length=1 << 20)
-        finally:
-            self.data_path.unlink(missing_ok=True)
-
-
 # ------------------------------------------------------------------------------------------ decompression
-
-
-class CompressedTaskVector:
-    """Reader of a compressed task vector; ``load_tau(name)`` returns float32 τ̃ in the original shape.
-    The metadata and the pieces are validated against each other before use (a hostile file gets a
-    ``CorruptCheckpointError`` naming file and tensor, never an out-of-range index)."""
-
-    def __init__(self, checkpoint: Checkpoint) -> None:
-        self.checkpoint = checkpoint
-        self.file = next(iter(checkpoint.infos.values())).file if checkpoint.infos else checkpoint.path
-        meta = checkpoint.metadata
-        try:
-            self.params = json.loads(meta[COMPRESSION_KEY])
-            entries = self.params["tensors"]
-            if not isinstance(entries, dict):
-                raise TypeError("tensors is not an object")
-        except (KeyError, ValueError, TypeError) as exc:
-            raise CorruptCheckpointError(
-                f"{self.file}: bad {COMPRESSION_KEY} metadata ({exc!r})", file=str(self.file)
-            ) from None
-        self.sparse_coverage = meta.get(SPARSE_KEY) == "true"
-        self.entries: dict[str, dict[str, Any]] = {}
-        self.infos: dict[str, TensorInfo] = {}
-        for name, entry in entries.items():
-            self._validate(name, entry)
-            self.entries[name] = entry
-            self.infos[name] = TensorInfo(
-                name=name,
-                dtype=entry["dtype"],
-                shape=tuple(entry["shape"]),
-                file=checkpoint.infos[f"{name}::signs"].file,
-            )
-
-    def _bad(self, name: str, problem: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(
-            f"{self.file}: tensor {name!r}: {problem}", file=str(self.file), tensor=name
-        )
-
-    def _validate(self, name: str, entry: Any) -> None:
-        infos = self.checkpoint.infos
-        if not isinstance(entry, dict) or entry.get("encoding") not in ("mask", "indices"):
-            raise self._bad(name, "entry has no valid encoding")
-        shape, kept, dtype = entry.get("shape"), entry.get("kept"), entry.get("dtype")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise self._bad(name, f"bad shape {shape!r}")
-        if dtype not in DTYPES or not isinstance(kept, int) or not 0 <= kept <= math.prod(shape):
-            raise self._bad(name, f"bad dtype {dtype!r} or kept count {kept!r}")
-        n = math.prod(shape)
-        expect = {f"{name}::signs": ("U8", ((kept + 7) // 8,))}
-        if entry["encoding"] == "mask":
-            expect[f"{name}::mask"] = ("U8", ((n + 7) // 8,))
-        else:
-            expect[f"{name}::indices"] = (infos.get(f"{name}::indices", _NO_INFO).dtype, (kept,))
-            if expect[f"{name}::indices"][0] not in ("I32", "I64"):
-                raise self._bad(name, "indices must be I32 or I64")
-        for key, (code, piece_shape) in expect.items():
-            info = infos.get(key)
-            if info is None or info.dtype != code or info.shape != piece_shape:
-                raise self._bad(name, f"piece {key!r} is missing or not {code} {list(piece_shape)}")
-        scale = infos.get(f"{name}::scale")
-        rows = shape[0] if self.params.get("scope") == "per_row" and len(shape) >= 2 else 1
-        if scale is None or scale.dtype != "F32" or scale.shape not in ((1,), (rows,)):
-            raise self._bad(name, "scale is missing or has the wrong shape")
-
-    def load_tau(self, name: str) -> torch.Tensor:
-        entry = self.entries.get(name)
-        if entry is None:
-            raise IncompatibleModelsError(
-                f"{self.file}: no tensor {name!r}", tensor=name, file=str(self.file)
-            )
-        shape, kept = tuple(entry["shape"]), entry["kept"]
-        n = math.prod(shape)
-        if entry["encoding"] == "mask":
-            mask = unpack_bits(self.checkpoint.load(f"{name}::mask"), n)
-            positions = mask.nonzero().reshape(-1)
-            if positions.numel() != kept:
-                raise self._bad(name, f"mask has {positions.numel()} set bits, metadata says {kept}")
-        else:
-            positions = self.checkpoint.load(f"{name}::indices").to(torch.int64)
-            if kept and (
-                int(positions.min()) < 0
-                or int(positions.max()) >= n
-                or not bool((positions[1:] > positions[:-1]).all())
-            ):
-                raise self._bad(name, "indices are out of range or not strictly increasing")
-        if kept == 0:
-            return torch.zeros(shape, dtype=torch.float32)
-        negative = unpack_bits(self.checkpoint.load(f"{name}::signs"), kept)
-        scale = self.checkpoint.load(f"{name}::scale").to(torch.float32)
-        if scale.numel() > 1:  # per_row: row r owns flat positions [r·m, (r+1)·m)
-            magnitude = scale[positions // max(1, n // scale.numel())]
-        else:
-            magnitude = scale.expand(kept)
-        tau = torch.zeros(n, dtype=torch.float32)
-        tau[positions] = torch.where(negative, -magnitude, magnitude)
-        return tau.reshape(shape)
-
-    def close(self) -> None:
-        self.checkpoint.close()
-
-
-_NO_INFO = TensorInfo(name="", dtype="", shape=(), file=Path())
 
 
 @maps_kernel_errors
@@ -543,7 +377,7 @@ def decompress(
         }
         plan = [(n, torch.float32, tuple(reader.entries[n]["shape"])) for n in names]
         with (
-            _scratch_folder(out) as scratch,
+            scratch_folder(out) as scratch,
             ShardedWriter(scratch, plan=plan, shard_size=shard_size, metadata=metadata) as writer,
         ):
             for name in names:

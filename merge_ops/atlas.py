@@ -27,16 +27,17 @@ import torch
 from merge_ops.errors import EvaluatorError, MergeCancelled
 from merge_ops.evaluators.base import Evaluator
 from merge_ops.params import CATALOG, AtlasParams
-from merge_ops.preflight import build_plan, check_compatible, open_sources
+from merge_ops.preflight import build_plan, check_compatible
 from merge_ops.recipe import Recipe
 from merge_ops.report import Chosen, Progress
+from merge_ops.sources import SourceResolver, open_sources
 
 
 def learn_coefficients(
     recipe: Recipe,
     *,
     evaluator: Evaluator | None,
-    resolver: Any = None,
+    resolver: SourceResolver | None = None,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
@@ -117,7 +118,7 @@ def learn_coefficients(
 def learn_atlas(
     recipe: Recipe,
     *,
-    resolver: Any,
+    resolver: SourceResolver | None,
     device: str,
     data_root: Path | None,
     progress: Callable[[Progress], None] | None = None,

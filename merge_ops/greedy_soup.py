@@ -27,9 +27,9 @@ from pydantic import BaseModel
 from merge_ops.checkpoint import Checkpoint
 from merge_ops.errors import EvaluatorError, MergeCancelled
 from merge_ops.evaluators.base import Evaluator
-from merge_ops.preflight import local_path
 from merge_ops.recipe import Recipe, Source
 from merge_ops.report import Chosen, Progress
+from merge_ops.sources import SourceResolver, local_path
 
 StateDict = dict[str, torch.Tensor]
 
@@ -60,7 +60,7 @@ class GreedySoupResult(BaseModel):
     seconds: float
 
 
-def evaluator_model_dir(recipe: Recipe, *, resolver: Any = None) -> Path:
+def evaluator_model_dir(recipe: Recipe, *, resolver: SourceResolver | None = None) -> Path:
     """The folder whose config/tokenizer the evaluator uses: ``evaluator.model``, else the base, else model 0."""
     spec = getattr(recipe, "evaluator", None)
     source: Source = (
@@ -69,7 +69,9 @@ def evaluator_model_dir(recipe: Recipe, *, resolver: Any = None) -> Path:
     return local_path(source, resolver=resolver)
 
 
-def recipe_evaluator(recipe: Recipe, *, resolver: Any, data_root: Path | None, device: str) -> Any:
+def recipe_evaluator(
+    recipe: Recipe, *, resolver: SourceResolver | None, data_root: Path | None, device: str
+) -> Any:
     """The recipe's evaluator, built on ``evaluator_model_dir`` (greedy soup scores with it, aTLAS trains on it).
     A relative ``evaluator.data`` is read from ``data_root`` (the caller confines it)."""
     from merge_ops.evaluators.base import build_evaluator
@@ -94,7 +96,7 @@ def run_greedy_soup(
     recipe: Recipe,
     *,
     evaluator: Evaluator,
-    resolver: Any = None,
+    resolver: SourceResolver | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> GreedySoupResult:
@@ -182,7 +184,7 @@ def soup_recipe(recipe: Recipe, result: GreedySoupResult) -> Recipe:
 def choose_soup(
     recipe: Recipe,
     *,
-    resolver: Any,
+    resolver: SourceResolver | None,
     device: str,
     data_root: Path | None,
     progress: Callable[[Progress], None] | None = None,

@@ -27,18 +27,17 @@ from merge_ops.errors import MergeCancelled, OutputError, maps_kernel_errors
 from merge_ops.params import CATALOG, MethodInfo
 from merge_ops.preflight import (
     MergePlan,
-    Sources,
     TensorPlan,
     build_plan,
     check_compatible,
     check_output,
     element_size,
     numel,
-    open_sources,
     plan_merge,
 )
 from merge_ops.recipe import Recipe
 from merge_ops.report import REPORT_NAME, Chosen, MergeReport, Progress, merge_totals, peak_rss_bytes
+from merge_ops.sources import SourceResolver, Sources, open_sources
 
 if TYPE_CHECKING:
     from merge_ops.tensor_merge import TensorMerger
@@ -51,7 +50,7 @@ def run_merge(
     recipe: Recipe,
     *,
     output_dir: Path | None = None,
-    resolver: Any = None,
+    resolver: SourceResolver | None = None,
     device: str = "cpu",
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,

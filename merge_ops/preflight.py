@@ -1,4 +1,5 @@
-"""Preflight of a merge: open the sources, read only headers, check compatibility, plan every tensor.
+"""Preflight of a merge: on the opened sources (``merge_ops.sources``), read only headers, check compatibility,
+plan every tensor.
 
 Fails before any compute on missing tensors, shape or dtype-kind mismatches (float vs. integer; float widths may
 differ, everything is computed in float32) and unusable outputs. ``plan_merge`` is ``alloy merge --dry-run``.
@@ -6,19 +7,17 @@ differ, everything is computed in float32) and unusable outputs. ``plan_merge`` 
 
 from __future__ import annotations
 
-import contextlib
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel
 
-from merge_ops.errors import IncompatibleModelsError, OutputError, SourceNotFoundError
+from merge_ops.errors import IncompatibleModelsError, OutputError
 from merge_ops.params import CATALOG, LinesParams, MethodInfo, Scope, StagesParams
-from merge_ops.recipe import HubSource, Recipe, Source, parse_source
-from merge_ops.sources import ModelSource, open_source
+from merge_ops.recipe import Recipe
+from merge_ops.sources import SourceResolver, Sources, open_sources
 
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -60,133 +59,6 @@ class MergePlan(BaseModel):
             f"largest tensor {self.largest_tensor_bytes / 2**20:.1f} MiB, "
             f"estimated peak memory {self.estimated_peak_bytes / 2**20:.1f} MiB"
         )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# sources
-
-
-class TransferDelta:
-    """Fine-tuning transfer's one task vector: θ_src_ft − θ_src_base, computed in float64 (spec), then float32."""
-
-    kind = "transfer_diff"
-    is_delta = True
-    sparse_coverage = False
-
-    def __init__(self, finetuned: ModelSource, base: ModelSource) -> None:
-        self.finetuned, self.base = finetuned, base
-        self.label = f"{finetuned.label} - {base.label}"
-
-    @property
-    def infos(self) -> dict[str, Any]:
-        return self.finetuned.infos
-
-    def task_vector(self, name: str, base: torch.Tensor) -> torch.Tensor:
-        diff = self.finetuned.load(name).to(torch.float64) - self.base.load(name).to(torch.float64)
-        return diff.to(device=base.device, dtype=torch.float32)
-
-    def close(self) -> None:
-        self.finetuned.close()
-        self.base.close()
-
-
-def local_path(source: Source, *, resolver: Any = None, allow_pickle: bool = False) -> Path:
-    """A local folder/file for ``source``: Hub sources are fetched through the resolver (a ``HubClient``)."""
-    parsed = parse_source(source)
-    if isinstance(parsed, HubSource):
-        if resolver is None:
-            raise SourceNotFoundError(f"{parsed.uri()} is a Hub source but no Hub client is configured")
-        return Path(resolver.fetch(parsed, allow_pickle=allow_pickle))
-    if not parsed.exists():
-        raise SourceNotFoundError(f"source not found: {parsed}", source=str(parsed))
-    return parsed
-
-
-@dataclass
-class Sources:
-    """The open sources of one merge: the reference θ_0 and the K task-vector inputs."""
-
-    reference: ModelSource
-    reference_label: str
-    inputs: list[Any]
-    labels: list[str]
-    weights: list[float]
-    #: the reference is also input 0 (a soup without a base): its task vector is zero
-    reference_is_input: bool = False
-    side_files_from: Path | None = None
-
-    def close(self) -> None:
-        for src in {id(s): s for s in [self.reference, *self.inputs]}.values():
-            with contextlib.suppress(Exception):
-                src.close()
-
-
-def open_sources(recipe: Recipe, info: MethodInfo, resolver: Any) -> Sources:
-    opened: list[Any] = []
-
-    def open_(source: Source) -> ModelSource:
-        path = local_path(source, resolver=resolver, allow_pickle=recipe.allow_pickle)
-        src = open_source(path, allow_pickle=recipe.allow_pickle)
-        opened.append(src)
-        return src
-
-    try:
-        if info.kind == "transfer":
-            assert recipe.target_base and recipe.source_base and recipe.source_finetuned
-            target = open_(recipe.target_base)
-            diff = TransferDelta(open_(recipe.source_finetuned), open_(recipe.source_base))
-            side = local_path(recipe.source_finetuned, resolver=resolver)
-            return Sources(
-                target,
-                _label(recipe.target_base),
-                [diff],
-                [diff.label],
-                [1.0],
-                side_files_from=side if side.is_dir() else None,
-            )
-        copy_from = recipe.output.copy_files_from
-        side_source = (
-            recipe.base or recipe.models[0].source if copy_from == "base" else recipe.models[copy_from].source
-        )
-        if recipe.slices or recipe.tokenizer or recipe.base_lora or any(m.lora for m in recipe.models):
-            from merge_ops.structured_sources import open_structured_sources
-
-            resolve = lambda s: local_path(s, resolver=resolver, allow_pickle=recipe.allow_pickle)  # noqa: E731
-            structured = open_structured_sources(recipe, open_, _label, resolve)
-            side = local_path(side_source, resolver=resolver)
-            structured.side_files_from = side if side.is_dir() else None
-            return structured
-        weights = recipe.model_weights()
-        models = [open_(m.source) for m in recipe.models]
-        labels = [_label(m.source) for m in recipe.models]
-        if recipe.base is not None:
-            reference, ref_label = open_(recipe.base), _label(recipe.base)
-            ref_is_input = False
-        else:  # a soup without a base: model 0 is the reference, its task vector is zero
-            reference, ref_label, ref_is_input = models[0], labels[0], True
-        if reference.is_delta:
-            raise IncompatibleModelsError(
-                f"the base {ref_label} is a {reference.kind}, not a full checkpoint"
-            )
-        side = local_path(side_source, resolver=resolver)
-        return Sources(
-            reference,
-            ref_label,
-            models,
-            labels,
-            weights,
-            ref_is_input,
-            side_files_from=side if side.is_dir() else None,
-        )
-    except BaseException:
-        for src in opened:
-            with contextlib.suppress(Exception):
-                src.close()
-        raise
-
-
-def _label(source: Source) -> str:
-    return source.uri() if isinstance(source, HubSource) else str(source)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,7 +236,7 @@ def check_output(output_dir: Path) -> None:
         )
 
 
-def plan_merge(recipe: Recipe, *, resolver: Any = None) -> MergePlan:
+def plan_merge(recipe: Recipe, *, resolver: SourceResolver | None = None) -> MergePlan:
     """Preflight: open every source, read headers, check compatibility; no tensor is loaded."""
     info = CATALOG[recipe.method]
     sources = open_sources(recipe, info, resolver)

@@ -1,4 +1,7 @@
-"""Model sources of a merge: what each local path contributes, behind one interface.
+"""The sources of a merge, one owner: where each comes from (a local path, or a Hub repo fetched through a
+``SourceResolver``), what it contributes (behind one ``ModelSource`` interface), and the open set of one merge
+(``open_sources``: the reference θ_0 and the K inputs; slices, LoRA and tokenizer alignment through
+``merge_ops.structured_sources``).
 
 ``open_source(path)`` recognises, from files and headers only:
   - ``lora``: a folder with ``adapter_config.json`` (PEFT LoRA) -> ΔW = s·B·A on its targets, zero elsewhere;
@@ -11,15 +14,19 @@ Task vectors hold floating tensors only; non-float buffers (position ids, counte
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
-from merge_ops import artifacts
+from merge_ops import compressed
 from merge_ops.checkpoint import Checkpoint, TensorInfo
 from merge_ops.errors import IncompatibleModelsError, SourceNotFoundError
 from merge_ops.lora import CONFIG_NAME, LoraAdapter
+from merge_ops.params import MethodInfo
+from merge_ops.recipe import HubSource, Recipe, Source, parse_source
 
 SourceKind = Literal["checkpoint", "lora", "task_vector", "compressed_task_vector", "sparse_task_vector"]
 
@@ -129,7 +136,7 @@ class TaskVectorSource(ModelSource):
     def __init__(self, checkpoint: Checkpoint, *, label: str) -> None:
         super().__init__(label)
         self.checkpoint = checkpoint
-        self.sparse_coverage = checkpoint.metadata.get(artifacts.SPARSE_KEY) == "true"
+        self.sparse_coverage = checkpoint.metadata.get(compressed.SPARSE_KEY) == "true"
         self._checked = 0
 
     @property
@@ -139,7 +146,7 @@ class TaskVectorSource(ModelSource):
     @property
     def source_dtypes(self) -> dict[str, str]:
         """The fine-tune's dtype code per tensor (τ itself is stored in float32)."""
-        return artifacts.source_dtypes(self.checkpoint.metadata)
+        return compressed.source_dtypes(self.checkpoint.metadata)
 
     def stored_tau(self, name: str) -> torch.Tensor:
         return self.checkpoint.load(name).to(torch.float32)
@@ -186,7 +193,7 @@ class CompressedTaskVectorSource(ModelSource):
 
     kind: SourceKind = "compressed_task_vector"
 
-    def __init__(self, reader: artifacts.CompressedTaskVector, *, label: str) -> None:
+    def __init__(self, reader: compressed.CompressedTaskVector, *, label: str) -> None:
         super().__init__(label)
         self.reader = reader
         self.sparse_coverage = reader.sparse_coverage
@@ -218,11 +225,11 @@ def open_source(path: Path, *, allow_pickle: bool = False) -> ModelSource:
         return LoraSource(LoraAdapter(path, allow_pickle=allow_pickle), label=label)
     checkpoint = Checkpoint.open(path, allow_pickle=allow_pickle)
     try:
-        fmt = checkpoint.metadata.get(artifacts.FORMAT_KEY)
-        if fmt == artifacts.TASK_VECTOR_FORMAT:
+        fmt = checkpoint.metadata.get(compressed.FORMAT_KEY)
+        if fmt == compressed.TASK_VECTOR_FORMAT:
             return TaskVectorSource(checkpoint, label=label)
-        if fmt == artifacts.COMPRESSED_FORMAT:
-            return CompressedTaskVectorSource(artifacts.CompressedTaskVector(checkpoint), label=label)
+        if fmt == compressed.COMPRESSED_FORMAT:
+            return CompressedTaskVectorSource(compressed.CompressedTaskVector(checkpoint), label=label)
         if fmt == "sparse_task_vector":  # merge_ops.sparse_task_vector (alloy extract --density)
             from merge_ops.sparse_task_vector import open_sparse_task_vector
 
@@ -233,3 +240,134 @@ def open_source(path: Path, *, allow_pickle: bool = False) -> ModelSource:
         checkpoint.close()
         raise
     return CheckpointSource(checkpoint, label=label)
+
+
+class SourceResolver(Protocol):
+    """What the merge needs of a Hub client (``merge_ops.hub.HubClient``): a local snapshot of a source."""
+
+    def fetch(self, source: HubSource, *, allow_pickle: bool = False) -> Path: ...
+
+
+class TransferDelta:
+    """Fine-tuning transfer's one task vector: θ_src_ft − θ_src_base, computed in float64 (spec), then float32."""
+
+    kind = "transfer_diff"
+    is_delta = True
+    sparse_coverage = False
+
+    def __init__(self, finetuned: ModelSource, base: ModelSource) -> None:
+        self.finetuned, self.base = finetuned, base
+        self.label = f"{finetuned.label} - {base.label}"
+
+    @property
+    def infos(self) -> dict[str, Any]:
+        return self.finetuned.infos
+
+    def task_vector(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        diff = self.finetuned.load(name).to(torch.float64) - self.base.load(name).to(torch.float64)
+        return diff.to(device=base.device, dtype=torch.float32)
+
+    def close(self) -> None:
+        self.finetuned.close()
+        self.base.close()
+
+
+def local_path(source: Source, *, resolver: SourceResolver | None = None, allow_pickle: bool = False) -> Path:
+    """A local folder/file for ``source``: Hub sources are fetched through the resolver (a ``HubClient``)."""
+    parsed = parse_source(source)
+    if isinstance(parsed, HubSource):
+        if resolver is None:
+            raise SourceNotFoundError(f"{parsed.uri()} is a Hub source but no Hub client is configured")
+        return Path(resolver.fetch(parsed, allow_pickle=allow_pickle))
+    if not parsed.exists():
+        raise SourceNotFoundError(f"source not found: {parsed}", source=str(parsed))
+    return parsed
+
+
+@dataclass
+class Sources:
+    """The open sources of one merge: the reference θ_0 and the K task-vector inputs."""
+
+    reference: ModelSource
+    reference_label: str
+    inputs: list[Any]
+    labels: list[str]
+    weights: list[float]
+    #: the reference is also input 0 (a soup without a base): its task vector is zero
+    reference_is_input: bool = False
+    side_files_from: Path | None = None
+
+    def close(self) -> None:
+        for src in {id(s): s for s in [self.reference, *self.inputs]}.values():
+            with contextlib.suppress(Exception):
+                src.close()
+
+
+def open_sources(recipe: Recipe, info: MethodInfo, resolver: SourceResolver | None) -> Sources:
+    """Open every source of ``recipe`` (Hub ones fetched through ``resolver``) as the merge reads them."""
+    opened: list[Any] = []
+
+    def open_(source: Source) -> ModelSource:
+        path = local_path(source, resolver=resolver, allow_pickle=recipe.allow_pickle)
+        src = open_source(path, allow_pickle=recipe.allow_pickle)
+        opened.append(src)
+        return src
+
+    try:
+        if info.kind == "transfer":
+            assert recipe.target_base and recipe.source_base and recipe.source_finetuned
+            target = open_(recipe.target_base)
+            diff = TransferDelta(open_(recipe.source_finetuned), open_(recipe.source_base))
+            side = local_path(recipe.source_finetuned, resolver=resolver)
+            return Sources(
+                target,
+                source_uri(recipe.target_base),
+                [diff],
+                [diff.label],
+                [1.0],
+                side_files_from=side if side.is_dir() else None,
+            )
+        copy_from = recipe.output.copy_files_from
+        side_source = (
+            recipe.base or recipe.models[0].source if copy_from == "base" else recipe.models[copy_from].source
+        )
+        if recipe.slices or recipe.tokenizer or recipe.base_lora or any(m.lora for m in recipe.models):
+            from merge_ops.structured_sources import open_structured_sources
+
+            resolve = lambda s: local_path(s, resolver=resolver, allow_pickle=recipe.allow_pickle)  # noqa: E731
+            structured = open_structured_sources(recipe, open_, source_uri, resolve)
+            side = local_path(side_source, resolver=resolver)
+            structured.side_files_from = side if side.is_dir() else None
+            return structured
+        weights = recipe.model_weights()
+        models = [open_(m.source) for m in recipe.models]
+        labels = [source_uri(m.source) for m in recipe.models]
+        if recipe.base is not None:
+            reference, ref_label = open_(recipe.base), source_uri(recipe.base)
+            ref_is_input = False
+        else:  # a soup without a base: model 0 is the reference, its task vector is zero
+            reference, ref_label, ref_is_input = models[0], labels[0], True
+        if reference.is_delta:
+            raise IncompatibleModelsError(
+                f"the base {ref_label} is a {reference.kind}, not a full checkpoint"
+            )
+        side = local_path(side_source, resolver=resolver)
+        return Sources(
+            reference,
+            ref_label,
+            models,
+            labels,
+            weights,
+            ref_is_input,
+            side_files_from=side if side.is_dir() else None,
+        )
+    except BaseException:
+        for src in opened:
+            with contextlib.suppress(Exception):
+                src.close()
+        raise
+
+
+def source_uri(source: Source) -> str:
+    """A source as one string: its ``hf://`` URI or its path."""
+    return source.uri() if isinstance(source, HubSource) else str(source)

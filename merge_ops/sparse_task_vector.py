@@ -17,7 +17,7 @@ plus the ratio to the dense float32 task vector ``alloy extract`` writes.
 A sparse task vector is a delta source (``SparseTaskVectorSource``, recognised by ``sources.open_source``):
 any method takes it in ``models`` next to checkpoints, LoRA adapters and dense or ComPEFT task vectors;
 composing several (task + language, as in the paper) is ``task_arithmetic`` over them. Memory: extraction and
-reading hold one tensor (and its pieces) at a time; the header is written last (``artifacts._TailHeaderWriter``).
+reading hold one tensor (and its pieces) at a time; the header is written last (``compressed.TailHeaderWriter``).
 """
 
 from __future__ import annotations
@@ -30,17 +30,19 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from kernels import pack_bits, topk_mask, unpack_bits
-from merge_ops.artifacts import (
+from kernels import topk_mask
+from merge_ops.artifacts import scratch_folder
+from merge_ops.checkpoint import DTYPES, Checkpoint, TensorInfo
+from merge_ops.compressed import (
     FORMAT_KEY,
     SOURCE_DTYPES_KEY,
     SPARSE_KEY,
     VERSION_KEY,
-    _scratch_folder,
-    _TailHeaderWriter,
+    Expected,
+    PackedTaskVector,
+    TailHeaderWriter,
 )
-from merge_ops.checkpoint import DTYPES, Checkpoint, TensorInfo
-from merge_ops.errors import CorruptCheckpointError, IncompatibleModelsError, NonFiniteTensorError
+from merge_ops.errors import IncompatibleModelsError, NonFiniteTensorError
 from merge_ops.methods._scope import kept_count
 from merge_ops.sources import ModelSource, SourceKind
 
@@ -85,7 +87,7 @@ def extract_sparse_task_vector(
                 )
         entries: dict[str, dict[str, Any]] = {}
         totals = {"elements": 0, "kept": 0, "original_bytes": 0, "dense_bytes": 0, "sparse_bytes": 0}
-        with _scratch_folder(out) as scratch, _TailHeaderWriter(scratch / FILE_NAME) as writer:
+        with scratch_folder(out) as scratch, TailHeaderWriter(scratch / FILE_NAME) as writer:
             for name in names:
                 tau = ft_ckpt.load(name).to(torch.float32) - base_ckpt.load(name).to(torch.float32)
                 if not bool(torch.isfinite(tau).all()):
@@ -128,7 +130,7 @@ def extract_sparse_task_vector(
 
 
 def _write_tensor(
-    writer: _TailHeaderWriter, name: str, tau: torch.Tensor, *, density: float
+    writer: TailHeaderWriter, name: str, tau: torch.Tensor, *, density: float
 ) -> tuple[dict[str, Any], int]:
     """Store one tensor's kept entries; returns its metadata entry (without dtype) and its stored bytes."""
     flat = tau.reshape(-1)
@@ -139,102 +141,28 @@ def _write_tensor(
         mask &= flat != 0  # a zero reads back as zero without a position
     else:
         mask = torch.zeros(0, dtype=torch.bool)
-    positions = mask.nonzero().reshape(-1)
-    kept = positions.numel()
-    index_dtype = torch.int32 if n <= 2**31 - 1 else torch.int64
-    use_indices = kept * index_dtype.itemsize < (n + 7) // 8
-    if use_indices:
-        writer.add(f"{name}::indices", positions.to(index_dtype))
-    else:
-        writer.add(f"{name}::mask", pack_bits(mask))
+    encoding, positions, position_bytes = writer.add_positions(name, mask)
     writer.add(f"{name}::values", flat[positions].contiguous())
-    stored = (kept * index_dtype.itemsize if use_indices else (n + 7) // 8) + 4 * kept
-    return {"shape": list(tau.shape), "encoding": "indices" if use_indices else "mask", "kept": kept}, stored
+    kept = positions.numel()
+    return {"shape": list(tau.shape), "encoding": encoding, "kept": kept}, position_bytes + 4 * kept
 
 
-class SparseTaskVector:
-    """Reader: ``load_tau(name)`` is float32 τ in the original shape (exact values at the kept positions).
-    The metadata and the pieces are checked against each other first, so a hostile file gets a
-    ``CorruptCheckpointError`` naming file and tensor, never an out-of-range index."""
+class SparseTaskVector(PackedTaskVector):
+    """Reader: ``load_tau(name)`` is float32 τ in the original shape (exact values at the kept positions)."""
 
-    def __init__(self, checkpoint: Checkpoint) -> None:
-        self.checkpoint = checkpoint
-        self.file = next(iter(checkpoint.infos.values())).file if checkpoint.infos else checkpoint.path
-        try:
-            params = json.loads(checkpoint.metadata[META_KEY])
-            entries = params["tensors"]
-            if not isinstance(entries, dict):
-                raise TypeError("tensors is not an object")
-        except (KeyError, ValueError, TypeError) as exc:
-            raise CorruptCheckpointError(
-                f"{self.file}: bad {META_KEY} metadata ({exc!r})", file=str(self.file)
-            ) from None
-        self.params: dict[str, Any] = params
-        self.entries: dict[str, dict[str, Any]] = {}
-        self.infos: dict[str, TensorInfo] = {}
-        for name, entry in entries.items():
-            self._validate(name, entry)
-            self.entries[name] = entry
-            self.infos[name] = TensorInfo(
-                name=name,
-                dtype=entry["dtype"],
-                shape=tuple(entry["shape"]),
-                file=checkpoint.infos[f"{name}::values"].file,
-            )
+    meta_key = META_KEY
+    anchor = "::values"
 
-    def _bad(self, name: str, problem: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(
-            f"{self.file}: tensor {name!r}: {problem}", file=str(self.file), tensor=name
-        )
-
-    def _validate(self, name: str, entry: Any) -> None:
-        if not isinstance(entry, dict) or entry.get("encoding") not in ("mask", "indices"):
-            raise self._bad(name, "entry has no valid encoding")
-        shape, kept, dtype = entry.get("shape"), entry.get("kept"), entry.get("dtype")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise self._bad(name, f"bad shape {shape!r}")
-        n = math.prod(shape)
-        if dtype not in DTYPES or not isinstance(kept, int) or not 0 <= kept <= n:
-            raise self._bad(name, f"bad dtype {dtype!r} or kept count {kept!r}")
-        expect: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {f"{name}::values": (("F32",), (kept,))}
-        if entry["encoding"] == "mask":
-            expect[f"{name}::mask"] = (("U8",), ((n + 7) // 8,))
-        else:
-            expect[f"{name}::indices"] = (("I32", "I64"), (kept,))
-        for key, (codes, piece_shape) in expect.items():
-            info = self.checkpoint.infos.get(key)
-            if info is None or info.dtype not in codes or info.shape != piece_shape:
-                raise self._bad(
-                    name, f"piece {key!r} is missing or not {'/'.join(codes)} {list(piece_shape)}"
-                )
+    def value_pieces(self, name: str, entry: dict[str, Any]) -> Expected:
+        return {f"{name}::values": (("F32",), (entry["kept"],))}
 
     def load_tau(self, name: str) -> torch.Tensor:
-        entry = self.entries.get(name)
-        if entry is None:
-            raise IncompatibleModelsError(
-                f"{self.file}: no tensor {name!r}", tensor=name, file=str(self.file)
-            )
-        shape, kept = tuple(entry["shape"]), entry["kept"]
-        n = math.prod(shape)
-        if entry["encoding"] == "mask":
-            positions = unpack_bits(self.checkpoint.load(f"{name}::mask"), n).nonzero().reshape(-1)
-            if positions.numel() != kept:
-                raise self._bad(name, f"mask has {positions.numel()} set bits, metadata says {kept}")
-        else:
-            positions = self.checkpoint.load(f"{name}::indices").to(torch.int64)
-            if kept and (
-                int(positions.min()) < 0
-                or int(positions.max()) >= n
-                or not bool((positions[1:] > positions[:-1]).all())
-            ):
-                raise self._bad(name, "indices are out of range or not strictly increasing")
-        tau = torch.zeros(n, dtype=torch.float32)
-        if kept:
+        positions = self.positions(name)
+        shape = tuple(self.entries[name]["shape"])
+        tau = torch.zeros(math.prod(shape), dtype=torch.float32)
+        if positions.numel():
             tau[positions] = self.checkpoint.load(f"{name}::values").to(torch.float32)
         return tau.reshape(shape)
-
-    def close(self) -> None:
-        self.checkpoint.close()
 
 
 class SparseTaskVectorSource(ModelSource):

@@ -200,8 +200,8 @@ def open_structured_sources(
 ) -> Any:
     """The preflight hook for recipes with ``slices``, LoRA-adapted models or a ``tokenizer``: their ``Sources``.
     ``resolve`` gives a source's local folder (the tokenizer a recipe names)."""
-    from merge_ops.preflight import Sources
     from merge_ops.slices import SliceSpec as _Spec
+    from merge_ops.sources import Sources
 
     opened: list[ModelSource] = []
     reference: ModelSource | None

@@ -26,10 +26,11 @@ from merge_ops.checkpoint import torch_dtype
 from merge_ops.errors import IncompatibleModelsError, NonFiniteTensorError
 from merge_ops.lines import block_map
 from merge_ops.params import CATALOG, StagesParams
-from merge_ops.preflight import MergePlan, Sources, TensorPlan, has_gradients
+from merge_ops.preflight import MergePlan, TensorPlan, has_gradients
 from merge_ops.recipe import Recipe
 from merge_ops.registry import TensorContext, get_method
 from merge_ops.slices import gradient_positions
+from merge_ops.sources import Sources
 
 
 @dataclass

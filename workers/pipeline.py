@@ -210,9 +210,9 @@ def _run_merge_job(
 def _run_analysis(
     job_id: str, data: dict[str, Any], *, hf_token: str | None, settings: Settings, ticker: JobTicker
 ) -> JobOutcome:
-    """An ``analyze`` job: task-vector statistics of ``sources`` against ``base`` (merge_ops.inspect)."""
+    """An ``analyze`` job: task-vector statistics of ``sources`` against ``base`` (merge_ops.analysis)."""
+    from merge_ops.analysis import inspect_task_vectors
     from merge_ops.errors import RecipeError
-    from merge_ops.inspect import inspect_task_vectors
 
     base, sources = data.get("base"), data.get("sources") or data.get("models") or []
     if not base or not sources:

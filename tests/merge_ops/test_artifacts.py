@@ -12,14 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from merge_ops.artifacts import (
-    COMPRESSION_KEY,
-    CompressedTaskVector,
-    compress_task_vector,
-    decompress,
-    extract_task_vector,
-)
+from merge_ops.artifacts import compress_task_vector, decompress, extract_task_vector
 from merge_ops.checkpoint import Checkpoint, read_safetensors_header
+from merge_ops.compressed import COMPRESSION_KEY, CompressedTaskVector
 from merge_ops.errors import (
     CorruptCheckpointError,
     IncompatibleModelsError,

@@ -577,7 +577,14 @@ def test_native_slices_rules():
 
     one = {"source": "./a", "layers": [0, 2]}
     assert ["slices"] in problems(
-        {"method": "linear", "models": [{"source": "./a"}], "slices": [{"sources": [one]}]}
+        {"method": "linear", "models": [{"source": "./b"}], "slices": [{"sources": [one]}]}
+    )
+    # the models a sliced recipe derives, written back (a stored recipe's dump), are those of its slices
+    assert (
+        load_recipe(
+            {"method": "linear", "models": [{"source": "./a"}], "slices": [{"sources": [one]}]}
+        ).models
+        == load_recipe({"method": "linear", "slices": [{"sources": [one]}]}).models
     )
     assert ["slices", "0", "sources"] in problems(
         {"method": "task_arithmetic", "base": "./base", "slices": [{"sources": [one]}]}

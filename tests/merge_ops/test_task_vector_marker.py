@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from merge_ops.artifacts import FORMAT_KEY, TASK_VECTOR_FORMAT, extract_task_vector
+from merge_ops.artifacts import extract_task_vector
+from merge_ops.compressed import FORMAT_KEY, TASK_VECTOR_FORMAT
 from merge_ops.errors import IncompatibleModelsError
 from merge_ops.pipeline import run_merge
 from merge_ops.recipe import load_recipe

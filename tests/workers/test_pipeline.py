@@ -154,6 +154,6 @@ def test_analyze_job_stores_task_vector_statistics_as_its_report(job_store, allo
     assert run_job(job_id, settings=alloy_settings).status == "succeeded"
     job = job_store.job(job_id)
     assert job.status == "succeeded" and job.output_path is None
-    from merge_ops.inspect import inspect_task_vectors
+    from merge_ops.analysis import inspect_task_vectors
 
     assert job.report == json.loads(json.dumps(inspect_task_vectors(str(base), [str(f) for f in fts])))

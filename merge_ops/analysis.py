@@ -14,13 +14,13 @@ from typing import Any
 import torch
 
 from merge_ops.lines import find_block
-from merge_ops.preflight import FLOAT_CODES, local_path
+from merge_ops.preflight import FLOAT_CODES
 from merge_ops.recipe import Source
-from merge_ops.sources import open_source
+from merge_ops.sources import SourceResolver, local_path, open_source
 
 
 def inspect_task_vectors(
-    base: Source, models: list[Source], *, resolver: Any = None, allow_pickle: bool = False
+    base: Source, models: list[Source], *, resolver: SourceResolver | None = None, allow_pickle: bool = False
 ) -> dict[str, Any]:
     """Statistics of τ_t = θ_t − θ_0 for each model; JSON-able."""
     opened = []
