@@ -32,7 +32,7 @@ class Problem(BaseModel):
     errors: list[ErrorItem] | None = None
 
 
-class Progress(BaseModel):
+class JobProgress(BaseModel):
     tensors_done: int
     tensors_total: int | None
     bytes_done: int
@@ -56,7 +56,7 @@ class JobOut(BaseModel):
     batch_id: str | None
     attempts: int
     cancel_requested: bool
-    progress: Progress
+    progress: JobProgress
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

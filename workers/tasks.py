@@ -15,7 +15,7 @@ from workers.job_row import RetryLater
 
 
 @app.task(name=RUN_JOB_TASK, bind=True, max_retries=None)
-def run_job(self: Any, job_id: str, hf_token: str | None = None) -> str:
+def run_job_task(self: Any, job_id: str, hf_token: str | None = None) -> str:
     try:
         return pipeline.run_job(job_id, hf_token=hf_token).status
     except RetryLater as exc:
@@ -24,7 +24,7 @@ def run_job(self: Any, job_id: str, hf_token: str | None = None) -> str:
 
 
 @app.task(name=PUBLISH_JOB_TASK, bind=True, max_retries=None)
-def publish_job(self: Any, job_id: str, output_path: str, hf_token: str | None = None) -> str:
+def publish_job_task(self: Any, job_id: str, output_path: str, hf_token: str | None = None) -> str:
     from workers.publish import push_to_hub
 
     try:
@@ -36,7 +36,7 @@ def publish_job(self: Any, job_id: str, output_path: str, hf_token: str | None =
 
 
 @app.task(name=REAP_TASK)
-def reap() -> dict[str, int]:
+def reap_task() -> dict[str, int]:
     """One reaper pass, for deployments that prefer celery beat to the per-worker reaper thread."""
     from workers.reaper import reap_once
 

@@ -9,7 +9,7 @@ from fastapi import Request
 
 from app.api.problems import error_problem
 from app.models import Batch, Job
-from app.schemas import BatchOut, JobOut, Output, Problem, Progress
+from app.schemas import BatchOut, JobOut, JobProgress, Output, Problem
 
 _T = TypeVar("_T")
 
@@ -53,7 +53,7 @@ def job_out(job: Job, *, url: str) -> JobOut:
         batch_id=job.batch_id,
         attempts=job.attempts,
         cancel_requested=job.cancel_requested,
-        progress=Progress(
+        progress=JobProgress(
             tensors_done=job.tensors_done,
             tensors_total=total,
             bytes_done=job.bytes_done,

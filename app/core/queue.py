@@ -72,17 +72,15 @@ def enqueue_job(
     Encrypting it into the row instead would keep a long-lived secret at rest for the life of the job table.
     """
     settings = settings or get_settings()
-    kwargs = {"hf_token": hf_token} if hf_token else {}
-    celery_client(settings).send_task(
+    _send(
         RUN_JOB_TASK,
-        args=[job_id],
-        kwargs=kwargs,
+        job_id,
+        {},
+        hf_token=hf_token,
         queue=queue,
-        routing_key=queue,
+        settings=settings,
         priority=broker_priority(priority, broker_url=settings.broker_url),
         retry=False,
-        # Celery logs and stores kwargsrepr in headers; mask the token there
-        kwargsrepr=repr({key: "***" for key in kwargs}),
     )
 
 
@@ -90,17 +88,37 @@ def enqueue_publish(
     job_id: str, *, output_path: str, hf_token: str | None = None, settings: Settings | None = None
 ) -> None:
     """Send ``alloy.publish_job(job_id, output_path)`` to the io queue (the Hub token as for ``enqueue_job``)."""
-    settings = settings or get_settings()
-    kwargs: dict[str, Any] = {"output_path": output_path}
-    if hf_token:
-        kwargs["hf_token"] = hf_token
-    celery_client(settings).send_task(
+    _send(
         PUBLISH_JOB_TASK,
+        job_id,
+        {"output_path": output_path},
+        hf_token=hf_token,
+        queue=IO_QUEUE,
+        settings=settings or get_settings(),
+    )
+
+
+def _send(
+    task: str,
+    job_id: str,
+    kwargs: dict[str, Any],
+    *,
+    hf_token: str | None,
+    queue: str,
+    settings: Settings,
+    **options: Any,
+) -> None:
+    if hf_token:
+        kwargs = {**kwargs, "hf_token": hf_token}
+    celery_client(settings).send_task(
+        task,
         args=[job_id],
         kwargs=kwargs,
-        queue=IO_QUEUE,
-        routing_key=IO_QUEUE,
+        queue=queue,
+        routing_key=queue,
+        # Celery logs and stores kwargsrepr in headers; mask the token there
         kwargsrepr=repr({k: ("***" if k == "hf_token" else v) for k, v in kwargs.items()}),
+        **options,
     )
 
 

@@ -167,7 +167,7 @@ def load_pretrained(auto_class: Any, model_dir: Path, *, device: torch.device, *
     return model.to(device).eval()
 
 
-def load_tokenizer(model_dir: Path) -> Any:
+def load_evaluation_tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:

@@ -14,9 +14,9 @@ from merge_ops.errors import EvaluatorError
 from merge_ops.evaluators.base import (
     StateDict,
     field_values,
+    load_evaluation_tokenizer,
     load_into,
     load_pretrained,
-    load_tokenizer,
     read_jsonl,
     tokenize_batches,
 )
@@ -31,7 +31,7 @@ class CausalLMLossEvaluator:
 
         rows = read_jsonl(data_path, max_examples=spec.max_examples)
         texts = [str(t) for t in field_values(rows, spec.text_field, path=data_path)]
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_evaluation_tokenizer(model_dir)
         self.batches = tokenize_batches(
             tokenizer, texts, batch_size=spec.batch_size, max_length=spec.max_length
         )

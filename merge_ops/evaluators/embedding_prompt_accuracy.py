@@ -18,9 +18,9 @@ from merge_ops.errors import EvaluatorError
 from merge_ops.evaluators.base import (
     StateDict,
     field_values,
+    load_evaluation_tokenizer,
     load_into,
     load_pretrained,
-    load_tokenizer,
     read_jsonl,
     tokenize_batches,
 )
@@ -58,7 +58,7 @@ class EmbeddingPromptAccuracyEvaluator:
             tasks = [str(t) for t in field_values(rows, spec.task_field, path=data_path)]
         self.pooling, self.device = spec.pooling, device
         self.model = load_pretrained(AutoModel, model_dir, device=device)
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_evaluation_tokenizer(model_dir)
         # per row: its task, and its label as an index into that task's class list
         self.task_names = sorted(set(tasks))
         self.row_task = torch.tensor([self.task_names.index(t) for t in tasks])

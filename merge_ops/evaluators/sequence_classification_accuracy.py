@@ -17,9 +17,9 @@ from merge_ops.errors import EvaluatorError
 from merge_ops.evaluators.base import (
     StateDict,
     field_values,
+    load_evaluation_tokenizer,
     load_into,
     load_pretrained,
-    load_tokenizer,
     model_names,
     read_jsonl,
     tokenize_batches,
@@ -59,7 +59,7 @@ class SequenceClassificationAccuracyEvaluator:
             num_labels=int(self.model.config.num_labels),
             path=data_path,
         )
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_evaluation_tokenizer(model_dir)
         self.batches = tokenize_batches(
             tokenizer, texts, batch_size=spec.batch_size, max_length=spec.max_length
         )
