@@ -135,7 +135,9 @@ class MethodOut(BaseModel):
     kind: str
     default_scope: str
     min_models: int
-    lines_applies: bool = Field(description="Whether a recipe's `lines` (LiNeS layer scaling) makes sense here.")
+    lines_applies: bool = Field(
+        description="Whether a recipe's `lines` (LiNeS layer scaling) makes sense here."
+    )
     params_schema: dict[str, Any]
     defaults: dict[str, Any]
 

@@ -77,7 +77,8 @@ def publish_job(
         ticker.flush()
         if exc.transient and attempt + 1 < settings.max_attempts:
             raise RetryLater(exc.to_dict(), countdown=retry_countdown(attempt)) from exc
-        _finish(settings, job_id, status="failed", error=exc.to_dict())
+        # the merge itself is done: keep its folder on the row so the user sees it and can retry the upload
+        _finish(settings, job_id, status="failed", error=exc.to_dict(), output_path=output_path)
         return JobOutcome(job_id, "failed", exc.code)
     except Exception as exc:
         ticker.flush()
@@ -87,6 +88,7 @@ def publish_job(
             job_id,
             status="failed",
             error={"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"},
+            output_path=output_path,
         )
         return JobOutcome(job_id, "failed", "internal_error")
     ticker.flush()

@@ -177,6 +177,7 @@ function init() {
   $("#job-cancel-yes").addEventListener("click", cancelJob);
   $("#job-cancel-no").addEventListener("click", () => { $("#job-cancel-confirm").hidden = true; $("#job-cancel").hidden = false; $("#job-cancel").focus(); });
   $("#job-edit").addEventListener("click", editJob);
+  $("#job-retry-publish").addEventListener("click", retryPublish);
   $("#job-analyze").addEventListener("click", (e) => analyze(e, state.jobRecipe));
   $("#jobs-more").addEventListener("click", () => loadJobs());
   $$("main h2").forEach((h) => h.setAttribute("tabindex", "-1"));

@@ -203,6 +203,10 @@ function renderJob(job) {
   err.classList.toggle("notice", job.status === "cancelled");
   if (job.status === "cancelled") err.textContent = `Cancelled: ${job.error?.detail || "the job was cancelled"}.`;
   else if (job.error) err.textContent = `${job.error.code ? `[${job.error.code}] ` : ""}${problemText(job.error)}`;
+  // a failed Hub push after a finished merge: the model is on disk, only the upload needs another try
+  const uploadFailed = job.status === "failed" && Boolean(out.path) && Boolean(r.output?.hub);
+  $("#job-retry-publish").hidden = !uploadFailed;
+  if (uploadFailed) err.textContent = `The merge finished and is kept at ${out.path}; only the upload to ${r.output.hub.repo} failed. ${err.textContent}`;
   state.job = job;
   state.jobRecipe = job.recipe;
   $("#job-recipe-details").hidden = !job.recipe;
@@ -210,7 +214,7 @@ function renderJob(job) {
 }
 
 async function openJob(id) {
-  for (const s of ["#job-cancel", "#job-cancel-confirm", "#job-edit", "#job-soup-section", "#job-charts-section", "#job-card-section", "#job-report-details", "#job-recipe-details", "#job-error"]) $(s).hidden = true;
+  for (const s of ["#job-cancel", "#job-cancel-confirm", "#job-edit", "#job-retry-publish", "#job-soup-section", "#job-charts-section", "#job-card-section", "#job-report-details", "#job-recipe-details", "#job-error"]) $(s).hidden = true;
   $("#job-charts").replaceChildren();
   $("#job-facts").replaceChildren();
   $("#job-progress-text").textContent = "";
@@ -234,7 +238,8 @@ async function openJob(id) {
   if (controller.signal.aborted) return;
   const final = await api("GET", `/v1/merges/${encodeURIComponent(id)}`);
   if (final.ok) { job = final.data; renderJob(job); }
-  if (job.status === "succeeded" && !controller.signal.aborted) await showReport(id, job);
+  const merged = job.status === "succeeded" || (job.status === "failed" && job.output?.path);
+  if (merged && !controller.signal.aborted) await showReport(id, job);
 }
 
 /** Live status over SSE. EventSource can't send Authorization, so read the stream with fetch(); if
@@ -313,6 +318,19 @@ function editJob() {
   if (state.methods.length) fillForm(recipe); else state.pendingEdit = recipe;
   state.flash = [`The recipe of job ${String(job.id).slice(0, 8)} is in the form: change it and submit again.`, "info"];
   location.hash = "#/";
+}
+
+/** Push the finished folder again (one new commit); the merge is not redone. */
+async function retryPublish() {
+  const job = state.job;
+  if (!job) return;
+  const button = $("#job-retry-publish");
+  button.disabled = true;
+  const res = await api("POST", `/v1/merges/${encodeURIComponent(job.id)}/publish`, { hubToken: true });
+  button.disabled = false;
+  if (!res.ok) { if (!handleAuth(res)) banner(problemText(res.data)); return; }
+  state.flash = ["Upload queued again: the finished merge is pushed as it is.", "ok"];
+  route(); // follow the job live again
 }
 
 async function cancelJob() {
