@@ -343,3 +343,44 @@ def test_a_decimal_comma_is_called_out_and_lines_is_offered_only_where_it_applie
     page.select_option("#method", "ties")
     assert page.is_visible("#lines-fieldset")
     screenshot(page, artifacts / "traps-1280.png")
+
+
+# ------------------------------------------------------------------------------------------------ defect 9
+@pytest.mark.parametrize("page", [390], indirect=True)
+def test_charts_show_only_panels_with_data_and_stay_readable_at_390px(
+    page: Any, deployment: Deployment, artifacts: Path
+) -> None:
+    shown = page.evaluate("""() => {
+        const tensors = [0, 1, 2, 3].map((layer) => ({name: `model.layers.${layer}.mlp.up_proj.weight`,
+            action: 'merge', shape: [16, 16], layer, kept_density: 0.3 + 0.023 * layer}));
+        const figs = AlloyCharts.fromReport({tensors}, {kind: 'merge'});
+        const box = document.querySelector('#main');
+        box.prepend(...figs);
+        const out = figs.map((f) => {
+            const ticks = [...f.querySelectorAll('text.tick')];
+            const yTicks = ticks.filter((t) => t.getAttribute('text-anchor') === 'end').map((t) => Number(t.textContent));
+            return {
+                caption: f.querySelector('figcaption').textContent,
+                missing: f.classList.contains('chart-missing'),
+                yTop: Math.max(...yTicks),
+                hovers: [...f.querySelectorAll('title')].map((t) => t.textContent),
+                tickPx: Math.min(...ticks.map((t) => t.getBoundingClientRect().height)),
+            };
+        });
+        return out;
+    }""")
+    # a plain sparsifying merge: only the panel it has data for, no placeholders
+    assert [f["caption"] for f in shown] == ["Density kept per layer"], shown
+    figure = shown[0]
+    assert not figure["missing"]
+    assert figure["yTop"] >= 0.3 + 0.023 * 3  # the axis shows a value at or above the highest point
+    assert figure["hovers"] and all(h.startswith("layer ") for h in figure["hovers"]), figure["hovers"]
+    assert figure["tickPx"] >= 10, figure  # readable on a phone
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    screenshot(page, artifacts / "charts-390.png")
+    # a report without per-layer statistics: one note, not five empty panels
+    empty = page.evaluate(
+        "() => AlloyCharts.fromReport({tensors: [{name: 'w', action: 'merge', shape: [2]}]}, {kind: 'merge'})"
+        ".map((f) => f.classList.contains('chart-missing'))"
+    )
+    assert empty == [True]
