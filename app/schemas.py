@@ -117,6 +117,15 @@ class AnalysisRequest(BaseModel):
         return base
 
 
+class RecipePlan(BaseModel):
+    recipe: dict[str, Any] = Field(description="The normalized recipe, as /v1/recipes/validate returns it.")
+    plan: dict[str, Any] | None = Field(
+        description="The dry run's plan (tensors, bytes_read, bytes_written, largest_tensor_bytes, "
+        "estimated_peak_bytes, passes); null when a source is read from the Hub at run time."
+    )
+    notes: list[str] = Field(description="What the preflight could not check here, and why.")
+
+
 class MethodOut(BaseModel):
     name: str
     pretty_name: str
@@ -126,6 +135,9 @@ class MethodOut(BaseModel):
     kind: str
     default_scope: str
     min_models: int
+    lines_applies: bool = Field(
+        description="Whether a recipe's `lines` (LiNeS layer scaling) makes sense here."
+    )
     params_schema: dict[str, Any]
     defaults: dict[str, Any]
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -581,9 +580,6 @@ def _source(ref: Any, loc: Loc, fail: Any) -> str:
             loc, "mergekit 'model+lora' references are not supported yet; merge the LoRA into its model first"
         )
         return ref
-    if Path(ref).expanduser().exists() or ref.startswith(("/", ".", "~", "hf://")):
-        return ref
-    repo, _, revision = ref.partition("@")
-    if _HUB_ID.match(repo):
-        return f"hf://{repo}@{revision}" if revision else f"hf://{repo}"
-    return ref
+    from merge_ops.mergekit_refs import alloy_source
+
+    return alloy_source(ref)

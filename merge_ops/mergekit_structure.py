@@ -23,7 +23,6 @@ that differ between slices, a per-slice ``base_model`` other than the top-level 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 Fail = Any  # (loc, msg) -> None, from translate_mergekit
@@ -329,11 +328,6 @@ def apply_structure(recipe: dict[str, Any], structure: Structure, fail: Fail) ->
 def _alloy_source(ref: str) -> str:
     """mergekit model reference -> Alloy source, as ``mergekit_compat`` translates ``models[].model``: an existing
     local path stays a path, ``org/name[@rev]`` is a Hub repository (kept here so both hooks agree on LoRAs)."""
-    import re
+    from merge_ops.mergekit_refs import alloy_source
 
-    if Path(ref).expanduser().exists() or ref.startswith(("/", ".", "~", "hf://")):
-        return ref
-    repo, _, revision = ref.partition("@")
-    if re.match(r"^[\w.\-]+/[\w.\-]+$", repo):
-        return f"hf://{repo}@{revision}" if revision else f"hf://{repo}"
-    return ref
+    return alloy_source(ref)

@@ -45,6 +45,11 @@ class _NoAliasLoader(yaml.SafeLoader):
 
 
 def _first_line(exc: Exception) -> str:
+    """The parser's complaint with its place (1-based line and column), so an editor can point at it."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 

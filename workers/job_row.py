@@ -188,6 +188,7 @@ def settle(
     ticker: JobTicker,
     attempts: int,
     requeue_transient: bool = True,
+    failed_fields: dict[str, Any] | None = None,
 ) -> JobOutcome:
     """Run one attempt's ``body`` and record its outcome on the row: the one mapping from exceptions to outcomes.
 
@@ -195,7 +196,8 @@ def settle(
     ``queued`` first when ``requeue_transient``: a publish retry keeps its row running); any other MergeError ->
     ``failed`` with its code; any other exception -> ``failed`` as ``internal_error`` or
     ``time_limit_exceeded``; a process shutdown (SystemExit, KeyboardInterrupt) -> back to ``queued``, re-raised.
-    When the ticker finds the row taken over by another attempt, this one stops without touching it."""
+    ``failed_fields`` are written with a failure (a failed push keeps the merged folder's path). When the ticker
+    finds the row taken over by another attempt, this one stops without touching it."""
     try:
         return body()
     except BaseException as exc:
@@ -218,7 +220,7 @@ def settle(
         if retry and (not requeue_transient or requeue(settings, job_id)):
             log.info("job %s: transient %s, retrying", job_id, error.code)
             raise RetryLater(error.to_dict(), countdown=retry_countdown(attempts)) from exc
-        finish(settings, job_id, status="failed", error=error.to_dict())
+        finish(settings, job_id, status="failed", error=error.to_dict(), **(failed_fields or {}))
         return JobOutcome(job_id, "failed", error.code)
     finally:
         ticker.flush()

@@ -69,5 +69,14 @@ def push_to_hub(
         )
         return JobOutcome(job_id, "succeeded")
 
-    # a transient Hub error retries this task (the row stays running, heartbeated), not the merge
-    return settle(job_id, body, settings=settings, ticker=ticker, attempts=attempt, requeue_transient=False)
+    # a transient Hub error retries this task (the row stays running, heartbeated), not the merge; a failed
+    # push keeps the finished merge's folder on the row, so the user sees it and can retry the upload alone
+    return settle(
+        job_id,
+        body,
+        settings=settings,
+        ticker=ticker,
+        attempts=attempt,
+        requeue_transient=False,
+        failed_fields={"output_path": output_path},
+    )

@@ -32,6 +32,7 @@ from app.services.errors import (
     JobNotFoundError,
 )
 from app.services.paths import confine_analysis_sources, confine_recipe_paths
+from merge_ops.mergekit_refs import local_roots
 from merge_ops.recipe import HubSource, Recipe, Source, load_recipe, parse_source
 
 #: Pins a Hub source to a commit (``merge_ops.hub.HubClient.resolve``); raises HubError subclasses.
@@ -46,7 +47,9 @@ class Submission:
 
 def prepare_recipe(raw: dict[str, Any] | str, *, settings: Settings) -> Recipe:
     """Parse (Alloy or mergekit), validate and confine paths; raises RecipeError listing every problem."""
-    return confine_recipe_paths(load_recipe(raw), roots=settings.data_dirs)
+    with local_roots(settings.data_dirs):  # a mergekit `model: org/name` that exists there is a local folder
+        recipe = load_recipe(raw)
+    return confine_recipe_paths(recipe, roots=settings.data_dirs)
 
 
 class _Pins:

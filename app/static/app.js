@@ -105,6 +105,7 @@ function toYaml(value, indent = "") {
 // ---------------------------------------------------------------------------------------------- routing
 function route() {
   if (state.jobStream) { state.jobStream.abort(); state.jobStream = null; }
+  clearTimeout(state.jobsTimer);
   const hash = location.hash.replace(/^#/, "") || "/";
   const parts = hash.split("/").filter(Boolean);
   let view = "compose";
@@ -116,7 +117,8 @@ function route() {
     if (a.dataset.nav === (view === "job" || view === "batch" ? "jobs" : view)) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
   });
-  banner("");
+  banner(state.flash?.[0] || "", state.flash?.[1]);
+  state.flash = null;
   if (view === "jobs") loadJobs({ reset: true });
   if (view === "job") openJob(decodeURIComponent(parts[1]));
   if (view === "batch") openBatch(decodeURIComponent(parts[1]));
@@ -131,8 +133,11 @@ async function loadMethods() {
   state.methods = Array.isArray(res.data) ? res.data : res.data?.items || res.data?.methods || [];
   const select = $("#method");
   select.replaceChildren(...state.methods.map((m) => new Option(`${m.pretty_name || m.name} (${m.name})`, m.name)));
-  selectMethod(state.methods.some((m) => m.name === "ties") ? "ties" : state.methods[0]?.name);
-  if (!$("#models-list").children.length) { addModel(); addModel(); }
+  if (!restoreDraft()) {
+    selectMethod(state.methods.some((m) => m.name === "ties") ? "ties" : state.methods[0]?.name);
+    if (!$("#models-list").children.length) { addModel(); addModel(); }
+  }
+  if (state.pendingEdit) { fillForm(state.pendingEdit); state.pendingEdit = null; }
   updatePreview();
 }
 
@@ -155,6 +160,10 @@ function init() {
   form.addEventListener("input", updatePreview);
   form.addEventListener("change", updatePreview);
   form.addEventListener("submit", submitRecipe);
+  form.addEventListener("keydown", blockImplicitSubmit);
+  form.addEventListener("input", clearFieldError);
+  form.addEventListener("change", clearFieldError);
+  $("#reset-form").addEventListener("click", resetForm);
   $("#method").addEventListener("change", (e) => { selectMethod(e.target.value, { keepParams: false }); updatePreview(); });
   $("#add-model").addEventListener("click", () => { const row = addModel(); updatePreview(); $(".src-id", row).focus(); });
   $("#lines-enabled").addEventListener("change", (e) => { $("#lines-fields").hidden = !e.target.checked; });
@@ -164,7 +173,11 @@ function init() {
   $("#import-button").addEventListener("click", importRecipe);
   $("#evaluator-file").addEventListener("change", uploadHeldout);
   $("#copy-yaml").addEventListener("click", () => navigator.clipboard?.writeText($("#yaml-preview").textContent).catch(() => {}));
-  $("#job-cancel").addEventListener("click", cancelJob);
+  $("#job-cancel").addEventListener("click", askCancel);
+  $("#job-cancel-yes").addEventListener("click", cancelJob);
+  $("#job-cancel-no").addEventListener("click", () => { $("#job-cancel-confirm").hidden = true; $("#job-cancel").hidden = false; $("#job-cancel").focus(); });
+  $("#job-edit").addEventListener("click", editJob);
+  $("#job-retry-publish").addEventListener("click", retryPublish);
   $("#job-analyze").addEventListener("click", (e) => analyze(e, state.jobRecipe));
   $("#jobs-more").addEventListener("click", () => loadJobs());
   $$("main h2").forEach((h) => h.setAttribute("tabindex", "-1"));
@@ -175,7 +188,10 @@ function init() {
   route();
   // every /v1 route needs a token: without one, ask for it instead of making requests that must fail
   if (tokenInput.value) loadMethods();
-  else banner("Enter your API token under “Tokens” (alloy token create) to load the merge methods.", "info");
+  else {
+    banner("Enter your API token under “Tokens” (alloy token create): it is kept for this tab only, so a new tab asks again.", "info");
+    tokenInput.focus();
+  }
 }
 
 document.addEventListener("DOMContentLoaded", init);

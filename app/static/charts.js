@@ -25,9 +25,11 @@ const Charts = (() => {
     const step0 = (hi - lo) / count;
     const mag = 10 ** Math.floor(Math.log10(step0));
     const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= step0) || step0;
+    // from the last tick at or below lo to the first at or above hi: the axis always shows its top value
+    const first = Math.floor(lo / step + 1e-9) * step, last = Math.ceil(hi / step - 1e-9) * step;
     const ticks = [];
-    for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(Number(t.toPrecision(12)));
-    return { lo: Math.min(lo, ticks[0]), hi: Math.max(hi, ticks[ticks.length - 1]), ticks };
+    for (let t = first; t <= last + step * 1e-9; t += step) ticks.push(Number(t.toPrecision(12)));
+    return { lo: ticks[0], hi: ticks[ticks.length - 1], ticks };
   }
 
   function figure(title, note) {
@@ -57,7 +59,9 @@ const Charts = (() => {
    * Returns a <figure> holding an SVG with axes, a legend and a <title> per point for hover/screen readers.
    */
   function line(title, series, opts = {}) {
-    const W = 560, H = 260, m = { l: 56, r: 12, t: 12, b: 40 };
+    // drawn at about its shown width, so 11-unit ticks stay ~11 px on a phone instead of shrinking to 7
+    const W = Math.round(Math.min(560, Math.max(300, (window.innerWidth || 560) - 64)));
+    const H = Math.round(W * 0.46), m = { l: 56, r: 12, t: 12, b: 40 };
     const pts = series.flatMap((s) => s.points);
     const fig = figure(title, opts.note);
     if (!pts.length) return missing(title, "No data points.");
@@ -90,7 +94,7 @@ const Charts = (() => {
         const bw = Math.max(2, (slot * 0.8) / series.length);
         sorted.forEach(([x, y]) => {
           const r = el("rect", { x: sx(x) - (bw * series.length) / 2 + i * bw, y: Math.min(sy(y), sy(0)), width: bw, height: Math.abs(sy(0) - sy(y)), fill: color });
-          r.append(el("title", {}, `${s.label} · layer ${x}: ${fmt(y)}`));
+          r.append(el("title", {}, `${s.label ? `${s.label} · ` : ""}layer ${x}: ${fmt(y)}`));
           svg.append(r);
         });
         return;
@@ -101,7 +105,7 @@ const Charts = (() => {
       }
       for (const [x, y] of sorted) {
         const c = el("circle", { cx: sx(x), cy: sy(y), r: 3, fill: color });
-        c.append(el("title", {}, `${s.label} · layer ${x}: ${fmt(y)}`));
+        c.append(el("title", {}, `${s.label ? `${s.label} · ` : ""}layer ${x}: ${fmt(y)}`));
         svg.append(c);
       }
     });

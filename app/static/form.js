@@ -80,13 +80,37 @@ function renderParams() {
     const range = rangeText(p);
     help.textContent = [p.description, range && `Range ${range}.`, def !== undefined && def !== null ? `Default ${def}.` : ""]
       .filter(Boolean).join(" ");
-    if (input.dataset.kind === "number") help.textContent += " A list like “0.1, 0.5” is a gradient over the layers.";
+    if (input.dataset.kind === "number") {
+      help.textContent += " A list like “0.1, 0.5” is a gradient over the layers.";
+      input.addEventListener("input", () => noteGradient(input));
+    }
     input.setAttribute("aria-describedby", help.id);
     if (p.type === "boolean") wrap.append(input, label, help); else wrap.append(label, input, help);
     box.append(wrap);
   }
   $('#params-fields [data-param="sparsify"]')?.addEventListener("change", syncParamVisibility);
   syncParamVisibility();
+}
+
+/** Say in place when a number field is read as a gradient, above all "1,0" (a decimal comma): [1, 0]. */
+function noteGradient(input) {
+  const wrap = input.closest(".field");
+  let note = wrap.querySelector(".field-note");
+  const v = parseNumberish(input.value);
+  const text = !Array.isArray(v) ? ""
+    : /^\s*-?\d+,\d+\s*$/.test(input.value)
+      ? `“${input.value.trim()}” is read as a gradient [${v.join(", ")}] over the layers, not one number; write ${input.value.trim().replace(",", ".")} for a decimal.`
+      : `A gradient over the layers: ${v.join(" → ")}.`;
+  if (!text) { note?.remove(); return; }
+  if (!note) {
+    note = document.createElement("p");
+    note.className = "field-note";
+    note.id = `${input.id}-note`;
+    note.setAttribute("role", "status");
+    wrap.append(note);
+    input.setAttribute("aria-describedby", `${input.getAttribute("aria-describedby") || ""} ${note.id}`.trim());
+  }
+  note.textContent = text;
 }
 
 // Stage params that only matter for one sparsifier; hidden (and left at their default) for the others.
@@ -251,6 +275,9 @@ function selectMethod(name, { keepParams } = {}) {
   $("#add-model").hidden = transfer;
   const baseLabel = $("label[for='" + fieldId("base-id") + "']");
   if (baseLabel) baseLabel.textContent = info.needs_base ? "Base model" : "Base model (optional)";
+  const lines = info.lines_applies !== false;
+  $("#lines-fieldset").hidden = !lines;
+  if (!lines) { $("#lines-enabled").checked = false; $("#lines-fields").hidden = true; }
   $("#scope").options[0].textContent = `method default (${info.default_scope || "per_tensor"})`;
   renderParams();
   setParams(previous);
@@ -263,6 +290,7 @@ function setParams(params) {
     if (!input) continue;
     if (input.dataset.kind === "bool") input.checked = Boolean(v);
     else input.value = Array.isArray(v) ? v.join(", ") : v ?? "";
+    if (input.dataset.kind === "number") noteGradient(input);
   }
   syncParamVisibility();
 }
@@ -281,7 +309,7 @@ function readRecipe() {
   if (Object.keys(params).length) r.params = params;
   const evaluator = readEvaluator();
   if (evaluator) r.evaluator = { ...evaluator, ...state.evaluatorExtra };
-  if ($("#lines-enabled").checked) {
+  if ($("#lines-enabled").checked && !$("#lines-fieldset").hidden) {
     const lines = {};
     const a = parseNumberish($("#lines-alpha").value);
     if (a !== undefined) lines.alpha = a;
@@ -366,8 +394,32 @@ function fillForm(recipe) {
   updatePreview();
 }
 
+const DRAFT_KEY = "alloy.draft";
+
 function updatePreview() {
-  $("#yaml-preview").textContent = toYaml(readRecipe()).replace(/^\n/, "") + "\n";
+  const recipe = readRecipe();
+  $("#yaml-preview").textContent = toYaml(recipe).replace(/^\n/, "") + "\n";
+  if (state.methods.length) {
+    try { localStorage.setItem(DRAFT_KEY, JSON.stringify({ recipe, name: $("#job-name").value })); } catch { /* storage full or off */ }
+  }
+}
+
+/** The recipe being composed when the page was last closed or reloaded, if any. */
+function restoreDraft() {
+  let draft = null;
+  try { draft = JSON.parse(localStorage.getItem(DRAFT_KEY) || "null"); } catch { draft = null; }
+  if (!draft?.recipe?.method || !state.methods.some((m) => m.name === draft.recipe.method)) return false;
+  fillForm(draft.recipe);
+  $("#job-name").value = draft.name || "";
+  return true;
+}
+
+function resetForm() {
+  localStorage.removeItem(DRAFT_KEY);
+  $("#job-name").value = "";
+  $("#validate-result").hidden = true;
+  fillForm({ method: state.methods.some((m) => m.name === "ties") ? "ties" : state.methods[0]?.name, models: [{ source: "" }, { source: "" }] });
+  $("#method").focus();
 }
 
 // ---------------------------------------------------------------------------------------------- errors
@@ -382,6 +434,43 @@ function clearErrors() {
   $("#error-summary").replaceChildren();
 }
 
+/** A problem's location as the form labels it: ["models", "1", "source"] -> "Model 2 › source". */
+function humanLoc(loc) {
+  const parts = (Array.isArray(loc) ? loc : []).map(String).filter((p) => !["body", "recipe", "__root__"].includes(p));
+  if (!parts.length) return "Recipe";
+  const named = { base: "Base model", output: "Output", params: "Parameters", lines: "LiNeS", evaluator: "Evaluator",
+    source_base: "Source base", source_finetuned: "Source fine-tune", target_base: "Target base" };
+  const out = [];
+  for (let i = 0; i < parts.length; i++) {
+    const p = parts[i];
+    if ((p === "models" || p === "sources" || p === "overrides" || p === "slices") && /^\d+$/.test(parts[i + 1] || "")) {
+      const noun = { models: "Model", sources: "Source", overrides: "Override", slices: "Slice" }[p];
+      out.push(`${noun} ${Number(parts[i + 1]) + 1}`);
+      i++;
+    } else if (/^\d+$/.test(p)) out.push(`#${Number(p) + 1}`);
+    else out.push(named[p] && i === 0 ? named[p] : p);
+  }
+  return out.join(" › ");
+}
+
+/** Typing in a field that has an error clears that error (and its line in the summary). */
+function clearFieldError(event) {
+  const control = event.target;
+  if (control.getAttribute?.("aria-invalid") !== "true") return;
+  const ids = (control.getAttribute("aria-describedby") || "").split(" ");
+  for (const id of ids.filter((x) => x.endsWith("-error"))) {
+    document.getElementById(id)?.remove();
+    $(`#error-summary li[data-error="${CSS.escape(id)}"]`)?.remove();
+  }
+  control.removeAttribute("aria-invalid");
+  const rest = ids.filter((x) => x && !x.endsWith("-error"));
+  if (rest.length) control.setAttribute("aria-describedby", rest.join(" ")); else control.removeAttribute("aria-describedby");
+  const summary = $("#error-summary");
+  const left = $$("#error-summary li").length;
+  if (!left) { summary.hidden = true; summary.replaceChildren(); }
+  else { const p = $("p", summary); if (p) p.textContent = `The recipe has ${left} problem${left > 1 ? "s" : ""}:`; }
+}
+
 /** The control a problem's loc points at: the longest prefix with a matching data-loc, else none. */
 function controlFor(loc) {
   const parts = loc.map(String);
@@ -394,7 +483,7 @@ function controlFor(loc) {
   return null;
 }
 
-function showProblem(problem) {
+function showProblem(problem, { focus = true } = {}) {
   clearErrors();
   const errors = Array.isArray(problem?.errors) ? problem.errors : [];
   const summary = $("#error-summary");
@@ -403,7 +492,7 @@ function showProblem(problem) {
   const list = document.createElement("ul");
   errors.forEach((err, i) => {
     const loc = Array.isArray(err.loc) ? err.loc : [];
-    const where = loc.filter((p) => p !== "body").join(".") || "recipe";
+    const where = humanLoc(loc);
     const control = controlFor(loc);
     const li = document.createElement("li");
     if (control) {
@@ -417,6 +506,7 @@ function showProblem(problem) {
         control.setAttribute("aria-invalid", "true");
         control.setAttribute("aria-describedby", `${control.getAttribute("aria-describedby") || ""} ${msg.id}`.trim());
       }
+      li.dataset.error = msg.id;
       const a = document.createElement("a");
       a.href = "#";
       a.textContent = `${where}: ${err.msg}`;
@@ -430,7 +520,7 @@ function showProblem(problem) {
   summary.append(heading);
   if (errors.length) summary.append(list);
   summary.hidden = false;
-  summary.focus();
+  if (focus) summary.focus();
 }
 
 function focusable(node) {
@@ -439,15 +529,30 @@ function focusable(node) {
 }
 
 // ---------------------------------------------------------------------------------------------- compose actions
+/** Enter in a one-line field must not submit a merge by accident (implicit form submission); buttons, links,
+ *  text areas and selects keep their own Enter. */
+function blockImplicitSubmit(event) {
+  if (event.key !== "Enter" || event.target.tagName !== "INPUT") return;
+  if (["button", "submit", "checkbox", "radio", "file"].includes(event.target.type)) return;
+  event.preventDefault();
+}
+
 async function submitRecipe(event) {
   event.preventDefault();
+  if (event.submitter && event.submitter.id !== "submit") return;
   banner("");
+  $("#validate-result").hidden = true;
   const button = $("#submit");
   button.disabled = true;
   try {
     const key = crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random();
     const res = await api("POST", "/v1/merges", { json: readRecipe(), hubToken: true, idempotencyKey: key });
-    if (res.ok && res.data?.id) { clearErrors(); location.hash = `#/jobs/${res.data.id}`; return; }
+    if (res.ok && res.data?.id) {
+      clearErrors();
+      rememberJobName(res.data.id, $("#job-name").value.trim());
+      location.hash = `#/jobs/${res.data.id}`;
+      return;
+    }
     if (handleAuth(res)) return;
     showProblem(res.data);
   } finally {
@@ -455,12 +560,59 @@ async function submitRecipe(event) {
   }
 }
 
+/** Validate = the worker's preflight over headers (POST /v1/recipes/plan): every problem at once, or the plan;
+ *  either way the answer shows right under the buttons. */
 async function validateRecipe() {
   banner("");
-  const res = await api("POST", "/v1/recipes/validate", { json: readRecipe() });
-  if (res.ok) { clearErrors(); banner("The recipe is valid.", "ok"); return; }
-  if (handleAuth(res)) return;
-  showProblem(res.data);
+  const box = $("#validate-result");
+  const button = $("#validate");
+  button.disabled = true;
+  box.className = "validate-result";
+  box.hidden = false;
+  box.textContent = "Checking the sources' headers…";
+  let res;
+  try {
+    res = await api("POST", "/v1/recipes/plan", { json: readRecipe(), hubToken: true });
+  } finally {
+    button.disabled = false;
+  }
+  if (res.ok) { clearErrors(); renderPlan(box, res.data || {}); return; }
+  if (handleAuth(res)) { box.hidden = true; return; }
+  box.classList.add("bad");
+  const errors = Array.isArray(res.data?.errors) ? res.data.errors : [];
+  box.textContent = errors.length
+    ? `Not valid: ${errors.length} problem${errors.length > 1 ? "s" : ""}, listed above and next to each field.`
+    : `Not valid: ${problemText(res.data)}`;
+  showProblem(res.data, { focus: false });
+}
+
+function renderPlan(box, { plan, notes }) {
+  box.classList.add("ok");
+  const head = document.createElement("p");
+  head.textContent = "Valid: the worker's preflight passes.";
+  box.replaceChildren(head);
+  if (plan) {
+    const tensors = plan.tensors || [];
+    const merged = tensors.filter((t) => t.action === "merge").length;
+    const rows = [
+      ["Tensors", `${merged} merged, ${tensors.length - merged} copied`],
+      ["Read", `${fmtBytes(plan.bytes_read)} in ${plan.passes} pass${plan.passes > 1 ? "es" : ""}`],
+      ["Write", fmtBytes(plan.bytes_written)],
+      ["Largest tensor", fmtBytes(plan.largest_tensor_bytes)],
+      ["Estimated peak memory", fmtBytes(plan.estimated_peak_bytes)],
+    ];
+    const dl = document.createElement("dl");
+    dl.id = "plan-facts";
+    for (const [k, v] of rows) {
+      const dt = document.createElement("dt"); dt.textContent = k;
+      const dd = document.createElement("dd"); dd.textContent = v;
+      dl.append(dt, dd);
+    }
+    box.append(dl);
+  }
+  for (const note of notes || []) {
+    const p = document.createElement("p"); p.className = "muted"; p.textContent = note; box.append(p);
+  }
 }
 
 async function analyze(event, recipe = readRecipe()) {
@@ -490,15 +642,16 @@ async function importRecipe() {
   }
   if (handleAuth(res)) return;
   const p = res.data || {};
-  box.textContent = problemText(p);
+  // the detail repeats the list: show the list alone when there is one
   if (Array.isArray(p.errors) && p.errors.length) {
+    box.textContent = `The import failed: ${p.errors.length} problem${p.errors.length > 1 ? "s" : ""}.`;
     const ul = document.createElement("ul");
     for (const e of p.errors) {
       const li = document.createElement("li");
-      li.textContent = `${(e.loc || []).join(".") || "recipe"}: ${e.msg}`;
+      li.textContent = `${humanLoc(e.loc)}: ${e.msg}`;
       ul.append(li);
     }
     box.append(ul);
-  }
+  } else box.textContent = problemText(p);
 }
 

@@ -17,16 +17,47 @@ function renderStatusFilters() {
   }
 }
 
+// Names given at submit, kept in this browser (the API stores no job name): {job id: name}.
+const NAMES_KEY = "alloy.jobNames";
+function jobNames() { try { return JSON.parse(localStorage.getItem(NAMES_KEY) || "{}") || {}; } catch { return {}; } }
+function rememberJobName(id, name) {
+  if (!name) return;
+  const names = jobNames();
+  names[id] = name.slice(0, 80);
+  try { localStorage.setItem(NAMES_KEY, JSON.stringify(names)); } catch { /* storage full or off */ }
+}
+
+/** Where a job's result is (or goes): the Hub repo, else the output folder's name (full path on hover). */
+function outputLabel(job) {
+  const out = job.output || {};
+  const hub = job.recipe?.output?.hub?.repo;
+  if (out.url) return { text: hub || out.url, title: out.url };
+  const path = out.path || job.recipe?.output?.path;
+  if (path) return { text: String(path).split("/").filter(Boolean).pop() || path, title: path };
+  return { text: hub ? `hub: ${hub}` : "", title: "" };
+}
+
 function jobRow(job) {
   const tr = document.createElement("tr");
+  tr.dataset.id = job.id;
   const link = document.createElement("a");
   link.href = `#/jobs/${encodeURIComponent(job.id)}`;
-  link.textContent = String(job.id).slice(0, 8);
+  const name = jobNames()[job.id];
+  link.textContent = name ? `${name} (${String(job.id).slice(0, 8)})` : String(job.id).slice(0, 8);
   link.title = job.id;
-  const td = (content) => { const c = document.createElement("td"); c.append(content ?? ""); return c; };
+  const td = (content, cls) => { const c = document.createElement("td"); c.append(content ?? ""); if (cls) c.className = cls; return c; };
+  const status = document.createElement("span");
   const badge = document.createElement("span");
   badge.className = `status s-${job.status}`;
   badge.textContent = job.status;
+  status.append(badge);
+  if (job.error?.code && job.status !== "succeeded") {
+    const code = document.createElement("code");
+    code.className = "error-code";
+    code.textContent = ` ${job.error.code}`;
+    code.title = job.error.detail || "";
+    status.append(code);
+  }
   const pct = fraction(job.progress);
   let batch = "";
   if (job.batch_id) {
@@ -34,14 +65,22 @@ function jobRow(job) {
     batch.href = `#/batches/${encodeURIComponent(job.batch_id)}`;
     batch.textContent = String(job.batch_id).slice(0, 8);
   }
-  tr.append(td(link), td(job.kind || "merge"), td(job.recipe?.method || job.method || ""), td(badge),
-    td(pct === null ? "" : `${Math.round(pct * 100)}%`), td(fmtTime(job.created_at)), td(batch));
+  const out = outputLabel(job);
+  const outCell = td(out.text, "output-cell");
+  if (out.title) outCell.title = out.title;
+  const running = job.status === "running" && job.started_at ? (Date.now() - new Date(job.started_at).getTime()) / 1000 : null;
+  tr.append(td(link), td(job.kind || "merge"), td(job.recipe?.method || job.method || ""), td(status),
+    td(pct === null ? "" : `${Math.round((job.status === "succeeded" ? 1 : pct) * 100)}%`), outCell,
+    td(fmtDuration(job.duration_s ?? running)), td(fmtTime(job.created_at)), td(batch));
   return tr;
 }
 
+const JOBS_REFRESH_MS = 2000;
+
 async function loadJobs({ reset } = {}) {
   renderStatusFilters();
-  if (reset) { state.jobsCursor = null; $("#jobs-body").replaceChildren(); }
+  if (reset) { state.jobsCursor = null; state.jobsPaged = false; $("#jobs-body").replaceChildren(); }
+  else if (state.jobsCursor) state.jobsPaged = true;
   const q = new URLSearchParams();
   if (state.jobsStatus) q.set("status", state.jobsStatus);
   if (state.jobsCursor) q.set("cursor", state.jobsCursor);
@@ -54,6 +93,36 @@ async function loadJobs({ reset } = {}) {
   state.jobsCursor = res.data?.next_cursor || null;
   $("#jobs-more").hidden = !state.jobsCursor;
   $("#jobs-empty").hidden = $("#jobs-body").children.length > 0;
+  scheduleJobsRefresh();
+}
+
+/** While the list is shown, re-read the newest page every 2 s: new jobs appear, running ones move on. Rows
+ *  loaded with "Load more" stay as they are. */
+function scheduleJobsRefresh() {
+  clearTimeout(state.jobsTimer);
+  state.jobsTimer = setTimeout(refreshJobs, JOBS_REFRESH_MS);
+}
+
+async function refreshJobs() {
+  if ($("#view-jobs").hidden) return;
+  const q = new URLSearchParams();
+  if (state.jobsStatus) q.set("status", state.jobsStatus);
+  const ticket = state.jobsTicket;
+  const res = await api("GET", `/v1/merges?${q}`);
+  if (ticket !== state.jobsTicket || $("#view-jobs").hidden) return;
+  if (res.ok) {
+    const body = $("#jobs-body");
+    const fresh = (res.data?.items || []).map(jobRow);
+    if (!state.jobsPaged) body.replaceChildren(...fresh);
+    else { // later pages were loaded: update the rows in place, new jobs on top
+      const byId = new Map([...body.children].map((r) => [r.dataset.id, r]));
+      const added = [];
+      for (const row of fresh) { const old = byId.get(row.dataset.id); if (old) old.replaceWith(row); else added.push(row); }
+      body.prepend(...added);
+    }
+    $("#jobs-empty").hidden = body.children.length > 0;
+  }
+  scheduleJobsRefresh();
 }
 
 // ---------------------------------------------------------------------------------------------- one job
@@ -88,7 +157,8 @@ function fmtTime(t) {
 
 function renderJob(job) {
   $("#charts-title").textContent = job.kind === "analyze" ? "What the task vectors look like" : "What the merge does";
-  $("#job-title").textContent = `${job.kind === "analyze" ? "Analysis" : "Merge"} ${String(job.id).slice(0, 8)}`;
+  const name = jobNames()[job.id];
+  $("#job-title").textContent = `${job.kind === "analyze" ? "Analysis" : "Merge"} ${name ? `“${name}” ` : ""}${String(job.id).slice(0, 8)}`;
   const facts = [["Status", job.status], ["Method", job.recipe?.method], ["Created", fmtTime(job.created_at)],
     ["Started", fmtTime(job.started_at)], ["Finished", fmtTime(job.finished_at)], ["Job id", job.id]];
   if (job.batch_id) facts.push(["Batch", job.batch_id]);
@@ -116,8 +186,11 @@ function renderJob(job) {
   if (job.status === "queued") bits.unshift("Waiting for a worker");
   if (job.cancel_requested && !TERMINAL.has(job.status)) bits.unshift("Cancelling…");
   $("#job-progress-text").textContent = bits.join(" · ");
-  $("#job-cancel").hidden = TERMINAL.has(job.status);
+  const confirming = !$("#job-cancel-confirm").hidden;
+  if (TERMINAL.has(job.status) || job.cancel_requested) $("#job-cancel-confirm").hidden = true;
+  $("#job-cancel").hidden = TERMINAL.has(job.status) || (confirming && !job.cancel_requested);
   $("#job-cancel").disabled = Boolean(job.cancel_requested);
+  $("#job-edit").hidden = !(job.kind !== "analyze" && job.recipe?.method);
   const out = job.output || {};
   const link = $("#job-output");
   link.hidden = !(out.url || out.path);
@@ -130,17 +203,30 @@ function renderJob(job) {
   err.classList.toggle("notice", job.status === "cancelled");
   if (job.status === "cancelled") err.textContent = `Cancelled: ${job.error?.detail || "the job was cancelled"}.`;
   else if (job.error) err.textContent = `${job.error.code ? `[${job.error.code}] ` : ""}${problemText(job.error)}`;
+  // a failed Hub push after a finished merge: the model is on disk, only the upload needs another try
+  const uploadFailed = job.status === "failed" && Boolean(out.path) && Boolean(r.output?.hub);
+  $("#job-retry-publish").hidden = !uploadFailed;
+  if (uploadFailed) err.textContent = `The merge finished and is kept at ${out.path}; only the upload to ${r.output.hub.repo} failed. ${err.textContent}`;
+  state.job = job;
   state.jobRecipe = job.recipe;
   $("#job-recipe-details").hidden = !job.recipe;
   if (job.recipe) $("#job-recipe").textContent = toYaml(job.recipe).replace(/^\n/, "");
 }
 
 async function openJob(id) {
-  for (const s of ["#job-soup-section", "#job-charts-section", "#job-card-section", "#job-report-details", "#job-recipe-details", "#job-error"]) $(s).hidden = true;
+  for (const s of ["#job-cancel", "#job-cancel-confirm", "#job-edit", "#job-retry-publish", "#job-soup-section", "#job-charts-section", "#job-card-section", "#job-report-details", "#job-recipe-details", "#job-error"]) $(s).hidden = true;
   $("#job-charts").replaceChildren();
   $("#job-facts").replaceChildren();
   $("#job-progress-text").textContent = "";
   $("#job-output").hidden = true;
+  $("#job-title").textContent = "Job";
+  if (!sessionStorage.getItem(TOKEN_KEY)) { // a job link opened in a new tab: this tab has no token yet
+    $("#job-progress-text").textContent = "Enter your API token to see this job.";
+    banner("This tab has no API token yet: enter it under “Tokens” to open the job.", "info");
+    $("#tokens").open = true;
+    $("#api-token").focus();
+    return;
+  }
   const controller = new AbortController();
   state.jobStream = controller;
   const res = await api("GET", `/v1/merges/${encodeURIComponent(id)}`);
@@ -152,7 +238,8 @@ async function openJob(id) {
   if (controller.signal.aborted) return;
   const final = await api("GET", `/v1/merges/${encodeURIComponent(id)}`);
   if (final.ok) { job = final.data; renderJob(job); }
-  if (job.status === "succeeded" && !controller.signal.aborted) await showReport(id, job);
+  const merged = job.status === "succeeded" || (job.status === "failed" && job.output?.path);
+  if (merged && !controller.signal.aborted) await showReport(id, job);
 }
 
 /** Live status over SSE. EventSource can't send Authorization, so read the stream with fetch(); if
@@ -214,9 +301,43 @@ async function pollJob(id, signal, last) {
   return last;
 }
 
+/** Cancel asks first: the merge's work so far is thrown away. */
+function askCancel() {
+  $("#job-cancel").hidden = true;
+  $("#job-cancel-confirm").hidden = false;
+  $("#job-cancel-no").focus();
+}
+
+/** Edit and resubmit: the job's recipe back in the compose form (its output folder cleared: it is taken). */
+function editJob() {
+  const job = state.job;
+  if (!job?.recipe) return;
+  const recipe = structuredClone(job.recipe);
+  if (recipe.output?.path && job.status === "succeeded") delete recipe.output.path;
+  delete recipe.warnings;
+  if (state.methods.length) fillForm(recipe); else state.pendingEdit = recipe;
+  state.flash = [`The recipe of job ${String(job.id).slice(0, 8)} is in the form: change it and submit again.`, "info"];
+  location.hash = "#/";
+}
+
+/** Push the finished folder again (one new commit); the merge is not redone. */
+async function retryPublish() {
+  const job = state.job;
+  if (!job) return;
+  const button = $("#job-retry-publish");
+  button.disabled = true;
+  const res = await api("POST", `/v1/merges/${encodeURIComponent(job.id)}/publish`, { hubToken: true });
+  button.disabled = false;
+  if (!res.ok) { if (!handleAuth(res)) banner(problemText(res.data)); return; }
+  state.flash = ["Upload queued again: the finished merge is pushed as it is.", "ok"];
+  route(); // follow the job live again
+}
+
 async function cancelJob() {
   const id = location.hash.split("/")[2];
   if (!id) return;
+  $("#job-cancel-confirm").hidden = true;
+  $("#job-cancel").hidden = false;
   const button = $("#job-cancel");
   button.disabled = true;
   const res = await api("DELETE", `/v1/merges/${encodeURIComponent(decodeURIComponent(id))}`);

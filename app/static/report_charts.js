@@ -110,7 +110,12 @@ const AlloyCharts = (() => {
         ? Charts.line("LiNeS scale per layer", [{ label: "", points: lines }], { xLabel: "layer", yLabel: "λ(ℓ)", yMin: 0 })
         : Charts.missing("LiNeS scale per layer", "LiNeS was not used in this merge."));
     }
-    return figs;
+    // only the panels that have data; a report with none gets one note saying so
+    const drawn = figs.filter((f) => !f.classList.contains("chart-missing"));
+    if (drawn.length) return drawn;
+    return [Charts.missing("Charts", isMerge && !analysis
+      ? "This merge reports no per-layer statistics; “Analyze task vectors” shows norms and cosines of the same models."
+      : "No per-layer statistics in this report.")];
   }
 
   function shortLabel(label, i) {

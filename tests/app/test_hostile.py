@@ -42,7 +42,9 @@ def test_a_catastrophic_regex_is_matched_in_linear_time(api: Api) -> None:
     from merge_ops.recipe import load_recipe
 
     body = api.client.post(
-        "/v1/recipes/validate", json=recipe(filters={"exclude": ["^(.+)+z$"]}), headers=api.headers()
+        "/v1/recipes/validate?preflight=false",
+        json=recipe(filters={"exclude": ["^(.+)+z$"]}),
+        headers=api.headers(),
     )
     assert body.status_code == 200
     filters = load_recipe(recipe(filters={"exclude": ["^(.+)+z$"]})).filters
@@ -200,7 +202,7 @@ def test_validation_cost_is_bounded(api: Api) -> None:
     overrides = [{"filter": f"layer{i}", "params": {"density": gradient}} for i in range(256)]
     started = time.monotonic()
     response = api.client.post(
-        "/v1/recipes/validate",
+        "/v1/recipes/validate?preflight=false",
         json=recipe(method="ties", params={"density": gradient}, overrides=overrides),
         headers=api.headers(),
     )
@@ -224,7 +226,9 @@ def test_mergekit_filter_combinations_are_bounded(api: Api) -> None:
 def test_validate_and_import_are_rate_limited(limited: Api) -> None:
     for _ in range(3):
         assert (
-            limited.client.post("/v1/recipes/validate", json=recipe(), headers=limited.headers()).status_code
+            limited.client.post(
+                "/v1/recipes/validate?preflight=false", json=recipe(), headers=limited.headers()
+            ).status_code
             == 200
         )
     _problem(limited.client.post("/v1/recipes/validate", json=recipe(), headers=limited.headers()), 429)

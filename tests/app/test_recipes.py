@@ -18,7 +18,7 @@ models:
 
 
 def test_validate_returns_the_normalized_recipe_without_a_job(api: Api) -> None:
-    response = api.client.post("/v1/recipes/validate", json=recipe(), headers=api.headers())
+    response = api.client.post("/v1/recipes/validate?preflight=false", json=recipe(), headers=api.headers())
     assert response.status_code == 200
     normalized = response.json()
     assert normalized["base"] == str((api.data / "base").resolve())
@@ -156,3 +156,68 @@ def test_import_returns_mergekit_warnings(api: Api) -> None:
     assert response.status_code == 200, response.text
     warnings = response.json()["warnings"]
     assert [w["loc"] for w in warnings] == [["nomalize"]] and "normalize" in warnings[0]["msg"]
+
+
+def test_validate_runs_the_workers_preflight_and_lists_every_problem(api: Api) -> None:
+    from tests.utils.factories import make_llama_like
+
+    data = api.data
+    base = make_llama_like(data / "real" / "base", hidden=16, seed=0)
+    make_llama_like(data / "real" / "ft1", perturb_from=base, seed=1)
+    make_llama_like(data / "real" / "wide", hidden=32, seed=2)  # shapes differ from the base's
+    (data / "taken").mkdir()
+    (data / "taken" / "x.txt").write_text("not empty")
+    good = recipe(base="real/base", models=[{"source": "real/ft1"}], output={"path": "fresh"})
+    ok = api.client.post("/v1/recipes/validate", json=good, headers=api.headers())
+    assert ok.status_code == 200, ok.text
+    bad = recipe(
+        base="real/base",
+        models=[{"source": "real/ft1"}, {"source": "real/wide"}],
+        output={"path": "taken"},
+    )
+    response = api.client.post("/v1/recipes/validate", json=bad, headers=api.headers())
+    assert response.status_code == 422, response.text
+    errors = response.json()["errors"]
+    locs = {tuple(e["loc"]) for e in errors}
+    assert ("models", "1", "source") in locs and ("output", "path") in locs, errors
+    assert any("shape" in e["msg"] for e in errors) and any("not empty" in e["msg"] for e in errors)
+    # a Hub destination without any Hub token would fail at the push: said now, next to the repo field
+    hub = recipe(base="real/base", models=[{"source": "real/ft1"}], output={"hub": {"repo": "org/merged"}})
+    no_token = api.client.post("/v1/recipes/validate", json=hub, headers=api.headers())
+    assert no_token.status_code == 422
+    assert [tuple(e["loc"]) for e in no_token.json()["errors"]] == [("output", "hub", "repo")]
+    with_token = api.client.post(
+        "/v1/recipes/validate", json=hub, headers=api.headers(**{"X-HF-Token": "hf_x"})
+    )
+    assert with_token.status_code == 200, with_token.text
+    # an empty folder is no checkpoint: named, not a raw library message
+    empty = api.client.post("/v1/recipes/validate", json=recipe(output={"path": "o2"}), headers=api.headers())
+    assert empty.status_code == 422
+    assert {tuple(e["loc"]) for e in empty.json()["errors"]} >= {("base",), ("models", "0", "source")}
+
+
+def test_plan_returns_the_dry_run(api: Api) -> None:
+    from tests.utils.factories import make_llama_like
+
+    base = make_llama_like(api.data / "p" / "base", layers=2, hidden=16, seed=0)
+    make_llama_like(api.data / "p" / "ft1", perturb_from=base, seed=1)
+    body = recipe(base="p/base", models=[{"source": "p/ft1"}], output={"path": "p-out"})
+    response = api.client.post("/v1/recipes/plan", json=body, headers=api.headers())
+    assert response.status_code == 200, response.text
+    plan = response.json()["plan"]
+    merged = [t for t in plan["tensors"] if t["action"] == "merge"]
+    assert merged and any(t["action"] == "copy" for t in plan["tensors"])  # position_ids is an int buffer
+    assert plan["estimated_peak_bytes"] > 0 and plan["bytes_written"] > 0
+    assert response.json()["recipe"]["base"] == str((api.data / "p" / "base").resolve())
+
+
+def test_mergekit_references_resolve_inside_the_data_folders(api: Api) -> None:
+    (api.data / "small" / "ft1").mkdir(parents=True)
+    config = "merge_method: linear\nparameters: {weight: 1.0}\nmodels:\n  - model: small/ft1\n  - model: org/on-the-hub\n"
+    response = api.client.post(
+        "/v1/recipes/import", content=config, headers=api.headers(**{"Content-Type": "application/yaml"})
+    )
+    assert response.status_code == 200, response.text
+    sources = [m["source"] for m in response.json()["models"]]
+    # mergekit: a path that exists is local; anything else is a repo id
+    assert sources[0] == "small/ft1" and sources[1].startswith("hf://org/on-the-hub")

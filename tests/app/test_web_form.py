@@ -353,6 +353,7 @@ def test_cancel_a_running_job(page: Any, deployment: Deployment, artifacts: Path
             || (bar.dataset.status === 'running' && Number(bar.getAttribute('aria-valuenow')) > 0); }""")
     assert page.get_attribute("#job-progress", "data-status") == "running", deployment.logs()
     page.click("#job-cancel")  # at once: the screenshot can wait, the merge won't
+    page.click("#job-cancel-yes")  # cancel asks first
     assert re.search(r"\d+ / \d+ tensors", page.text_content("#job-progress-text"))
     screenshot(page, artifacts / "job-cancelling-1280.png")
     assert wait_for_status(page, "succeeded|failed|cancelled") == "cancelled"

@@ -25,6 +25,11 @@ def _catalog() -> tuple[MethodOut, ...]:
             kind=info.kind,
             default_scope=info.default_scope.value,
             min_models=info.min_models,
+            # LiNeS scales a merged task vector per layer: not for soups, LiNeS itself, or interpolations
+            lines_applies=info.kind == "task_vector"
+            and info.needs_base
+            and not info.needs_base_weights
+            and info.name != "lines",
             params_schema=info.params.model_json_schema(by_alias=True),
             defaults=default_params(info.params),
         )
