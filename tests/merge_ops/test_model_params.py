@@ -134,13 +134,70 @@ def test_a_model_density_follows_a_filtered_method_level_density(tiny, tmp_path)
     """The method-level density of a tensor (an override by name) is the fallback of that tensor."""
     overrides = [{"filter": "mlp", "params": {"density": 0.7}}]
     mixed = _merged(
-        tiny, tmp_path, "mixed", "ties", [("a", {"density": 0.5}), ("b", {})],
-        params={"density": 0.3}, overrides=overrides,
+        tiny,
+        tmp_path,
+        "mixed",
+        "ties",
+        [("a", {"density": 0.5}), ("b", {})],
+        params={"density": 0.3},
+        overrides=overrides,
     )
     b_mlp = {"params": {"density": [{"filter": "mlp", "value": 0.7}, {"value": 0.3}]}}
     explicit = _merged(
-        tiny, tmp_path, "explicit", "ties", [("a", {"density": 0.5}), ("b", b_mlp)],
-        params={"density": 0.3}, overrides=overrides,
+        tiny,
+        tmp_path,
+        "explicit",
+        "ties",
+        [("a", {"density": 0.5}), ("b", b_mlp)],
+        params={"density": 0.3},
+        overrides=overrides,
     )
     for tensor, value in mixed.items():
         torch.testing.assert_close(value, explicit[tensor], rtol=0, atol=0, msg=tensor)
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "entry", "loc", "text"),
+    [
+        (
+            "slerp",
+            {"t": 0.5},
+            {"params": {"t": 0.9}},
+            ["models", "0", "params", "t"],
+            "'t' holds for all models",
+        ),
+        ("nearswap", {"t": 0.01}, {"params": {"t": 0.9}}, ["models", "0", "params", "t"], "holds for all"),
+        ("ram", {}, {"params": {"epsilon": 0.1}}, ["models", "0", "params", "epsilon"], "holds for all"),
+        (
+            "ramplus_tl",
+            {},
+            {"params": {"epsilon": 0.1}},
+            ["models", "0", "params", "epsilon"],
+            "holds for all",
+        ),
+        (
+            "sce",
+            {},
+            {"params": {"select_topk": 0.5}},
+            ["models", "0", "params", "select_topk"],
+            "holds for all",
+        ),
+        (
+            "karcher",
+            {},
+            {"params": {"weight": 0.5}},
+            ["models", "0", "params", "weight"],
+            "no per-model params",
+        ),
+        ("model_stock", {}, {"weight": 0.5}, ["models", "0", "weight"], "does not weight its models"),
+        ("sce", {}, {"weight": 2.0}, ["models", "0", "weight"], "does not weight its models"),
+    ],
+)
+def test_a_value_the_method_would_ignore_is_refused(tiny, method, params, entry, loc, text):
+    """Per-model values that the method never reads per model (mergekit's shared params) and weights of
+    methods that weigh no models used to be accepted and ignored: a silent difference."""
+    models = [("a", entry)] if method in ("slerp", "nearswap") else [("a", entry), ("b", {})]
+    with pytest.raises(RecipeError) as info:
+        load_recipe(_recipe(tiny, method, models, params=params))
+    matching = [e for e in info.value.context["errors"] if e["loc"] == loc]
+    assert matching and text in matching[0]["msg"], info.value.context["errors"]
