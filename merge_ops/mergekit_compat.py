@@ -96,7 +96,7 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     translator = _Translator(data)
     # slices / modules / model+lora / tokenizers (merge_ops.mergekit_structure): the parameter translation sees
     # a plain ``models:`` config, and the structure is put back into the translated recipe
-    translator.data, translator.structure = extract_structure(data, translator.fail)
+    translator.data, translator.structure = extract_structure(data, translator.fail, translator.warn)
     recipe = translator.run()
     recipe = apply_structure(recipe, translator.structure, translator.fail)
     translator.raise_if_failed()

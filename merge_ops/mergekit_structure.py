@@ -17,7 +17,8 @@ mergekit 0.1.5 semantics kept here (``plan.py``, ``config.py``, ``common.py``):
   - ``model+lora`` is the model with the PEFT adapter merged in (``merge_and_unload``) before merging; it is
     another model than the bare one (the base ``x`` and an input ``x+lora`` are two models).
 What Alloy can't express yet is refused, naming the field: per-slice parameters or per-slice source parameters
-that differ between slices, a per-slice ``base_model`` other than the top-level one, ``residual_weight`` and several modules.
+that differ between slices, a per-slice ``base_model`` other than the top-level one, and several modules.
+``residual_weight`` (an ``OutputSliceDefinition`` field mergekit 0.1.5 never reads) is accepted with a warning.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ def split_lora(ref: Any) -> tuple[Any, str | None]:
     return ref, None
 
 
-def extract_structure(data: dict[str, Any], fail: Fail) -> tuple[dict[str, Any], Structure]:
-    """A copy of ``data`` in the ``models:`` form the parameter translation handles, and the structure taken out."""
+def extract_structure(
+    data: dict[str, Any], fail: Fail, warn: Fail | None = None
+) -> tuple[dict[str, Any], Structure]:
+    """A copy of ``data`` in the ``models:`` form the parameter translation handles, and the structure taken out;
+    ``warn(loc, msg)`` hears of the fields mergekit accepts and ignores."""
     out = dict(data)
     structure = Structure()
     base, base_lora = split_lora(data.get("base_model"))
@@ -109,7 +113,7 @@ def extract_structure(data: dict[str, Any], fail: Fail) -> tuple[dict[str, Any],
         if out.get("models"):
             fail(["slices"], "mergekit takes exactly one of models, slices or modules")
             return out, structure
-        out["models"] = _slices_to_models(slices, base, top_params, out, structure, fail)
+        out["models"] = _slices_to_models(slices, base, top_params, out, structure, fail, warn)
     listed = out.get("models")
     if isinstance(listed, list):
         cleaned = []
@@ -183,7 +187,13 @@ def _tokens(tokens: Any, fail: Fail) -> dict[str, Any]:
 
 
 def _slices_to_models(
-    slices: Any, base: Any, top_params: dict[str, Any], out: dict[str, Any], structure: Structure, fail: Fail
+    slices: Any,
+    base: Any,
+    top_params: dict[str, Any],
+    out: dict[str, Any],
+    structure: Structure,
+    fail: Fail,
+    warn: Fail | None,
 ) -> list[dict[str, Any]]:
     if not isinstance(slices, list) or not slices:
         fail(["slices"], "slices must be a non-empty list of {sources: [...]}")
@@ -196,7 +206,11 @@ def _slices_to_models(
             fail(loc, "each slice needs a non-empty sources list")
             continue
         for key in spec:
-            if key not in ("sources", "parameters", "base_model"):
+            if key == "residual_weight":
+                # a field of mergekit 0.1.5's OutputSliceDefinition that nothing in mergekit reads
+                if warn is not None and spec[key] is not None:
+                    warn([*loc, key], "mergekit 0.1.5 accepts residual_weight and ignores it; so does Alloy")
+            elif key not in ("sources", "parameters", "base_model"):
                 fail([*loc, key], f"slice field {key!r} is not supported by Alloy")
         slice_base = spec.get("base_model")
         if slice_base is not None and slice_base != base:
