@@ -915,3 +915,30 @@ def test_filtered_gradient_is_interpolated(zoo, tmp_path):
     run_mergekit(config, tmp_path / "mk", tmp_path / "cache")
     run_alloy(config, tmp_path / "alloy")
     assert_same_model(tmp_path / "alloy", tmp_path / "mk")
+
+
+def test_residual_weight_is_ignored_with_a_warning_as_mergekit_does(zoo, tmp_path):
+    """mergekit 0.1.5 declares ``residual_weight`` on a slice and never reads it: the same merge, and a warning."""
+    config = _slices_config("ties", zoo)
+    config["slices"][1]["residual_weight"] = 0.5
+    run_mergekit(config, tmp_path / "mk", tmp_path / "cache")
+    run_alloy(config, tmp_path / "alloy")
+    assert_same_model(tmp_path / "alloy", tmp_path / "mk")
+    warnings = load_recipe(config).warnings
+    assert ["slices", 1, "residual_weight"] in [list(w.loc) for w in warnings], warnings
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "alpaca", "mistral", "exaone"])
+def test_named_chat_templates_are_refused_naming_the_file_to_paste(name):
+    config = {"merge_method": "linear", "models": [{"model": "./a", "parameters": {"weight": 1}}]}
+    errors = _errors({**config, "chat_template": name})
+    (error,) = [e for e in errors if e["loc"] == ["chat_template"]]
+    assert f"mergekit/_data/chat_templates/{name}.jinja" in error["msg"]
+    assert "LGPL-3.0" in error["msg"]
+
+
+def test_a_short_or_brace_free_chat_template_is_refused_as_mergekit_does():
+    config = {"merge_method": "linear", "models": [{"model": "./a", "parameters": {"weight": 1}}]}
+    for template in ("{{ x }}", "not a template at all"):
+        errors = _errors({**config, "chat_template": template})
+        assert any(e["loc"] == ["chat_template"] and "at least 20" in e["msg"] for e in errors)
