@@ -16,8 +16,10 @@ mergekit 0.1.5 semantics kept here (``plan.py``, ``config.py``, ``common.py``):
     own slice (``t = 1`` in a one-layer slice): ``merge_ops.slices.gradient_positions``.
   - ``model+lora`` is the model with the PEFT adapter merged in (``merge_and_unload``) before merging; it is
     another model than the bare one (the base ``x`` and an input ``x+lora`` are two models).
-What Alloy can't express yet is refused, naming the field: per-slice parameters or per-slice source parameters
-that differ between slices, a per-slice ``base_model`` other than the top-level one, and several modules.
+  - Slice-level and per-source parameters that differ between slices: each slice is translated on its own and
+    the translations are joined with filters on the output layers of each slice (``merge_ops.mergekit_slices``).
+What Alloy can't express yet is refused, naming the field: a per-slice ``base_model`` other than the top-level
+one, and several modules.
 ``residual_weight`` (an ``OutputSliceDefinition`` field mergekit 0.1.5 never reads) is accepted with a warning.
 """
 
@@ -44,6 +46,13 @@ class Structure:
     base_lora: str | None = None
     #: slices configs: the position in slice 0's sources of each input the translation sees as models[j]
     slot_sources: list[int] = field(default_factory=list)
+    #: slices configs, per slice: the ``models:`` form of that slice (its inputs with their own parameters, the
+    #: slice's parameters ahead of the top-level ones), and where its inputs sit in its sources. Slices that
+    #: differ are translated one by one and joined by ``merge_ops.mergekit_slices``.
+    slice_configs: list[dict[str, Any]] = field(default_factory=list)
+    slice_slot_sources: list[list[int]] = field(default_factory=list)
+    #: which slice a translation of one slice reports its locations in (``slice_loc``)
+    slice_index: int = 0
 
     def reference(self, model: str, lora: str | None) -> str:
         if lora is None:
@@ -218,17 +227,13 @@ def _slices_to_models(
                 [*loc, "base_model"],
                 "a per-slice base_model other than the top-level base_model is not supported",
             )
-        if spec.get("parameters"):
-            if len(slices) > 1:
-                fail(
-                    [*loc, "parameters"],
-                    "slice-level parameters with several slices are not supported yet "
-                    "(move them to the top-level parameters or use one slice)",
-                )
-            else:  # one slice: its parameters apply to every tensor, ahead of the top-level ones
-                out["parameters"] = top_params = {**top_params, **spec["parameters"]}
+        slice_params = spec.get("parameters") or {}
+        if not isinstance(slice_params, dict):
+            fail([*loc, "parameters"], "must be a mapping")
+            slice_params = {}
         entries: list[tuple[str, str | None, tuple[int, int]]] = []
         inputs: list[dict[str, Any]] = []
+        slot_sources: list[int] = []
         for j, src in enumerate(spec["sources"]):
             sloc = [*loc, "sources", j]
             if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
@@ -249,8 +254,7 @@ def _slices_to_models(
             entries.append((model, lora, (int(layer_range[0]), int(layer_range[1]))))
             if base is not None and (model, lora) == (base, structure.base_lora):
                 continue  # θ_0 of this slice
-            if i == 0:
-                structure.slot_sources.append(j)
+            slot_sources.append(j)
             inputs.append(
                 {"model": structure.reference(model, lora), "parameters": src.get("parameters") or {}}
             )
@@ -261,6 +265,9 @@ def _slices_to_models(
                 "present in merge inputs); add it with the slice's layer_range",
             )
         plan.append(entries)
+        # the slice's parameters come before the top-level ones (mergekit's precedence)
+        structure.slice_configs.append({**out, "models": inputs, "parameters": {**top_params, **slice_params}})
+        structure.slice_slot_sources.append(slot_sources)
         if slots is None:
             slots = inputs
         elif len(inputs) != len(slots):
@@ -269,14 +276,10 @@ def _slices_to_models(
                 f"every slice must have the same number of sources besides the base ({len(slots)} in slice 0, "
                 f"{len(inputs)} here): Alloy merges the sources position by position",
             )
-        else:
-            for j, (entry, first) in enumerate(zip(inputs, slots, strict=True)):
-                if entry["parameters"] != first["parameters"]:
-                    fail(
-                        [*loc, "sources", j, "parameters"],
-                        "a source's parameters must be the same in every slice in Alloy (they differ from slice 0)",
-                    )
     structure.slices = plan
+    if structure.slice_configs:
+        structure.slot_sources = structure.slice_slot_sources[0]
+        out["parameters"] = structure.slice_configs[0]["parameters"]
     return slots or []
 
 
@@ -289,7 +292,7 @@ def slice_loc(loc: list[Any], structure: Structure) -> list[Any]:
         and isinstance(loc[1], int)
         and loc[1] < len(structure.slot_sources)
     ):
-        return ["slices", 0, "sources", structure.slot_sources[loc[1]], *loc[2:]]
+        return ["slices", structure.slice_index, "sources", structure.slot_sources[loc[1]], *loc[2:]]
     return loc
 
 
