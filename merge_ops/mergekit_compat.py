@@ -126,7 +126,9 @@ def _join_slices(first: dict[str, Any], translator: _Translator) -> dict[str, An
     lengths = [entries[0][2][1] - entries[0][2][0] for entries in structure.slices]
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     renumbered = any(
-        layers[0] != start for entries, start in zip(structure.slices, starts, strict=True) for *_, layers in entries
+        layers[0] != start
+        for entries, start in zip(structure.slices, starts, strict=True)
+        for *_, layers in entries
     )
     joined = join_slice_recipes(recipes, lengths, renumbered, translator.fail)
     joined["warnings"] = translator.warnings

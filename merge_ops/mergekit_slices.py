@@ -90,7 +90,9 @@ def _joined_overrides(recipes: list[dict[str, Any]], regions: list[str], fail: F
         for key in sorted(keys - params.keys()):  # unset in this slice: the params model's default
             default = _default(method, key)
             if default is _MISSING:
-                fail(["slices", i, "parameters", key], f"{key} is set in another slice but has no default here")
+                fail(
+                    ["slices", i, "parameters", key], f"{key} is set in another slice but has no default here"
+                )
                 continue
             params[key] = default
         for override in recipe.get("overrides") or []:
@@ -146,7 +148,10 @@ def _joined_models(recipes: list[dict[str, Any]], regions: list[str], fail: Fail
             entries: list[dict[str, Any]] = []
             for i, (value, region) in enumerate(zip(values, regions, strict=True)):
                 if value is None:
-                    fail(["slices", i, "sources", j, "parameters", key], f"{key} is unset here but set in another slice")
+                    fail(
+                        ["slices", i, "sources", j, "parameters", key],
+                        f"{key} is unset here but set in another slice",
+                    )
                     break
                 if i == len(values) - 1:
                     entries += _as_entries(value)

@@ -457,14 +457,24 @@ def test_slices_never_say_models_list_is_empty():
     assert all("models list" not in e["msg"] for e in errors)
 
 
+@pytest.mark.parametrize("change", ["slice-parameters", "source-parameters"])
+def test_slices_whose_parameters_differ_equal_mergekit(change, zoo, tmp_path):
+    """Once refused; now each slice's parameters resolve in that slice (merge_ops.mergekit_slices)."""
+    config = _slices_config("ties", zoo)
+    if change == "slice-parameters":
+        config["slices"][1]["parameters"] = {"density": 0.2}
+    else:
+        config["slices"][1]["sources"][1]["parameters"] = {"weight": 0.1}
+    run_mergekit(config, tmp_path / "mk", tmp_path / "cache")
+    run_alloy(config, tmp_path / "alloy")
+    assert_same_model(tmp_path / "alloy", tmp_path / "mk")
+
+
 def test_refusals_name_the_field(zoo):
     base, a, b = (str(zoo[k]) for k in ("base", "a", "b"))
-    two = _slices_config("ties", zoo)
-    two["slices"][1]["parameters"] = {"density": 0.2}
-    assert ["slices", 1, "parameters"] in [e["loc"] for e in _errors(two)]
-    differ = _slices_config("ties", zoo)
-    differ["slices"][1]["sources"][1]["parameters"] = {"weight": 0.1}
-    assert ["slices", 1, "sources", 0, "parameters"] in [e["loc"] for e in _errors(differ)]
+    other_base = _slices_config("ties", zoo)
+    other_base["slices"][1]["base_model"] = a
+    assert ["slices", 1, "base_model"] in [e["loc"] for e in _errors(other_base)]
     uneven = _slices_config("ties", zoo)
     uneven["slices"][1]["sources"].pop()
     assert ["slices", 1, "sources"] in [e["loc"] for e in _errors(uneven)]
