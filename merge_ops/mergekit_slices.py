@@ -82,6 +82,10 @@ def _merge_part(recipe: dict[str, Any]) -> Any:
 
 def _joined_overrides(recipes: list[dict[str, Any]], regions: list[str], fail: Fail) -> list[dict[str, Any]]:
     last = recipes[-1]
+    if all(
+        (r.get("params"), r.get("overrides")) == (last.get("params"), last.get("overrides")) for r in recipes
+    ):
+        return list(last.get("overrides") or [])  # only the models' values differ
     method = last.get("method")
     keys = set().union(*((r.get("params") or {}).keys() for r in recipes))
     overrides: list[dict[str, Any]] = []

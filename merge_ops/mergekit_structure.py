@@ -18,8 +18,10 @@ mergekit 0.1.5 semantics kept here (``plan.py``, ``config.py``, ``common.py``):
     another model than the bare one (the base ``x`` and an input ``x+lora`` are two models).
   - Slice-level and per-source parameters that differ between slices: each slice is translated on its own and
     the translations are joined with filters on the output layers of each slice (``merge_ops.mergekit_slices``).
-What Alloy can't express yet is refused, naming the field: a per-slice ``base_model`` other than the top-level
-one, and several modules.
+  - A per-slice ``base_model`` is θ_0 of that slice (the native slice's ``base``), and the model that slice's
+    non-base parameters skip.
+What Alloy can't express yet is refused, naming the field: a per-slice ``base_model`` without a top-level one, and
+several modules.
 ``residual_weight`` (an ``OutputSliceDefinition`` field mergekit 0.1.5 never reads) is accepted with a warning.
 """
 
@@ -51,6 +53,8 @@ class Structure:
     #: differ are translated one by one and joined by ``merge_ops.mergekit_slices``.
     slice_configs: list[dict[str, Any]] = field(default_factory=list)
     slice_slot_sources: list[list[int]] = field(default_factory=list)
+    #: per slice, its own base (model, lora) where mergekit's per-slice base_model differs from the top-level one
+    slice_bases: list[tuple[str, str | None] | None] = field(default_factory=list)
     #: which slice a translation of one slice reports its locations in (``slice_loc``)
     slice_index: int = 0
 
@@ -221,12 +225,22 @@ def _slices_to_models(
                     warn([*loc, key], "mergekit 0.1.5 accepts residual_weight and ignores it; so does Alloy")
             elif key not in ("sources", "parameters", "base_model"):
                 fail([*loc, key], f"slice field {key!r} is not supported by Alloy")
-        slice_base = spec.get("base_model")
-        if slice_base is not None and slice_base != base:
-            fail(
-                [*loc, "base_model"],
-                "a per-slice base_model other than the top-level base_model is not supported",
-            )
+        # mergekit's per-slice base_model: θ_0 of this slice (and the model its non-base parameters skip)
+        own_base, own_lora = split_lora(spec.get("base_model"))
+        slice_base, slice_lora = base, structure.base_lora
+        if own_base is not None and (own_base, own_lora) != (base, structure.base_lora):
+            if base is None:
+                fail(
+                    [*loc, "base_model"],
+                    "a per-slice base_model needs a top-level base_model in Alloy (and a method that uses one)",
+                )
+            elif not isinstance(own_base, str):
+                fail([*loc, "base_model"], "a model reference must be a string")
+            else:
+                slice_base, slice_lora = own_base, own_lora
+        structure.slice_bases.append(
+            (slice_base, slice_lora) if (slice_base, slice_lora) != (base, structure.base_lora) else None
+        )
         slice_params = spec.get("parameters") or {}
         if not isinstance(slice_params, dict):
             fail([*loc, "parameters"], "must be a mapping")
@@ -252,13 +266,13 @@ def _slices_to_models(
                 continue
             model, lora = split_lora(src["model"])
             entries.append((model, lora, (int(layer_range[0]), int(layer_range[1]))))
-            if base is not None and (model, lora) == (base, structure.base_lora):
+            if slice_base is not None and (model, lora) == (slice_base, slice_lora):
                 continue  # θ_0 of this slice
             slot_sources.append(j)
             inputs.append(
                 {"model": structure.reference(model, lora), "parameters": src.get("parameters") or {}}
             )
-        if base is not None and entries and len(inputs) == len(entries):
+        if slice_base is not None and entries and len(inputs) == len(entries):
             fail(
                 [*loc, "sources"],
                 "base_model must be one of the sources of every slice (mergekit 0.1.5: base input is not "
@@ -266,7 +280,10 @@ def _slices_to_models(
             )
         plan.append(entries)
         # the slice's parameters come before the top-level ones (mergekit's precedence)
-        structure.slice_configs.append({**out, "models": inputs, "parameters": {**top_params, **slice_params}})
+        config = {**out, "models": inputs, "parameters": {**top_params, **slice_params}}
+        if structure.slice_bases[-1] is not None:
+            config["base_model"] = structure.reference(slice_base, slice_lora)
+        structure.slice_configs.append(config)
         structure.slice_slot_sources.append(slot_sources)
         if slots is None:
             slots = inputs
@@ -280,6 +297,8 @@ def _slices_to_models(
     if structure.slice_configs:
         structure.slot_sources = structure.slice_slot_sources[0]
         out["parameters"] = structure.slice_configs[0]["parameters"]
+        if "base_model" in structure.slice_configs[0]:
+            out["base_model"] = structure.slice_configs[0]["base_model"]
     return slots or []
 
 
@@ -318,18 +337,32 @@ def apply_structure(recipe: dict[str, Any], structure: Structure, fail: Fail) ->
         recipe["chat_template"] = structure.chat_template
     if structure.slices is None:
         return recipe
+    if any(structure.slice_bases) and structure.base is not None:
+        # the translation of slice 0 took its own base: the recipe's base is the top-level one
+        recipe["base"] = _alloy_source(structure.base)
+        recipe.pop("base_lora", None)
+        if structure.base_lora is not None:
+            recipe["base_lora"] = _alloy_source(structure.base_lora)
     base = recipe.get("base")
     slices = []
-    for entries in structure.slices:
+    for i, entries in enumerate(structure.slices):
         sources = []
         slot = 0
+        own = structure.slice_bases[i] if i < len(structure.slice_bases) else None
         for model, lora, layer_range in entries:
             item: dict[str, Any] = {"source": _alloy_source(model), "layers": list(layer_range)}
             if lora is not None:
                 item["lora"] = _alloy_source(lora)
-            is_base = structure.base is not None and (model, lora) == (structure.base, structure.base_lora)
+            if own is not None:
+                is_base = (model, lora) == own
+            else:
+                is_base = structure.base is not None and (model, lora) == (
+                    structure.base,
+                    structure.base_lora,
+                )
             if is_base:
-                item["source"] = base if base is not None else item["source"]
+                if own is None and base is not None:
+                    item["source"] = base
             elif slot < len(models):
                 translated = models[slot]
                 for key in ("weight", "density", "params"):
@@ -337,7 +370,12 @@ def apply_structure(recipe: dict[str, Any], structure: Structure, fail: Fail) ->
                         item[key] = translated[key]
                 slot += 1
             sources.append(item)
-        slices.append({"sources": sources})
+        spec: dict[str, Any] = {"sources": sources}
+        if own is not None:
+            spec["base"] = _alloy_source(own[0])
+            if own[1] is not None:
+                spec["base_lora"] = _alloy_source(own[1])
+        slices.append(spec)
     recipe = {k: v for k, v in recipe.items() if k != "models"}
     recipe["slices"] = slices
     return recipe

@@ -122,3 +122,62 @@ def test_a_layer_numbered_per_model_filter_is_refused_when_slices_renumber(model
         load_recipe(materialize(config, models))
     errors = info.value.context["errors"]
     assert any(e["loc"] == ["slices", 1, "sources", 0, "parameters", "scale"] for e in errors), errors
+
+
+# mergekit's per-slice base_model: θ_0 of its slice (here the last slice, so lm_head and the final norm too)
+PER_SLICE_BASE = {
+    "merge_method": "task_arithmetic",
+    "base_model": "tiny/base",
+    "dtype": "float32",
+    "slices": [
+        {
+            "sources": [
+                _source("base", (0, 2)),
+                _source("ft1", (0, 2), weight=0.7),
+                _source("ft2", (0, 2), weight=0.3),
+            ]
+        },
+        {
+            "sources": [
+                _source("ft3", (2, 4)),
+                _source("ft1", (2, 4), weight=0.5),
+                _source("ft2", (2, 4), weight=0.6),
+            ],
+            "base_model": "tiny/ft3",
+        },
+    ],
+}
+
+# the first slice's own base: the embeddings' θ_0; ties' densities skip that slice's base
+PER_SLICE_BASE_FIRST = {
+    "merge_method": "ties",
+    "base_model": "tiny/base",
+    "dtype": "float32",
+    "parameters": {"density": 0.5, "weight": 0.5},
+    "slices": [
+        {
+            "sources": [_source("ft4", (0, 1)), _source("ft1", (0, 1)), _source("ft2", (0, 1))],
+            "base_model": "tiny/ft4",
+        },
+        {"sources": [_source("base", (1, 4)), _source("ft1", (1, 4)), _source("ft2", (1, 4), weight=0.9)]},
+    ],
+}
+
+
+@pytest.mark.parametrize("config", [PER_SLICE_BASE, PER_SLICE_BASE_FIRST], ids=["last-slice", "first-slice"])
+def test_a_per_slice_base_model_is_that_slices_base(config, models, tmp_path):
+    config = materialize(config, models)
+    mergekit = run_mergekit(config, tmp_path / "mergekit")
+    alloy, recipe = run_alloy(config, tmp_path / "alloy")
+    assert recipe.base == str(models["base"])
+    result = compare(alloy, mergekit, load_all(models["base"]))
+    assert not result.missing, result.missing
+    assert result.excess <= 1.0, result
+
+
+def test_a_per_slice_base_model_without_a_top_level_one_is_refused(models):
+    config = copy.deepcopy(PER_SLICE_BASE)
+    del config["base_model"]
+    with pytest.raises(RecipeError) as info:
+        load_recipe(materialize(config, models))
+    assert ["slices", 1, "base_model"] in [e["loc"] for e in info.value.context["errors"]]
