@@ -39,6 +39,8 @@ global RNG), float32 compute for half-precision inputs.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import difflib
 import re
 from collections.abc import Sequence
@@ -55,6 +57,7 @@ from merge_ops.mergekit_methods import (
     MkMethod,
     MkParam,
 )
+from merge_ops.mergekit_slices import join_slice_recipes
 from merge_ops.mergekit_structure import Structure, apply_structure, extract_structure, slice_loc
 from merge_ops.mergekit_values import Chain, alloy_value, anchors, covers_all, expand_filters, truncate
 from merge_ops.params import CATALOG
@@ -95,11 +98,41 @@ def translate_mergekit(data: dict[str, Any]) -> dict[str, Any]:
     translator = _Translator(data)
     # slices / modules / model+lora / tokenizers (merge_ops.mergekit_structure): the parameter translation sees
     # a plain ``models:`` config, and the structure is put back into the translated recipe
-    translator.data, translator.structure = extract_structure(data, translator.fail)
+    translator.data, translator.structure = extract_structure(data, translator.fail, translator.warn)
     recipe = translator.run()
+    if len(translator.structure.slice_configs) > 1:
+        recipe = _join_slices(recipe, translator)
     recipe = apply_structure(recipe, translator.structure, translator.fail)
     translator.raise_if_failed()
     return recipe
+
+
+def _join_slices(first: dict[str, Any], translator: _Translator) -> dict[str, Any]:
+    """Slices whose parameters differ: each slice translated on its own, then joined (``mergekit_slices``)."""
+    structure = translator.structure
+    assert structure is not None and structure.slices is not None
+    recipes = [first]
+    for i, config in enumerate(structure.slice_configs[1:], start=1):
+        sub = _Translator(config)
+        sub.structure = dataclasses.replace(
+            structure, slot_sources=structure.slice_slot_sources[i], slice_index=i
+        )
+        with contextlib.suppress(RecipeError):  # its errors are listed below
+            recipes.append(sub.run())
+        translator.errors += [e for e in sub.errors if e not in translator.errors]
+        translator.warnings += [w for w in sub.warnings if w not in translator.warnings]
+    translator.raise_if_failed()
+    lengths = [entries[0][2][1] - entries[0][2][0] for entries in structure.slices]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    renumbered = any(
+        layers[0] != start
+        for entries, start in zip(structure.slices, starts, strict=True)
+        for *_, layers in entries
+    )
+    joined = join_slice_recipes(recipes, lengths, renumbered, translator.fail)
+    joined["warnings"] = translator.warnings
+    translator.raise_if_failed()
+    return joined
 
 
 def suggest(name: str, known: Sequence[str]) -> str:
@@ -122,7 +155,8 @@ class _Translator:
         self.errors.append({"loc": where, "msg": msg})
 
     def warn(self, loc: Loc, msg: str) -> None:
-        self.warnings.append({"loc": loc, "msg": msg})
+        where = slice_loc(loc, self.structure) if self.structure is not None else loc
+        self.warnings.append({"loc": where, "msg": msg})
 
     def raise_if_failed(self) -> None:
         if self.errors:

@@ -16,8 +16,13 @@ mergekit 0.1.5 semantics kept here (``plan.py``, ``config.py``, ``common.py``):
     own slice (``t = 1`` in a one-layer slice): ``merge_ops.slices.gradient_positions``.
   - ``model+lora`` is the model with the PEFT adapter merged in (``merge_and_unload``) before merging; it is
     another model than the bare one (the base ``x`` and an input ``x+lora`` are two models).
-What Alloy can't express yet is refused, naming the field: per-slice parameters or per-slice source parameters
-that differ between slices, a per-slice ``base_model`` other than the top-level one, ``residual_weight`` and several modules.
+  - Slice-level and per-source parameters that differ between slices: each slice is translated on its own and
+    the translations are joined with filters on the output layers of each slice (``merge_ops.mergekit_slices``).
+  - A per-slice ``base_model`` is θ_0 of that slice (the native slice's ``base``), and the model that slice's
+    non-base parameters skip.
+What Alloy can't express yet is refused, naming the field: a per-slice ``base_model`` without a top-level one, and
+several modules.
+``residual_weight`` (an ``OutputSliceDefinition`` field mergekit 0.1.5 never reads) is accepted with a warning.
 """
 
 from __future__ import annotations
@@ -42,6 +47,15 @@ class Structure:
     base_lora: str | None = None
     #: slices configs: the position in slice 0's sources of each input the translation sees as models[j]
     slot_sources: list[int] = field(default_factory=list)
+    #: slices configs, per slice: the ``models:`` form of that slice (its inputs with their own parameters, the
+    #: slice's parameters ahead of the top-level ones), and where its inputs sit in its sources. Slices that
+    #: differ are translated one by one and joined by ``merge_ops.mergekit_slices``.
+    slice_configs: list[dict[str, Any]] = field(default_factory=list)
+    slice_slot_sources: list[list[int]] = field(default_factory=list)
+    #: per slice, its own base (model, lora) where mergekit's per-slice base_model differs from the top-level one
+    slice_bases: list[tuple[str, str | None] | None] = field(default_factory=list)
+    #: which slice a translation of one slice reports its locations in (``slice_loc``)
+    slice_index: int = 0
 
     def reference(self, model: str, lora: str | None) -> str:
         if lora is None:
@@ -66,8 +80,11 @@ def split_lora(ref: Any) -> tuple[Any, str | None]:
     return ref, None
 
 
-def extract_structure(data: dict[str, Any], fail: Fail) -> tuple[dict[str, Any], Structure]:
-    """A copy of ``data`` in the ``models:`` form the parameter translation handles, and the structure taken out."""
+def extract_structure(
+    data: dict[str, Any], fail: Fail, warn: Fail | None = None
+) -> tuple[dict[str, Any], Structure]:
+    """A copy of ``data`` in the ``models:`` form the parameter translation handles, and the structure taken out;
+    ``warn(loc, msg)`` hears of the fields mergekit accepts and ignores."""
     out = dict(data)
     structure = Structure()
     base, base_lora = split_lora(data.get("base_model"))
@@ -108,7 +125,7 @@ def extract_structure(data: dict[str, Any], fail: Fail) -> tuple[dict[str, Any],
         if out.get("models"):
             fail(["slices"], "mergekit takes exactly one of models, slices or modules")
             return out, structure
-        out["models"] = _slices_to_models(slices, base, top_params, out, structure, fail)
+        out["models"] = _slices_to_models(slices, base, top_params, out, structure, fail, warn)
     listed = out.get("models")
     if isinstance(listed, list):
         cleaned = []
@@ -182,7 +199,13 @@ def _tokens(tokens: Any, fail: Fail) -> dict[str, Any]:
 
 
 def _slices_to_models(
-    slices: Any, base: Any, top_params: dict[str, Any], out: dict[str, Any], structure: Structure, fail: Fail
+    slices: Any,
+    base: Any,
+    top_params: dict[str, Any],
+    out: dict[str, Any],
+    structure: Structure,
+    fail: Fail,
+    warn: Fail | None,
 ) -> list[dict[str, Any]]:
     if not isinstance(slices, list) or not slices:
         fail(["slices"], "slices must be a non-empty list of {sources: [...]}")
@@ -195,25 +218,35 @@ def _slices_to_models(
             fail(loc, "each slice needs a non-empty sources list")
             continue
         for key in spec:
-            if key not in ("sources", "parameters", "base_model"):
+            if key == "residual_weight":
+                # a field of mergekit 0.1.5's OutputSliceDefinition that nothing in mergekit reads
+                if warn is not None and spec[key] is not None:
+                    warn([*loc, key], "mergekit 0.1.5 accepts residual_weight and ignores it; so does Alloy")
+            elif key not in ("sources", "parameters", "base_model"):
                 fail([*loc, key], f"slice field {key!r} is not supported by Alloy")
-        slice_base = spec.get("base_model")
-        if slice_base is not None and slice_base != base:
-            fail(
-                [*loc, "base_model"],
-                "a per-slice base_model other than the top-level base_model is not supported",
-            )
-        if spec.get("parameters"):
-            if len(slices) > 1:
+        # mergekit's per-slice base_model: θ_0 of this slice (and the model its non-base parameters skip)
+        own_base, own_lora = split_lora(spec.get("base_model"))
+        slice_base, slice_lora = base, structure.base_lora
+        if own_base is not None and (own_base, own_lora) != (base, structure.base_lora):
+            if base is None:
                 fail(
-                    [*loc, "parameters"],
-                    "slice-level parameters with several slices are not supported yet "
-                    "(move them to the top-level parameters or use one slice)",
+                    [*loc, "base_model"],
+                    "a per-slice base_model needs a top-level base_model in Alloy (and a method that uses one)",
                 )
-            else:  # one slice: its parameters apply to every tensor, ahead of the top-level ones
-                out["parameters"] = top_params = {**top_params, **spec["parameters"]}
+            elif not isinstance(own_base, str):
+                fail([*loc, "base_model"], "a model reference must be a string")
+            else:
+                slice_base, slice_lora = own_base, own_lora
+        structure.slice_bases.append(
+            (slice_base, slice_lora) if (slice_base, slice_lora) != (base, structure.base_lora) else None
+        )
+        slice_params = spec.get("parameters") or {}
+        if not isinstance(slice_params, dict):
+            fail([*loc, "parameters"], "must be a mapping")
+            slice_params = {}
         entries: list[tuple[str, str | None, tuple[int, int]]] = []
         inputs: list[dict[str, Any]] = []
+        slot_sources: list[int] = []
         for j, src in enumerate(spec["sources"]):
             sloc = [*loc, "sources", j]
             if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
@@ -232,20 +265,25 @@ def _slices_to_models(
                 continue
             model, lora = split_lora(src["model"])
             entries.append((model, lora, (int(layer_range[0]), int(layer_range[1]))))
-            if base is not None and (model, lora) == (base, structure.base_lora):
+            if slice_base is not None and (model, lora) == (slice_base, slice_lora):
                 continue  # θ_0 of this slice
-            if i == 0:
-                structure.slot_sources.append(j)
+            slot_sources.append(j)
             inputs.append(
                 {"model": structure.reference(model, lora), "parameters": src.get("parameters") or {}}
             )
-        if base is not None and entries and len(inputs) == len(entries):
+        if slice_base is not None and entries and len(inputs) == len(entries):
             fail(
                 [*loc, "sources"],
                 "base_model must be one of the sources of every slice (mergekit 0.1.5: base input is not "
                 "present in merge inputs); add it with the slice's layer_range",
             )
         plan.append(entries)
+        # the slice's parameters come before the top-level ones (mergekit's precedence)
+        config = {**out, "models": inputs, "parameters": {**top_params, **slice_params}}
+        if structure.slice_bases[-1] is not None:
+            config["base_model"] = structure.reference(slice_base, slice_lora)
+        structure.slice_configs.append(config)
+        structure.slice_slot_sources.append(slot_sources)
         if slots is None:
             slots = inputs
         elif len(inputs) != len(slots):
@@ -254,14 +292,12 @@ def _slices_to_models(
                 f"every slice must have the same number of sources besides the base ({len(slots)} in slice 0, "
                 f"{len(inputs)} here): Alloy merges the sources position by position",
             )
-        else:
-            for j, (entry, first) in enumerate(zip(inputs, slots, strict=True)):
-                if entry["parameters"] != first["parameters"]:
-                    fail(
-                        [*loc, "sources", j, "parameters"],
-                        "a source's parameters must be the same in every slice in Alloy (they differ from slice 0)",
-                    )
     structure.slices = plan
+    if structure.slice_configs:
+        structure.slot_sources = structure.slice_slot_sources[0]
+        out["parameters"] = structure.slice_configs[0]["parameters"]
+        if "base_model" in structure.slice_configs[0]:
+            out["base_model"] = structure.slice_configs[0]["base_model"]
     return slots or []
 
 
@@ -274,7 +310,7 @@ def slice_loc(loc: list[Any], structure: Structure) -> list[Any]:
         and isinstance(loc[1], int)
         and loc[1] < len(structure.slot_sources)
     ):
-        return ["slices", 0, "sources", structure.slot_sources[loc[1]], *loc[2:]]
+        return ["slices", structure.slice_index, "sources", structure.slot_sources[loc[1]], *loc[2:]]
     return loc
 
 
@@ -300,18 +336,32 @@ def apply_structure(recipe: dict[str, Any], structure: Structure, fail: Fail) ->
         recipe["chat_template"] = structure.chat_template
     if structure.slices is None:
         return recipe
+    if any(structure.slice_bases) and structure.base is not None:
+        # the translation of slice 0 took its own base: the recipe's base is the top-level one
+        recipe["base"] = _alloy_source(structure.base)
+        recipe.pop("base_lora", None)
+        if structure.base_lora is not None:
+            recipe["base_lora"] = _alloy_source(structure.base_lora)
     base = recipe.get("base")
     slices = []
-    for entries in structure.slices:
+    for i, entries in enumerate(structure.slices):
         sources = []
         slot = 0
+        own = structure.slice_bases[i] if i < len(structure.slice_bases) else None
         for model, lora, layer_range in entries:
             item: dict[str, Any] = {"source": _alloy_source(model), "layers": list(layer_range)}
             if lora is not None:
                 item["lora"] = _alloy_source(lora)
-            is_base = structure.base is not None and (model, lora) == (structure.base, structure.base_lora)
+            if own is not None:
+                is_base = (model, lora) == own
+            else:
+                is_base = structure.base is not None and (model, lora) == (
+                    structure.base,
+                    structure.base_lora,
+                )
             if is_base:
-                item["source"] = base if base is not None else item["source"]
+                if own is None and base is not None:
+                    item["source"] = base
             elif slot < len(models):
                 translated = models[slot]
                 for key in ("weight", "density", "params"):
@@ -319,7 +369,12 @@ def apply_structure(recipe: dict[str, Any], structure: Structure, fail: Fail) ->
                         item[key] = translated[key]
                 slot += 1
             sources.append(item)
-        slices.append({"sources": sources})
+        spec: dict[str, Any] = {"sources": sources}
+        if own is not None:
+            spec["base"] = _alloy_source(own[0])
+            if own[1] is not None:
+                spec["base_lora"] = _alloy_source(own[1])
+        slices.append(spec)
     recipe = {k: v for k, v in recipe.items() if k != "models"}
     recipe["slices"] = slices
     return recipe

@@ -343,6 +343,12 @@ class MethodInfo:
     #: The method gets the models' weights θ_t themselves (task vectors against a zero reference) and returns
     #: the merged weights (the pipeline adds no base): for exact zero patterns (sparse_soup).
     reads_weights: bool = False
+    #: The method weighs its models by w_t; False: it never reads a weight (as in mergekit), so a model weight
+    #: other than 1 is refused rather than ignored.
+    weighted: bool = True
+    #: Params of the method that hold for all models at once (mergekit reads them from the top-level, slice or
+    #: module ``parameters`` only): a model cannot set them for itself.
+    shared_params: frozenset[str] = frozenset()
 
 
 _PAPERS = {
@@ -397,6 +403,7 @@ CATALOG: dict[str, MethodInfo] = {
             "Add fine-tunes by held-out score, keeping each only if the soup improves (needs an evaluator).",
             needs_base=False,
             kind="soup",
+            weighted=False,
         ),
         MethodInfo(
             "task_arithmetic",
@@ -455,6 +462,7 @@ CATALOG: dict[str, MethodInfo] = {
             ModelStockParams,
             "Interpolate between the base and the average by the fine-tunes' angle.",
             min_models=2,
+            weighted=False,
         ),
         MethodInfo(
             "lines",
@@ -488,6 +496,8 @@ CATALOG: dict[str, MethodInfo] = {
             min_inputs=2,
             max_inputs=2,
             needs_base_weights=True,
+            weighted=False,
+            shared_params=frozenset(["t"]),
         ),
         MethodInfo(
             "nuslerp",
@@ -517,6 +527,7 @@ CATALOG: dict[str, MethodInfo] = {
             "Riemannian mean of the models (and the base, if given) on the sphere.",
             needs_base=False,
             needs_base_weights=True,
+            weighted=False,
         ),
         MethodInfo(
             "nearswap",
@@ -526,6 +537,8 @@ CATALOG: dict[str, MethodInfo] = {
             "Take the model's values where they are close to the base, interpolate toward the base elsewhere.",
             max_models=1,
             needs_base_weights=True,
+            weighted=False,
+            shared_params=frozenset(["t"]),
         ),
         MethodInfo(
             "della",
@@ -547,6 +560,8 @@ CATALOG: dict[str, MethodInfo] = {
             _PAPERS["sce"],
             SceParams,
             "Select high-variance entries, weight models by energy, elect signs, average.",
+            weighted=False,
+            shared_params=frozenset(["select_topk"]),
         ),
         MethodInfo(
             "ram",
@@ -554,6 +569,8 @@ CATALOG: dict[str, MethodInfo] = {
             _PAPERS["ram"],
             RamParams,
             "Average each entry over the models that change it.",
+            weighted=False,
+            shared_params=frozenset(["epsilon"]),
         ),
         MethodInfo(
             "ramplus_tl",
@@ -561,6 +578,8 @@ CATALOG: dict[str, MethodInfo] = {
             _PAPERS["ram"],
             RamplusTlParams,
             "RAM with each model's unique entries boosted by its overlap ratio.",
+            weighted=False,
+            shared_params=frozenset(["epsilon"]),
         ),
         MethodInfo(
             "arcee_fusion",
@@ -570,6 +589,7 @@ CATALOG: dict[str, MethodInfo] = {
             "Keep the model's changes whose importance (|Δ| · KL of softmaxes) is an outlier.",
             max_models=1,
             needs_base_weights=True,
+            weighted=False,
         ),
         MethodInfo(
             "passthrough",
@@ -580,6 +600,7 @@ CATALOG: dict[str, MethodInfo] = {
             needs_base=False,
             max_inputs=1,
             needs_base_weights=True,
+            weighted=False,
         ),
         MethodInfo(
             "sparse_soup",

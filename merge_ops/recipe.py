@@ -560,6 +560,8 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
     weights = data.get("weights")
     if isinstance(weights, list) and isinstance(models, list) and len(weights) != len(models):
         problems.append(_problem(("weights",), f"{len(weights)} weights for {len(models)} models"))
+    if info is not None and not info.weighted:
+        problems += _unread_weight_problems(info.name, models, weights)
     output = data.get("output")
     copy_from = output.get("copy_files_from") if isinstance(output, dict) else None
     if (
@@ -583,6 +585,27 @@ def _cross_field_problems(data: dict[str, Any]) -> list[InitErrorDetails]:
                 merged = {**(data.get("params") or {}), **override["params"]}
                 problems += _params_problems(info.params, merged, ("overrides", i, "params"))
     return problems
+
+
+def _unread_weight_problems(method: str, models: Any, weights: Any) -> list[InitErrorDetails]:
+    """A method that never reads weights (model_stock, slerp, karcher, ...) refuses a weight other than 1: it
+    would be ignored (mergekit ignores it too)."""
+    given = (
+        [(("weights", i), w) for i, w in enumerate(weights)]
+        if isinstance(weights, list)
+        else [
+            (("models", i, "weight"), m.get("weight", 1.0))
+            for i, m in enumerate(models if isinstance(models, list) else [])
+            if isinstance(m, dict)
+        ]
+    )
+    return [
+        _problem(
+            loc, f"method {method!r} does not weight its models; remove the weight (it would be ignored)"
+        )
+        for loc, w in given
+        if isinstance(w, int | float) and not isinstance(w, bool) and w != 1
+    ]
 
 
 def _input_count_problems(
@@ -652,7 +675,9 @@ def _model_params_problems(info: Any, data: dict[str, Any]) -> list[InitErrorDet
     if not isinstance(models, list):
         return []
     fields = {f.alias or name for name, f in info.params.model_fields.items()}
-    allowed = (fields & _PER_MODEL_KEYS) | _PER_MODEL_ALWAYS
+    allowed = ((fields & _PER_MODEL_KEYS) - info.shared_params) | (
+        _PER_MODEL_ALWAYS if info.weighted else set()
+    )
     top = {k: v for k, v in (data.get("params") or {}).items() if not isinstance(v, list)}
     problems: list[InitErrorDetails] = []
     for i, model in enumerate(models):
@@ -673,13 +698,14 @@ def _model_params_problems(info: Any, data: dict[str, Any]) -> list[InitErrorDet
         for key, value in params.items():
             loc = ("models", i, "params", key)
             if key not in allowed:
-                problems.append(
-                    _problem(
-                        loc,
-                        f"method {info.name!r} takes no per-model {key!r}; per-model keys: "
-                        f"{', '.join(sorted(allowed))}",
-                    )
+                why = (
+                    f"{key!r} holds for all models at once: set it in params"
+                    if key in info.shared_params
+                    else f"per-model keys: {', '.join(sorted(allowed))}"
+                    if allowed
+                    else "it reads no per-model params"
                 )
+                problems.append(_problem(loc, f"method {info.name!r} takes no per-model {key!r}; {why}"))
                 continue
             for anchor in _anchors(value):
                 if key == "weight":

@@ -13,8 +13,9 @@ A recipe with ``slices`` builds its output one slice after another::
           - {source: ./code, layers: [16, 24], weight: 0.4}
 
 Output layer ``n + i`` of a slice (``n`` layers before it) merges layer ``start + i`` of each of its sources.
-A source equal to the recipe's ``base`` is θ_0 for that slice (mergekit's rule: the base must be one of the sources
-of every slice when the method uses a base); the other sources are the slice's inputs, in order. Alloy merges
+A source equal to the recipe's ``base`` (or to the slice's own ``base``: mergekit's per-slice ``base_model``) is θ_0
+for that slice (mergekit's rule: the base must be one of the sources of every slice when the method uses a base);
+the other sources are the slice's inputs, in order. Alloy merges
 input by input position ("slot"): every slice has the same number of inputs, and input j has the same weight and
 density in every slice (the engine's weights are per input). Non-layer tensors follow mergekit: embeddings (the
 tensors before the layers) come from the first slice's sources, everything else (final norm, lm_head) from the
@@ -91,6 +92,19 @@ class SliceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sources: list[SliceSource] = Field(min_length=1)
+    base: str | dict[str, Any] | None = Field(
+        None,
+        description="The source of this slice that is θ_0 (mergekit's per-slice base_model); default: the "
+        "recipe's base.",
+    )
+    base_lora: str | dict[str, Any] | None = Field(
+        None, description="The LoRA adapter of this slice's base, when its source is a model+lora."
+    )
+
+    @field_validator("base", "base_lora")
+    @classmethod
+    def _parse_base(cls, value: Any) -> Any:
+        return SliceSource._parse(value)
 
     @model_validator(mode="after")
     def _same_length(self) -> SliceSpec:
@@ -114,7 +128,9 @@ def split_slice(
     spec: SliceSpec, base: Any, base_lora: Any = None
 ) -> tuple[SliceSource | None, list[SliceSource]]:
     """(the base's entry or None, the inputs in order) of one slice: the base is the source equal to ``base``
-    with the base's LoRA (``x`` and ``x`` + a LoRA are two models)."""
+    with the base's LoRA (``x`` and ``x`` + a LoRA are two models), or to the slice's own ``base``."""
+    if spec.base is not None:
+        base, base_lora = spec.base, spec.base_lora
     base_entry = next(
         (
             s
@@ -146,7 +162,8 @@ def derive_models(data: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[tupl
     slots: list[dict[str, Any]] | None = None
     for i, spec in enumerate(specs):
         base_entry, inputs = split_slice(spec, base, data.get("base_lora"))
-        if base is not None and base_entry is None and data.get("method") not in _NO_BASE_METHODS:
+        slice_base = spec.base if spec.base is not None else base
+        if slice_base is not None and base_entry is None and data.get("method") not in _NO_BASE_METHODS:
             problems.append(
                 (
                     (("slices", i, "sources")),

@@ -54,9 +54,10 @@ class TensorMerger:
         self.k = len(sources.inputs)
         self.weights = torch.tensor(sources.weights, dtype=torch.float32, device=device)
         self.scope = recipe.effective_scope()
-        self.densities = (
-            tuple(m.density or 0.0 for m in recipe.models) if any(m.density for m in recipe.models) else None
-        )
+        #: each model's own ``density`` field (None: the tensor's method-level density applies)
+        self.own_densities = tuple(m.density for m in recipe.models)
+        #: per-model densities with the recipe-level fallback (the global first pass); per tensor: ``context``
+        self.densities = self.densities_with(getattr(recipe.params_for(""), "density", None))
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         merged = [t.name for t in plan.tensors if t.action == "merge"]
         # gradients run over each slice's own layers in a sliced recipe (merge_ops.slices)
@@ -170,20 +171,30 @@ class TensorMerger:
             reference_is_input=self.sources.reference_is_input,
         )
 
+    def densities_with(self, default: float | None) -> tuple[float, ...] | None:
+        """Per-model densities when some model sets its own ``density``: the others get ``default`` (the
+        tensor's method-level density); None when no model sets one (methods then read ``params.density``)."""
+        if all(d is None for d in self.own_densities):
+            return None
+        fallback = float(default) if default is not None else 1.0
+        return tuple(fallback if d is None else float(d) for d in self.own_densities)
+
     def model_params_for(
         self, name: str
     ) -> tuple[torch.Tensor, tuple[float, ...] | None, tuple[dict[str, float], ...]]:
         """Per-model weights, densities and params of one tensor (recipe ``models[].params``: numbers,
-        gradients over the block depth, filtered lists), cached by their resolved values."""
+        gradients over the block depth, filtered lists), cached by their resolved values. A model without a
+        value of its own gets the tensor's method-level one (its override or gradient), as in mergekit."""
+        method_density = getattr(self.params_for(self._plans[name]), "density", None)
         if not self.recipe.has_model_params():
-            return self.weights, self.densities, ()
+            return self.weights, self.densities_with(method_density), ()
         position = self.positions.get(name)
         resolved = self.recipe.model_params_for(
             name,
             layer=position.depth if position else None,
             num_layers=position.num_blocks if position else None,
         )
-        default_density = float(getattr(self.params_for(self._plans[name]), "density", 1.0))
+        default_density = float(method_density) if method_density is not None else 1.0
         key = (tuple(tuple(sorted(r.items())) for r in resolved), default_density)
         if key not in self._model_params_cache:
             weights = self.weights
@@ -193,9 +204,9 @@ class TensorMerger:
                     dtype=torch.float32,
                     device=self.device,
                 )
-            densities = self.densities
+            densities = self.densities_with(default_density)
             if any("density" in r for r in resolved):
-                own = self.densities or (default_density,) * self.k
+                own = densities or (default_density,) * self.k
                 densities = tuple(r.get("density", d) for r, d in zip(resolved, own, strict=True))
             self._model_params_cache[key] = (weights, densities, resolved)
         return self._model_params_cache[key]

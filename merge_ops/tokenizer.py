@@ -16,8 +16,9 @@ uses the recipe's order (base, then the models), which only matters when two mod
   - ``tokens: {<token>: {source, force}}``: the token is added to the vocabulary if new, and its row comes from
     ``source`` (a model's row for it, ``{kind: model_token, model, token | token_id}`` another token's row of a
     model, or ``{kind: zero}``) for the models that lack it, or for every model with ``force``.
-Not supported yet (refused, naming the field): mergekit's named templates (``chatml``, ``llama3``, ...: paste the template itself), and a base tokenizer with tokens past
-its model's ``vocab_size``. Needs the ``transformers`` package (``pip install alloy[tokenizers]``), imported only
+Not supported (refused, naming the field): mergekit's named templates (``chatml``, ``llama3``, ...): they are
+mergekit's LGPL-3.0 data files, not bundled in Alloy (Apache-2.0), so the message names the file whose text to
+paste; and a base tokenizer with tokens past its model's ``vocab_size``. Needs the ``transformers`` package (``pip install alloy[tokenizers]``), imported only
 when a recipe uses these fields.
 """
 
@@ -114,13 +115,26 @@ class TokenizerSpec(BaseModel):
         return value
 
 
+#: the named templates mergekit 0.1.5 ships (``mergekit/_data/chat_templates/<name>.jinja``)
+MERGEKIT_NAMED_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+
+
 def chat_template_problem(value: str) -> str | None:
-    """Why ``value`` can't be a chat template, or None."""
-    if value == "auto" or "{" in value:
+    """Why ``value`` can't be a chat template, or None. mergekit's rule: ``auto``, one of its named templates, or
+    a Jinja template of at least 20 characters. The named templates are mergekit's own data files (LGPL-3.0, in
+    an Apache-2.0 project), so Alloy does not bundle them and names the file to paste instead."""
+    if value == "auto" or ("{" in value and len(value) >= 20):
         return None
+    if value in MERGEKIT_NAMED_TEMPLATES:
+        return (
+            f"chat_template {value!r} is one of mergekit's named templates, which Alloy does not bundle (they are "
+            f"mergekit's LGPL-3.0 data files); paste the template text itself (mergekit's copy: "
+            f"mergekit/_data/chat_templates/{value}.jinja), or use 'auto'"
+        )
     return (
-        f"chat_template {value!r} is not a Jinja template; mergekit's named templates are not bundled with Alloy "
-        "(paste the template itself, or use 'auto')"
+        f"chat_template {value[:40]!r} is not a chat template: give a Jinja template of at least 20 characters "
+        f"or 'auto' (mergekit rejects it too; its named templates {', '.join(MERGEKIT_NAMED_TEMPLATES)} are "
+        "not bundled with Alloy)"
     )
 
 

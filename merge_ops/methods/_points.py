@@ -40,9 +40,7 @@ def per_model_values(ctx: TensorContext, key: str, fallback: list[float]) -> lis
 
 
 def per_model_densities(ctx: TensorContext, params: Any, k: int) -> list[float]:
-    """Per-model densities: the model's ``density`` parameter, else the recipe's per-model density field,
-    else ``params.density``. A 0 in ``ctx.densities`` is the pipeline's mark of a model without its own density
-    (a density is > 0), so it falls back to ``params.density``."""
-    default = float(params.density)
-    fallback = [d or default for d in ctx.densities] if ctx.densities is not None else [default] * k
+    """Per-model densities: the model's ``density`` parameter, else ``ctx.densities`` (the pipeline fills in the
+    tensor's method-level density for models without their own), else ``params.density``."""
+    fallback = list(ctx.densities) if ctx.densities is not None else [float(params.density)] * k
     return per_model_values(ctx, "density", fallback)

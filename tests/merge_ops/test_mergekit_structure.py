@@ -457,14 +457,25 @@ def test_slices_never_say_models_list_is_empty():
     assert all("models list" not in e["msg"] for e in errors)
 
 
+@pytest.mark.parametrize("change", ["slice-parameters", "source-parameters"])
+def test_slices_whose_parameters_differ_equal_mergekit(change, zoo, tmp_path):
+    """Once refused; now each slice's parameters resolve in that slice (merge_ops.mergekit_slices)."""
+    config = _slices_config("ties", zoo)
+    if change == "slice-parameters":
+        config["slices"][1]["parameters"] = {"density": 0.2}
+    else:
+        config["slices"][1]["sources"][1]["parameters"] = {"weight": 0.1}
+    run_mergekit(config, tmp_path / "mk", tmp_path / "cache")
+    run_alloy(config, tmp_path / "alloy")
+    assert_same_model(tmp_path / "alloy", tmp_path / "mk")
+
+
 def test_refusals_name_the_field(zoo):
     base, a, b = (str(zoo[k]) for k in ("base", "a", "b"))
-    two = _slices_config("ties", zoo)
-    two["slices"][1]["parameters"] = {"density": 0.2}
-    assert ["slices", 1, "parameters"] in [e["loc"] for e in _errors(two)]
-    differ = _slices_config("ties", zoo)
-    differ["slices"][1]["sources"][1]["parameters"] = {"weight": 0.1}
-    assert ["slices", 1, "sources", 0, "parameters"] in [e["loc"] for e in _errors(differ)]
+    # a slice's own base_model makes the top-level base one more input there, which mergekit gives a weight
+    other_base = _slices_config("ties", zoo)
+    other_base["slices"][1]["base_model"] = a
+    assert ["slices", 1, "sources", 0, "parameters", "weight"] in [e["loc"] for e in _errors(other_base)]
     uneven = _slices_config("ties", zoo)
     uneven["slices"][1]["sources"].pop()
     assert ["slices", 1, "sources"] in [e["loc"] for e in _errors(uneven)]
@@ -922,3 +933,30 @@ def test_filtered_gradient_is_interpolated(zoo, tmp_path):
     run_mergekit(config, tmp_path / "mk", tmp_path / "cache")
     run_alloy(config, tmp_path / "alloy")
     assert_same_model(tmp_path / "alloy", tmp_path / "mk")
+
+
+def test_residual_weight_is_ignored_with_a_warning_as_mergekit_does(zoo, tmp_path):
+    """mergekit 0.1.5 declares ``residual_weight`` on a slice and never reads it: the same merge, and a warning."""
+    config = _slices_config("ties", zoo)
+    config["slices"][1]["residual_weight"] = 0.5
+    run_mergekit(config, tmp_path / "mk", tmp_path / "cache")
+    run_alloy(config, tmp_path / "alloy")
+    assert_same_model(tmp_path / "alloy", tmp_path / "mk")
+    warnings = load_recipe(config).warnings
+    assert ["slices", 1, "residual_weight"] in [list(w.loc) for w in warnings], warnings
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "alpaca", "mistral", "exaone"])
+def test_named_chat_templates_are_refused_naming_the_file_to_paste(name):
+    config = {"merge_method": "linear", "models": [{"model": "./a", "parameters": {"weight": 1}}]}
+    errors = _errors({**config, "chat_template": name})
+    (error,) = [e for e in errors if e["loc"] == ["chat_template"]]
+    assert f"mergekit/_data/chat_templates/{name}.jinja" in error["msg"]
+    assert "LGPL-3.0" in error["msg"]
+
+
+def test_a_short_or_brace_free_chat_template_is_refused_as_mergekit_does():
+    config = {"merge_method": "linear", "models": [{"model": "./a", "parameters": {"weight": 1}}]}
+    for template in ("{{ x }}", "not a template at all"):
+        errors = _errors({**config, "chat_template": template})
+        assert any(e["loc"] == ["chat_template"] and "at least 20" in e["msg"] for e in errors)

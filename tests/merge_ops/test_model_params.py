@@ -91,3 +91,113 @@ def test_per_model_weight_gradient_spreads_over_the_layers(tiny, tmp_path):
     torch.testing.assert_close(merged[name.format(1)], mid.half())
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["torch_dtype"] == "float16"  # config.json states the written dtype
+
+
+def _merged(tiny, tmp_path, name, method, models, **extra):
+    recipe = load_recipe(_recipe(tiny, method, models, **extra))
+    return load_all(run_merge(recipe, output_dir=tmp_path / name).output_path)
+
+
+_LOCAL_DENSITY_CASES = [
+    ("ties", {"params": {"density": 0.3}}),
+    ("dare_ties", {"params": {"density": 0.3}}),
+    ("dare_linear", {"params": {"density": 0.3, "rescale": "l1"}}),
+    ("breadcrumbs", {"params": {"density": 0.3, "top_removed": 0.05, "lambda": 1.0}}),
+    ("della", {"params": {"density": 0.4, "epsilon": 0.1}}),
+    ("della_linear", {"params": {"density": 0.4, "epsilon": 0.1}}),
+    ("ties", {}),  # no recipe-level density: the method's default (0.2)
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "where"),
+    [
+        *[(m, e, w) for m, e in _LOCAL_DENSITY_CASES for w in ("field", "params")],
+        # per-model params need a local scope, so the global first pass sees the field only
+        ("compeft", {"params": {"density": 0.3}, "scope": "global"}, "field"),
+    ],
+)
+def test_a_model_without_its_own_density_gets_the_method_level_one(tiny, tmp_path, method, extra, where):
+    """One model sets a density, the other does not: the other merges with the recipe's (or the method's
+    default) density, as if it had set that itself (it used to get 0, keeping about one entry)."""
+    default = extra.get("params", {}).get("density", 0.2)
+    own = {"density": 0.6} if where == "field" else {"params": {"density": 0.6}}
+    mixed = _merged(tiny, tmp_path, "mixed", method, [("a", own), ("b", {})], **extra)
+    explicit = _merged(
+        tiny, tmp_path, "explicit", method, [("a", {"density": 0.6}), ("b", {"density": default})], **extra
+    )
+    for tensor, value in mixed.items():
+        torch.testing.assert_close(value, explicit[tensor], rtol=0, atol=0, msg=tensor)
+
+
+def test_a_model_density_follows_a_filtered_method_level_density(tiny, tmp_path):
+    """The method-level density of a tensor (an override by name) is the fallback of that tensor."""
+    overrides = [{"filter": "mlp", "params": {"density": 0.7}}]
+    mixed = _merged(
+        tiny,
+        tmp_path,
+        "mixed",
+        "ties",
+        [("a", {"density": 0.5}), ("b", {})],
+        params={"density": 0.3},
+        overrides=overrides,
+    )
+    b_mlp = {"params": {"density": [{"filter": "mlp", "value": 0.7}, {"value": 0.3}]}}
+    explicit = _merged(
+        tiny,
+        tmp_path,
+        "explicit",
+        "ties",
+        [("a", {"density": 0.5}), ("b", b_mlp)],
+        params={"density": 0.3},
+        overrides=overrides,
+    )
+    for tensor, value in mixed.items():
+        torch.testing.assert_close(value, explicit[tensor], rtol=0, atol=0, msg=tensor)
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "entry", "loc", "text"),
+    [
+        (
+            "slerp",
+            {"t": 0.5},
+            {"params": {"t": 0.9}},
+            ["models", "0", "params", "t"],
+            "'t' holds for all models",
+        ),
+        ("nearswap", {"t": 0.01}, {"params": {"t": 0.9}}, ["models", "0", "params", "t"], "holds for all"),
+        ("ram", {}, {"params": {"epsilon": 0.1}}, ["models", "0", "params", "epsilon"], "holds for all"),
+        (
+            "ramplus_tl",
+            {},
+            {"params": {"epsilon": 0.1}},
+            ["models", "0", "params", "epsilon"],
+            "holds for all",
+        ),
+        (
+            "sce",
+            {},
+            {"params": {"select_topk": 0.5}},
+            ["models", "0", "params", "select_topk"],
+            "holds for all",
+        ),
+        (
+            "karcher",
+            {},
+            {"params": {"weight": 0.5}},
+            ["models", "0", "params", "weight"],
+            "no per-model params",
+        ),
+        ("model_stock", {}, {"weight": 0.5}, ["models", "0", "weight"], "does not weight its models"),
+        ("sce", {}, {"weight": 2.0}, ["models", "0", "weight"], "does not weight its models"),
+    ],
+)
+def test_a_value_the_method_would_ignore_is_refused(tiny, method, params, entry, loc, text):
+    """Per-model values that the method never reads per model (mergekit's shared params) and weights of
+    methods that weigh no models used to be accepted and ignored: a silent difference."""
+    models = [("a", entry)] if method in ("slerp", "nearswap") else [("a", entry), ("b", {})]
+    with pytest.raises(RecipeError) as info:
+        load_recipe(_recipe(tiny, method, models, params=params))
+    matching = [e for e in info.value.context["errors"] if e["loc"] == loc]
+    assert matching and text in matching[0]["msg"], info.value.context["errors"]
