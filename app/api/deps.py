@@ -51,6 +51,9 @@ def require_token(
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise UnauthorizedError("a bearer API token is required")
     token = find_token(session, secret=credentials.credentials)
+    # end the lookup's read transaction: the connection goes back to the pool while the request validates (CPU
+    # work) and is taken again by its next query, instead of being held for the whole request
+    session.commit()
     if token is None:
         raise UnauthorizedError("invalid or revoked API token")
     return token
