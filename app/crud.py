@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, utcnow
@@ -210,26 +210,47 @@ def cancel_job(session: Session, *, job_id: str) -> str | None:
     return job.status if job is not None else None
 
 
-def stale_running_jobs(session: Session, *, older_than: datetime | timedelta | float) -> list[Job]:
-    """Running jobs whose heartbeat (or start) is older than a cutoff: a datetime, or an age (timedelta/seconds)."""
-    if isinstance(older_than, datetime):
-        cutoff = older_than
-    else:
-        age = older_than if isinstance(older_than, timedelta) else timedelta(seconds=float(older_than))
-        cutoff = utcnow() - age
+def stale_running_jobs(
+    session: Session,
+    *,
+    older_than: datetime | timedelta | float,
+    handed_over_older_than: datetime | timedelta | float | None = None,
+) -> list[Job]:
+    """Running jobs whose heartbeat (or start) is older than a cutoff: a datetime, or an age (timedelta/seconds).
+    A merge handed over to the publisher (its report recorded, waiting in the io queue) has a cutoff of its own,
+    ``handed_over_older_than`` (default: the same)."""
+    cutoff = _cutoff(older_than)
+    handed_over = _cutoff(handed_over_older_than) if handed_over_older_than is not None else cutoff
     rows = session.scalars(
-        select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff).order_by(Job.heartbeat_at)
+        select(Job)
+        .where(
+            Job.status == "running",
+            or_(
+                and_(Job.report_json.is_(None), Job.heartbeat_at < cutoff),
+                and_(Job.report_json.is_not(None), Job.heartbeat_at < handed_over),
+            ),
+        )
+        .order_by(Job.heartbeat_at)
     ).all()
     session.commit()
     return list(rows)
 
 
-def requeue_job(session: Session, *, job_id: str) -> bool:
-    """running -> queued with attempts += 1 (the reaper re-enqueues it after this returns True)."""
+def _cutoff(older_than: datetime | timedelta | float) -> datetime:
+    if isinstance(older_than, datetime):
+        return older_than
+    age = older_than if isinstance(older_than, timedelta) else timedelta(seconds=float(older_than))
+    return utcnow() - age
+
+
+def requeue_job(session: Session, *, job_id: str, worker: str | None = None) -> bool:
+    """running -> queued with attempts += 1 (the reaper re-enqueues it after this returns True); with
+    ``worker``, only while that attempt still owns the row."""
+    owned = [Job.worker == worker] if worker is not None else []
     result = _execute(
         session,
         update(Job)
-        .where(Job.id == job_id, Job.status == "running")
+        .where(Job.id == job_id, Job.status == "running", *owned)
         .values(status="queued", attempts=Job.attempts + 1, worker=None, heartbeat_at=None)
         .execution_options(synchronize_session=False),
     )

@@ -46,8 +46,32 @@ class JobOutcome:
 
 
 def worker_identity() -> str:
-    """Unique per attempt: host, pid and a nonce (a pid can be reused after a kill)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """Unique per attempt: host, pid namespace, pid and a nonce (a pid can be reused after a kill)."""
+    return f"{_this_machine()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _this_machine() -> str:
+    # the pid namespace tells two containers with one hostname apart: a pid means something only inside it
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}/{namespace}"
+
+
+def _died_here(worker: str | None) -> bool:
+    """Whether ``worker`` (an identity from ``worker_identity``) was an attempt on this machine whose process is
+    gone: then its row can be taken over at once, without waiting for the heartbeat to go stale."""
+    machine, _, rest = (worker or "").rpartition(":")[0].rpartition(":")
+    if machine != _this_machine() or not rest.isdigit():
+        return False
+    try:
+        os.kill(int(rest), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by another user
+        return False
+    return False
 
 
 def retry_countdown(attempts: int, *, base_s: float = 2.0, cap_s: float = 300.0) -> float:
@@ -167,9 +191,20 @@ def hub_client_for(hf_token: str | None, settings: Settings) -> Any:
 
 def claim(settings: Settings, job_id: str, *, worker: str) -> Any:
     """queued -> running for this attempt; None when the row is not claimable (a duplicate or redelivered
-    message, cancelled while queued, already finished)."""
+    message, cancelled while queued, already finished, or running in a live attempt).
+
+    A row still running under an attempt of this machine whose process is gone (a killed pool child: Celery
+    redelivers its message at once) is requeued and claimed now, not after the heartbeat goes stale; the
+    requeue is conditional on that attempt still owning the row, so two live attempts never run one job."""
     with job_session(settings) as session:
         job = crud.claim_job(session, job_id=job_id, worker=worker)
+        if job is None:
+            current = crud.get_job(session, job_id=job_id)
+            if current is not None and current.status == "running" and _died_here(current.worker):
+                lost = current.worker
+                if not current.cancel_requested and crud.requeue_job(session, job_id=job_id, worker=lost):
+                    log.warning("job %s: its attempt %s died on this machine; taking it over", job_id, lost)
+                    job = crud.claim_job(session, job_id=job_id, worker=worker)
         if job is not None:
             session.expunge(job)
         return job

@@ -93,7 +93,10 @@ def reap_once(
     engine = engine or make_engine(settings.database_url, poolclass=NullPool)
     result = ReapResult()
     with session_scope(engine) as session:
-        for job in crud.stale_running_jobs(session, older_than=settings.heartbeat_stale_s):
+        stale = crud.stale_running_jobs(
+            session, older_than=settings.heartbeat_stale_s, handed_over_older_than=settings.publish_wait_s
+        )
+        for job in stale:
             runs = (job.attempts or 0) + 1  # this run died too
             if job.cancel_requested:
                 # cancelled, then its worker died before it could stop: no worker may claim it again, so it

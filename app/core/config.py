@@ -46,11 +46,19 @@ class Settings(BaseSettings):
         default=SecretStr(""), description="Secret for signing/encrypting server-side values."
     )
     task_time_limit_s: int = Field(default=6 * 3600, gt=0)
-    heartbeat_interval_s: float = Field(default=10.0, gt=0)
-    heartbeat_stale_s: float = Field(default=120.0, gt=0)
+    # a running job's lease: its attempt renews it every heartbeat_interval_s; a lease not renewed for
+    # heartbeat_stale_s is lost (the worker died) and the reaper runs the job again: recovery in about
+    # heartbeat_stale_s + reaper_interval_s (an attempt that died on a live worker's machine is taken over at once)
+    heartbeat_interval_s: float = Field(default=3.0, gt=0)
+    heartbeat_stale_s: float = Field(default=20.0, gt=0)
+    publish_wait_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="How long a finished merge may wait in the io queue for its Hub push before it is re-sent.",
+    )
     max_attempts: int = Field(default=3, ge=1)
     progress_interval_s: float = Field(default=1.0, gt=0, description="Min seconds between progress writes.")
-    reaper_interval_s: float = Field(default=10.0, gt=0, description="How often each worker's reaper scans.")
+    reaper_interval_s: float = Field(default=3.0, gt=0, description="How often each worker's reaper scans.")
     queued_resend_s: float = Field(
         default=120.0, gt=0, description="Re-send a queued job's message after this long unclaimed."
     )

@@ -58,6 +58,37 @@ def test_worker_killed_mid_merge_job_completes_once_on_a_new_worker(
     assert [p.name for p in data.iterdir()] == ["out"]
 
 
+def test_a_killed_pool_process_is_taken_over_at_once(job_store, celery_worker, alloy_settings, long_models):
+    """kill -9 of the pool child under a live worker: Celery redelivers the message at once and the new attempt
+    takes the row over (its dead owner is checked on this machine), long before the lease would go stale (300 s
+    here). The output equals the reference merge and exactly one attempt finishes."""
+    import signal
+
+    base, fts = long_models
+    data = alloy_settings.data_dirs[0]
+    out = data / "out"
+    env = {
+        "ALLOY_DATA_DIRS": os.pathsep.join([str(data), str(base.parent)]),
+        "ALLOY_HEARTBEAT_STALE_S": "300",
+        "ALLOY_QUEUED_RESEND_S": "300",
+    }
+    worker = celery_worker(name="survivor", env=env)
+    job_id = job_store.submit(long_recipe(base, fts, out, lam=0.7))
+    job = job_store.wait_for(job_id, ("running",), timeout=60, where=lambda j: (j.tensors_done or 0) >= 3)
+    assert job.tensors_done < job.tensors_total, "the merge finished before the kill; make LONG_MERGE bigger"
+    (child,) = worker.pool_pids()
+    killed_at = time.monotonic()
+    os.kill(child, signal.SIGKILL)
+    job = job_store.wait_for(job_id, timeout=120)
+    recovered_s = time.monotonic() - killed_at
+    assert job.status == "succeeded", (job.error_code, job.error_detail, worker.log()[-3000:])
+    assert recovered_s < 60, recovered_s  # the lease (300 s) was not waited for
+    assert job.attempts == 1 and "taking it over" in worker.log()
+    assert finished_runs(worker) == 1
+    assert_output_matches(out, expected_task_arithmetic(base, fts, lam=0.7, weights=[1.0] * len(fts)))
+    assert stray_files(data) == []
+
+
 def test_redis_restart_while_jobs_are_queued_loses_none(
     job_store, celery_worker, redis_server, alloy_settings
 ):

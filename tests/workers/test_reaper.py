@@ -131,3 +131,27 @@ def test_cancelled_job_whose_worker_died_ends_cancelled_and_its_scratch_is_remov
     result = reaper.reap_once(alloy_settings, engine=job_store.engine, enqueue=sent)
     assert result.cancelled == [queued] and sent.sent == []
     assert job_store.job(queued).status == "cancelled"
+
+
+def test_a_merge_waiting_for_its_hub_push_keeps_its_lease_longer(job_store, alloy_settings):
+    """A finished merge handed to the io queue has no heartbeat while it waits there; with the short lease it
+    would be requeued (and pushed twice) behind any upload backlog."""
+    sent = SentMessages()
+    waiting = _running(job_store, heartbeat_age_s=alloy_settings.heartbeat_stale_s + 5)
+    with job_store.session() as session:
+        crud.set_output(session, job_id=waiting, report={"method": "task_arithmetic"})
+        session.execute(
+            update(Job)
+            .where(Job.id == waiting)
+            .values(heartbeat_at=utcnow() - timedelta(seconds=alloy_settings.heartbeat_stale_s + 5))
+        )
+        session.commit()
+    assert reaper.reap_once(alloy_settings, engine=job_store.engine, enqueue=sent).requeued == []
+    with job_store.session() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == waiting)
+            .values(heartbeat_at=utcnow() - timedelta(seconds=alloy_settings.publish_wait_s + 5))
+        )
+        session.commit()
+    assert reaper.reap_once(alloy_settings, engine=job_store.engine, enqueue=sent).requeued == [waiting]
