@@ -76,6 +76,12 @@ def _remove_scratch_of(job: Job, settings: Settings) -> None:
         remove_scratch(scratch)
 
 
+def broker_uptime(settings: Settings) -> float | None:
+    from app.core.queue import broker_uptime_s
+
+    return broker_uptime_s(settings)
+
+
 def _default_enqueue(job_id: str, *, priority: int, settings: Settings) -> None:
     from app.core.queue import enqueue_job
 
@@ -119,9 +125,14 @@ def reap_once(
                 result.cancelled.append(job.id)
                 _remove_scratch_of(job, settings)
         cutoff = utcnow() - timedelta(seconds=queued_resend_s(settings))
-        # queued jobs not claimed for a while; created_at/heartbeat_at bound how often one is re-sent
+        # queued jobs not claimed for a while, and every queued job sent before the broker (re)started: a Redis
+        # restart without persistence lost their messages, so they are re-sent now, not after the cutoff
+        uptime = broker_uptime(settings)
+        # uptime is whole seconds: one more keeps a job sent just after the start out
+        broker_start = utcnow() - timedelta(seconds=uptime + 1) if uptime is not None else None
+        since = cutoff if broker_start is None else max(cutoff, broker_start)
         stale_queued = session.scalars(
-            select(Job).where(Job.status == "queued", Job.created_at < cutoff).order_by(Job.priority.desc())
+            select(Job).where(Job.status == "queued", Job.created_at < since).order_by(Job.priority.desc())
         ).all()
         session.commit()
         priorities = {job.id: job.priority for job in stale_queued}
@@ -129,7 +140,16 @@ def reap_once(
     for job_id in result.requeued:
         if _send(enqueue, job_id, priorities[job_id], settings):
             _last_resend[job_id] = time.monotonic()
+    restarted = time.monotonic() - uptime - 1 if uptime is not None else None
     for job in stale_queued:
+        lost_in_restart = (
+            restarted is not None
+            and broker_start is not None
+            and job.created_at < broker_start
+            and _last_resend.get(job.id, float("-inf")) < restarted
+        )
+        if lost_in_restart:
+            _last_resend.pop(job.id, None)
         due = job.id not in result.requeued and _resend_due(job.id, settings)
         if due and _send(enqueue, job.id, job.priority, settings):
             result.resent.append(job.id)

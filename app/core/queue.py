@@ -122,6 +122,22 @@ def _send(
     )
 
 
+def broker_uptime_s(settings: Settings, *, timeout_s: float = 5.0) -> float | None:
+    """How long the Redis broker has run (a restart without persistence lost every queued message); None for
+    other brokers, or when it can't be asked."""
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    try:
+        client = redis.Redis.from_url(
+            settings.broker_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        return float(client.info("server")["uptime_in_seconds"])
+    except (redis.RedisError, OSError, KeyError, ValueError):
+        return None
+
+
 def check_broker(settings: Settings, *, timeout_s: float) -> None:
     """Raise if the broker can't be reached within the timeout."""
     with celery_client(settings).connection_for_write() as connection:

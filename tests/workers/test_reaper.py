@@ -155,3 +155,19 @@ def test_a_merge_waiting_for_its_hub_push_keeps_its_lease_longer(job_store, allo
         )
         session.commit()
     assert reaper.reap_once(alloy_settings, engine=job_store.engine, enqueue=sent).requeued == [waiting]
+
+
+def test_a_redis_restart_resends_every_queued_job_at_once(job_store, alloy_settings, redis_server):
+    """Redis restarted without persistence lost the queued messages: the jobs sent before its start are re-sent
+    at the next pass (they used to wait ALLOY_QUEUED_RESEND_S), once, and jobs sent after it are left alone."""
+    sent = SentMessages()
+    import time
+
+    waiting = job_store.insert_job({"method": "task_arithmetic"})  # younger than queued_resend_s: not due
+    assert reaper.reap_once(alloy_settings, engine=job_store.engine, enqueue=sent).resent == []
+    time.sleep(1.5)  # the broker's uptime is whole seconds
+    redis_server.restart()
+    assert reaper.reap_once(alloy_settings, engine=job_store.engine, enqueue=sent).resent == [waiting]
+    assert reaper.reap_once(alloy_settings, engine=job_store.engine, enqueue=sent).resent == []
+    fresh = job_store.insert_job({"method": "task_arithmetic"})  # sent to the restarted broker
+    assert fresh not in reaper.reap_once(alloy_settings, engine=job_store.engine, enqueue=sent).resent
