@@ -54,7 +54,8 @@ def render_model_card(
     info = CATALOG[recipe.method]
     meta = card_metadata(recipe=recipe, base_models=base_models, base_card=base_card)
     recipe_yaml = yaml.safe_dump(
-        recipe.model_dump(mode="json", by_alias=True, exclude_defaults=True), sort_keys=False
+        _without_server_paths(recipe.model_dump(mode="json", by_alias=True, exclude_defaults=True)),
+        sort_keys=False,
     )
     totals = report.totals
     lines = [
@@ -69,7 +70,7 @@ def render_model_card(
         "",
         "## Sources",
         "",
-        *[f"- {m}" for m in base_models],
+        *[f"- {_public(m)}" for m in base_models],
         *[f"- {_source_label(m.source)} (weight {m.weight})" for m in recipe.models],
         "",
         "## Recipe",
@@ -93,7 +94,30 @@ def render_model_card(
 
 
 def _source_label(source: Any) -> str:
-    return source.uri() if hasattr(source, "uri") else str(source)
+    return _public(source.uri() if hasattr(source, "uri") else str(source))
+
+
+#: recipe keys whose string values are server paths (sources, output folder, evaluator files)
+_PATH_KEYS = {"base", "base_lora", "source", "source_base", "source_finetuned", "target_base", "lora", "path"}
+_PATH_KEYS |= {"data", "model"}
+
+
+def _public(label: str) -> str:
+    """What a published card may say about a source: its Hub id, or a local folder's name (never the server's
+    absolute path, which tells readers nothing and leaks the server's layout)."""
+    if label.startswith("hf://") or not label.startswith(("/", "~")):
+        return label
+    return Path(label).name or label
+
+
+def _without_server_paths(value: Any, key: str | None = None) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_server_paths(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_server_paths(v, key) for v in value]
+    if isinstance(value, str) and key in _PATH_KEYS:
+        return _public(value)
+    return value
 
 
 def write_model_card(

@@ -74,6 +74,10 @@ def test_mergekit_import_keeps_folders_in_the_data_dirs_local(
     page.click("#submit")
     wait_for_job_page(page)
     assert wait_for_status(page, "succeeded|failed|cancelled") == "succeeded", page.text_content("#job-error")
+    # defect 10: the model card names sources by folder (or Hub id), never by the server's absolute paths
+    page.wait_for_selector("#job-card-section:not([hidden])")
+    card = page.text_content("#job-card")
+    assert "ft1" in card and str(deployment.data) not in card, card
     screenshot(page, artifacts / "mergekit-local-1280.png")
 
     # a reference that is not on disk is a repo id; the Hub failing says what to do, not the library's words
