@@ -38,7 +38,14 @@ class Progress(BaseModel):
     bytes_done: int
     bytes_total: int | None
     eta_s: float | None
-    fraction: float | None = Field(description="tensors_done / tensors_total, when the total is known.")
+    fraction: float | None = Field(
+        description="bytes_done / bytes_total of the current phase (tensors_done / tensors_total without bytes)."
+    )
+    phase: str | None = Field(
+        None,
+        description="What the counts measure: merge (the main pass), global_stats or lines_alpha (a first pass "
+        "reading every merged tensor), evaluate (greedy soup), train (aTLAS).",
+    )
 
 
 class Output(BaseModel):

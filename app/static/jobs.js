@@ -155,6 +155,16 @@ function fmtTime(t) {
   return Number.isNaN(d.getTime()) ? String(t) : d.toLocaleString();
 }
 
+// What a job's progress counts, by phase (jobs.progress_phase): a first pass reads every merged tensor once
+// before the merge starts, so it gets its own label instead of a merge stuck at 0 %.
+const PHASES = {
+  global_stats: { label: "First pass: global statistics", unit: "tensors" },
+  lines_alpha: { label: "First pass: LiNeS α", unit: "tensors" },
+  merge: { label: "Merging", unit: "tensors" },
+  evaluate: { label: "Scoring candidate soups", unit: "evaluations" },
+  train: { label: "Learning coefficients", unit: "steps" },
+};
+
 function renderJob(job) {
   $("#charts-title").textContent = job.kind === "analyze" ? "What the task vectors look like" : "What the merge does";
   const name = jobNames()[job.id];
@@ -179,8 +189,10 @@ function renderJob(job) {
   $("#job-progress-bar").style.width = `${pct}%`;
   $("#job-progress").setAttribute("aria-valuenow", String(pct));
   $("#job-progress").dataset.status = job.status;
+  const phase = PHASES[p.phase] || null;
   const bits = [`${pct}%`];
-  if (p.tensors_total) bits.push(`${p.tensors_done ?? 0} / ${p.tensors_total} tensors`);
+  if (job.status === "running" && phase) bits.unshift(phase.label);
+  if (p.tensors_total) bits.push(`${p.tensors_done ?? 0} / ${p.tensors_total} ${phase?.unit || "tensors"}`);
   if (p.bytes_total) bits.push(`${fmtBytes(p.bytes_done)} / ${fmtBytes(p.bytes_total)}`);
   if (job.status === "running" && Number.isFinite(p.eta_s)) bits.push(`ETA ${fmtDuration(p.eta_s)}`);
   if (job.status === "queued") bits.unshift("Waiting for a worker");
