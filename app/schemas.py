@@ -75,6 +75,17 @@ class JobOut(BaseModel):
     pinned_sources: dict[str, str]
 
 
+class OutputFile(BaseModel):
+    name: str = Field(description="Path relative to the job's output folder.")
+    bytes: int
+
+
+class OutputFiles(BaseModel):
+    path: str = Field(description="The output folder on the server.")
+    files: list[OutputFile]
+    total_bytes: int
+
+
 class JobList(BaseModel):
     items: list[JobOut]
     next_cursor: str | None
