@@ -429,3 +429,77 @@ def test_a_first_pass_is_its_own_phase_counted_in_bytes_and_cancel_acts_in_it(
     # the worker stops at the next tensor of the pass; the rest is the ticker's poll and the event stream
     assert took < 3.0, took
     assert not (deployment.data / "out-first-pass").exists()
+
+
+# ------------------------------------------------------------------------------------------------ features
+def test_gallery_sweep_compare_and_file_list(page: Any, deployment: Deployment, artifacts: Path) -> None:
+    # a README example is a starting point, loaded like a pasted recipe
+    titles = page.locator("#gallery option").all_text_contents()
+    assert "task negation: forget a skill" in titles, titles
+    page.select_option("#gallery", label="task negation: forget a skill")
+    page.click("#gallery-load")
+    page.wait_for_function("() => document.querySelector('#method').value === 'task_arithmetic'")
+    assert float(page.locator("#models-list .src-weight").first.input_value()) == -1.0
+    assert page.input_value("#f-params-lambda") == "0.5"
+
+    # a sweep over λ is one batch with a job per value
+    page.click("#reset-form")
+    _compose_plain(page, deployment, out="sweep-out")
+    page.click("#sweep summary")
+    page.select_option("#sweep-param", "lambda")
+    page.fill("#sweep-values", "0.3, 0.9")
+    page.click("#sweep-submit")
+    page.wait_for_function("() => /^#\\/batches\\//.test(location.hash)")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#batch-body .status')].filter(s => s.textContent === 'succeeded')"
+        ".length === 2",
+        timeout=60_000,
+    )
+    links = page.locator("#batch-body td:nth-child(2) a").all_text_contents()
+    assert sorted(link.split(" ")[0] for link in links) == ["lambda=0.3", "lambda=0.9"], links
+    assert (deployment.data / "sweep-out-lambda-0.3").is_dir() and (deployment.data / "sweep-out-lambda-0.9").is_dir()
+    screenshot(page, artifacts / "sweep-batch-1280.png")
+
+    # compare the two: the swept value differs, the rest of the recipe is the same
+    for box in page.locator("#batch-body .compare-pick").all():
+        box.check()
+    page.click("#batch-compare")
+    page.wait_for_selector("#compare-body tr")
+    differing = {
+        row.locator("td").first.text_content(): row.locator("td").all_text_contents()[1:]
+        for row in page.locator("#compare-body tr.differs").all()
+    }
+    assert sorted(differing["recipe.params.lambda"]) == ["0.3", "0.9"], differing
+    assert "recipe.method" not in differing
+    assert page.locator("#compare-body tr", has_text="totals.merged").count() == 1
+    screenshot(page, artifacts / "compare-1280.png")
+
+    # a finished job lists its files with sizes
+    page.go_back()
+    page.wait_for_selector("#batch-body a")
+    page.locator("#batch-body td:nth-child(2) a").first.click()
+    page.wait_for_selector("#job-files-section:not([hidden])")
+    files = page.locator("#job-files-body td:first-child").all_text_contents()
+    assert "alloy-report.json" in files and any(f.endswith(".safetensors") for f in files), files
+    assert re.search(r"\d+ files, \d+(\.\d)? [KM]?B in ", page.text_content("#job-files-summary"))
+    screenshot(page, artifacts / "files-1280.png")
+
+
+def test_dark_theme_follows_the_system(browser: Any, deployment: Deployment, artifacts: Path) -> None:
+    for scheme, dark in (("dark", True), ("light", False)):
+        context = browser.new_context(viewport={"width": 390, "height": 900}, color_scheme=scheme)
+        tab = context.new_page()
+        errors: list[str] = []
+        tab.on("pageerror", lambda exc: errors.append(str(exc)))
+        tab.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        tab.goto(deployment.url + "/")
+        tab.fill("#api-token", deployment.token)
+        tab.press("#api-token", "Enter")
+        tab.wait_for_selector("#method option[value=ties]", state="attached")
+        background = tab.evaluate("getComputedStyle(document.documentElement).backgroundColor")
+        channels = [int(c) for c in re.findall(r"\d+", background)[:3]]
+        assert (sum(channels) < 150) == dark, (scheme, background)
+        assert tab.evaluate("document.documentElement.scrollWidth") <= 390
+        screenshot(tab, artifacts / f"compose-{scheme}-390.png")
+        context.close()
+        assert not errors, errors
