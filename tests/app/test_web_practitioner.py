@@ -220,25 +220,22 @@ def test_jobs_list_refreshes_and_shows_name_error_output_duration(
     )
     cells = row.locator("td").all_text_contents()
     assert "task_arithmetic" in cells and "out-listed" in cells, cells
-    assert re.search(r"^\d+ s$", cells[6]), cells  # duration
+    assert re.search(r"^\d+ s$", cells[7]), cells  # duration
 
     # a failed job names its error code in the list; a name given at submit identifies it
+    _checkpoint(deployment, "wide", layers=4, hidden=32, vocab=32, seed=9)
     page.goto(deployment.url + "/#/")
     page.wait_for_selector("#method option[value=ties]", state="attached")
-    taken = deployment.data / "taken-list"
-    _compose_plain(page, deployment, out="taken-list")
-    page.fill("#job-name", "bad-output run")
+    _compose_plain(page, deployment, out="never-written-6", models=("ft1", "wide"))  # shapes differ
+    page.fill("#job-name", "mismatched run")
     page.click("#submit")
     job_id = wait_for_job_page(page)
-    taken.mkdir(exist_ok=True)  # taken after submission: the worker's check fails the job
-    (taken / "x").write_text("x")
-    wait_for_status(page, "succeeded|failed|cancelled")
+    assert wait_for_status(page, "succeeded|failed|cancelled") == "failed"
     page.goto(deployment.url + "/#/jobs")
     named = page.locator(f"#jobs-body tr[data-id='{job_id}']")
     named.wait_for()
-    assert "bad-output run" in named.locator("td").first.text_content()
-    if named.locator(".status").text_content() == "failed":
-        assert named.locator(".error-code").text_content().strip() == "output_error"
+    assert "mismatched run" in named.locator("td").nth(1).text_content()
+    assert named.locator(".error-code").text_content().strip() == "incompatible_models"
     screenshot(page, artifacts / "jobs-live-1280.png")
 
 
