@@ -23,7 +23,6 @@ that differ between slices, a per-slice ``base_model`` other than the top-level 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 Fail = Any  # (loc, msg) -> None, from translate_mergekit

@@ -149,7 +149,9 @@ def test_validate_runs_the_workers_preflight_and_lists_every_problem(api: Api) -
     no_token = api.client.post("/v1/recipes/validate", json=hub, headers=api.headers())
     assert no_token.status_code == 422
     assert [tuple(e["loc"]) for e in no_token.json()["errors"]] == [("output", "hub", "repo")]
-    with_token = api.client.post("/v1/recipes/validate", json=hub, headers=api.headers(**{"X-HF-Token": "hf_x"}))
+    with_token = api.client.post(
+        "/v1/recipes/validate", json=hub, headers=api.headers(**{"X-HF-Token": "hf_x"})
+    )
     assert with_token.status_code == 200, with_token.text
     # an empty folder is no checkpoint: named, not a raw library message
     empty = api.client.post("/v1/recipes/validate", json=recipe(output={"path": "o2"}), headers=api.headers())

@@ -15,17 +15,17 @@ from typing import Any
 
 import pytest
 
-from tests.app.test_web_form import (  # noqa: F401 - pytest fixtures
+from tests.app import test_web_form as web
+from tests.app.test_web_form import (
     Deployment,
-    artifacts,
-    browser,
     choose_local_source,
-    deployment,
-    page,
     screenshot,
     wait_for_job_page,
     wait_for_status,
 )
+
+# test_web_form's fixtures: one deployment (API, worker, Redis) and one browser for this module
+deployment, browser, page, artifacts = web.deployment, web.browser, web.page, web.artifacts
 
 pytestmark = pytest.mark.browser
 
@@ -44,7 +44,9 @@ def _import(page: Any, text: str) -> None:
     page.click("#import-button")
 
 
-def _compose_plain(page: Any, deployment: Deployment, *, out: str, models: tuple[str, ...] = ("ft1", "ft2")) -> None:
+def _compose_plain(
+    page: Any, deployment: Deployment, *, out: str, models: tuple[str, ...] = ("ft1", "ft2")
+) -> None:
     page.select_option("#method", "task_arithmetic")
     choose_local_source(page, "#base-row", deployment.data / "base")
     while page.locator("#models-list > .model-row").count() < len(models):
@@ -84,7 +86,9 @@ def test_mergekit_import_keeps_folders_in_the_data_dirs_local(
     page.goto(deployment.url + "/#/")
     page.wait_for_selector("#method option[value=ties]", state="attached")
     page.allowed_http_errors.update({422, 502, 503})
-    _import(page, "merge_method: linear\nparameters: {weight: 1.0}\nmodels:\n  - model: nobody/nothing-here\n")
+    _import(
+        page, "merge_method: linear\nparameters: {weight: 1.0}\nmodels:\n  - model: nobody/nothing-here\n"
+    )
     page.wait_for_function("() => document.querySelector('#method').value === 'linear'")
     assert page.locator("#models-list .src-kind").first.input_value() == "hub"
     page.fill("#output-path", "out-hub")
@@ -135,7 +139,9 @@ def test_validate_runs_the_preflight_and_lists_every_problem_next_to_the_button(
     page.fill("#hub-repo", "org/merged")
     choose_local_source(page, "#models-list > .model-row:nth-child(2)", deployment.data / "ft2")
     page.click("#validate")
-    page.wait_for_function("() => document.querySelector('#hub-repo').getAttribute('aria-invalid') === 'true'")
+    page.wait_for_function(
+        "() => document.querySelector('#hub-repo').getAttribute('aria-invalid') === 'true'"
+    )
     assert "Hub token" in page.text_content("#error-summary")
 
     # fixed: the plan of the dry run, next to the button
@@ -151,10 +157,14 @@ def test_validate_runs_the_preflight_and_lists_every_problem_next_to_the_button(
 
 
 # ------------------------------------------------------------------------------------------------ defect 5
-def test_enter_never_submits_and_cancel_asks_first(page: Any, deployment: Deployment, artifacts: Path) -> None:
+def test_enter_never_submits_and_cancel_asks_first(
+    page: Any, deployment: Deployment, artifacts: Path
+) -> None:
     _compose_plain(page, deployment, out="out-enter")
     submits: list[str] = []
-    page.on("request", lambda r: submits.append(r.url) if r.method == "POST" and "/v1/merges" in r.url else None)
+    page.on(
+        "request", lambda r: submits.append(r.url) if r.method == "POST" and "/v1/merges" in r.url else None
+    )
     for field in ("#output-path", "#models-list .src-id", "#seed", "#job-name"):
         page.locator(field).first.press("Enter")
     page.wait_for_timeout(500)
@@ -454,7 +464,9 @@ def test_gallery_sweep_compare_and_file_list(page: Any, deployment: Deployment, 
     )
     links = page.locator("#batch-body td:nth-child(2) a").all_text_contents()
     assert sorted(link.split(" ")[0] for link in links) == ["lambda=0.3", "lambda=0.9"], links
-    assert (deployment.data / "sweep-out-lambda-0.3").is_dir() and (deployment.data / "sweep-out-lambda-0.9").is_dir()
+    assert (deployment.data / "sweep-out-lambda-0.3").is_dir() and (
+        deployment.data / "sweep-out-lambda-0.9"
+    ).is_dir()
     screenshot(page, artifacts / "sweep-batch-1280.png")
 
     # compare the two: the swept value differs, the rest of the recipe is the same
@@ -487,8 +499,8 @@ def test_dark_theme_follows_the_system(browser: Any, deployment: Deployment, art
         context = browser.new_context(viewport={"width": 390, "height": 900}, color_scheme=scheme)
         tab = context.new_page()
         errors: list[str] = []
-        tab.on("pageerror", lambda exc: errors.append(str(exc)))
-        tab.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        tab.on("pageerror", lambda exc, errors=errors: errors.append(str(exc)))
+        tab.on("console", lambda msg, errors=errors: errors.append(msg.text) if msg.type == "error" else None)
         tab.goto(deployment.url + "/")
         tab.fill("#api-token", deployment.token)
         tab.press("#api-token", "Enter")

@@ -11,13 +11,11 @@ from typing import Any
 
 import pytest
 
-from tests.app.test_web_form import (  # noqa: F401 - pytest fixtures
+from tests.app import test_web_form as web
+from tests.app.test_web_form import (
     CHROMIUM,
     Deployment,
-    artifacts,
-    browser,
     choose_local_source,
-    page,
     screenshot,
     wait_for_job_page,
     wait_for_status,
@@ -25,6 +23,8 @@ from tests.app.test_web_form import (  # noqa: F401 - pytest fixtures
 from tests.utils.hub_server import WRITE_TOKEN, HubServer
 
 pytestmark = pytest.mark.browser
+# test_web_form's browser and page fixtures, over this module's own deployment (with a local Hub server)
+browser, page, artifacts = web.browser, web.page, web.artifacts
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, hub: HubServer) -> Iter
     token = JobStore(settings_from_env(env)).create_token(name="web", admin=True)
     base = make_llama_like(data / "base", layers=2, hidden=16, vocab=32, seed=0)
     make_llama_like(data / "ft1", perturb_from=base, seed=1, scale=0.02)
-    worker = WorkerProcess(worker_command(name=f"pub-{free_port()}@%h"), env=env, log_path=root / "worker.log")
+    worker = WorkerProcess(
+        worker_command(name=f"pub-{free_port()}@%h"), env=env, log_path=root / "worker.log"
+    )
     api = ApiProcess(env=env, log_path=root / "api.log")
     try:
         worker.wait_ready()
