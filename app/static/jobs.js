@@ -308,7 +308,7 @@ async function openJob(id) {
   const final = await api("GET", `/v1/merges/${encodeURIComponent(id)}`);
   if (final.ok) { job = final.data; renderJob(job); }
   const merged = job.status === "succeeded" || (job.status === "failed" && job.output?.path);
-  if (merged && !controller.signal.aborted) await Promise.all([showReport(id, job), showFiles(id)]);
+  if (merged && !controller.signal.aborted) await Promise.all([showReport(id, job), job.output?.path ? showFiles(id) : null]);
 }
 
 /** Live status over SSE. EventSource can't send Authorization, so read the stream with fetch(); if
