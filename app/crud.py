@@ -62,6 +62,7 @@ def record_progress(
     bytes_done: int = 0,
     bytes_total: int | None = None,
     eta_s: float | None = None,
+    phase: str | None = None,
 ) -> bool:
     """Progress of a running job; doubles as its heartbeat. False when the job is no longer running."""
     result = _execute(
@@ -74,6 +75,7 @@ def record_progress(
             bytes_done=bytes_done,
             bytes_total=bytes_total,
             eta_s=eta_s,
+            progress_phase=phase,
             heartbeat_at=utcnow(),
         )
         .execution_options(synchronize_session=False),

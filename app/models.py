@@ -109,6 +109,9 @@ class Job(Base):
     bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_total: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     eta_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: what the counts above measure: "merge" (the main pass), a first pass ("global_stats", "lines_alpha"),
+    #: "evaluate" (greedy soup) or "train" (aTLAS); null before the first progress report
+    progress_phase: Mapped[str | None] = mapped_column(String(32), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -38,7 +38,14 @@ class JobProgress(BaseModel):
     bytes_done: int
     bytes_total: int | None
     eta_s: float | None
-    fraction: float | None = Field(description="tensors_done / tensors_total, when the total is known.")
+    fraction: float | None = Field(
+        description="bytes_done / bytes_total of the current phase (tensors_done / tensors_total without bytes)."
+    )
+    phase: str | None = Field(
+        None,
+        description="What the counts measure: merge (the main pass), global_stats or lines_alpha (a first pass "
+        "reading every merged tensor), evaluate (greedy soup), train (aTLAS).",
+    )
 
 
 class Output(BaseModel):
@@ -66,6 +73,17 @@ class JobOut(BaseModel):
     recipe: dict[str, Any]
     recipe_digest: str
     pinned_sources: dict[str, str]
+
+
+class OutputFile(BaseModel):
+    name: str = Field(description="Path relative to the job's output folder.")
+    bytes: int
+
+
+class OutputFiles(BaseModel):
+    path: str = Field(description="The output folder on the server.")
+    files: list[OutputFile]
+    total_bytes: int
 
 
 class JobList(BaseModel):

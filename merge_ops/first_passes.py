@@ -4,12 +4,15 @@ statistics (``scope: global``) and LiNeS' automatic α. Each reads every merged 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from merge_ops.preflight import global_pass_needed, lines_params
+from merge_ops.errors import MergeCancelled
+from merge_ops.preflight import element_size, global_pass_needed, lines_params, numel
+from merge_ops.report import Progress
 from merge_ops.tensor_merge import TensorMerger
 
 
@@ -24,7 +27,38 @@ class FirstPasses:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def run_first_passes(merger: TensorMerger) -> FirstPasses:
+def tracked(
+    merger: TensorMerger,
+    phase: str,
+    progress: Callable[[Progress], None] | None,
+    should_cancel: Callable[[], bool] | None,
+) -> Callable[[], Iterator[tuple[str, torch.Tensor]]]:
+    """``merger.iter_task_vectors`` as a first pass of its own: progress in bytes under ``phase``, and a cancel
+    check before every tensor (a first pass reads the whole model, so it must stop like the main pass does)."""
+    merged = [t for t in merger.plan.tensors if t.action == "merge"]
+    sizes = {t.name: numel(t.shape) * element_size(t.in_dtype) * (merger.k + 1) for t in merged}
+    total = sum(sizes.values())
+
+    def run() -> Iterator[tuple[str, torch.Tensor]]:
+        started, done_bytes = time.perf_counter(), 0
+        for done, (name, taus) in enumerate(merger.iter_task_vectors(), start=1):
+            if should_cancel is not None and should_cancel():
+                raise MergeCancelled("the merge was cancelled")
+            yield name, taus
+            done_bytes += sizes.get(name, 0)
+            if progress is not None:
+                elapsed = time.perf_counter() - started
+                eta = elapsed / done_bytes * (total - done_bytes) if done_bytes else None
+                progress(Progress(done, len(merged), done_bytes, total, eta, phase=phase))
+
+    return run
+
+
+def run_first_passes(
+    merger: TensorMerger,
+    progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> FirstPasses:
     recipe = merger.recipe
     result = FirstPasses()
     if global_pass_needed(recipe):
@@ -32,7 +66,7 @@ def run_first_passes(merger: TensorMerger) -> FirstPasses:
 
         t0 = time.perf_counter()
         result.global_stats = compute_global_stats(
-            merger.iter_task_vectors,
+            tracked(merger, "global_stats", progress, should_cancel),
             params=recipe.params_for(""),
             densities=merger.densities,
             seed=recipe.seed,
@@ -46,7 +80,8 @@ def run_first_passes(merger: TensorMerger) -> FirstPasses:
         alpha = lines.alpha
         if alpha is None:
             t1 = time.perf_counter()
-            alpha = auto_lines_alpha(merger, result.global_stats)
+            tensors = tracked(merger, "lines_alpha", progress, should_cancel)
+            alpha = auto_lines_alpha(merger, result.global_stats, tensors)
             result.timings["lines_alpha_s"] = round(time.perf_counter() - t1, 4)
         merged_names = [t.name for t in merger.plan.tensors if t.action == "merge"]
         result.scales = lines_scales(merged_names, alpha=alpha, beta=lines.beta, head_scale=lines.head_scale)
@@ -59,13 +94,17 @@ def run_first_passes(merger: TensorMerger) -> FirstPasses:
     return result
 
 
-def auto_lines_alpha(merger: TensorMerger, global_stats: Any) -> float:
+def auto_lines_alpha(
+    merger: TensorMerger,
+    global_stats: Any,
+    tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]] | None = None,
+) -> float:
     """LiNeS multi-task α = (‖Σ_t τ_t‖₁ / ‖τ_merged‖₁) / T over the merged tensors (one streaming pass)."""
     from merge_ops.lines import auto_alpha
 
     sum_l1 = merged_l1 = 0.0
     plans = {t.name: t for t in merger.plan.tensors}
-    for name, taus in merger.iter_task_vectors():
+    for name, taus in (tensors or merger.iter_task_vectors)():
         sum_l1 += float(taus.sum(dim=0).abs().sum(dtype=torch.float64))
         ctx = merger.context(name, global_stats)
         merged = merger.method.fn(taus, ctx, merger.params_for(plans[name]))

@@ -140,7 +140,7 @@ def _merge_into(
     from merge_ops.tensor_merge import TensorMerger
 
     merger = TensorMerger(chosen.streamed, sources, plan, dev)
-    passes = run_first_passes(merger)
+    passes = run_first_passes(merger, progress, should_cancel)
     rows, files, timings = _merge_tensors(
         recipe, merger, passes.scales, passes.global_stats, scratch, progress, should_cancel
     )

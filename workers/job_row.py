@@ -163,6 +163,7 @@ def write_progress(session: Session, job_id: str, progress: Any) -> None:
         bytes_done=progress.bytes_done,
         bytes_total=progress.bytes_total,
         eta_s=progress.eta_s,
+        phase=getattr(progress, "phase", None),
     )
 
 

@@ -42,7 +42,13 @@ def job_url(request: Request, job_id: str) -> str:
 
 def job_out(job: Job, *, url: str) -> JobOut:
     total = job.tensors_total
-    fraction = min(1.0, job.tensors_done / total) if total else (1.0 if job.status == "succeeded" else None)
+    # bytes, not tensors: a model's tensors differ in size by orders of magnitude (embeddings vs. norms)
+    if job.bytes_total:
+        fraction: float | None = min(1.0, job.bytes_done / job.bytes_total)
+    else:
+        fraction = min(1.0, job.tensors_done / total) if total else None
+    if job.status == "succeeded":
+        fraction = 1.0
     error = scrub(job.error)
     return JobOut(
         id=job.id,
@@ -60,6 +66,7 @@ def job_out(job: Job, *, url: str) -> JobOut:
             bytes_total=job.bytes_total,
             eta_s=job.eta_s,
             fraction=fraction,
+            phase=job.progress_phase,
         ),
         created_at=job.created_at,
         started_at=job.started_at,

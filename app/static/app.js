@@ -112,9 +112,10 @@ function route() {
   if (parts[0] === "jobs" && parts[1]) view = "job";
   else if (parts[0] === "jobs") view = "jobs";
   else if (parts[0] === "batches" && parts[1]) view = "batch";
-  for (const v of ["compose", "jobs", "job", "batch"]) $(`#view-${v}`).hidden = v !== view;
+  else if (parts[0] === "compare" && parts[1] && parts[2]) view = "compare";
+  for (const v of ["compose", "jobs", "job", "batch", "compare"]) $(`#view-${v}`).hidden = v !== view;
   $$("nav [data-nav]").forEach((a) => {
-    if (a.dataset.nav === (view === "job" || view === "batch" ? "jobs" : view)) a.setAttribute("aria-current", "page");
+    if (a.dataset.nav === (["job", "batch", "compare"].includes(view) ? "jobs" : view)) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
   });
   banner(state.flash?.[0] || "", state.flash?.[1]);
@@ -122,6 +123,7 @@ function route() {
   if (view === "jobs") loadJobs({ reset: true });
   if (view === "job") openJob(decodeURIComponent(parts[1]));
   if (view === "batch") openBatch(decodeURIComponent(parts[1]));
+  if (view === "compare") openCompare(decodeURIComponent(parts[1]), decodeURIComponent(parts[2]));
   if (route.started) $(`#view-${view} h2`).focus?.();
   route.started = true;
 }
@@ -164,6 +166,9 @@ function init() {
   form.addEventListener("input", clearFieldError);
   form.addEventListener("change", clearFieldError);
   $("#reset-form").addEventListener("click", resetForm);
+  $("#sweep-submit").addEventListener("click", submitSweep);
+  $("#gallery-load").addEventListener("click", loadExample);
+  loadGallery();
   $("#method").addEventListener("change", (e) => { selectMethod(e.target.value, { keepParams: false }); updatePreview(); });
   $("#add-model").addEventListener("click", () => { const row = addModel(); updatePreview(); $(".src-id", row).focus(); });
   $("#lines-enabled").addEventListener("change", (e) => { $("#lines-fields").hidden = !e.target.checked; });
@@ -180,6 +185,10 @@ function init() {
   $("#job-retry-publish").addEventListener("click", retryPublish);
   $("#job-analyze").addEventListener("click", (e) => analyze(e, state.jobRecipe));
   $("#jobs-more").addEventListener("click", () => loadJobs());
+  $$(".compare-button").forEach((button) => button.addEventListener("click", () => {
+    const [a, b] = state.compare || [];
+    if (a && b) location.hash = `#/compare/${encodeURIComponent(a)}/${encodeURIComponent(b)}`;
+  }));
   $$("main h2").forEach((h) => h.setAttribute("tabindex", "-1"));
   // the skip link moves focus without touching the hash (the hash is the router's)
   $(".skip").addEventListener("click", (e) => { e.preventDefault(); $("#main").focus(); });

@@ -90,6 +90,7 @@ function renderParams() {
   }
   $('#params-fields [data-param="sparsify"]')?.addEventListener("change", syncParamVisibility);
   syncParamVisibility();
+  syncSweepParams();
 }
 
 /** Say in place when a number field is read as a gradient, above all "1,0" (a decimal comma): [1, 0]. */
@@ -443,8 +444,8 @@ function humanLoc(loc) {
   const out = [];
   for (let i = 0; i < parts.length; i++) {
     const p = parts[i];
-    if ((p === "models" || p === "sources" || p === "overrides" || p === "slices") && /^\d+$/.test(parts[i + 1] || "")) {
-      const noun = { models: "Model", sources: "Source", overrides: "Override", slices: "Slice" }[p];
+    const noun = { models: "Model", sources: "Source", overrides: "Override", slices: "Slice", recipes: "Recipe" }[p];
+    if (noun && /^\d+$/.test(parts[i + 1] || "")) {
       out.push(`${noun} ${Number(parts[i + 1]) + 1}`);
       i++;
     } else if (/^\d+$/.test(p)) out.push(`#${Number(p) + 1}`);
@@ -655,3 +656,64 @@ async function importRecipe() {
   } else box.textContent = problemText(p);
 }
 
+
+// ---------------------------------------------------------------------------------------------- sweeps
+/** The number parameters of the current method, for the sweep's parameter list. */
+function syncSweepParams() {
+  const select = $("#sweep-param");
+  const names = $$("#params-fields [data-param]").filter((i) => i.dataset.kind === "number").map((i) => i.dataset.param);
+  const keep = select.value;
+  select.replaceChildren(...names.map((n) => new Option(n, n)));
+  if (names.includes(keep)) select.value = keep;
+  $("#sweep").hidden = !names.length;
+}
+
+/** A list of values for one parameter becomes a batch (POST /v1/batches): one recipe per value. */
+async function submitSweep() {
+  const box = $("#sweep-errors");
+  box.textContent = "";
+  const param = $("#sweep-param").value;
+  const values = $("#sweep-values").value.split(/[,\s]+/).filter(Boolean).map(Number);
+  if (!param || values.length < 2 || values.some((v) => !Number.isFinite(v))) {
+    box.textContent = "Give at least two numbers, separated by commas (use a dot for decimals: 0.5).";
+    return;
+  }
+  const base = readRecipe();
+  const recipes = values.map((v) => {
+    const r = structuredClone(base);
+    r.params = { ...(r.params || {}), [param]: v };
+    if (r.output?.path) r.output.path = `${r.output.path.replace(/\/+$/, "")}-${param}-${v}`;
+    return r;
+  });
+  const res = await api("POST", "/v1/batches", { json: { recipes }, hubToken: true });
+  if (res.ok && res.data?.id) {
+    (res.data.jobs || []).forEach((job, i) => rememberJobName(job.id, `${param}=${values[i]}`));
+    location.hash = `#/batches/${res.data.id}`;
+    return;
+  }
+  if (handleAuth(res)) return;
+  const errors = Array.isArray(res.data?.errors) ? res.data.errors : [];
+  box.textContent = errors.length ? errors.map((e) => `${humanLoc(e.loc)}: ${e.msg}`).join("; ") : problemText(res.data);
+}
+
+// ---------------------------------------------------------------------------------------------- gallery
+/** The README's examples (GET /examples.json) as a starting point: loaded through the import, like a paste. */
+async function loadGallery() {
+  let examples = [];
+  try {
+    const res = await fetch("/examples.json");
+    examples = res.ok ? await res.json() : [];
+  } catch { examples = []; }
+  state.gallery = Array.isArray(examples) ? examples : [];
+  const select = $("#gallery");
+  select.append(...state.gallery.map((e, i) => new Option(e.title, String(i))));
+  select.closest("section").querySelector(".gallery-row").hidden = !state.gallery.length;
+  $("label[for=gallery]").hidden = !state.gallery.length;
+}
+
+function loadExample() {
+  const example = state.gallery?.[Number($("#gallery").value)];
+  if (!example || $("#gallery").value === "") return;
+  $("#import-text").value = example.yaml;
+  importRecipe();
+}

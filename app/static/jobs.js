@@ -69,13 +69,70 @@ function jobRow(job) {
   const outCell = td(out.text, "output-cell");
   if (out.title) outCell.title = out.title;
   const running = job.status === "running" && job.started_at ? (Date.now() - new Date(job.started_at).getTime()) / 1000 : null;
-  tr.append(td(link), td(job.kind || "merge"), td(job.recipe?.method || job.method || ""), td(status),
+  const pick = document.createElement("input");
+  pick.type = "checkbox";
+  pick.className = "compare-pick";
+  pick.value = job.id;
+  pick.checked = (state.compare || []).includes(job.id);
+  pick.setAttribute("aria-label", `Select ${name || String(job.id).slice(0, 8)} to compare`);
+  pick.addEventListener("change", () => togglePick(job.id, pick.checked));
+  tr.append(td(pick), td(link), td(job.kind || "merge"), td(job.recipe?.method || job.method || ""), td(status),
     td(pct === null ? "" : `${Math.round((job.status === "succeeded" ? 1 : pct) * 100)}%`), outCell,
     td(fmtDuration(job.duration_s ?? running)), td(fmtTime(job.created_at)), td(batch));
   return tr;
 }
 
 const JOBS_REFRESH_MS = 2000;
+
+/** Two jobs picked in the list open side by side; a third pick replaces the oldest. */
+function togglePick(id, on) {
+  const picked = (state.compare || []).filter((x) => x !== id);
+  if (on) picked.push(id);
+  state.compare = picked.slice(-2);
+  $$(".compare-pick").forEach((c) => { c.checked = state.compare.includes(c.value); });
+  $$(".compare-button").forEach((b) => { b.disabled = state.compare.length !== 2; });
+}
+
+/** Flatten a recipe / report into dotted keys, so two jobs can be lined up field by field. */
+function flatten(value, prefix = "", out = {}) {
+  if (Array.isArray(value) && value.every((v) => v === null || typeof v !== "object")) out[prefix] = value.join(", ");
+  else if (value && typeof value === "object") {
+    for (const [k, v] of Object.entries(value)) flatten(v, prefix ? `${prefix}.${k}` : k, out);
+  } else if (prefix) out[prefix] = value === null || value === undefined ? "" : String(value);
+  return out;
+}
+
+async function openCompare(a, b) {
+  const controller = new AbortController();
+  state.jobStream = controller;
+  $("#compare-body").replaceChildren();
+  const [ja, jb] = await Promise.all([a, b].map((id) => api("GET", `/v1/merges/${encodeURIComponent(id)}`)));
+  if (controller.signal.aborted) return;
+  if (!ja.ok || !jb.ok) { const bad = ja.ok ? jb : ja; if (!handleAuth(bad)) banner(problemText(bad.data)); return; }
+  const [ra, rb] = await Promise.all([ja.data, jb.data].map((j) => j.status === "succeeded"
+    ? api("GET", `/v1/merges/${encodeURIComponent(j.id)}/report`) : Promise.resolve({ ok: false })));
+  if (controller.signal.aborted) return;
+  const names = jobNames();
+  const head = (job) => names[job.id] ? `${names[job.id]} (${String(job.id).slice(0, 8)})` : String(job.id).slice(0, 8);
+  $("#compare-a").textContent = head(ja.data);
+  $("#compare-b").textContent = head(jb.data);
+  const side = (job, report) => ({
+    status: job.status,
+    duration: fmtDuration(job.duration_s),
+    output: job.output?.url || job.output?.path || "",
+    ...flatten(job.recipe || {}, "recipe"),
+    ...(report.ok ? flatten({ totals: report.data?.totals || {}, timings: report.data?.timings || {} }) : {}),
+    ...(report.ok && report.data?.peak_rss_bytes ? { "peak memory": fmtBytes(report.data.peak_rss_bytes) } : {}),
+  });
+  const A = side(ja.data, ra), B = side(jb.data, rb);
+  const keys = [...new Set([...Object.keys(A), ...Object.keys(B)])].filter((k) => !/^recipe\.warnings/.test(k));
+  $("#compare-body").replaceChildren(...keys.map((k) => {
+    const tr = document.createElement("tr");
+    if ((A[k] ?? "") !== (B[k] ?? "")) tr.className = "differs";
+    for (const v of [k, A[k] ?? "", B[k] ?? ""]) { const c = document.createElement("td"); c.textContent = v; tr.append(c); }
+    return tr;
+  }));
+}
 
 async function loadJobs({ reset } = {}) {
   renderStatusFilters();
@@ -155,6 +212,16 @@ function fmtTime(t) {
   return Number.isNaN(d.getTime()) ? String(t) : d.toLocaleString();
 }
 
+// What a job's progress counts, by phase (jobs.progress_phase): a first pass reads every merged tensor once
+// before the merge starts, so it gets its own label instead of a merge stuck at 0 %.
+const PHASES = {
+  global_stats: { label: "First pass: global statistics", unit: "tensors" },
+  lines_alpha: { label: "First pass: LiNeS α", unit: "tensors" },
+  merge: { label: "Merging", unit: "tensors" },
+  evaluate: { label: "Scoring candidate soups", unit: "evaluations" },
+  train: { label: "Learning coefficients", unit: "steps" },
+};
+
 function renderJob(job) {
   $("#charts-title").textContent = job.kind === "analyze" ? "What the task vectors look like" : "What the merge does";
   const name = jobNames()[job.id];
@@ -179,8 +246,10 @@ function renderJob(job) {
   $("#job-progress-bar").style.width = `${pct}%`;
   $("#job-progress").setAttribute("aria-valuenow", String(pct));
   $("#job-progress").dataset.status = job.status;
+  const phase = PHASES[p.phase] || null;
   const bits = [`${pct}%`];
-  if (p.tensors_total) bits.push(`${p.tensors_done ?? 0} / ${p.tensors_total} tensors`);
+  if (job.status === "running" && phase) bits.unshift(phase.label);
+  if (p.tensors_total) bits.push(`${p.tensors_done ?? 0} / ${p.tensors_total} ${phase?.unit || "tensors"}`);
   if (p.bytes_total) bits.push(`${fmtBytes(p.bytes_done)} / ${fmtBytes(p.bytes_total)}`);
   if (job.status === "running" && Number.isFinite(p.eta_s)) bits.push(`ETA ${fmtDuration(p.eta_s)}`);
   if (job.status === "queued") bits.unshift("Waiting for a worker");
@@ -214,7 +283,7 @@ function renderJob(job) {
 }
 
 async function openJob(id) {
-  for (const s of ["#job-cancel", "#job-cancel-confirm", "#job-edit", "#job-retry-publish", "#job-soup-section", "#job-charts-section", "#job-card-section", "#job-report-details", "#job-recipe-details", "#job-error"]) $(s).hidden = true;
+  for (const s of ["#job-cancel", "#job-cancel-confirm", "#job-edit", "#job-retry-publish", "#job-files-section", "#job-soup-section", "#job-charts-section", "#job-card-section", "#job-report-details", "#job-recipe-details", "#job-error"]) $(s).hidden = true;
   $("#job-charts").replaceChildren();
   $("#job-facts").replaceChildren();
   $("#job-progress-text").textContent = "";
@@ -239,7 +308,7 @@ async function openJob(id) {
   const final = await api("GET", `/v1/merges/${encodeURIComponent(id)}`);
   if (final.ok) { job = final.data; renderJob(job); }
   const merged = job.status === "succeeded" || (job.status === "failed" && job.output?.path);
-  if (merged && !controller.signal.aborted) await showReport(id, job);
+  if (merged && !controller.signal.aborted) await Promise.all([showReport(id, job), job.output?.path ? showFiles(id) : null]);
 }
 
 /** Live status over SSE. EventSource can't send Authorization, so read the stream with fetch(); if
@@ -348,6 +417,22 @@ async function cancelJob() {
   }
   banner("Cancellation requested.", "ok");
   if (res.data?.status) renderJob(res.data);
+}
+
+/** The output folder's files with their sizes (what a download would fetch). */
+async function showFiles(id) {
+  const res = await api("GET", `/v1/merges/${encodeURIComponent(id)}/files`);
+  if (!res.ok || !Array.isArray(res.data?.files)) return;
+  const rows = res.data.files.map((f) => {
+    const tr = document.createElement("tr");
+    const name = document.createElement("td"); name.textContent = f.name;
+    const size = document.createElement("td"); size.textContent = fmtBytes(f.bytes); size.title = `${f.bytes} bytes`;
+    tr.append(name, size);
+    return tr;
+  });
+  $("#job-files-body").replaceChildren(...rows);
+  $("#job-files-summary").textContent = `${res.data.files.length} files, ${fmtBytes(res.data.total_bytes)} in ${res.data.path}`;
+  $("#job-files-section").hidden = false;
 }
 
 async function showReport(id, job) {

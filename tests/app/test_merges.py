@@ -193,6 +193,7 @@ def test_progress_output_report_and_failed_job_problem(api: Api) -> None:
         "bytes_total": 1200,
         "eta_s": 9.0,
         "fraction": 0.25,
+        "phase": None,
     }
     with api.client.app.state.sessionmaker() as session:
         crud.finish_job(

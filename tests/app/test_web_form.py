@@ -446,7 +446,7 @@ def test_batch_view_follows_its_jobs(page: Any, deployment: Deployment, artifact
         ".filter(s => s === 'succeeded').length === 2",
         timeout=WAIT_MS,
     )
-    methods = page.locator("#batch-body tr td:nth-child(3)").all_text_contents()
+    methods = page.locator("#batch-body tr td:nth-child(4)").all_text_contents()
     assert sorted(methods) == ["dare_linear", "task_arithmetic"]
     assert "succeeded 2" in page.text_content("#batch-facts")
     screenshot(page, artifacts / "batch-1280.png")

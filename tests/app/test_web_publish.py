@@ -11,13 +11,11 @@ from typing import Any
 
 import pytest
 
-from tests.app.test_web_form import (  # noqa: F401 - pytest fixtures
+from tests.app import test_web_form as web
+from tests.app.test_web_form import (
     CHROMIUM,
     Deployment,
-    artifacts,
-    browser,
     choose_local_source,
-    page,
     screenshot,
     wait_for_job_page,
     wait_for_status,
@@ -25,6 +23,8 @@ from tests.app.test_web_form import (  # noqa: F401 - pytest fixtures
 from tests.utils.hub_server import WRITE_TOKEN, HubServer
 
 pytestmark = pytest.mark.browser
+# test_web_form's browser and page fixtures, over this module's own deployment (with a local Hub server)
+browser, page, artifacts = web.browser, web.page, web.artifacts
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from app.api.openapi_docs import JOB_LINKS, PROBLEM_RESPONSES, recipe_request_bo
 from app.api.views import job_out, job_url, scrub
 from app.core.queue import enqueue_job
 from app.models import TERMINAL_STATUSES, ApiToken, Job
-from app.schemas import JobKind, JobList, JobOut, JobStatus
+from app.schemas import JobKind, JobList, JobOut, JobStatus, OutputFile, OutputFiles
 from app.services import jobs
 from app.services.errors import ReportNotReadyError
 from merge_ops.errors import OutputError
@@ -170,6 +170,28 @@ def retry_publish(
     enqueue_job(job.id, priority=job.priority, hf_token=hf_token, settings=settings)
     session.refresh(job)
     return job_out(job, url=job_url(request, job_id))
+
+
+@router.get("/{job_id}/files", response_model=OutputFiles, summary="List a job's output files")
+def list_output_files(
+    job_id: str, session: SessionDep, settings: SettingsDep, caller: CurrentToken
+) -> OutputFiles:
+    """The files of a finished merge's output folder with their sizes (shards, config, tokenizer, report, model
+    card); 409 while the job has no output folder."""
+    job = jobs.visible_job(session, job_id, caller=caller)
+    folder = Path(job.output_path) if job.output_path else None
+    if folder is None or not folder.is_dir():
+        raise ReportNotReadyError(
+            f"job {job_id} has no output folder (status {job.status})", status=job.status
+        )
+    # only what lies inside the data dirs is listed: a link out of them is the server's business, not the user's
+    roots = [root.resolve() for root in settings.data_dirs]
+    files = [
+        OutputFile(name=str(path.relative_to(folder)), bytes=path.stat().st_size)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and any(path.resolve().is_relative_to(root) for root in roots)
+    ]
+    return OutputFiles(path=str(folder), files=files, total_bytes=sum(f.bytes for f in files))
 
 
 def _snapshot(request: Request, job_id: str, caller: ApiToken) -> JobOut:

@@ -66,6 +66,24 @@ def _loc_of(message: str, labelled: list[tuple[list[str], str]]) -> list[str]:
     return max(named, key=lambda item: len(item[1]))[0] if named else ["models"]
 
 
+#: a model of another size differs in every tensor: the first few say it, a count says the rest
+MAX_PER_SOURCE = 4
+
+
+def _capped(problems: list[Problem]) -> list[Problem]:
+    kept: list[Problem] = []
+    extra: dict[tuple[str, ...], int] = {}
+    for problem in problems:
+        loc = tuple(problem["loc"])
+        if sum(tuple(p["loc"]) == loc for p in kept) < MAX_PER_SOURCE:
+            kept.append(problem)
+        else:
+            extra[loc] = extra.get(loc, 0) + 1
+    for loc, count in extra.items():
+        kept.append({"loc": list(loc), "msg": f"and {count} more tensor(s) with the same kind of problem"})
+    return kept
+
+
 def source_problems(recipe: Recipe) -> tuple[MergePlan | None, list[Problem], list[str]]:
     """(plan, problems, notes): each local source opened on its own (so every unreadable one is listed), then
     the worker's compatibility check and plan over headers. Hub sources are checked when the job starts."""
@@ -100,7 +118,7 @@ def source_problems(recipe: Recipe) -> tuple[MergePlan | None, list[Problem], li
     except IncompatibleModelsError as exc:
         labelled = [(loc, str(value)) for loc, value in located if loc[0] == "models"]
         messages = exc.context.get("problems") or [exc.detail]
-        return None, [{"loc": _loc_of(m, labelled), "msg": m} for m in messages], []
+        return None, _capped([{"loc": _loc_of(m, labelled), "msg": m} for m in messages]), []
     except MergeError as exc:
         return None, [{"loc": [], "msg": exc.detail}], []
     finally:
