@@ -38,6 +38,15 @@ def make_engine(database_url: str, **kwargs: Any) -> Engine:
     return engine
 
 
+def pool_for_threads(database_url: str, threads: int) -> dict[str, Any]:
+    """Pool settings giving each of ``threads`` concurrent users a connection (in-memory SQLite keeps its one
+    connection per thread: no pool to size)."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite" and (not url.database or url.database == ":memory:"):
+        return {}
+    return {"pool_size": threads, "max_overflow": 10}
+
+
 @lru_cache(maxsize=8)
 def get_engine(database_url: str) -> Engine:
     """One engine (and pool) per URL and process."""

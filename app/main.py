@@ -20,7 +20,7 @@ from app.api.routes import analyses, batches, files, health, merges, methods, re
 from app.core.config import Settings, get_settings
 from app.core.ratelimit import SlidingWindowLimiter
 from app.core.readiness import ReadinessProbe
-from app.db import init_db, make_engine, session_factory
+from app.db import init_db, make_engine, pool_for_threads, session_factory
 
 API_VERSION = "1.0.0"
 DESCRIPTION = """Model merging as a service: submit a recipe, follow the job, fetch the merged model.
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     # a connection for every request thread (anyio's default limiter: 40), so a burst of requests never waits on
     # the pool (with SQLAlchemy's default 5 + 10, the 16th concurrent request waited pool_timeout = 30 s)
-    engine = make_engine(settings.database_url, pool_size=REQUEST_THREADS, max_overflow=10)
+    engine = make_engine(settings.database_url, **pool_for_threads(settings.database_url, REQUEST_THREADS))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
