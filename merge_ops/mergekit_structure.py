@@ -110,7 +110,7 @@ def extract_structure(
             return out, structure
         if module.get("parameters"):
             # module parameters come before the top-level ones (mergekit's precedence)
-            out["parameters"] = top_params = {**top_params, **module["parameters"]}
+            out["parameters"] = top_params = layered_parameters(module["parameters"], top_params)
         if module.get("models") is not None:
             out["models"] = module["models"]
         if module.get("slices") is not None:
@@ -137,6 +137,33 @@ def extract_structure(
             cleaned.append(entry)
         out["models"] = cleaned
     return out, structure
+
+
+def layered_parameters(high: Any, low: dict[str, Any]) -> dict[str, Any]:
+    """``parameters`` of a scope read before ``low`` (a slice's or module's before the top level): mergekit reads
+    each key in the first scope that gives it a value for the tensor, so a filtered list with no catch-all entry
+    falls through to the next scope where none of its filters matches (the lists are joined in order)."""
+    if not isinstance(high, dict):
+        return dict(low)
+    out = {**low, **high}
+    for key, value in high.items():
+        if key not in low:
+            continue
+        entries = [value] if isinstance(value, dict) else value
+        if not (isinstance(entries, list) and entries and all(isinstance(e, dict) for e in entries)):
+            continue  # a number or a gradient: every tensor's value
+        if any(e.get("filter") in (None, "*") for e in entries):
+            continue  # a catch-all entry: the next scope is never read
+        below = low[key]
+        below_entries = (
+            [below]
+            if isinstance(below, dict)
+            else below
+            if isinstance(below, list) and below and all(isinstance(e, dict) for e in below)
+            else [{"value": below}]
+        )
+        out[key] = [*entries, *below_entries]
+    return out
 
 
 def _extract_tokenizer(out: dict[str, Any], structure: Structure, fail: Fail) -> None:
@@ -279,7 +306,7 @@ def _slices_to_models(
             )
         plan.append(entries)
         # the slice's parameters come before the top-level ones (mergekit's precedence)
-        config = {**out, "models": inputs, "parameters": {**top_params, **slice_params}}
+        config = {**out, "models": inputs, "parameters": layered_parameters(slice_params, top_params)}
         if structure.slice_bases[-1] is not None:
             config["base_model"] = structure.reference(slice_base, slice_lora)
         structure.slice_configs.append(config)

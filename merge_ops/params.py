@@ -403,7 +403,6 @@ CATALOG: dict[str, MethodInfo] = {
             "Add fine-tunes by held-out score, keeping each only if the soup improves (needs an evaluator).",
             needs_base=False,
             kind="soup",
-            weighted=False,
         ),
         MethodInfo(
             "task_arithmetic",

@@ -57,7 +57,11 @@ class TensorMerger:
         #: each model's own ``density`` field (None: the tensor's method-level density applies)
         self.own_densities = tuple(m.density for m in recipe.models)
         #: per-model densities with the recipe-level fallback (the global first pass); per tensor: ``context``
-        self.densities = self.densities_with(getattr(recipe.params_for(""), "density", None))
+        self.densities = (
+            self.densities_with(getattr(recipe.params_for(""), "density", None))
+            if any(d is not None for d in self.own_densities)
+            else None
+        )
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         merged = [t.name for t in plan.tensors if t.action == "merge"]
         # gradients run over each slice's own layers in a sliced recipe (merge_ops.slices)
@@ -185,6 +189,8 @@ class TensorMerger:
         """Per-model weights, densities and params of one tensor (recipe ``models[].params``: numbers,
         gradients over the block depth, filtered lists), cached by their resolved values. A model without a
         value of its own gets the tensor's method-level one (its override or gradient), as in mergekit."""
+        if not self.recipe.has_model_params() and self.densities is None:
+            return self.weights, None, ()
         method_density = getattr(self.params_for(self._plans[name]), "density", None)
         if not self.recipe.has_model_params():
             return self.weights, self.densities_with(method_density), ()

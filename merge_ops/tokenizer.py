@@ -16,10 +16,12 @@ uses the recipe's order (base, then the models), which only matters when two mod
   - ``tokens: {<token>: {source, force}}``: the token is added to the vocabulary if new, and its row comes from
     ``source`` (a model's row for it, ``{kind: model_token, model, token | token_id}`` another token's row of a
     model, or ``{kind: zero}``) for the models that lack it, or for every model with ``force``.
+  - A base tokenizer with tokens at ids past its model's ``vocab_size`` is stripped of them first (fast BPE
+    tokenizers only, as mergekit's ``get_stripped_tokenizer``).
 Not supported (refused, naming the field): mergekit's named templates (``chatml``, ``llama3``, ...): they are
 mergekit's LGPL-3.0 data files, not bundled in Alloy (Apache-2.0), so the message names the file whose text to
-paste; and a base tokenizer with tokens past its model's ``vocab_size``. Needs the ``transformers`` package (``pip install alloy[tokenizers]``), imported only
-when a recipe uses these fields.
+paste. Needs the ``transformers`` package (``pip install alloy[tokenizers]``), imported only when a recipe uses
+these fields.
 """
 
 from __future__ import annotations
@@ -245,6 +247,43 @@ class Vocabulary:
         return next((t for t, i in self.tokenizer.get_vocab().items() if i == token_id), str(token_id))
 
 
+def strip_past_vocab(tokenizer: Any, vocab_size: int, folder: Path) -> Any:
+    """The tokenizer without its tokens at ids >= ``vocab_size`` (rows the model does not have), as mergekit's
+    ``get_stripped_tokenizer``: fast BPE tokenizers only; the added tokens, vocabulary entries and merges that
+    name a stripped token are dropped."""
+    unused = {token for token, i in tokenizer.get_vocab().items() if i >= vocab_size}
+    if not unused:
+        return tokenizer
+    if not getattr(tokenizer, "is_fast", False):
+        raise IncompatibleModelsError(
+            f"{folder}: its tokenizer has tokens past the model's vocab_size {vocab_size} and is not a fast "
+            "tokenizer, so they can't be stripped (mergekit refuses it too)",
+            source=str(folder),
+        )
+    import tokenizers
+
+    data = json.loads(tokenizer._tokenizer.to_str())
+    if data["model"]["type"] != "BPE":
+        raise IncompatibleModelsError(
+            f"{folder}: its tokenizer has tokens past the model's vocab_size {vocab_size}; stripping them works "
+            f"for BPE tokenizers only, not {data['model']['type']} (as in mergekit)",
+            source=str(folder),
+        )
+    data["added_tokens"] = [e for e in data["added_tokens"] if e["id"] < vocab_size]
+    for token in unused:
+        data["model"]["vocab"].pop(token, None)
+
+    def keep(merge: Any) -> bool:
+        parts = merge.split(" ") if isinstance(merge, str) and merge.count(" ") == 1 else merge
+        if not isinstance(parts, list):
+            raise IncompatibleModelsError(f"{folder}: unexpected BPE merge {merge!r}", source=str(folder))
+        return not any(part in unused for part in parts)
+
+    data["model"]["merges"] = [m for m in data["model"]["merges"] if keep(m)]
+    tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))
+    return tokenizer
+
+
 def build_vocabulary(
     spec: TokenizerSpec,
     *,
@@ -260,12 +299,7 @@ def build_vocabulary(
     tokenizers = {str(base_folder): load_tokenizer(base_folder)}
     base_tok = tokenizers[str(base_folder)]
     base_size = config_vocab_size(base_folder) or len(base_tok.get_vocab())
-    if any(i >= base_size for i in base_tok.get_vocab().values()):
-        raise IncompatibleModelsError(
-            f"{base_folder}: its tokenizer has tokens past the model's vocab_size {base_size}; "
-            "stripping them is not supported yet",
-            source=str(base_folder),
-        )
+    base_tok = tokenizers[str(base_folder)] = strip_past_vocab(base_tok, base_size, base_folder)
     for folder in models:
         if str(folder) not in tokenizers:
             try:

@@ -181,3 +181,45 @@ def test_a_per_slice_base_model_without_a_top_level_one_is_refused(models):
     with pytest.raises(RecipeError) as info:
         load_recipe(materialize(config, models))
     assert ["slices", 1, "base_model"] in [e["loc"] for e in info.value.context["errors"]]
+
+
+# a slice-level filtered list with no catch-all entry: mergekit reads the top level for the tensors none of its
+# filters matches (shared t of slerp, per-model weight of ties)
+FALL_THROUGH = [
+    {
+        "merge_method": "slerp",
+        "base_model": "tiny/ft1",
+        "dtype": "float32",
+        "parameters": {"t": [0.1, 0.9]},
+        "slices": [
+            {
+                "sources": [_source("ft1", (0, 4)), _source("ft2", (0, 4))],
+                "parameters": {"t": [{"filter": "self_attn", "value": 0.3}]},
+            }
+        ],
+    },
+    {
+        "merge_method": "ties",
+        "base_model": "tiny/base",
+        "dtype": "float32",
+        "parameters": {"weight": 0.3, "density": 0.5},
+        "modules": {
+            "default": {
+                "parameters": {"weight": [{"filter": "mlp", "value": 0.8}]},
+                "slices": [
+                    {"sources": [_source("base", (0, 4)), _source("ft1", (0, 4)), _source("ft2", (0, 4))]}
+                ],
+            }
+        },
+    },
+]
+
+
+@pytest.mark.parametrize("config", FALL_THROUGH, ids=["slice-shared-t", "module-per-model-weight"])
+def test_a_filtered_list_without_catch_all_falls_through_to_the_top_level(config, models, tmp_path):
+    config = materialize(config, models)
+    mergekit = run_mergekit(config, tmp_path / "mergekit")
+    alloy, _ = run_alloy(config, tmp_path / "alloy")
+    result = compare(alloy, mergekit, load_all(models["base"]))
+    assert not result.missing, result.missing
+    assert result.excess <= 1.0, result

@@ -960,3 +960,53 @@ def test_a_short_or_brace_free_chat_template_is_refused_as_mergekit_does():
     for template in ("{{ x }}", "not a template at all"):
         errors = _errors({**config, "chat_template": template})
         assert any(e["loc"] == ["chat_template"] and "at least 20" in e["msg"] for e in errors)
+
+
+def write_bpe_tokenizer_past_vocab(folder: Path) -> None:
+    """A fast BPE tokenizer whose last two vocabulary tokens (ids 32, 33: a padding token and a merge of it) and
+    one added token (id 34) lie past the model's 32 rows, as padded vocabularies ship."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = ["[UNK]", "<s>", "</s>", *(f"t{i}" for i in range(3, 32)), "<pad_0>", "<pad_0>t5"]
+    merges = [("<pad_0>", "t5")]
+    inner = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, unk_token="[UNK]")
+    )
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=inner, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+    )
+    fast.add_tokens(["<extra_0>"])
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+    fast.save_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("source", ["union", "base"])
+def test_a_base_tokenizer_with_tokens_past_vocab_size_is_stripped_as_mergekit_does(
+    source, vocab_zoo, tmp_path
+):
+    """Once refused; mergekit strips the base tokenizer's tokens at ids >= vocab_size (BPE only) first."""
+    import shutil as _shutil
+
+    base = tmp_path / "base"
+    _shutil.copytree(vocab_zoo["base"], base)
+    write_bpe_tokenizer_past_vocab(base)
+    a, b = str(vocab_zoo["a"]), str(vocab_zoo["b"])
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [
+            {"model": a, "parameters": {"weight": 0.6}},
+            {"model": b, "parameters": {"weight": 0.4}},
+        ],
+        "tokenizer_source": source,
+        "dtype": "float32",
+    }
+    run_mergekit(config, tmp_path / "mk", tmp_path / "cache")
+    run_alloy(config, tmp_path / "alloy")
+    assert_same_by_token(tmp_path / "alloy", tmp_path / "mk")
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(str(tmp_path / "alloy")).get_vocab()
+    assert not {"<pad_0>", "<pad_0>t5", "<extra_0>"} & set(vocab)
