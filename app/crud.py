@@ -245,6 +245,29 @@ def _cutoff(older_than: datetime | timedelta | float) -> datetime:
     return utcnow() - age
 
 
+def reopen_failed_job(session: Session, *, job_id: str) -> bool:
+    """failed -> queued, attempts += 1 (>= 1: the worker then looks for the finished output before merging)."""
+    result = _execute(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.status == "failed")
+        .values(
+            status="queued",
+            attempts=Job.attempts + 1,
+            error_code=None,
+            error_detail=None,
+            error_context_json=None,
+            finished_at=None,
+            cancel_requested=False,
+            worker=None,
+            heartbeat_at=None,
+        )
+        .execution_options(synchronize_session=False),
+    )
+    session.commit()
+    return result.rowcount == 1
+
+
 def requeue_job(session: Session, *, job_id: str, worker: str | None = None) -> bool:
     """running -> queued with attempts += 1 (the reaper re-enqueues it after this returns True); with
     ``worker``, only while that attempt still owns the row."""

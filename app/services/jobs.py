@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
@@ -32,6 +33,7 @@ from app.services.errors import (
     JobNotFoundError,
 )
 from app.services.paths import confine_analysis_sources, confine_recipe_paths
+from merge_ops.errors import OutputError
 from merge_ops.mergekit_refs import local_roots
 from merge_ops.recipe import HubSource, Recipe, Source, load_recipe, parse_source
 
@@ -301,6 +303,33 @@ def cancel(session: Session, job_id: str, *, caller: ApiToken) -> Job:
         raise JobNotCancellableError(f"job {job_id} already {job.status}", status=job.status)
     crud.cancel_job(session, job_id=job_id)
     return visible_job(session, job_id, caller=caller)
+
+
+def retry_publish(
+    session: Session, job_id: str, *, caller: ApiToken, settings: Settings, hf_token: str | None
+) -> Job:
+    """A merge whose Hub push failed keeps its finished folder: queue it again. The worker finds the complete
+    output (``workers.pipeline.completed_output``) and hands it to the publisher: one new commit, nothing merged
+    again. OutputError (409) for a job with no finished merge waiting for its upload."""
+    job = visible_job(session, job_id, caller=caller)
+    recipe = json.loads(job.recipe_json)
+    folder = Path(job.output_path) if job.output_path else None
+    if not (
+        job.status == "failed"
+        and (recipe.get("output") or {}).get("hub")
+        and job.report_json is not None  # recorded when the merge handed its folder to the publisher
+        and folder is not None
+        and folder.is_dir()
+    ):
+        raise OutputError(
+            f"job {job_id} has no finished merge waiting for its Hub upload (status {job.status}); "
+            "submit the recipe again instead",
+            status=job.status,
+        )
+    crud.reopen_failed_job(session, job_id=job.id)
+    _enqueue_or_fail(session, job, settings=settings, hf_token=hf_token)
+    session.refresh(job)
+    return job
 
 
 def _encode_cursor(job: Job) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,7 +10,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import (
@@ -26,12 +24,10 @@ from app.api.deps import (
 )
 from app.api.openapi_docs import JOB_LINKS, PROBLEM_RESPONSES, recipe_request_body
 from app.api.views import job_out, job_url, scrub
-from app.core.queue import enqueue_job
-from app.models import TERMINAL_STATUSES, ApiToken, Job
+from app.models import TERMINAL_STATUSES, ApiToken
 from app.schemas import JobKind, JobList, JobOut, JobStatus, OutputFile, OutputFiles
 from app.services import jobs
 from app.services.errors import ReportNotReadyError
-from merge_ops.errors import OutputError
 
 router = APIRouter(prefix="/merges", tags=["merges"], responses=PROBLEM_RESPONSES)
 KEEPALIVE_S = 15.0
@@ -134,41 +130,7 @@ def retry_publish(
     """A merge whose Hub push failed keeps its finished folder (``output.path``): queue the upload again. The
     worker finds the complete output and pushes it (one new commit); nothing is merged again. 409 for a job that
     has no finished merge waiting for its upload."""
-    job = jobs.visible_job(session, job_id, caller=caller)
-    recipe = json.loads(job.recipe_json)
-    folder = Path(job.output_path) if job.output_path else None
-    if not (
-        job.status == "failed"
-        and (recipe.get("output") or {}).get("hub")
-        and job.report_json is not None  # recorded when the merge handed its folder to the publisher
-        and folder is not None
-        and folder.is_dir()
-    ):
-        raise OutputError(
-            f"job {job_id} has no finished merge waiting for its Hub upload (status {job.status}); "
-            "submit the recipe again instead",
-            status=job.status,
-        )
-    session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == "failed")
-        .values(
-            status="queued",
-            # >= 1: the worker then looks for the finished output before merging (workers.pipeline.completed_output)
-            attempts=Job.attempts + 1,
-            error_code=None,
-            error_detail=None,
-            error_context_json=None,
-            finished_at=None,
-            cancel_requested=False,
-            worker=None,
-            heartbeat_at=None,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    enqueue_job(job.id, priority=job.priority, hf_token=hf_token, settings=settings)
-    session.refresh(job)
+    job = jobs.retry_publish(session, job_id, caller=caller, settings=settings, hf_token=hf_token)
     return job_out(job, url=job_url(request, job_id))
 
 

@@ -8,10 +8,10 @@ from fastapi import APIRouter, Query
 
 from app.api.deps import CurrentToken, HfToken, RecipeBody, SettingsDep, ValidationAllowed
 from app.api.openapi_docs import PROBLEM_RESPONSES, recipe_request_body
-from app.api.routes.preflight import preflight
 from app.core.config import Settings
 from app.schemas import RecipePlan
 from app.services import jobs
+from app.services.preflight import preflight
 from merge_ops.errors import RecipeError
 from merge_ops.mergekit_refs import local_roots
 from merge_ops.recipe import Recipe, load_recipe

@@ -25,14 +25,7 @@ Problem = dict[str, Any]
 
 
 def _sources_by_loc(recipe: Recipe) -> list[tuple[list[str], Any]]:
-    found: list[tuple[list[str], Any]] = []
-    for key in ("base", "source_base", "source_finetuned", "target_base"):
-        value = getattr(recipe, key, None)
-        if value is not None:
-            found.append(([key], value))
-    for i, model in enumerate(recipe.models):
-        found.append((["models", str(i), "source"], model.source))
-    return found
+    return [([str(part) for part in loc], value) for loc, value in recipe.sources()]
 
 
 def hub_token_problems(recipe: Recipe, *, hf_token: str | None, settings: Settings) -> list[Problem]:
@@ -88,8 +81,8 @@ def source_problems(recipe: Recipe) -> tuple[MergePlan | None, list[Problem], li
     """(plan, problems, notes): each local source opened on its own (so every unreadable one is listed), then
     the worker's compatibility check and plan over headers. Hub sources are checked when the job starts."""
     # merge_ops.preflight imports torch: loaded on the first preflight, not when the API starts
-    from merge_ops.preflight import build_plan, check_compatible, open_sources
-    from merge_ops.sources import open_source
+    from merge_ops.preflight import build_plan, check_compatible
+    from merge_ops.sources import open_source, open_sources
 
     problems: list[Problem] = []
     located = _sources_by_loc(recipe)
