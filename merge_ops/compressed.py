@@ -38,6 +38,8 @@ VERSION_KEY = "alloy_format_version"
 SOURCE_DTYPES_KEY = "alloy_source_dtypes"
 SPARSE_KEY = "alloy_sparse_coverage"
 COMPRESSION_KEY = "alloy_compression"
+SPARSE_FORMAT = "sparse_task_vector"
+SPARSE_META_KEY = "alloy_sparse_task_vector"
 
 #: a piece's name -> (allowed dtype codes, shape)
 Expected = dict[str, tuple[tuple[str, ...], tuple[int, ...]]]
@@ -111,6 +113,8 @@ class PackedTaskVector:
     meta_key: str
     #: the piece every entry has, whose file is the tensor's file
     anchor: str
+    #: whether tensors absent from the file are zero deltas (a compressed LoRA)
+    sparse_coverage = False
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
@@ -142,6 +146,10 @@ class PackedTaskVector:
         )
 
     def value_pieces(self, name: str, entry: dict[str, Any]) -> Expected:
+        raise NotImplementedError
+
+    def load_tau(self, name: str) -> torch.Tensor:
+        """float32 τ of ``name`` in its original shape."""
         raise NotImplementedError
 
     def _validate(self, name: str, entry: Any) -> None:
@@ -226,4 +234,23 @@ class CompressedTaskVector(PackedTaskVector):
             magnitude = scale.expand(kept)
         tau = torch.zeros(n, dtype=torch.float32)
         tau[positions] = torch.where(negative, -magnitude, magnitude)
+        return tau.reshape(shape)
+
+
+class SparseTaskVector(PackedTaskVector):
+    """Exact values at the kept positions (``alloy extract --density``): ``<name>::values`` (float32, in position
+    order); ``load_tau`` is float32 τ in the original shape."""
+
+    meta_key = SPARSE_META_KEY
+    anchor = "::values"
+
+    def value_pieces(self, name: str, entry: dict[str, Any]) -> Expected:
+        return {f"{name}::values": (("F32",), (entry["kept"],))}
+
+    def load_tau(self, name: str) -> torch.Tensor:
+        positions = self.positions(name)
+        shape = tuple(self.entries[name]["shape"])
+        tau = torch.zeros(math.prod(shape), dtype=torch.float32)
+        if positions.numel():
+            tau[positions] = self.checkpoint.load(f"{name}::values").to(torch.float32)
         return tau.reshape(shape)

@@ -188,19 +188,22 @@ def _refuse_full_weights(label: str, name: str, tau: torch.Tensor, base: torch.T
         )
 
 
-class CompressedTaskVectorSource(ModelSource):
-    """A ComPEFT-compressed task vector; τ̃ is decompressed one tensor at a time."""
+class PackedTaskVectorSource(ModelSource):
+    """A compressed (ComPEFT) or sparse task vector; τ is unpacked one tensor at a time."""
 
-    kind: SourceKind = "compressed_task_vector"
-
-    def __init__(self, reader: compressed.CompressedTaskVector, *, label: str) -> None:
+    def __init__(self, reader: compressed.PackedTaskVector, *, kind: SourceKind, label: str) -> None:
         super().__init__(label)
+        self.kind = kind
         self.reader = reader
         self.sparse_coverage = reader.sparse_coverage
 
     @property
     def infos(self) -> dict[str, TensorInfo]:
         return self.reader.infos
+
+    @property
+    def source_dtypes(self) -> dict[str, str]:
+        return {n: e["dtype"] for n, e in self.reader.entries.items()}
 
     def stored_tau(self, name: str) -> torch.Tensor:
         return self.reader.load_tau(name)
@@ -229,11 +232,11 @@ def open_source(path: Path, *, allow_pickle: bool = False) -> ModelSource:
         if fmt == compressed.TASK_VECTOR_FORMAT:
             return TaskVectorSource(checkpoint, label=label)
         if fmt == compressed.COMPRESSED_FORMAT:
-            return CompressedTaskVectorSource(compressed.CompressedTaskVector(checkpoint), label=label)
-        if fmt == "sparse_task_vector":  # merge_ops.sparse_task_vector (alloy extract --density)
-            from merge_ops.sparse_task_vector import open_sparse_task_vector
-
-            return open_sparse_task_vector(checkpoint, label=label)
+            reader = compressed.CompressedTaskVector(checkpoint)
+            return PackedTaskVectorSource(reader, kind="compressed_task_vector", label=label)
+        if fmt == compressed.SPARSE_FORMAT:  # alloy extract --density
+            sparse = compressed.SparseTaskVector(checkpoint)
+            return PackedTaskVectorSource(sparse, kind="sparse_task_vector", label=label)
         if fmt is not None:
             raise IncompatibleModelsError(f"{path}: unknown alloy_format {fmt!r}", file=label)
     except BaseException:

@@ -14,7 +14,7 @@ bit-packed by ``kernels.pack_bits``: bit b of byte j is flat element 8j+b), whic
 mask). The reported ratio is the fine-tune's bytes over the stored bytes (as ``alloy compress`` reports it),
 plus the ratio to the dense float32 task vector ``alloy extract`` writes.
 
-A sparse task vector is a delta source (``SparseTaskVectorSource``, recognised by ``sources.open_source``):
+A sparse task vector is a delta source (read by ``compressed.SparseTaskVector``, opened by ``sources.open_source``):
 any method takes it in ``models`` next to checkpoints, LoRA adapters and dense or ComPEFT task vectors;
 composing several (task + language, as in the paper) is ``task_arithmetic`` over them. Memory: extraction and
 reading hold one tensor (and its pieces) at a time; the header is written last (``compressed.TailHeaderWriter``).
@@ -32,22 +32,19 @@ from pydantic import BaseModel
 
 from kernels import topk_mask
 from merge_ops.artifacts import scratch_folder
-from merge_ops.checkpoint import DTYPES, Checkpoint, TensorInfo
+from merge_ops.checkpoint import DTYPES, Checkpoint
 from merge_ops.compressed import (
     FORMAT_KEY,
     SOURCE_DTYPES_KEY,
+    SPARSE_FORMAT,
     SPARSE_KEY,
+    SPARSE_META_KEY,
     VERSION_KEY,
-    Expected,
-    PackedTaskVector,
     TailHeaderWriter,
 )
 from merge_ops.errors import IncompatibleModelsError, NonFiniteTensorError
 from merge_ops.methods._scope import kept_count
-from merge_ops.sources import ModelSource, SourceKind
 
-FORMAT = "sparse_task_vector"
-META_KEY = "alloy_sparse_task_vector"
 FILE_NAME = "model.safetensors"
 
 
@@ -106,13 +103,13 @@ def extract_sparse_task_vector(
             ratio = totals["original_bytes"] / sparse if sparse else math.inf
             ratio_vs_dense = totals["dense_bytes"] / sparse if sparse else math.inf
             writer.metadata = {
-                FORMAT_KEY: FORMAT,
+                FORMAT_KEY: SPARSE_FORMAT,
                 VERSION_KEY: "1",
                 SPARSE_KEY: "false",
                 SOURCE_DTYPES_KEY: json.dumps(
                     {n: e["dtype"] for n, e in entries.items()}, separators=(",", ":")
                 ),
-                META_KEY: json.dumps(
+                SPARSE_META_KEY: json.dumps(
                     {"density": density, **totals, "ratio": ratio, "tensors": entries}, separators=(",", ":")
                 ),
                 "alloy_base": str(base),
@@ -145,53 +142,3 @@ def _write_tensor(
     writer.add(f"{name}::values", flat[positions].contiguous())
     kept = positions.numel()
     return {"shape": list(tau.shape), "encoding": encoding, "kept": kept}, position_bytes + 4 * kept
-
-
-class SparseTaskVector(PackedTaskVector):
-    """Reader: ``load_tau(name)`` is float32 τ in the original shape (exact values at the kept positions)."""
-
-    meta_key = META_KEY
-    anchor = "::values"
-
-    def value_pieces(self, name: str, entry: dict[str, Any]) -> Expected:
-        return {f"{name}::values": (("F32",), (entry["kept"],))}
-
-    def load_tau(self, name: str) -> torch.Tensor:
-        positions = self.positions(name)
-        shape = tuple(self.entries[name]["shape"])
-        tau = torch.zeros(math.prod(shape), dtype=torch.float32)
-        if positions.numel():
-            tau[positions] = self.checkpoint.load(f"{name}::values").to(torch.float32)
-        return tau.reshape(shape)
-
-
-class SparseTaskVectorSource(ModelSource):
-    """A sparse task vector as a merge input: a delta source holding every floating tensor of the fine-tune."""
-
-    kind: SourceKind = "sparse_task_vector"
-
-    def __init__(self, reader: SparseTaskVector, *, label: str) -> None:
-        super().__init__(label)
-        self.reader = reader
-
-    @property
-    def infos(self) -> dict[str, TensorInfo]:
-        return self.reader.infos
-
-    @property
-    def source_dtypes(self) -> dict[str, str]:
-        return {n: e["dtype"] for n, e in self.reader.entries.items()}
-
-    def stored_tau(self, name: str) -> torch.Tensor:
-        return self.reader.load_tau(name)
-
-    def task_vector(self, name: str, base: torch.Tensor) -> torch.Tensor:
-        self._check_shape(name, base)
-        return self.reader.load_tau(name).to(base.device)
-
-    def close(self) -> None:
-        self.reader.close()
-
-
-def open_sparse_task_vector(checkpoint: Checkpoint, *, label: str) -> SparseTaskVectorSource:
-    return SparseTaskVectorSource(SparseTaskVector(checkpoint), label=label)

@@ -13,11 +13,13 @@ import torch
 from app.cli import main
 from merge_ops.artifacts import extract_task_vector
 from merge_ops.checkpoint import Checkpoint
+from merge_ops.compressed import SPARSE_META_KEY as META_KEY
+from merge_ops.compressed import SparseTaskVector
 from merge_ops.errors import CorruptCheckpointError
 from merge_ops.pipeline import run_merge
 from merge_ops.recipe import load_recipe
 from merge_ops.sources import open_source
-from merge_ops.sparse_task_vector import META_KEY, SparseTaskVector, extract_sparse_task_vector
+from merge_ops.sparse_task_vector import extract_sparse_task_vector
 from tests.utils.factories import load_all, make_checkpoint, make_llama_like
 
 
