@@ -130,14 +130,17 @@ def drill(
             wait_until(
                 lambda: (store.job(job_id).tensors_done or 0) >= 3, timeout=120, what="the merge under way"
             )
-            first_worker = store.job(job_id).worker
+            running = store.job(job_id)
+            if running.status != "running":
+                raise RuntimeError("the merge finished before the kill: run the drills with larger --layers")
+            first_worker = running.worker
             killed = time.monotonic()
             if kind == "pool_child":
                 os.kill(workers[0].pool_pids()[0], signal.SIGKILL)
             else:
                 workers[0].kill9()
                 workers.append(start_worker(env, root, "second"))
-            again_s = wait_claimed_again(store, job_id, first_worker, 600)
+            again_s = wait_claimed_again(store, job_id, first_worker, 180)
         job = store.wait_for(job_id, timeout=600)
         done_s = time.monotonic() - killed
         ok = job.status == "succeeded" and job.attempts <= 1 and _same(out, reference)
@@ -174,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     overrides = dict(item.split("=", 1) for item in args.env)
     with tempfile.TemporaryDirectory(prefix="alloy-drills-") as tmp:
-        models = make_models(Path(tmp) / "models", hidden=256, layers=args.layers, vocab=2048, k=3)
+        models = make_models(Path(tmp) / "models", hidden=384, layers=args.layers, vocab=4096, k=3)
         reference = reference_merge(models, Path(tmp) / "reference")
         rows = []
         for kind in args.drills.split(","):
