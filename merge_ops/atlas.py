@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ from merge_ops.evaluators.base import Evaluator
 from merge_ops.params import CATALOG, AtlasParams
 from merge_ops.preflight import build_plan, check_compatible
 from merge_ops.recipe import Recipe
-from merge_ops.report import Chosen, Progress
+from merge_ops.report import Chosen, Progress, WholeModelRun
 from merge_ops.sources import SourceResolver, open_sources
 
 
@@ -115,15 +114,7 @@ def learn_coefficients(
     return {"coefficients": {n: [float(c) for c in learned[b]] for b, n in enumerate(merged)}, **record}
 
 
-def learn_atlas(
-    recipe: Recipe,
-    *,
-    resolver: SourceResolver | None,
-    device: str,
-    data_root: Path | None,
-    progress: Callable[[Progress], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-) -> Chosen:
+def learn_atlas(recipe: Recipe, run: WholeModelRun) -> Chosen:
     """``run_merge``'s first step for ``atlas`` without fixed coefficients: learn Λ (the model in memory, see
     above); the pipeline then streams the merge with ``params.coefficients = Λ`` while the report, card and
     digest stay the recipe's. The report's ``atlas`` section carries Λ and the losses."""
@@ -131,22 +122,22 @@ def learn_atlas(
 
     params = AtlasParams.model_validate(recipe.params)
     evaluator = (
-        recipe_evaluator(recipe, resolver=resolver, data_root=data_root, device=device)
+        recipe_evaluator(recipe, resolver=run.resolver, data_root=run.data_root, device=run.device)
         if params.steps > 0
         else None
     )
 
     def trained(done: int, total: int) -> None:
-        if progress is not None:
-            progress(Progress(done, total, 0, 0, None, phase="train"))
+        if run.progress is not None:
+            run.progress(Progress(done, total, 0, 0, None, phase="train"))
 
     result = learn_coefficients(
         recipe,
         evaluator=evaluator,
-        resolver=resolver,
-        device=device,
+        resolver=run.resolver,
+        device=run.device,
         progress=trained,
-        should_cancel=should_cancel,
+        should_cancel=run.should_cancel,
     )
     data = recipe.model_dump(mode="json", by_alias=True)
     data["params"] = {**recipe.params, "coefficients": result["coefficients"]}

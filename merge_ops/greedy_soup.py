@@ -28,7 +28,7 @@ from merge_ops.checkpoint import Checkpoint
 from merge_ops.errors import EvaluatorError, MergeCancelled
 from merge_ops.evaluators.base import Evaluator
 from merge_ops.recipe import Recipe, Source
-from merge_ops.report import Chosen, Progress
+from merge_ops.report import Chosen, Progress, WholeModelRun
 from merge_ops.sources import SourceResolver, local_path
 
 StateDict = dict[str, torch.Tensor]
@@ -181,26 +181,22 @@ def soup_recipe(recipe: Recipe, result: GreedySoupResult) -> Recipe:
     return Recipe.model_validate(data)
 
 
-def choose_soup(
-    recipe: Recipe,
-    *,
-    resolver: SourceResolver | None,
-    device: str,
-    data_root: Path | None,
-    progress: Callable[[Progress], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-) -> Chosen:
+def choose_soup(recipe: Recipe, run: WholeModelRun) -> Chosen:
     """``run_merge``'s first step for ``greedy_soup``: choose the ingredients with the evaluator (whole models in
     memory, see above); the pipeline then streams ``soup_recipe`` while the report, card and digest stay the
     greedy soup's. A relative ``evaluator.data`` is read from ``data_root`` (the caller confines it)."""
-    evaluator = recipe_evaluator(recipe, resolver=resolver, data_root=data_root, device=device)
+    evaluator = recipe_evaluator(recipe, resolver=run.resolver, data_root=run.data_root, device=run.device)
 
     def evaluated(done: int, total: int) -> None:
-        if progress is not None:
-            progress(Progress(done, total, 0, 0, None, phase="evaluate"))
+        if run.progress is not None:
+            run.progress(Progress(done, total, 0, 0, None, phase="evaluate"))
 
     result = run_greedy_soup(
-        recipe, evaluator=evaluator, resolver=resolver, progress=evaluated, should_cancel=should_cancel
+        recipe,
+        evaluator=evaluator,
+        resolver=run.resolver,
+        progress=evaluated,
+        should_cancel=run.should_cancel,
     )
     return Chosen(
         streamed=soup_recipe(recipe, result),

@@ -36,7 +36,15 @@ from merge_ops.preflight import (
     plan_merge,
 )
 from merge_ops.recipe import Recipe
-from merge_ops.report import REPORT_NAME, Chosen, MergeReport, Progress, merge_totals, peak_rss_bytes
+from merge_ops.report import (
+    REPORT_NAME,
+    Chosen,
+    MergeReport,
+    Progress,
+    WholeModelRun,
+    merge_totals,
+    peak_rss_bytes,
+)
 from merge_ops.sources import SourceResolver, Sources, open_sources
 
 if TYPE_CHECKING:
@@ -67,14 +75,7 @@ def run_merge(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OutputError("--device cuda was asked for but no CUDA device is available")
-    chosen = _choose_first(
-        recipe,
-        resolver=resolver,
-        device=device,
-        data_root=data_root,
-        progress=progress,
-        should_cancel=should_cancel,
-    )
+    chosen = _choose_first(recipe, WholeModelRun(resolver, device, data_root, progress, should_cancel))
     streamed: Recipe = chosen.streamed
     info = CATALOG[streamed.method]
     sources = open_sources(streamed, info, resolver)
@@ -102,18 +103,18 @@ def run_merge(
         sources.close()
 
 
-def _choose_first(recipe: Recipe, **run: Any) -> Chosen:
+def _choose_first(recipe: Recipe, run: WholeModelRun) -> Chosen:
     """A method that must hold whole models decides what to stream before the merge starts (greedy soup's
     ingredients, aTLAS' coefficients), so the card, digest and report are the recipe's before the rename. The
     streaming methods stream the recipe itself."""
     if recipe.method == "greedy_soup":
         from merge_ops.greedy_soup import choose_soup
 
-        return choose_soup(recipe, **run)
+        return choose_soup(recipe, run)
     if recipe.method == "atlas" and recipe.params.get("coefficients") is None:
         from merge_ops.atlas import learn_atlas
 
-        return learn_atlas(recipe, **run)
+        return learn_atlas(recipe, run)
     return Chosen(streamed=recipe, sections={}, timings={})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,18 @@ class Progress:
     #: "merge", "evaluate" while greedy soup scores candidates (then the tensor counts are evaluations), or
     #: "train" while aTLAS learns its coefficients (then they are steps)
     phase: str = "merge"
+
+
+@dataclass(frozen=True)
+class WholeModelRun:
+    """What a whole-model method's first step gets from ``run_merge``: where Hub sources come from, the device,
+    the root of relative evaluator data, and the progress and cancel callbacks."""
+
+    resolver: Any  # SourceResolver | None (merge_ops.sources imports this module's users)
+    device: str
+    data_root: Path | None
+    progress: Callable[[Progress], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
 
 
 @dataclass(frozen=True)
