@@ -128,7 +128,7 @@ def drill(
             again_s = _wait(lambda: store.job(job_id).status in ("running", "succeeded"), 600)
         else:
             wait_until(
-                lambda: (store.job(job_id).tensors_done or 0) >= 3, timeout=120, what="the merge under way"
+                lambda: (store.job(job_id).tensors_done or 0) >= 1, timeout=120, what="the merge under way"
             )
             running = store.job(job_id)
             if running.status != "running":
@@ -182,12 +182,18 @@ def main() -> None:
         rows = []
         for kind in args.drills.split(","):
             for i in range(args.repeat):
-                rows.append(drill(kind, Path(tmp) / f"{kind}-{i}", models, reference, overrides))
+                try:
+                    rows.append(drill(kind, Path(tmp) / f"{kind}-{i}", models, reference, overrides))
+                except RuntimeError as exc:  # a drill that could not be staged is reported, not counted
+                    print(f"{kind}: not run ({exc})", flush=True)
+                    continue
                 print(_row(rows[-1]), flush=True)
     print("\n| drill | runs | again_s p50 | again_s max | done_s p50 | all ok |")
     print("|---|---|---|---|---|---|")
     for kind in args.drills.split(","):
         mine = [r for r in rows if r["drill"] == kind]
+        if not mine:
+            continue
         again = [r["again_s"] for r in mine]
         print(
             f"| {kind} | {len(mine)} | {statistics.median(again):.1f} | {max(again):.1f} | "
