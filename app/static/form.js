@@ -547,10 +547,11 @@ async function submitRecipe(event) {
   button.disabled = true;
   try {
     const key = crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random();
-    const res = await api("POST", "/v1/merges", { json: readRecipe(), hubToken: true, idempotencyKey: key });
+    const name = $("#job-name").value.trim();
+    const path = name ? `/v1/merges?${new URLSearchParams({ name })}` : "/v1/merges";
+    const res = await api("POST", path, { json: readRecipe(), hubToken: true, idempotencyKey: key });
     if (res.ok && res.data?.id) {
       clearErrors();
-      rememberJobName(res.data.id, $("#job-name").value.trim());
       location.hash = `#/jobs/${res.data.id}`;
       return;
     }
@@ -685,9 +686,9 @@ async function submitSweep() {
     if (r.output?.path) r.output.path = `${r.output.path.replace(/\/+$/, "")}-${param}-${v}`;
     return r;
   });
-  const res = await api("POST", "/v1/batches", { json: { recipes }, hubToken: true });
+  const names = values.map((v) => `${param}=${v}`);
+  const res = await api("POST", "/v1/batches", { json: { recipes, names }, hubToken: true });
   if (res.ok && res.data?.id) {
-    (res.data.jobs || []).forEach((job, i) => rememberJobName(job.id, `${param}=${values[i]}`));
     location.hash = `#/batches/${res.data.id}`;
     return;
   }
