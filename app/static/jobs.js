@@ -160,12 +160,19 @@ async function refreshJobs() {
   if (res.ok) {
     const body = $("#jobs-body");
     const fresh = (res.data?.items || []).map(jobRow);
-    if (!state.jobsPaged) body.replaceChildren(...fresh);
-    else { // later pages were loaded: update the rows in place, new jobs on top
-      const byId = new Map([...body.children].map((r) => [r.dataset.id, r]));
-      const added = [];
-      for (const row of fresh) { const old = byId.get(row.dataset.id); if (old) old.replaceWith(row); else added.push(row); }
-      body.prepend(...added);
+    const byId = new Map([...body.children].map((r) => [r.dataset.id, r]));
+    // rows are updated in place, new jobs on top; a row holding keyboard focus is left as it is until it loses it
+    const keep = (row) => row.contains(document.activeElement);
+    const added = [];
+    for (const row of fresh) {
+      const old = byId.get(row.dataset.id);
+      if (!old) added.push(row);
+      else if (!keep(old)) old.replaceWith(row);
+    }
+    body.prepend(...added);
+    if (!state.jobsPaged) { // one page shown: it is exactly the newest page
+      const ids = new Set(fresh.map((r) => r.dataset.id));
+      for (const row of [...body.children]) if (!ids.has(row.dataset.id) && !keep(row)) row.remove();
     }
     $("#jobs-empty").hidden = body.children.length > 0;
   }
