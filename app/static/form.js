@@ -596,8 +596,13 @@ function renderPlan(box, { plan, notes }) {
   if (plan) {
     const tensors = plan.tensors || [];
     const merged = tensors.filter((t) => t.action === "merge").length;
+    const why = {};
+    for (const t of tensors) if (t.action === "copy") why[t.reason || "copied"] = (why[t.reason || "copied"] || 0) + 1;
+    const layers = new Set(tensors.filter((t) => t.action === "merge" && t.layer !== null && t.layer !== undefined).map((t) => t.layer));
     const rows = [
       ["Tensors", `${merged} merged, ${tensors.length - merged} copied`],
+      ["Merged", `${merged} tensor${merged === 1 ? "" : "s"} in ${layers.size} layer${layers.size === 1 ? "" : "s"}${merged > tensors.filter((t) => t.action === "merge" && Number.isInteger(t.layer)).length ? " plus embeddings, norms or head" : ""}`],
+      ...Object.entries(why).map(([reason, n]) => ["Copied from the base", `${n}: ${reason}`]),
       ["Read", `${fmtBytes(plan.bytes_read)} in ${plan.passes} pass${plan.passes > 1 ? "es" : ""}`],
       ["Write", fmtBytes(plan.bytes_written)],
       ["Largest tensor", fmtBytes(plan.largest_tensor_bytes)],
