@@ -94,6 +94,8 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     kind: Mapped[str] = mapped_column(String(16), default="merge")
+    #: a label the submitter chose ("lambda=0.3", "math+code v2"), shown in lists; not part of the recipe
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     owner_token_id: Mapped[str] = mapped_column(ForeignKey("api_tokens.id"))
     status: Mapped[str] = mapped_column(String(16), default="queued")
     #: The normalized recipe (merge) or analysis request (analyze); local paths already absolute and confined.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from merge_ops.recipe import Source, parse_source
 
@@ -54,8 +54,12 @@ class Output(BaseModel):
     commit: str | None
 
 
+JobName = Field(None, max_length=200, description="A label for lists (not part of the recipe).")
+
+
 class JobOut(BaseModel):
     id: str
+    name: str | None = JobName
     kind: JobKind
     status: JobStatus
     url: str
@@ -98,6 +102,18 @@ class BatchRequest(BaseModel):
         min_length=1, max_length=100, description="Recipes as JSON objects or YAML text (Alloy or mergekit)."
     )
     priority: int = Priority
+    names: list[str] | None = Field(
+        None, max_length=100, description="One label per recipe, in order (e.g. the swept value)."
+    )
+
+    @model_validator(mode="after")
+    def _one_name_each(self) -> BatchRequest:
+        if self.names is not None:
+            if len(self.names) != len(self.recipes):
+                raise ValueError(f"names has {len(self.names)} entries for {len(self.recipes)} recipes")
+            if any(len(n) > 200 for n in self.names):
+                raise ValueError("a name has at most 200 characters")
+        return self
 
 
 class BatchOut(BaseModel):

@@ -52,6 +52,7 @@ def job_out(job: Job, *, url: str) -> JobOut:
     error = scrub(job.error)
     return JobOut(
         id=job.id,
+        name=job.name,
         kind=job.kind,  # type: ignore[arg-type]  # the DB column holds one of JobKind
         status=job.status,  # type: ignore[arg-type]
         url=url,

@@ -181,6 +181,7 @@ function init() {
   $("#job-cancel").addEventListener("click", askCancel);
   $("#job-cancel-yes").addEventListener("click", cancelJob);
   $("#job-cancel-no").addEventListener("click", () => { $("#job-cancel-confirm").hidden = true; $("#job-cancel").hidden = false; $("#job-cancel").focus(); });
+  $("#job-cancel-confirm").addEventListener("keydown", (e) => { if (e.key === "Escape") $("#job-cancel-no").click(); });
   $("#job-edit").addEventListener("click", editJob);
   $("#job-retry-publish").addEventListener("click", retryPublish);
   $("#job-analyze").addEventListener("click", (e) => analyze(e, state.jobRecipe));

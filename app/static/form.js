@@ -547,10 +547,11 @@ async function submitRecipe(event) {
   button.disabled = true;
   try {
     const key = crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random();
-    const res = await api("POST", "/v1/merges", { json: readRecipe(), hubToken: true, idempotencyKey: key });
+    const name = $("#job-name").value.trim();
+    const path = name ? `/v1/merges?${new URLSearchParams({ name })}` : "/v1/merges";
+    const res = await api("POST", path, { json: readRecipe(), hubToken: true, idempotencyKey: key });
     if (res.ok && res.data?.id) {
       clearErrors();
-      rememberJobName(res.data.id, $("#job-name").value.trim());
       location.hash = `#/jobs/${res.data.id}`;
       return;
     }
@@ -595,8 +596,13 @@ function renderPlan(box, { plan, notes }) {
   if (plan) {
     const tensors = plan.tensors || [];
     const merged = tensors.filter((t) => t.action === "merge").length;
+    const why = {};
+    for (const t of tensors) if (t.action === "copy") why[t.reason || "copied"] = (why[t.reason || "copied"] || 0) + 1;
+    const layers = new Set(tensors.filter((t) => t.action === "merge" && t.layer !== null && t.layer !== undefined).map((t) => t.layer));
     const rows = [
       ["Tensors", `${merged} merged, ${tensors.length - merged} copied`],
+      ["Merged", `${merged} tensor${merged === 1 ? "" : "s"} in ${layers.size} layer${layers.size === 1 ? "" : "s"}${merged > tensors.filter((t) => t.action === "merge" && Number.isInteger(t.layer)).length ? " plus embeddings, norms or head" : ""}`],
+      ...Object.entries(why).map(([reason, n]) => ["Copied from the base", `${n}: ${reason}`]),
       ["Read", `${fmtBytes(plan.bytes_read)} in ${plan.passes} pass${plan.passes > 1 ? "es" : ""}`],
       ["Write", fmtBytes(plan.bytes_written)],
       ["Largest tensor", fmtBytes(plan.largest_tensor_bytes)],
@@ -685,9 +691,9 @@ async function submitSweep() {
     if (r.output?.path) r.output.path = `${r.output.path.replace(/\/+$/, "")}-${param}-${v}`;
     return r;
   });
-  const res = await api("POST", "/v1/batches", { json: { recipes }, hubToken: true });
+  const names = values.map((v) => `${param}=${v}`);
+  const res = await api("POST", "/v1/batches", { json: { recipes, names }, hubToken: true });
   if (res.ok && res.data?.id) {
-    (res.data.jobs || []).forEach((job, i) => rememberJobName(job.id, `${param}=${values[i]}`));
     location.hash = `#/batches/${res.data.id}`;
     return;
   }

@@ -17,15 +17,6 @@ function renderStatusFilters() {
   }
 }
 
-// Names given at submit, kept in this browser (the API stores no job name): {job id: name}.
-const NAMES_KEY = "alloy.jobNames";
-function jobNames() { try { return JSON.parse(localStorage.getItem(NAMES_KEY) || "{}") || {}; } catch { return {}; } }
-function rememberJobName(id, name) {
-  if (!name) return;
-  const names = jobNames();
-  names[id] = name.slice(0, 80);
-  try { localStorage.setItem(NAMES_KEY, JSON.stringify(names)); } catch { /* storage full or off */ }
-}
 
 /** Where a job's result is (or goes): the Hub repo, else the output folder's name (full path on hover). */
 function outputLabel(job) {
@@ -42,7 +33,7 @@ function jobRow(job) {
   tr.dataset.id = job.id;
   const link = document.createElement("a");
   link.href = `#/jobs/${encodeURIComponent(job.id)}`;
-  const name = jobNames()[job.id];
+  const name = job.name;
   link.textContent = name ? `${name} (${String(job.id).slice(0, 8)})` : String(job.id).slice(0, 8);
   link.title = job.id;
   const td = (content, cls) => { const c = document.createElement("td"); c.append(content ?? ""); if (cls) c.className = cls; return c; };
@@ -112,8 +103,7 @@ async function openCompare(a, b) {
   const [ra, rb] = await Promise.all([ja.data, jb.data].map((j) => j.status === "succeeded"
     ? api("GET", `/v1/merges/${encodeURIComponent(j.id)}/report`) : Promise.resolve({ ok: false })));
   if (controller.signal.aborted) return;
-  const names = jobNames();
-  const head = (job) => names[job.id] ? `${names[job.id]} (${String(job.id).slice(0, 8)})` : String(job.id).slice(0, 8);
+  const head = (job) => job.name ? `${job.name} (${String(job.id).slice(0, 8)})` : String(job.id).slice(0, 8);
   $("#compare-a").textContent = head(ja.data);
   $("#compare-b").textContent = head(jb.data);
   const side = (job, report) => ({
@@ -170,12 +160,19 @@ async function refreshJobs() {
   if (res.ok) {
     const body = $("#jobs-body");
     const fresh = (res.data?.items || []).map(jobRow);
-    if (!state.jobsPaged) body.replaceChildren(...fresh);
-    else { // later pages were loaded: update the rows in place, new jobs on top
-      const byId = new Map([...body.children].map((r) => [r.dataset.id, r]));
-      const added = [];
-      for (const row of fresh) { const old = byId.get(row.dataset.id); if (old) old.replaceWith(row); else added.push(row); }
-      body.prepend(...added);
+    const byId = new Map([...body.children].map((r) => [r.dataset.id, r]));
+    // rows are updated in place, new jobs on top; a row holding keyboard focus is left as it is until it loses it
+    const keep = (row) => row.contains(document.activeElement);
+    const added = [];
+    for (const row of fresh) {
+      const old = byId.get(row.dataset.id);
+      if (!old) added.push(row);
+      else if (!keep(old)) old.replaceWith(row);
+    }
+    body.prepend(...added);
+    if (!state.jobsPaged) { // one page shown: it is exactly the newest page
+      const ids = new Set(fresh.map((r) => r.dataset.id));
+      for (const row of [...body.children]) if (!ids.has(row.dataset.id) && !keep(row)) row.remove();
     }
     $("#jobs-empty").hidden = body.children.length > 0;
   }
@@ -224,7 +221,7 @@ const PHASES = {
 
 function renderJob(job) {
   $("#charts-title").textContent = job.kind === "analyze" ? "What the task vectors look like" : "What the merge does";
-  const name = jobNames()[job.id];
+  const name = job.name;
   $("#job-title").textContent = `${job.kind === "analyze" ? "Analysis" : "Merge"} ${name ? `“${name}” ` : ""}${String(job.id).slice(0, 8)}`;
   const facts = [["Status", job.status], ["Method", job.recipe?.method], ["Created", fmtTime(job.created_at)],
     ["Started", fmtTime(job.started_at)], ["Finished", fmtTime(job.finished_at)], ["Job id", job.id]];

@@ -54,3 +54,20 @@ def test_batch_request_shape_is_validated(api: Api) -> None:
         assert response.status_code == 422 and response.json()["errors"], body
     response = api.client.get("/v1/batches/nope", headers=api.headers())
     assert response.status_code == 404 and response.json()["code"] == "batch_not_found"
+
+
+def test_jobs_carry_the_names_given_at_submit(api: Api) -> None:
+    named = api.client.post(
+        "/v1/merges", params={"name": "math+code v2"}, json=recipe(seed=11), headers=api.headers()
+    )
+    assert named.status_code == 202 and named.json()["name"] == "math+code v2"
+    listed = api.client.get("/v1/merges", headers=api.headers()).json()["items"]
+    assert [j["name"] for j in listed if j["id"] == named.json()["id"]] == ["math+code v2"]
+    body = {"recipes": [recipe(seed=12), recipe(seed=13)], "names": ["lambda=0.3", "lambda=0.9"]}
+    batch = api.client.post("/v1/batches", json=body, headers=api.headers())
+    assert batch.status_code == 202, batch.text
+    assert sorted(j["name"] for j in batch.json()["jobs"]) == ["lambda=0.3", "lambda=0.9"]
+    short = api.client.post(
+        "/v1/batches", json={"recipes": [recipe(seed=14)], "names": ["a", "b"]}, headers=api.headers()
+    )
+    assert short.status_code == 422

@@ -228,6 +228,10 @@ def test_jobs_list_refreshes_and_shows_name_error_output_duration(
         " === 'succeeded'",
         timeout=60_000,
     )
+    # the refresh never takes keyboard focus away from a row
+    row.locator("a").first.focus()
+    page.wait_for_timeout(2500)
+    assert page.evaluate("document.activeElement.closest('#jobs-body tr')?.dataset.id") == created["id"]
     cells = row.locator("td").all_text_contents()
     assert "task_arithmetic" in cells and "out-listed" in cells, cells
     assert re.search(r"^\d+ s$", cells[7]), cells  # duration

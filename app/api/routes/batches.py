@@ -83,6 +83,10 @@ def create_batch(
         hf_token=hf_token,
         pinner=pinner,
     )
+    if batch_request.names:
+        for job, name in zip(created, batch_request.names, strict=True):
+            job.name = name or None
+        session.commit()
     batch, counts, rows = jobs.batch_status(session, batch.id, caller=caller)
     out = batch_out(request, batch, counts=counts, jobs=rows)
     response.headers["Location"] = out.url

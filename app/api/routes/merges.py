@@ -53,6 +53,9 @@ def create_merge(
     hf_token: HfToken,
     idempotency_key: IdempotencyKey = None,
     priority: Annotated[int, Query(ge=0, le=9, description="0..9, higher runs first.")] = 5,
+    name: Annotated[
+        str | None, Query(max_length=200, description="A label for job lists (not part of the recipe).")
+    ] = None,
 ) -> JobOut:
     """Validate the recipe (JSON, or YAML with ``Content-Type: application/yaml``; mergekit configs are
     translated) and queue a job. Returns the existing job for a repeated ``Idempotency-Key`` or for the same
@@ -68,6 +71,9 @@ def create_merge(
         priority=priority,
         pinner=pinner,
     )
+    if name and submission.created:
+        submission.job.name = name
+        session.commit()
     url = job_url(request, submission.job.id)
     response.headers["Location"] = url
     if not submission.created:
