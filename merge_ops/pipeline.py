@@ -91,16 +91,29 @@ def run_merge(
         report.output_path = str(target.resolve())
         (scratch / REPORT_NAME).write_text(report.to_json())
         _fsync_dir(scratch)
-        if target.exists():
-            target.rmdir()  # empty (checked above)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(scratch, target)
+        _move_into_place(scratch, target)
         return report
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     finally:
         sources.close()
+
+
+def _move_into_place(scratch: Path, target: Path) -> None:
+    """Rename the finished merge onto ``target`` (empty or missing when the merge started; filled meanwhile by
+    someone else, it is the user's to sort out, not an internal error)."""
+    try:
+        if target.exists():
+            target.rmdir()  # empty (checked at the start)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(scratch, target)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot move the merge into {target}: {exc.strerror or exc} (was the folder filled while the merge "
+            "ran?); choose an empty or new output folder",
+            path=str(target),
+        ) from None
 
 
 def _choose_first(recipe: Recipe, run: WholeModelRun) -> Chosen:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -481,3 +482,28 @@ def test_unnormalized_linear_is_the_plain_weighted_sum(models: dict[str, Path], 
             torch.testing.assert_close(
                 merged[name].double(), 0.5 * a[name].double() + 0.8 * b[name].double(), rtol=1e-6, atol=1e-7
             )
+
+
+def test_an_output_filled_while_the_merge_runs_is_an_output_error(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The output was empty at the start and filled before the final rename: an OutputError naming it (it was
+    an internal_error from the rmdir), and the scratch folder is gone."""
+    from merge_ops.errors import OutputError
+
+    out = tmp_path / "late"
+    recipe = _recipe(
+        out,
+        method="task_arithmetic",
+        base=str(models["base"]),
+        models=[{"source": str(models["a"])}],
+        output={"path": str(out)},
+    )
+
+    def fill(progress: Any) -> None:
+        out.mkdir(exist_ok=True)
+        (out / "someone-else.txt").write_text("x")
+
+    with pytest.raises(OutputError, match="choose an empty or new output folder"):
+        run_merge(recipe, progress=fill)
+    assert _leftovers(tmp_path) == []
