@@ -37,7 +37,7 @@ class TensorContext:
     global_stats: Any = None
     #: Method statistics for the job report (kept density, sign-conflict rate, σ...). Methods add
     #: plain floats here; it is the one mutable part of the context.
-    report: dict[str, float] = field(default_factory=dict)
+    report: dict[str, float | list[float]] = field(default_factory=dict)
     #: θ_0 of this tensor (float32, compute device) for methods that interpolate weights rather than sum task
     #: vectors (slerp, karcher, ...); None unless the method's catalog entry asks for it.
     base: torch.Tensor | None = None

@@ -229,7 +229,7 @@ class TensorMerger:
 
     def merge(
         self, loaded: Loaded, tp: TensorPlan, scale: float, global_stats: Any
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, float | list[float]]]:
         """The output tensor of one merged tensor (output dtype, on the device) and its report statistics."""
         out_dtype = torch_dtype(tp.out_dtype)
         if self.fused_weights is not None:
@@ -243,7 +243,7 @@ class TensorMerger:
         out = out.to(out_dtype)
         if not all_finite(out):
             raise self._overflow(tp.name, out_dtype)  # the inputs are finite (checked above)
-        return out, {k: round(float(v), 6) for k, v in ctx.report.items()}
+        return out, {k: v if isinstance(v, list) else round(float(v), 6) for k, v in ctx.report.items()}
 
     def _fused_output(
         self, loaded: Loaded, tp: TensorPlan, scale: float, out_dtype: torch.dtype

@@ -66,7 +66,12 @@ def selection(task_vectors: torch.Tensor, ctx: TensorContext, params: Any) -> tu
         keep, skip = _local_counts(view, ctx, params, kind)
         args = {"keep": keep, "skip": skip}
     if kind == Sparsify.compeft:
-        args.update(scale=ternary_scale(view, ctx, float(params.alpha)), ternary=True)
+        scale = ternary_scale(view, ctx, float(params.alpha))
+        args.update(scale=scale, ternary=True)
+        # the report's per-tensor ComPEFT statistics: each model's α·σ (its mean over rows for per_row) and σ
+        per_model = scale.reshape(k, -1).to(torch.float64).mean(dim=1).tolist()
+        ctx.report["compeft_scale"] = [round(v, 9) for v in per_model]
+        ctx.report["compeft_sigma"] = [round(v / float(params.alpha), 9) for v in per_model]
     return x, args
 
 

@@ -507,3 +507,33 @@ def test_an_output_filled_while_the_merge_runs_is_an_output_error(
     with pytest.raises(OutputError, match="choose an empty or new output folder"):
         run_merge(recipe, progress=fill)
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("scope", ["per_tensor", "global"])
+def test_the_compeft_report_gives_sigma_and_scale_per_tensor(
+    scope: str, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The README promises ComPEFT's σ per tensor: each model's σ of τ (global: one σ over the whole τ) and the
+    scale α·σ its kept entries become."""
+    out = tmp_path / scope
+    report = run_merge(
+        _recipe(
+            out,
+            method="compeft",
+            base=str(models["base"]),
+            models=[{"source": str(models[k])} for k in ("a", "b")],
+            params={"alpha": 2.0},
+            scope=scope,
+        )
+    )
+    base, a = load_all(models["base"]), load_all(models["a"])
+    rows = [r for r in report.tensors if r["action"] == "merge" and len(r["shape"]) == 2]
+    assert rows and all(len(r["compeft_sigma"]) == 2 for r in rows)
+    for row in rows:
+        assert row["compeft_scale"] == pytest.approx([2.0 * s for s in row["compeft_sigma"]], rel=1e-6)
+    if scope == "per_tensor":
+        row = rows[0]
+        tau = a[row["name"]].double() - base[row["name"]].double()
+        assert row["compeft_sigma"][0] == pytest.approx(float(tau.std(correction=1)), rel=1e-5)
+    else:  # one σ per model over every tensor
+        assert len({tuple(r["compeft_sigma"]) for r in rows}) == 1
