@@ -121,7 +121,7 @@ def drill(
             workers.clear()
         job_id = store.submit(long_recipe(base, fts, out, lam=0.7))
         if kind == "redis_restart":
-            time.sleep(1.0)
+            time.sleep(2.5)  # queued a while (the broker's uptime is whole seconds)
             killed = time.monotonic()
             redis.restart()
             workers.append(start_worker(env, root, "second"))
