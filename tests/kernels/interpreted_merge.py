@@ -108,7 +108,9 @@ def _default_case(info: Any, models: list[dict[str, Any]]) -> dict[str, Any]:
             if param not in REQUIRED_PARAMS:
                 raise KeyError(f"method {info.name!r} requires {param!r}: give it a value in REQUIRED_PARAMS")
             required[param] = REQUIRED_PARAMS[param]
-    case: dict[str, Any] = {"method": info.name, "models": models[:k]}
+    # a method that weighs no models refuses weights (they would be ignored)
+    chosen = models[:k] if info.weighted else [{"source": m["source"]} for m in models[:k]]
+    case: dict[str, Any] = {"method": info.name, "models": chosen}
     if with_base:
         case["base"] = "{base}"
     if required:
