@@ -119,7 +119,7 @@ def fused_sparse_merge(
     an L2-resident buffer (``reference.counter_hash24_into``, the same stream) and applied there, so no [K, R, m]
     sparse copy or full-size mask is built. Top-k / threshold selections are built first by
     ``reference.sparse_task_vectors`` (one [K, R, m] float32 copy)."""
-    from kernels.reference import dare_threshold, scale_per_row, sparse_task_vectors
+    from kernels.reference import dare_threshold, scale_per_row, selection_masks, sparse_task_vectors
 
     w = weights.to(device=x.device, dtype=torch.float32).reshape(-1)
     if w.numel() != x.shape[0]:
@@ -134,7 +134,19 @@ def fused_sparse_merge(
             plan = [
                 (int(key), dare_threshold(float(d)), s) for key, d, s in zip(keys, densities, scales, strict=True)
             ]
-    if plan is not None:
+    masks: np.ndarray | None = None  # top-k / threshold keep masks [K, R·m], applied in the pass
+    if plan is None and dare is None and scale is None and not ternary and x.dim() == 3:
+        if keep is not None or boundary is not None:
+            if keep is not None and boundary is not None:
+                raise ValueError("pass one of keep (top-k), boundary (precomputed) or dare")
+            flat = x.float().reshape(x.shape[0] * x.shape[1], x.shape[2])
+            masks = np.empty(flat.shape, dtype=np.bool_)
+            for part, mask in selection_masks(
+                flat, keep=keep, skip=skip, boundary=boundary, lower_boundary=lower_boundary
+            ):
+                masks[part] = mask.numpy()
+            masks = masks.reshape(x.shape[0], -1)
+    if plan is not None or masks is not None:
         sparse = x.float().contiguous()
     else:
         sparse = sparse_task_vectors(
@@ -152,7 +164,7 @@ def fused_sparse_merge(
     numel = rows.shape[1]
     merged = torch.empty(numel, dtype=torch.float32)
     counts: list[tuple[int, int]] = []
-    step = _SparseStep(w.tolist(), consensus=consensus, mean=mean, dare=plan)
+    step = _SparseStep(w.tolist(), consensus=consensus, mean=mean, dare=plan, masks=masks)
 
     def work(lo: int, hi: int) -> None:
         buffers = step.buffers(min(SPARSE_BLOCK, hi - lo))
@@ -183,9 +195,15 @@ class _SparseStep:
     sign test, so the results and counts are bit-identical."""
 
     def __init__(
-        self, weights: list[float], *, consensus: bool, mean: bool, dare: list[tuple[int, int, float]] | None
+        self,
+        weights: list[float],
+        *,
+        consensus: bool,
+        mean: bool,
+        dare: list[tuple[int, int, float]] | None = None,
+        masks: np.ndarray | None = None,
     ) -> None:
-        self.w, self.consensus, self.mean, self.dare = weights, consensus, mean, dare
+        self.w, self.consensus, self.mean, self.dare, self.masks = weights, consensus, mean, dare, masks
         self.k = len(weights)
         self.equal_weights = len(set(weights)) == 1
         total_w = float(torch.tensor(weights, dtype=torch.float32).sum())
@@ -195,7 +213,7 @@ class _SparseStep:
     def buffers(self, size: int) -> dict[str, Any]:
         f32 = lambda: np.empty(size, dtype=np.float32)  # noqa: E731
         return {
-            "tau": [f32() for _ in range(self.k)] if self.dare is not None else None,
+            "tau": [f32() for _ in range(self.k)] if self.dare is not None or self.masks is not None else None,
             "bits": np.empty(size, dtype=np.uint32),
             "tmp": np.empty(size, dtype=np.uint32),
             "mask": np.empty(size, dtype=np.bool_),
@@ -208,7 +226,13 @@ class _SparseStep:
         }
 
     def _taus(self, rows: np.ndarray, start: int, end: int, buf: dict[str, Any]) -> list[np.ndarray]:
-        """τ̂_t of the block: the stored rows, or (DARE) x·keep·scale hashed and applied here."""
+        """τ̂_t of the block: the stored rows, x·keep with a precomputed top-k mask, or (DARE) x·keep·scale with
+        the mask hashed here."""
+        if self.masks is not None:
+            taus = [buf["tau"][t][: end - start] for t in range(self.k)]
+            for t, tau in enumerate(taus):
+                np.multiply(rows[t, start:end], self.masks[t, start:end], out=tau)
+            return taus
         if self.dare is None:
             return [rows[t, start:end] for t in range(self.k)]
         from kernels.reference import counter_hash24_into

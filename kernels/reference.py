@@ -13,7 +13,7 @@ Inputs must be finite (the pipeline rejects NaN/Inf before any method runs).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -456,7 +456,22 @@ def sparse_task_vectors(
         out = flat if row_scale is None and not ternary else _keep_where(flat, None, row_scale, ternary)
         return out.view(k, rows, m)
     out = torch.empty_like(flat)
-    n_rows = k * rows
+    for part, mask in selection_masks(flat, keep=keep, skip=skip, boundary=boundary, lower_boundary=lower_boundary):
+        out[part] = _keep_where(flat[part], mask, None if row_scale is None else row_scale[part], ternary)
+    return out.view(k, rows, m)
+
+
+def selection_masks(
+    flat: Tensor,
+    *,
+    keep: Tensor | None = None,
+    skip: Tensor | None = None,
+    boundary: tuple[Tensor, Tensor] | None = None,
+    lower_boundary: tuple[Tensor, Tensor] | None = None,
+) -> Iterator[tuple[slice, Tensor]]:
+    """The keep masks of ``sparse_task_vectors``' top-k / threshold selection on the float32 rows ``flat[K·R, m]``,
+    as (row slice, BoolTensor of those rows), chunk by chunk (about ``_SELECT_CHUNK`` elements each)."""
+    n_rows, m = flat.shape
     step = max(1, _SELECT_CHUNK // max(1, m))
     for start in range(0, n_rows, step):
         part = slice(start, start + step)
@@ -474,8 +489,7 @@ def sparse_task_vectors(
                     _rows_of(lower_boundary[0], n_rows)[part],
                     _rows_of(lower_boundary[1], n_rows)[part],
                 )
-        out[part] = _keep_where(block, mask, None if row_scale is None else row_scale[part], ternary)
-    return out.view(k, rows, m)
+        yield part, mask
 
 
 def scale_per_row(scale: Tensor, k: int, rows: int) -> Tensor:

@@ -110,3 +110,27 @@ def test_fused_dare_refuses_what_the_reference_refuses() -> None:
         )
     with pytest.raises(ValueError, match="weights"):
         cpu_fused.fused_sparse_merge(x, torch.ones(3), consensus=True, mean=True, dare=([1, 2], [0.5, 0.5]))
+
+
+@pytest.mark.parametrize("lower", [False, True])
+def test_fused_threshold_selection_is_bit_exact(lower: bool) -> None:
+    """Global scope hands over precomputed (threshold, tie quota) pairs: the mask is built by the reference's
+    selection and applied inside the pass (ties at the threshold cut by index)."""
+    k, rows, m = 3, 2, 40000
+    x = _task_vectors(k, rows, m)
+    flat = x.reshape(k * rows, m)
+    upper = reference.rank_boundary(flat, torch.randint(1, m, (k * rows,)))
+    args: dict[str, object] = {"boundary": upper}
+    if lower:
+        args["lower_boundary"] = reference.rank_boundary(flat, torch.randint(0, 200, (k * rows,)))
+    for w in (torch.ones(k), torch.tensor([0.5, -1.0, 2.0])):
+        for consensus, mean in [(True, True), (False, True), (True, False)]:
+            _assert_same(x, w, consensus=consensus, mean=mean, **args)
+
+
+def test_fused_top_k_over_the_threaded_split_is_bit_exact() -> None:
+    k, rows, m = 2, 1, 3 * cpu_fused.SPARSE_BLOCK + 11
+    x = _task_vectors(k, rows, m)
+    for skip in (None, torch.tensor([5, 100])):
+        keep = torch.tensor([m // 5, m // 3])
+        _assert_same(x, torch.tensor([1.0, 0.6]), consensus=True, mean=True, keep=keep, skip=skip)
