@@ -115,37 +115,20 @@ def fused_sparse_merge(
     operations in its order (sign election Σ_t w_t·τ̂_t, agreement on the weighted value, disjoint sum, the mean's
     divisor; or the plain weighted sum).
 
-    DARE (``dare`` with a scale per model) is sparsified inside that pass: each block's keep mask is hashed into
-    an L2-resident buffer (``reference.counter_hash24_into``, the same stream) and applied there, so no [K, R, m]
-    sparse copy or full-size mask is built. Top-k / threshold selections are built first by
-    ``reference.sparse_task_vectors`` (one [K, R, m] float32 copy)."""
-    from kernels.reference import dare_threshold, scale_per_row, selection_masks, sparse_task_vectors
+    The selection is applied inside that pass where it can be (``_in_pass_selection``): DARE with a scale per
+    model hashes each block's keep mask into an L2-resident buffer (``reference.counter_hash24_into``, the same
+    stream); top-k and threshold selections (TIES, Breadcrumbs, global scope) build bool keep masks with the
+    reference's selection (1 byte an element) and apply them block by block. Either way no [K, R, m] float32
+    sparse copy is made. Scaled or ternary selections (ComPEFT, DARE with a scale per row) are built first by
+    ``reference.sparse_task_vectors``."""
+    from kernels.reference import sparse_task_vectors
 
     w = weights.to(device=x.device, dtype=torch.float32).reshape(-1)
     if w.numel() != x.shape[0]:
         raise ValueError(f"{w.numel()} weights for {x.shape[0]} task vectors")
-    plan: list[tuple[int, int, float]] | None = None  # per model: (DARE key, threshold, scale)
-    if dare is not None and keep is None and boundary is None and not ternary and x.dim() == 3:
-        k, n_rows = x.shape[0], x.shape[1]
-        per_row = None if scale is None else scale_per_row(scale, k, n_rows).reshape(k, n_rows)
-        if per_row is None or bool((per_row == per_row[:, :1]).all()):
-            keys, densities = dare
-            scales = [1.0] * k if per_row is None else per_row[:, 0].tolist()
-            plan = [
-                (int(key), dare_threshold(float(d)), s) for key, d, s in zip(keys, densities, scales, strict=True)
-            ]
-    masks: np.ndarray | None = None  # top-k / threshold keep masks [K, R·m], applied in the pass
-    if plan is None and dare is None and scale is None and not ternary and x.dim() == 3:
-        if keep is not None or boundary is not None:
-            if keep is not None and boundary is not None:
-                raise ValueError("pass one of keep (top-k), boundary (precomputed) or dare")
-            flat = x.float().reshape(x.shape[0] * x.shape[1], x.shape[2])
-            masks = np.empty(flat.shape, dtype=np.bool_)
-            for part, mask in selection_masks(
-                flat, keep=keep, skip=skip, boundary=boundary, lower_boundary=lower_boundary
-            ):
-                masks[part] = mask.numpy()
-            masks = masks.reshape(x.shape[0], -1)
+    if sum(v is not None for v in (keep, boundary, dare)) > 1:
+        raise ValueError("pass one of keep (top-k), boundary (precomputed) or dare")
+    plan, masks = _in_pass_selection(x, keep, skip, boundary, lower_boundary, dare, scale, ternary)
     if plan is not None or masks is not None:
         sparse = x.float().contiguous()
     else:
@@ -185,9 +168,47 @@ def fused_sparse_merge(
     )
 
 
+def _in_pass_selection(
+    x: Tensor,
+    keep: Tensor | None,
+    skip: Tensor | None,
+    boundary: tuple[Tensor, Tensor] | None,
+    lower_boundary: tuple[Tensor, Tensor] | None,
+    dare: tuple[Sequence[int], Sequence[float]] | None,
+    scale: Tensor | None,
+    ternary: bool,
+) -> tuple[list[tuple[int, int, float]] | None, np.ndarray | None]:
+    """What the pass applies itself: (per model (DARE key, threshold, scale), None) for DARE with one scale per
+    model; (None, bool keep masks [K, R·m]) for an unscaled top-k / threshold selection; (None, None) when
+    ``reference.sparse_task_vectors`` has to build the sparse task vectors first."""
+    from kernels.reference import dare_threshold, scale_per_row, selection_masks
+
+    if x.dim() != 3 or ternary:
+        return None, None
+    k, n_rows = x.shape[0], x.shape[1]
+    if dare is not None:
+        per_row = None if scale is None else scale_per_row(scale, k, n_rows).reshape(k, n_rows)
+        if per_row is not None and not bool((per_row == per_row[:, :1]).all()):
+            return None, None
+        keys, densities = dare
+        scales = [1.0] * k if per_row is None else per_row[:, 0].tolist()
+        return [
+            (int(key), dare_threshold(float(d)), s) for key, d, s in zip(keys, densities, scales, strict=True)
+        ], None
+    if scale is not None or (keep is None and boundary is None):
+        return None, None
+    flat = x.float().reshape(k * n_rows, x.shape[2])
+    masks = np.empty(flat.shape, dtype=np.bool_)
+    for part, mask in selection_masks(
+        flat, keep=keep, skip=skip, boundary=boundary, lower_boundary=lower_boundary
+    ):
+        masks[part] = mask.numpy()
+    return None, masks.reshape(k, -1)
+
+
 class _SparseStep:
     """One block of ``fused_sparse_merge``: numpy for masks, counts, signs and selects (no allocation: every
-    temporary is a per-thread buffer of ``BLOCK`` elements), torch ``add_(alpha=w)`` for the weighted sums, since
+    temporary is a per-thread buffer of ``SPARSE_BLOCK`` elements), torch ``add_(alpha=w)`` for the weighted sums, since
     that is the reference's fused multiply-add (numpy has none).
 
     Exactness against the reference: a dropped or disagreeing entry is x·0 here (±0) where the reference has +0;
@@ -213,7 +234,9 @@ class _SparseStep:
     def buffers(self, size: int) -> dict[str, Any]:
         f32 = lambda: np.empty(size, dtype=np.float32)  # noqa: E731
         return {
-            "tau": [f32() for _ in range(self.k)] if self.dare is not None or self.masks is not None else None,
+            "tau": [f32() for _ in range(self.k)]
+            if self.dare is not None or self.masks is not None
+            else None,
             "bits": np.empty(size, dtype=np.uint32),
             "tmp": np.empty(size, dtype=np.uint32),
             "mask": np.empty(size, dtype=np.bool_),

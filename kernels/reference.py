@@ -456,7 +456,9 @@ def sparse_task_vectors(
         out = flat if row_scale is None and not ternary else _keep_where(flat, None, row_scale, ternary)
         return out.view(k, rows, m)
     out = torch.empty_like(flat)
-    for part, mask in selection_masks(flat, keep=keep, skip=skip, boundary=boundary, lower_boundary=lower_boundary):
+    for part, mask in selection_masks(
+        flat, keep=keep, skip=skip, boundary=boundary, lower_boundary=lower_boundary
+    ):
         out[part] = _keep_where(flat[part], mask, None if row_scale is None else row_scale[part], ternary)
     return out.view(k, rows, m)
 
