@@ -11,11 +11,11 @@ installed (`mergekit-yaml` on PATH), the same merges run with mergekit in the sa
 models' dtype (``native``, as users' configs ask) and in float32 (``--mergekit-dtype`` picks one), and the table
 shows the time and peak-RSS ratios. The rows come from ``METHODS`` (one entry per method, with the same density on
 both sides). Effective GB/s = (bytes read + bytes written) / wall time. "CPU s" is the user + system time of the
-merge's process tree: the work done, which a shared machine disturbs far less than the wall time. With ``--device cuda`` a last column
-gives the merge's peak GPU memory (``alloy-report.json``) over 2·(K+1)·the largest tensor (float32 bytes), the
-bound the kernels are built to (≤ 1.0 is within it). ``--repeat N`` runs the floor and each Alloy merge N times
-and keeps the fastest (and the largest peak RSS): on a shared machine the minimum is the least disturbed run
-(mergekit, minutes a merge, runs once).
+merge's process tree: the work done, which a shared machine disturbs far less than the wall time. With
+``--device cuda`` a last column gives the merge's peak GPU memory (``alloy-report.json``) over 2·(K+1)·the largest
+tensor (float32 bytes), the bound the kernels are built to (≤ 1.0 is within it). ``--repeat N`` runs the floor
+and each Alloy merge N times and keeps the fastest (and the largest peak RSS): on a shared machine the minimum is
+the least disturbed run (mergekit, minutes a merge, runs once).
 """
 
 from __future__ import annotations
