@@ -7,10 +7,15 @@ float32 temporaries (a few × 64 KiB) stay in the core's L2 cache; only the inpu
 the output is written. Each element goes through exactly the reference's float32 operations, so the result is
 bit-identical to it (tested in ``tests/kernels/test_cpu_fused.py``).
 
+``fused_sparse_merge`` (TIES, DARE, Breadcrumbs, ...) is one such pass too: per block of ``SPARSE_BLOCK`` columns
+it applies the selection (a DARE mask hashed in place, or a precomputed top-k bool mask), elects the sign, takes
+the disjoint sum / mean and counts, in per-thread buffers, with numpy steps and torch's fused multiply-add where
+a weight is not 1; bit-identical to ``reference.fused_sparse_merge`` (``tests/kernels/test_cpu_sparse_fast.py``).
+
 Parallelism: the flat tensor is split into one contiguous span per thread (``torch.get_num_threads()``); a block
 is below ATen's intra-op grain (32768), so each op runs on the calling thread and the threads don't contend for
-ATen's own pool. torch releases the GIL inside each op. ``dispatch.kernel`` picks these for CPU tensors unless
-``ALLOY_KERNELS=torch`` (then the reference runs: it is the oracle and the fallback).
+ATen's own pool. torch and numpy release the GIL inside each op. ``dispatch.kernel`` picks these for CPU tensors
+unless ``ALLOY_KERNELS=torch`` (then the reference runs: it is the oracle and the fallback).
 """
 
 from __future__ import annotations
@@ -208,12 +213,13 @@ def _in_pass_selection(
 
 class _SparseStep:
     """One block of ``fused_sparse_merge``: numpy for masks, counts, signs and selects (no allocation: every
-    temporary is a per-thread buffer of ``SPARSE_BLOCK`` elements), torch ``add_(alpha=w)`` for the weighted sums, since
-    that is the reference's fused multiply-add (numpy has none).
+    temporary is a per-thread buffer of ``SPARSE_BLOCK`` elements); torch ``add_(alpha=w)`` for the weighted sums
+    where w != 1, since that is the reference's fused multiply-add (one rounding; numpy has none).
 
-    Exactness against the reference: a dropped or disagreeing entry is x·0 here (±0) where the reference has +0;
-    every use of it is a sum (a + ±0·w = a for any a, and a +0 accumulator stays +0), a comparison with 0 or a
-    sign test, so the results and counts are bit-identical."""
+    Exactness against the reference, for finite inputs (which it requires): a dropped or disagreeing entry is
+    x·0 here (±0) where the reference has +0; every use of it is a sum (a + ±0 = a for any a, and an accumulator
+    that starts at +0 never becomes −0), a comparison with 0 or a sign test, so results and counts are
+    bit-identical."""
 
     def __init__(
         self,
@@ -298,7 +304,9 @@ class _SparseStep:
             _accumulate(summed, tau, weight)
         if not self.consensus:
             if self.mean:
-                torch.div(torch.from_numpy(summed), self.plain_divisor, out=torch.from_numpy(merged))
+                summed_t, merged_t = torch.from_numpy(summed), torch.from_numpy(merged)
+                for lo in range(0, n, BLOCK):  # below ATen's intra-op grain: stays on this thread
+                    torch.div(summed_t[lo : lo + BLOCK], self.plain_divisor, out=merged_t[lo : lo + BLOCK])
             else:
                 np.copyto(merged, summed)
             return kept, 0
@@ -339,5 +347,7 @@ def _accumulate(acc: np.ndarray, x: np.ndarray, weight: float) -> None:
     (one rounding). With weight 1 that is a plain add (1·x is exact), which numpy does with less overhead."""
     if weight == 1.0:
         np.add(acc, x, out=acc)
-    else:
-        torch.from_numpy(acc).add_(torch.from_numpy(x), alpha=weight)
+        return
+    acc_t, x_t = torch.from_numpy(acc), torch.from_numpy(x)
+    for lo in range(0, acc.size, BLOCK):  # below ATen's intra-op grain: stays on this thread
+        acc_t[lo : lo + BLOCK].add_(x_t[lo : lo + BLOCK], alpha=weight)
