@@ -93,8 +93,13 @@ def fused_task_arithmetic(
             a.zero_()
             for theta, weight in zip(flat_inputs, ws, strict=True):
                 d.copy_(theta[start:end]).sub_(b)
-                a.add_(d, alpha=weight)
-            out[start:end].copy_(b.add_(a.mul_(scale)))
+                if weight == 1.0:  # 1·d is exact: the same sum without the multiply (the common w = 1)
+                    a.add_(d)
+                else:
+                    a.add_(d, alpha=weight)
+            if scale != 1.0:  # acc·1 is acc
+                a.mul_(scale)
+            out[start:end].copy_(b.add_(a))
 
     if flat_base.numel():
         _run_spans(flat_base.numel(), work)

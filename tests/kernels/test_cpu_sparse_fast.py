@@ -134,3 +134,14 @@ def test_fused_top_k_over_the_threaded_split_is_bit_exact() -> None:
     for skip in (None, torch.tensor([5, 100])):
         keep = torch.tensor([m // 5, m // 3])
         _assert_same(x, torch.tensor([1.0, 0.6]), consensus=True, mean=True, keep=keep, skip=skip)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_task_arithmetic_twin_with_unit_weights_and_scale_is_bit_exact(dtype: torch.dtype) -> None:
+    """w = 1 and λ = 1 skip their multiplies in the twin (1·x is exact): still the reference's bits."""
+    base = torch.randn(cpu_fused.BLOCK * 2 + 3) * 2
+    fts = [(base + 0.03 * torch.randn(base.shape)).to(dtype) for _ in range(3)]
+    for weights, scale in [([1.0, 1.0, 1.0], 1.0), ([1.0, 0.3, -1.0], 1.0), ([1.0, 1.0, 2.0], 0.7)]:
+        want = reference.fused_task_arithmetic(base.to(dtype), fts, weights, scale=scale, out_dtype=dtype)
+        got = cpu_fused.fused_task_arithmetic(base.to(dtype), fts, weights, scale=scale, out_dtype=dtype)
+        assert torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
