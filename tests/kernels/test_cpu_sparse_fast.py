@@ -1,9 +1,11 @@
-"""The CPU fast paths of the sparse merge against their torch oracles, on fresh random inputs: the in-place
-blocked DARE hash (``reference.counter_hash24_into``) against the int64 torch stream, and the DARE pass fused
-into ``cpu_fused.fused_sparse_merge`` (mask hashed per block, never materialised) against
-``reference.fused_sparse_merge``, bit for bit, over block edges, the threaded split and odd weights."""
+"""The CPU fast paths against their torch oracles, on fresh random inputs: the in-place blocked DARE hash
+(``reference.counter_hash24_into``) against the int64 torch stream; ``cpu_fused.fused_sparse_merge`` with DARE
+hashed per block and with top-k / threshold masks applied in the pass, against ``reference.fused_sparse_merge``
+bit for bit over block edges, the threaded split and odd weights; the task-arithmetic twin's unit-weight path."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pytest
@@ -57,7 +59,7 @@ def _task_vectors(k: int, rows: int, m: int) -> torch.Tensor:
     return x
 
 
-def _assert_same(x: torch.Tensor, w: torch.Tensor, **args: object) -> None:
+def _assert_same(x: torch.Tensor, w: torch.Tensor, **args: Any) -> None:
     want = reference.fused_sparse_merge(x, w, **args)
     got = cpu_fused.fused_sparse_merge(x, w, **args)
     assert got[0].shape == want[0].shape
@@ -120,7 +122,7 @@ def test_fused_threshold_selection_is_bit_exact(lower: bool) -> None:
     x = _task_vectors(k, rows, m)
     flat = x.reshape(k * rows, m)
     upper = reference.rank_boundary(flat, torch.randint(1, m, (k * rows,)))
-    args: dict[str, object] = {"boundary": upper}
+    args: dict[str, Any] = {"boundary": upper}
     if lower:
         args["lower_boundary"] = reference.rank_boundary(flat, torch.randint(0, 200, (k * rows,)))
     for w in (torch.ones(k), torch.tensor([0.5, -1.0, 2.0])):
