@@ -2,6 +2,7 @@
 
     python benchmarks/merge_speed.py [--hidden 1024 --layers 24 --vocab 32000] [--k 3] [--dtype bfloat16]
                                      [--methods task_arithmetic,ties,...] [--device cpu|cuda] [--workdir DIR]
+                                     [--repeat N]
 
 Generates a llama-shaped base and K fine-tunes (about 0.37B parameters each with the defaults), then runs each
 merge in a fresh subprocess (so peak RSS is the merge's own) and prints a table. "floor" reads the K+1 inputs and
@@ -9,20 +10,25 @@ writes one output once, with nothing computed: the target is a merge within 1.5�
 installed (`mergekit-yaml` on PATH), the same merges run with mergekit in the same invocation, computing in the
 models' dtype (``native``, as users' configs ask) and in float32 (``--mergekit-dtype`` picks one), and the table
 shows the time and peak-RSS ratios. The rows come from ``METHODS`` (one entry per method, with the same density on
-both sides). Effective GB/s = (bytes read + bytes written) / wall time. With ``--device cuda`` a last column
-gives the merge's peak GPU memory (``alloy-report.json``) over 2·(K+1)·the largest tensor (float32 bytes), the
-bound the kernels are built to (≤ 1.0 is within it).
+both sides). Effective GB/s = (bytes read + bytes written) / wall time. "CPU s" is the user + system time of the
+merge's process tree: the work done, which a shared machine disturbs far less than the wall time. With
+``--device cuda`` a last column gives the merge's peak GPU memory (``alloy-report.json``) over 2·(K+1)·the largest
+tensor (float32 bytes), the bound the kernels are built to (≤ 1.0 is within it). ``--repeat N`` runs the floor
+and each Alloy merge N times and keeps the fastest (and the largest peak RSS): on a shared machine the minimum is
+the least disturbed run (mergekit, minutes a merge, runs once).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,8 +125,13 @@ def generate(
     return base, models
 
 
-def run_measured(cmd: list[str], *, cwd: Path | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes, sampled every 20 ms over the process tree)."""
+Measured = tuple[float, int, float]
+
+
+def run_measured(cmd: list[str], *, cwd: Path | None = None) -> Measured:
+    """Wall seconds, peak RSS (bytes, sampled every 20 ms over the process tree) and CPU seconds (user + system
+    of the reaped process tree: on a shared machine the work done, less disturbed by others than the wall)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = psutil.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peak = 0
@@ -132,10 +143,18 @@ def run_measured(cmd: list[str], *, cwd: Path | None = None) -> tuple[float, int
             pass
         time.sleep(0.02)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{output[-3000:]}")
-    return wall, peak
+    return wall, peak, cpu
+
+
+def best_of(repeat: int, measure: Callable[[], Measured]) -> Measured:
+    """The fastest wall time of ``repeat`` runs, the largest peak RSS and the least CPU time among them."""
+    runs = [measure() for _ in range(max(1, repeat))]
+    return min(r[0] for r in runs), max(r[1] for r in runs), min(r[2] for r in runs)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -178,6 +197,9 @@ def main() -> None:
         help="mergekit's compute dtype: native (the models' dtype, as users' configs ask) and/or float32 "
         "(Alloy always computes in float32)",
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of the floor and each Alloy merge (fastest kept)"
+    )
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
@@ -200,12 +222,16 @@ def main() -> None:
     shutil.rmtree(outputs, ignore_errors=True)
     outputs.mkdir()
 
-    floor_s, floor_rss = run_measured(
-        [sys.executable, "-c", _FLOOR, str(base), *map(str, models), str(outputs / "floor")], cwd=ROOT
-    )
+    def floor_run() -> Measured:
+        shutil.rmtree(outputs / "floor", ignore_errors=True)
+        return run_measured(
+            [sys.executable, "-c", _FLOOR, str(base), *map(str, models), str(outputs / "floor")], cwd=ROOT
+        )
+
+    floor_s, floor_rss, floor_cpu = best_of(args.repeat, floor_run)
     mk_dtypes = MERGEKIT_DTYPES if args.mergekit_dtype == "both" else (args.mergekit_dtype,)
-    rows: list[tuple[str, float, int, dict[str, tuple[float, int]]]] = [
-        ("floor (read K+1, write 1)", floor_s, floor_rss, {})
+    rows: list[tuple[str, Measured, dict[str, Measured]]] = [
+        ("floor (read K+1, write 1)", (floor_s, floor_rss, floor_cpu), {})
     ]
     gpu_bound = 2 * (args.k + 1) * largest_tensor_numel(base) * 4
     gpu_peaks: dict[str, float] = {}
@@ -222,36 +248,54 @@ def main() -> None:
         }
         recipe_path = workdir / f"{method}.yaml"
         recipe_path.write_text(yaml.safe_dump(recipe))
-        wall, rss = run_measured(
-            [sys.executable, "-m", "app.cli", "merge", str(recipe_path), "--quiet", "--device", args.device],
-            cwd=ROOT,
-        )
-        report = json.loads((outputs / method / "alloy-report.json").read_text())
-        shutil.rmtree(outputs / method)  # 20 model-sized outputs would fill the disk and the page cache
-        if report.get("peak_cuda_bytes"):
-            gpu_peaks[method] = report["peak_cuda_bytes"] / gpu_bound
-        mk: dict[str, tuple[float, int]] = {}
+        report: dict[str, object] = {}
+
+        def merge_run(
+            recipe_path: Path = recipe_path, method: str = method, report: dict[str, object] = report
+        ) -> Measured:
+            measured = run_measured(
+                [
+                    sys.executable,
+                    "-m",
+                    "app.cli",
+                    "merge",
+                    str(recipe_path),
+                    "--quiet",
+                    "--device",
+                    args.device,
+                ],
+                cwd=ROOT,
+            )
+            report.update(json.loads((outputs / method / "alloy-report.json").read_text()))
+            shutil.rmtree(outputs / method)  # 20 model-sized outputs would fill the disk and the page cache
+            return measured
+
+        alloy = best_of(args.repeat, merge_run)
+        peak_cuda = report.get("peak_cuda_bytes")
+        if isinstance(peak_cuda, int | float) and peak_cuda:
+            gpu_peaks[method] = peak_cuda / gpu_bound
+        mk: dict[str, Measured] = {}
         if mergekit and bench.mergekit is not None:
             for mk_dtype in mk_dtypes:
                 mk[mk_dtype] = _run_mergekit(
                     mergekit, method, bench, base, used, workdir, outputs, args, mk_dtype
                 )
-        rows.append((method, wall, rss, mk))
+        rows.append((method, alloy, mk))
 
-    header = f"{'method':<28}{'wall s':>9}{'x floor':>9}{'peak RSS MiB':>14}{'GB/s':>8}"
+    header = f"{'method':<28}{'wall s':>9}{'x floor':>9}{'CPU s':>8}{'peak RSS MiB':>14}{'GB/s':>8}"
     for mk_dtype in mk_dtypes if mergekit else ():
         header += f"{'mk ' + mk_dtype + ' s':>16}{'mk RSS MiB':>12}{'mk/alloy':>10}"
     header += f"{'GPU peak/bound':>16}" if gpu_peaks else ""
     print(header)
-    for name, wall, rss, mk in rows:
+    for name, (wall, rss, cpu), mk in rows:
         read = in_bytes if name not in models_of else folder_bytes(base) * (len(models_of[name]) + 1)
         line = (
-            f"{name:<28}{wall:>9.2f}{wall / floor_s:>9.2f}{rss / 2**20:>14.0f}"
+            f"{name:<28}{wall:>9.2f}{wall / floor_s:>9.2f}{cpu:>8.1f}{rss / 2**20:>14.0f}"
             f"{(read + out_bytes) / wall / 1e9:>8.2f}"
         )
         for mk_dtype in mk_dtypes if mergekit else ():
             if mk_dtype in mk:
-                mk_s, mk_rss = mk[mk_dtype]
+                mk_s, mk_rss, _ = mk[mk_dtype]
                 line += f"{mk_s:>16.2f}{mk_rss / 2**20:>12.0f}{mk_s / wall:>10.2f}"
             else:
                 line += f"{'-':>16}{'-':>12}{'-':>10}"
@@ -272,7 +316,7 @@ def _run_mergekit(
     outputs: Path,
     args: argparse.Namespace,
     mk_dtype: str,
-) -> tuple[float, int]:
+) -> Measured:
     """mergekit-yaml on the same merge; ``native`` computes in the models' dtype, ``float32`` in float32 (its
     output is then cast back to the models' dtype by ``out_dtype``)."""
     mk_cfg: dict[str, object] = {

@@ -7,18 +7,27 @@ float32 temporaries (a few × 64 KiB) stay in the core's L2 cache; only the inpu
 the output is written. Each element goes through exactly the reference's float32 operations, so the result is
 bit-identical to it (tested in ``tests/kernels/test_cpu_fused.py``).
 
+``fused_sparse_merge`` (TIES, DARE, Breadcrumbs, ...) is one such pass too: per block of ``SPARSE_BLOCK`` columns
+it applies the selection (a DARE mask hashed in place, or a precomputed top-k bool mask), elects the sign, takes
+the disjoint sum / mean and counts, in per-thread buffers, with numpy steps and torch's fused multiply-add where
+a weight is not 1; bit-identical to ``reference.fused_sparse_merge`` (``tests/kernels/test_cpu_sparse_fast.py``).
+
 Parallelism: the flat tensor is split into one contiguous span per thread (``torch.get_num_threads()``); a block
 is below ATen's intra-op grain (32768), so each op runs on the calling thread and the threads don't contend for
-ATen's own pool. torch releases the GIL inside each op. ``dispatch.kernel`` picks these for CPU tensors unless
-``ALLOY_KERNELS=torch`` (then the reference runs: it is the oracle and the fallback).
+ATen's own pool. torch and numpy release the GIL inside each op. ``dispatch.kernel`` picks these for CPU tensors
+unless ``ALLOY_KERNELS=torch`` (then the reference runs: it is the oracle and the fallback).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import numpy as np
 import torch
+
+from kernels.reference import HASH_BLOCK
 
 Tensor = torch.Tensor
 
@@ -26,6 +35,10 @@ Tensor = torch.Tensor
 BLOCK = 1 << 14
 #: below this many elements one thread does it all (thread hand-off costs more than it saves)
 _PARALLEL_MIN = 1 << 18
+#: columns per block of ``fused_sparse_merge``: its steps are numpy calls (~1 µs of overhead each, ~40 per
+#: model and block), so larger blocks than ``BLOCK`` pay off there even though the buffers then live in L3
+#: (measured, 2 threads, K=3 DARE-TIES: 4K 26 ns, 16K 13 ns, 64K 9 ns per element and model)
+SPARSE_BLOCK = 1 << 16
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -80,8 +93,13 @@ def fused_task_arithmetic(
             a.zero_()
             for theta, weight in zip(flat_inputs, ws, strict=True):
                 d.copy_(theta[start:end]).sub_(b)
-                a.add_(d, alpha=weight)
-            out[start:end].copy_(b.add_(a.mul_(scale)))
+                if weight == 1.0:  # 1·d is exact: the same sum without the multiply (the common w = 1)
+                    a.add_(d)
+                else:
+                    a.add_(d, alpha=weight)
+            if scale != 1.0:  # acc·1 is acc
+                a.mul_(scale)
+            out[start:end].copy_(b.add_(a))
 
     if flat_base.numel():
         _run_spans(flat_base.numel(), work)
@@ -102,76 +120,239 @@ def fused_sparse_merge(
     scale: Tensor | None = None,
     ternary: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``reference.fused_sparse_merge``, bit-exact: the same selection (``reference.sparse_task_vectors``), then
-    the aggregation and the report counts in one cache-blocked pass over the K sparse task vectors, per element
-    the reference's float32 operations in its order (sign election Σ_t w_t·τ̂_t, agreement on the weighted
-    value, disjoint sum, the mean's divisor; or the plain weighted sum)."""
+    """``reference.fused_sparse_merge``, bit-exact: the same selection, then the aggregation and the report
+    counts in one cache-blocked pass over the K sparse task vectors, per element the reference's float32
+    operations in its order (sign election Σ_t w_t·τ̂_t, agreement on the weighted value, disjoint sum, the mean's
+    divisor; or the plain weighted sum).
+
+    The selection is applied inside that pass where it can be (``_in_pass_selection``): DARE with a scale per
+    model hashes each block's keep mask into an L2-resident buffer (``reference.counter_hash24_into``, the same
+    stream); top-k and threshold selections (TIES, Breadcrumbs, global scope) build bool keep masks with the
+    reference's selection (1 byte an element) and apply them block by block. Either way no [K, R, m] float32
+    sparse copy is made. Scaled or ternary selections (ComPEFT, DARE with a scale per row) are built first by
+    ``reference.sparse_task_vectors``."""
     from kernels.reference import sparse_task_vectors
 
     w = weights.to(device=x.device, dtype=torch.float32).reshape(-1)
     if w.numel() != x.shape[0]:
         raise ValueError(f"{w.numel()} weights for {x.shape[0]} task vectors")
-    sparse = sparse_task_vectors(
-        x,
-        keep=keep,
-        skip=skip,
-        boundary=boundary,
-        lower_boundary=lower_boundary,
-        dare=dare,
-        scale=scale,
-        ternary=ternary,
-    )
+    if sum(v is not None for v in (keep, boundary, dare)) > 1:
+        raise ValueError("pass one of keep (top-k), boundary (precomputed) or dare")
+    plan, masks = _in_pass_selection(x, keep, skip, boundary, lower_boundary, dare, scale, ternary)
+    if plan is not None or masks is not None:
+        sparse = x.float().contiguous()
+    else:
+        sparse = sparse_task_vectors(
+            x,
+            keep=keep,
+            skip=skip,
+            boundary=boundary,
+            lower_boundary=lower_boundary,
+            dare=dare,
+            scale=scale,
+            ternary=ternary,
+        )
     k = sparse.shape[0]
-    rows = sparse.reshape(k, -1)
+    rows = sparse.reshape(k, -1).numpy()
     numel = rows.shape[1]
-    ws = w.tolist()
-    equal_weights = len(set(ws)) == 1
-    total_w = float(w.sum())
-    plain_divisor = total_w if abs(total_w) >= 1e-8 else 1.0
     merged = torch.empty(numel, dtype=torch.float32)
     counts: list[tuple[int, int]] = []
+    step = _SparseStep(w.tolist(), consensus=consensus, mean=mean, dare=plan, masks=masks)
 
     def work(lo: int, hi: int) -> None:
+        buffers = step.buffers(min(SPARSE_BLOCK, hi - lo))
         kept = conflicts = 0
-        for start in range(lo, hi, BLOCK):
-            end = min(start + BLOCK, hi)
-            xs = [rows[t, start:end] for t in range(k)]
-            nonzero = torch.zeros(end - start, dtype=torch.uint8 if k < 256 else torch.int32)
-            for xt in xs:
-                nonzero.add_(xt != 0)
-            kept += int(nonzero.sum(dtype=torch.int64))
-            summed = torch.zeros(end - start, dtype=torch.float32)
-            for xt, weight in zip(xs, ws, strict=True):
-                summed.add_(xt, alpha=weight)
-            if not consensus:
-                merged[start:end].copy_(summed / plain_divisor if mean else summed)
-                continue
-            gamma = torch.where(summed >= 0, 1.0, -1.0)
-            total = torch.zeros_like(gamma)
-            contributors = torch.zeros(gamma.shape, dtype=nonzero.dtype)
-            divisor = torch.zeros_like(gamma) if mean and not equal_weights else None
-            for xt, weight in zip(xs, ws, strict=True):
-                if weight == 0:
-                    continue  # w_t·x_t = 0 never agrees with γ = ±1
-                agree = torch.sign(xt) == (gamma if weight > 0 else -gamma)
-                total.add_(torch.where(agree, xt, 0.0), alpha=weight)
-                contributors.add_(agree)
-                if divisor is not None:
-                    divisor.add_(agree, alpha=weight)
-            conflicts += int((nonzero > contributors).sum(dtype=torch.int64))
-            if mean:
-                if divisor is None:
-                    divisor = contributors.to(torch.float32).mul_(ws[0])
-                total = total / torch.where(divisor == 0, 1.0, divisor)
-            merged[start:end].copy_(total)
+        for start in range(lo, hi, SPARSE_BLOCK):
+            end = min(start + SPARSE_BLOCK, hi)
+            block_kept, block_conflicts = step.run(rows, start, end, merged.numpy()[start:end], buffers)
+            kept += block_kept
+            conflicts += block_conflicts
         counts.append((kept, conflicts))  # list.append is atomic under the GIL
 
     if numel:
         _run_spans(numel, work)
-    kept = sum(c[0] for c in counts)
-    conflicts = sum(c[1] for c in counts)
     return (
         merged.view(sparse.shape[1:]),
-        torch.tensor(kept, dtype=torch.int64),
-        torch.tensor(conflicts, dtype=torch.int64),
+        torch.tensor(sum(c[0] for c in counts), dtype=torch.int64),
+        torch.tensor(sum(c[1] for c in counts), dtype=torch.int64),
     )
+
+
+def _in_pass_selection(
+    x: Tensor,
+    keep: Tensor | None,
+    skip: Tensor | None,
+    boundary: tuple[Tensor, Tensor] | None,
+    lower_boundary: tuple[Tensor, Tensor] | None,
+    dare: tuple[Sequence[int], Sequence[float]] | None,
+    scale: Tensor | None,
+    ternary: bool,
+) -> tuple[list[tuple[int, int, float]] | None, np.ndarray | None]:
+    """What the pass applies itself: (per model (DARE key, threshold, scale), None) for DARE with one scale per
+    model; (None, bool keep masks [K, R·m]) for an unscaled top-k / threshold selection; (None, None) when
+    ``reference.sparse_task_vectors`` has to build the sparse task vectors first."""
+    from kernels.reference import dare_threshold, scale_per_row, selection_masks
+
+    if x.dim() != 3 or ternary:
+        return None, None
+    k, n_rows = x.shape[0], x.shape[1]
+    if dare is not None:
+        per_row = None if scale is None else scale_per_row(scale, k, n_rows).reshape(k, n_rows)
+        if per_row is not None and not bool((per_row == per_row[:, :1]).all()):
+            return None, None
+        keys, densities = dare
+        scales = [1.0] * k if per_row is None else per_row[:, 0].tolist()
+        return [
+            (int(key), dare_threshold(float(d)), s) for key, d, s in zip(keys, densities, scales, strict=True)
+        ], None
+    if scale is not None or (keep is None and boundary is None):
+        return None, None
+    flat = x.float().reshape(k * n_rows, x.shape[2])
+    masks = np.empty(flat.shape, dtype=np.bool_)
+    for part, mask in selection_masks(
+        flat, keep=keep, skip=skip, boundary=boundary, lower_boundary=lower_boundary
+    ):
+        masks[part] = mask.numpy()
+    return None, masks.reshape(k, -1)
+
+
+class _SparseStep:
+    """One block of ``fused_sparse_merge``: numpy for masks, counts, signs and selects (no allocation: every
+    temporary is a per-thread buffer of ``SPARSE_BLOCK`` elements); torch ``add_(alpha=w)`` for the weighted sums
+    where w != 1, since that is the reference's fused multiply-add (one rounding; numpy has none).
+
+    Exactness against the reference, for finite inputs (which it requires): a dropped or disagreeing entry is
+    x·0 here (±0) where the reference has +0; every use of it is a sum (a + ±0 = a for any a, and an accumulator
+    that starts at +0 never becomes −0), a comparison with 0 or a sign test, so results and counts are
+    bit-identical."""
+
+    def __init__(
+        self,
+        weights: list[float],
+        *,
+        consensus: bool,
+        mean: bool,
+        dare: list[tuple[int, int, float]] | None = None,
+        masks: np.ndarray | None = None,
+    ) -> None:
+        self.w, self.consensus, self.mean, self.dare, self.masks = weights, consensus, mean, dare, masks
+        self.k = len(weights)
+        self.equal_weights = len(set(weights)) == 1
+        total_w = float(torch.tensor(weights, dtype=torch.float32).sum())
+        self.plain_divisor = total_w if abs(total_w) >= 1e-8 else 1.0
+        self.count_dtype = np.uint8 if self.k < 256 else np.int32
+
+    def buffers(self, size: int) -> dict[str, Any]:
+        f32 = lambda: np.empty(size, dtype=np.float32)  # noqa: E731
+        return {
+            "tau": [f32() for _ in range(self.k)]
+            if self.dare is not None or self.masks is not None
+            else None,
+            "bits": np.empty(size, dtype=np.uint32),
+            "tmp": np.empty(size, dtype=np.uint32),
+            "mask": np.empty(size, dtype=np.bool_),
+            "summed": f32(),
+            "total": f32(),
+            "prod": f32(),
+            "divisor": f32(),
+            "nonzero": np.empty(size, dtype=self.count_dtype),
+            "contributors": np.empty(size, dtype=self.count_dtype),
+        }
+
+    def _taus(self, rows: np.ndarray, start: int, end: int, buf: dict[str, Any]) -> list[np.ndarray]:
+        """τ̂_t of the block: the stored rows, x·keep with a precomputed top-k mask, or (DARE) x·keep·scale with
+        the mask hashed here."""
+        if self.masks is not None:
+            taus = [buf["tau"][t][: end - start] for t in range(self.k)]
+            for t, tau in enumerate(taus):
+                np.multiply(rows[t, start:end], self.masks[t, start:end], out=tau)
+            return taus
+        if self.dare is None:
+            return [rows[t, start:end] for t in range(self.k)]
+        from kernels.reference import counter_hash24_into
+
+        n = end - start
+        bits, tmp, mask = buf["bits"][:n], buf["tmp"][:n], buf["mask"][:n]
+        out = []
+        for t, (key, threshold, scale) in enumerate(self.dare):
+            tau = buf["tau"][t][:n]
+            if threshold >= 1 << 24:  # density 1 keeps everything
+                np.copyto(tau, rows[t, start:end])
+            else:
+                for lo in range(0, n, HASH_BLOCK):  # SPARSE_BLOCK <= HASH_BLOCK: one step
+                    hi = min(lo + HASH_BLOCK, n)
+                    counter_hash24_into(bits[lo:hi], tmp[lo:hi], start=start + lo, key=key)
+                np.less(bits, np.uint32(threshold), out=mask)
+                np.multiply(rows[t, start:end], mask, out=tau)
+            if scale != 1.0:  # x·1 is x: the reference's multiply by 1 changes nothing
+                np.multiply(tau, np.float32(scale), out=tau)
+            out.append(tau)
+        return out
+
+    def run(
+        self, rows: np.ndarray, start: int, end: int, merged: np.ndarray, buf: dict[str, Any]
+    ) -> tuple[int, int]:
+        n = end - start
+        taus = self._taus(rows, start, end, buf)
+        mask = buf["mask"][:n]
+        summed, total, prod = buf["summed"][:n], buf["total"][:n], buf["prod"][:n]
+        nonzero, contributors = buf["nonzero"][:n], buf["contributors"][:n]
+        summed.fill(0.0)
+        if self.consensus:
+            nonzero.fill(0)
+        kept = 0
+        for tau, weight in zip(taus, self.w, strict=True):
+            # a compare and a count of the bools: ~6x faster than count_nonzero of float32
+            kept += int(np.count_nonzero(np.not_equal(tau, 0.0, out=mask)))
+            if self.consensus:
+                np.add(nonzero, mask, out=nonzero)
+            _accumulate(summed, tau, weight)
+        if not self.consensus:
+            if self.mean:
+                summed_t, merged_t = torch.from_numpy(summed), torch.from_numpy(merged)
+                for lo in range(0, n, BLOCK):  # below ATen's intra-op grain: stays on this thread
+                    torch.div(summed_t[lo : lo + BLOCK], self.plain_divisor, out=merged_t[lo : lo + BLOCK])
+            else:
+                np.copyto(merged, summed)
+            return kept, 0
+        # γ = +1 where Σ w_t·τ̂_t >= 0 (zero elects +1), else −1; agreement sgn(w_t·τ̂_t) == γ, i.e.
+        # τ̂_t·γ > 0 for w_t > 0 and τ̂_t·γ < 0 for w_t < 0 (an exact zero never agrees)
+        gamma = summed  # Σ is not needed once γ is known: γ takes its buffer
+        positive = np.greater_equal(summed, 0.0, out=mask)
+        np.subtract(np.multiply(positive, np.float32(2.0), out=gamma), np.float32(1.0), out=gamma)
+        total.fill(0.0)
+        contributors.fill(0)
+        divisor = buf["divisor"][:n] if self.mean and not self.equal_weights else None
+        if divisor is not None:
+            divisor.fill(0.0)
+        for tau, weight in zip(taus, self.w, strict=True):
+            if weight == 0:
+                continue  # w_t·τ̂_t = 0 never agrees with γ = ±1
+            np.multiply(tau, gamma, out=prod)
+            agree = (np.greater if weight > 0 else np.less)(prod, 0.0, out=mask)
+            np.add(contributors, agree, out=contributors)
+            np.multiply(tau, agree, out=prod)  # τ̂_t where it agrees, else ±0
+            _accumulate(total, prod, weight)
+            if divisor is not None:
+                np.add(divisor, np.multiply(agree, np.float32(weight), out=prod), out=divisor)
+        conflicts = int(np.count_nonzero(np.greater(nonzero, contributors, out=mask)))
+        if self.mean:
+            if divisor is None:
+                divisor = prod
+                np.multiply(contributors, np.float32(self.w[0]), out=divisor)
+            np.copyto(divisor, np.float32(1.0), where=np.equal(divisor, 0.0, out=mask))
+            np.divide(total, divisor, out=merged)
+        else:
+            np.copyto(merged, total)
+        return kept, conflicts
+
+
+def _accumulate(acc: np.ndarray, x: np.ndarray, weight: float) -> None:
+    """``acc += weight·x`` exactly as torch's ``add_(x, alpha=weight)``, the reference's fused multiply-add
+    (one rounding). With weight 1 that is a plain add (1·x is exact), which numpy does with less overhead."""
+    if weight == 1.0:
+        np.add(acc, x, out=acc)
+        return
+    acc_t, x_t = torch.from_numpy(acc), torch.from_numpy(x)
+    for lo in range(0, acc.size, BLOCK):  # below ATen's intra-op grain: stays on this thread
+        acc_t[lo : lo + BLOCK].add_(x_t[lo : lo + BLOCK], alpha=weight)
