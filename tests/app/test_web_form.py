@@ -9,11 +9,12 @@ is used); skipped when either is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +64,16 @@ class Deployment:
         return f"--- api ---\n{self.api.log()[-3000:]}\n--- worker ---\n{self.worker.log()[-3000:]}"
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+@contextlib.contextmanager
+def running_deployment(
+    root: Path, *, env_extra: dict[str, str], make_models: Callable[[Path], None]
+) -> Iterator[Deployment]:
+    """A real deployment under ``root``: Redis, SQLite, one Celery worker and the API as processes, models
+    written into its data folder by ``make_models``, an admin token."""
     pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium is not installed (apt-get install chromium)")
     from app.serve import worker_command
-    from tests.utils.factories import make_llama_like
     from tests.utils.services import (
         FAST_TIMINGS,
         REPO_ROOT,
@@ -81,11 +85,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         settings_from_env,
     )
 
-    root = tmp_path_factory.mktemp("web")
     redis = RedisServer(root / "redis")
     redis.start()
     home, data = root / "home", root / "data"
     data.mkdir()
+    home.mkdir()
     env = {key: value for key, value in os.environ.items() if not key.startswith("ALLOY_")}
     env.update(FAST_TIMINGS)
     env.update(
@@ -99,21 +103,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
             "PYTHONUNBUFFERED": "1",
             "HF_HUB_OFFLINE": "1",
+            **env_extra,
         }
     )
-    home.mkdir()
-    store = JobStore(settings_from_env(env))
-    token = store.create_token(name="web", admin=True)
-
-    base = make_llama_like(data / "base", layers=4, hidden=16, vocab=32, seed=0)
-    for i in (1, 2):
-        make_llama_like(data / f"ft{i}", perturb_from=base, seed=i, scale=0.02)
-    # big enough that a merge runs for a few seconds on CI (the cancel test needs a running job)
-    big = make_llama_like(data / "big-base", layers=32, hidden=256, vocab=64, seed=3)
-    make_llama_like(data / "big-ft", perturb_from=big, seed=4, scale=0.02)
-
+    token = JobStore(settings_from_env(env)).create_token(name="web", admin=True)
+    make_models(data)
     worker = WorkerProcess(
-        worker_command(name=f"web-{free_port()}@%h"), env=env, log_path=root / "worker.log"
+        worker_command(name=f"{root.name}-{free_port()}@%h"), env=env, log_path=root / "worker.log"
     )
     api = ApiProcess(env=env, log_path=root / "api.log")
     try:
@@ -124,6 +120,23 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         api.stop(grace=5)
         worker.stop(grace=5)
         redis.stop()
+
+
+def _form_models(data: Path) -> None:
+    from tests.utils.factories import make_llama_like
+
+    base = make_llama_like(data / "base", layers=4, hidden=16, vocab=32, seed=0)
+    for i in (1, 2):
+        make_llama_like(data / f"ft{i}", perturb_from=base, seed=i, scale=0.02)
+    # big enough that a merge runs for a few seconds on CI (the cancel test needs a running job)
+    big = make_llama_like(data / "big-base", layers=32, hidden=256, vocab=64, seed=3)
+    make_llama_like(data / "big-ft", perturb_from=big, seed=4, scale=0.02)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with running_deployment(tmp_path_factory.mktemp("web"), env_extra={}, make_models=_form_models) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ and "Retry the upload" pushes the same folder as one new commit without merging 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,9 @@ import pytest
 
 from tests.app import test_web_form as web
 from tests.app.test_web_form import (
-    CHROMIUM,
     Deployment,
     choose_local_source,
+    running_deployment,
     screenshot,
     wait_for_job_page,
     wait_for_status,
@@ -38,61 +37,21 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, hub: HubServer) -> Iterator[Deployment]:
-    pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    from app.serve import worker_command
+def _publish_models(data: Path) -> None:
     from tests.utils.factories import make_llama_like
-    from tests.utils.services import (
-        FAST_TIMINGS,
-        REPO_ROOT,
-        ApiProcess,
-        JobStore,
-        RedisServer,
-        WorkerProcess,
-        free_port,
-        settings_from_env,
-    )
 
-    root = tmp_path_factory.mktemp("web-publish")
-    redis = RedisServer(root / "redis")
-    redis.start()
-    home, data = root / "home", root / "data"
-    data.mkdir()
-    home.mkdir()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("ALLOY_")}
-    env.update(FAST_TIMINGS)
-    env.update(
-        {
-            "ALLOY_HOME": str(home),
-            "ALLOY_DATABASE_URL": f"sqlite:///{home / 'alloy.db'}",
-            "ALLOY_BROKER_URL": redis.url,
-            "ALLOY_DATA_DIRS": str(data),
-            "ALLOY_KERNELS": "torch",
-            "ALLOY_RATE_LIMIT_PER_MINUTE": "1000",
-            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-            "PYTHONUNBUFFERED": "1",
-            "HF_ENDPOINT": hub.url,
-            "HF_HUB_OFFLINE": "0",
-        }
-    )
-    token = JobStore(settings_from_env(env)).create_token(name="web", admin=True)
     base = make_llama_like(data / "base", layers=2, hidden=16, vocab=32, seed=0)
     make_llama_like(data / "ft1", perturb_from=base, seed=1, scale=0.02)
-    worker = WorkerProcess(
-        worker_command(name=f"pub-{free_port()}@%h"), env=env, log_path=root / "worker.log"
-    )
-    api = ApiProcess(env=env, log_path=root / "api.log")
-    try:
-        worker.wait_ready()
-        api.wait_ready()
-        yield Deployment(url=api.url, token=token, data=data, worker=worker, api=api)
-    finally:
-        api.stop(grace=5)
-        worker.stop(grace=5)
-        redis.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory, hub: HubServer) -> Iterator[Deployment]:
+    with running_deployment(
+        tmp_path_factory.mktemp("web-publish"),
+        env_extra={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
+        make_models=_publish_models,
+    ) as d:
+        yield d
 
 
 def test_a_failed_push_shows_the_merge_and_retries_only_the_upload(
