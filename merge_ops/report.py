@@ -6,12 +6,15 @@ import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from merge_ops import __version__
 from merge_ops.preflight import MergePlan, numel
+
+if TYPE_CHECKING:
+    from merge_ops.sources import SourceResolver
 
 REPORT_NAME = "alloy-report.json"
 
@@ -33,7 +36,7 @@ class WholeModelRun:
     """What a whole-model method's first step gets from ``run_merge``: where Hub sources come from, the device,
     the root of relative evaluator data, and the progress and cancel callbacks."""
 
-    resolver: Any  # SourceResolver | None (merge_ops.sources imports this module's users)
+    resolver: SourceResolver | None
     device: str
     data_root: Path | None
     progress: Callable[[Progress], None] | None = None
