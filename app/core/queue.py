@@ -130,12 +130,17 @@ def broker_uptime_s(settings: Settings, *, timeout_s: float = 5.0) -> float | No
     import redis
 
     try:
-        client = redis.Redis.from_url(
-            settings.broker_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
-        return float(client.info("server")["uptime_in_seconds"])
+        return float(_redis_client(settings.broker_url, timeout_s).info("server")["uptime_in_seconds"])
     except (redis.RedisError, OSError, KeyError, ValueError):
         return None
+
+
+@lru_cache(maxsize=4)
+def _redis_client(url: str, timeout_s: float) -> Any:
+    # one client (and connection pool) per broker: the reaper asks every few seconds
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
 
 def check_broker(settings: Settings, *, timeout_s: float) -> None:
