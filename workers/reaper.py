@@ -128,7 +128,8 @@ def reap_once(
         # queued jobs not claimed for a while, and every queued job sent before the broker (re)started: a Redis
         # restart without persistence lost their messages, so they are re-sent now, not after the cutoff
         uptime = broker_uptime(settings)
-        # uptime is whole seconds: one more keeps a job sent just after the start out
+        # uptime is whole seconds on Redis's whole-second clock, so the estimate below lies up to 2 s before the
+        # real start: no job sent after the start is re-sent; one sent just before it waits for the cutoff
         broker_start = utcnow() - timedelta(seconds=uptime + 1) if uptime is not None else None
         since = cutoff if broker_start is None else max(cutoff, broker_start)
         stale_queued = session.scalars(

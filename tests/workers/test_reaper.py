@@ -165,7 +165,9 @@ def test_a_redis_restart_resends_every_queued_job_at_once(job_store, alloy_setti
 
     waiting = job_store.insert_job({"method": "task_arithmetic"})  # younger than queued_resend_s: not due
     assert reaper.reap_once(alloy_settings, engine=job_store.engine, enqueue=sent).resent == []
-    time.sleep(1.5)  # the broker's uptime is whole seconds
+    # the broker's start is known to 2 s (uptime is whole seconds on a whole-second clock, plus one second kept
+    # as margin): a job sent within 2 s before the restart waits for queued_resend_s instead
+    time.sleep(2.5)
     redis_server.restart()
     assert reaper.reap_once(alloy_settings, engine=job_store.engine, enqueue=sent).resent == [waiting]
     assert reaper.reap_once(alloy_settings, engine=job_store.engine, enqueue=sent).resent == []
