@@ -241,12 +241,13 @@ def test_events_stream_until_the_job_ends(api: Api) -> None:
     sessionmaker = api.client.app.state.sessionmaker
 
     def worker() -> None:
+        # each state lasts several event polls (0.1 s), so a loaded CI machine still sees every one
         time.sleep(0.2)
         with sessionmaker() as session:
             crud.claim_job(session, job_id=job_id, worker="w1")
-            time.sleep(0.15)
+            time.sleep(0.5)
             crud.record_progress(session, job_id=job_id, done=1, total=2)
-            time.sleep(0.15)
+            time.sleep(0.5)
             crud.finish_job(session, job_id=job_id, status="succeeded", output_path="/out")
 
     thread = threading.Thread(target=worker)
