@@ -272,7 +272,7 @@ def draw(rows: dict[tuple[int, str], list[dict[str, Any]]], k: int, tasks: list[
     methods = [
         name for (count, name) in rows if count == k and name not in ("zero-shot", "fine-tuned (own task)")
     ]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.2))
     intervals = [t_interval([e["normalized"] for e in rows[(k, m)]]) for m in methods]
     means = [m for m, _, _ in intervals]
     halves = [0.0 if h != h else h for _, h, _ in intervals]
@@ -304,8 +304,8 @@ def draw(rows: dict[tuple[int, str], list[dict[str, Any]]], k: int, tasks: list[
     right.axvline(0, color="black", linewidth=0.8)
     right.set_yticks(list(ys), [c["method"] for c in comparisons])
     right.invert_yaxis()
-    right.set_xlabel(f"Δ normalized accuracy vs {REFERENCE} (pp; paired bootstrap 95% CI over test rows)")
-    right.set_title("paired with task arithmetic (green/red: significant, see docs/quality.md)")
+    right.set_xlabel(f"Δ normalized accuracy vs {REFERENCE}, pp\n(bars: paired bootstrap 95% CI over test rows)")
+    right.set_title("paired with task arithmetic (green/red: significant)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
