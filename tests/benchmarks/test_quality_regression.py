@@ -1,7 +1,10 @@
 """The merge-quality benchmark's fast subset, as a regression test (benchmarks/quality, docs/quality.md).
 
 Three tasks, ten fine-tuning steps each, small splits; every method merges through the same service function
-the CLI calls (``merge_ops.pipeline.run_merge``), λ chosen on the validation split. Checks: task arithmetic
+the CLI calls (``merge_ops.pipeline.run_merge``), λ chosen on the validation split from a grid reaching 3.0 and,
+for the sparse methods, jointly with the density (two of the benchmark's three); aTLAS learns its coefficients
+on a few shots per task from the train split. The full protocol's settings are ``Settings``' defaults; this
+slice shrinks only the sizes. Checks: task arithmetic
 beats the uniform soup and keeps a clear share of the fine-tuning gain, and every method's mean test accuracy
 stays within ``MARGIN`` of the score recorded in ``quality_baseline.json`` (rewrite it with
 ``ALLOY_RECORD_QUALITY=1`` after an intended change, and say why in the commit).
@@ -33,18 +36,25 @@ BASELINE = Path(__file__).with_name("quality_baseline.json")
 MARGIN = 0.06
 #: task arithmetic must keep at least this share of the fine-tuning gain
 MIN_GAIN_KEPT = 0.4
+LAMBDAS = (0.5, 1.0, 3.0)
+DENSITIES = (0.2, 0.5)
+ATLAS_STEPS = 3
+N_TEST = 48
 FAST = dict(
     steps=10,
     batch_size=8,
     lr=1e-4,
     n_train=96,
     n_val=32,
-    n_test=48,
+    n_test=N_TEST,
     max_length=16,
     task_names=("movie_sentiment", "roget_category", "moral_foundation"),
     subsets=(0,),
     merge_via="api",
-    lambdas=(0.3, 0.5, 0.7, 1.0),
+    lambdas=LAMBDAS,
+    densities=DENSITIES,
+    atlas_shots=8,
+    atlas_steps=ATLAS_STEPS,
 )
 
 
@@ -73,6 +83,15 @@ def test_task_arithmetic_beats_the_soup_and_keeps_the_gain(fast_run: dict[str, A
 def test_every_method_stays_near_its_recorded_score(fast_run: dict[str, Any]) -> None:
     measured = {m: round(s["mean"], 4) for m, s in fast_run["scores"].items()}
     assert set(measured) == set(METHODS)
+    result = fast_run["result"]
+    by_method = {r["method"]: r for r in result.merges}
+    for method, choose in METHODS.items():  # the choices are on the grids, the correctness rows are complete
+        record = by_method[method]
+        assert all(len(c) == N_TEST for c in record["test_correct"].values())
+        if choose:
+            assert (record.get("lambda") in LAMBDAS) == (choose != "atlas")
+            assert (record.get("density") in DENSITIES) == (choose == "lambda+density")
+    assert len(by_method["atlas"]["atlas"]["losses"]) == ATLAS_STEPS + 1
     if os.environ.get("ALLOY_RECORD_QUALITY") == "1":
         BASELINE.write_text(
             json.dumps(
