@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "safetensors", "transformers", "pydantic", "numpy", "merge_ops.pipeline", "merge_ops.recipe")
+HEAVY = (
+    "torch",
+    "safetensors",
+    "transformers",
+    "pydantic",
+    "numpy",
+    "merge_ops.pipeline",
+    "merge_ops.recipe",
+)
 
 
 def imported_modules(*argv: str) -> set[str]:
