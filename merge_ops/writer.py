@@ -15,7 +15,7 @@ import math
 import shutil
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,7 +34,7 @@ _WRITEBACK_EVERY = 8 * 2**20
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def _load_sync_file_range() -> ctypes._CFuncPtr | None:
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:

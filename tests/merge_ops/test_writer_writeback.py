@@ -14,7 +14,8 @@ from merge_ops import writer as writer_module
 from merge_ops.writer import ShardedWriter
 
 
-def _write(directory: Path, tensors: dict[str, torch.Tensor], shard_size: int) -> ShardedWriter:
+def _write(directory: Path, tensors: dict[str, torch.Tensor], shard_size: int) -> list[int]:
+    """Write ``tensors``; return, after each one, the offset up to which its shard's write-back was started."""
     plan = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     out = ShardedWriter(directory, plan=plan, shard_size=shard_size)
     starts = []
@@ -22,8 +23,7 @@ def _write(directory: Path, tensors: dict[str, torch.Tensor], shard_size: int) -
         out.write(name, tensor)
         starts.append(out._writeback_from)
     out.close()
-    out.starts = starts  # type: ignore[attr-defined]
-    return out
+    return starts
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -35,11 +35,11 @@ def _tensors() -> dict[str, torch.Tensor]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
 def test_writeback_is_started_per_shard_and_output_is_exact(tmp_path: Path) -> None:
     tensors = _tensors()
-    out = _write(tmp_path / "out", tensors, shard_size=25 * 2**20)  # two shards: t0 t1 | t2
+    starts = _write(tmp_path / "out", tensors, shard_size=25 * 2**20)  # two shards: t0 t1 | t2
     assert writer_module._sync_file_range is not None
     # started up to the end of each written tensor (the first shard's header is still in the buffer, or not)
-    assert out.starts[0] >= 12 * 2**20 and out.starts[1] >= 24 * 2**20
-    assert 12 * 2**20 <= out.starts[2] < 13 * 2**20  # the second shard counts from its own start
+    assert starts[0] >= 12 * 2**20 and starts[1] >= 24 * 2**20
+    assert 12 * 2**20 <= starts[2] < 13 * 2**20  # the second shard counts from its own start
     loaded = {}
     for path in sorted((tmp_path / "out").glob("*.safetensors")):
         loaded.update(load_file(path))
@@ -59,8 +59,8 @@ def test_refused_writeback_leaves_the_output_unchanged(
 
     monkeypatch.setattr(writer_module, "_sync_file_range", refused)
     tensors = _tensors()
-    out = _write(tmp_path / "out", tensors, shard_size=10**9)
-    assert calls and out.starts == [0, 0, 0]  # asked every time, never recorded as started
+    starts = _write(tmp_path / "out", tensors, shard_size=10**9)
+    assert calls and starts == [0, 0, 0]  # asked every time, never recorded as started
     loaded = load_file(tmp_path / "out" / "model.safetensors")
     for name, tensor in tensors.items():
         assert torch.equal(loaded[name].view(torch.int16), tensor.view(torch.int16))
