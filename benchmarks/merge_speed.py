@@ -16,6 +16,10 @@ merge's process tree: the work done, which a shared machine disturbs far less th
 tensor (float32 bytes), the bound the kernels are built to (≤ 1.0 is within it). ``--repeat N`` runs the floor
 and each Alloy merge N times and keeps the fastest (and the largest peak RSS): on a shared machine the minimum is
 the least disturbed run (mergekit, minutes a merge, runs once).
+
+Indented rows under the floor say what bounds it, in the same invocation: the floor's own time after its
+imports; ``cat``/``cp``/``sync`` moving the same bytes (the page-cache and disk bound); ``import torch`` alone;
+and ``alloy merge --help`` (the CLI's start, which imports no torch).
 """
 
 from __future__ import annotations
@@ -74,10 +78,11 @@ MERGEKIT_DTYPES = ("native", "float32")
 # Alloy's own reader and writer, nothing computed: every tensor of the K+1 inputs read, the base's written, one
 # fsync per file (as a merge does). A merge's time over this is its compute cost.
 _FLOOR = """
-import os, sys
+import os, sys, time
 from pathlib import Path
 from merge_ops.checkpoint import Checkpoint
 from merge_ops.writer import ShardedWriter
+started = time.perf_counter()
 sources = [Checkpoint.open(Path(p)) for p in sys.argv[1:-1]]
 out = Path(sys.argv[-1])
 plan = [(name, info.torch_dtype, info.shape) for name, info in sources[0].infos.items()]
@@ -88,7 +93,14 @@ for name, _, _ in plan:
 for path in writer.close():
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+(out / "io_s.txt").write_text(str(time.perf_counter() - started))  # the floor without its imports
 """
+
+# The same bytes moved by the OS's own tools (the page-cache/disk bound of the floor): the K+1 inputs read by
+# cat, the base copied by cp and fsync'd by `sync FILE` (what the floor's one fsync per file does).
+_OS_COPY = (
+    'cat "$@" > /dev/null && mkdir -p "$OUT" && cp "$BASE"/*.safetensors "$OUT"/ && sync "$OUT"/*.safetensors'
+)
 
 
 def generate(
@@ -222,13 +234,44 @@ def main() -> None:
     shutil.rmtree(outputs, ignore_errors=True)
     outputs.mkdir()
 
+    floor_io: list[float] = []
+
     def floor_run() -> Measured:
         shutil.rmtree(outputs / "floor", ignore_errors=True)
-        return run_measured(
+        measured = run_measured(
             [sys.executable, "-c", _FLOOR, str(base), *map(str, models), str(outputs / "floor")], cwd=ROOT
         )
+        floor_io.append(float((outputs / "floor" / "io_s.txt").read_text()))
+        return measured
 
     floor_s, floor_rss, floor_cpu = best_of(args.repeat, floor_run)
+    floor_io_s = min(floor_io)
+
+    def os_copy_run() -> Measured:
+        shutil.rmtree(outputs / "os-copy", ignore_errors=True)
+        files = [str(f) for folder in (base, *models) for f in sorted(folder.glob("*.safetensors"))]
+        env_cmd = ["env", f"BASE={base}", f"OUT={outputs / 'os-copy'}", "sh", "-c", _OS_COPY, "sh", *files]
+        return run_measured(env_cmd)
+
+    # reference rows: what bounds the floor (the OS moving the same bytes; torch's import) and the CLI's start
+    references: list[tuple[str, Measured, bool]] = [
+        ("  floor I/O after imports", (floor_io_s, floor_rss, floor_cpu), True),
+        ("  cat K+1, cp 1 + fsync", best_of(args.repeat, os_copy_run), True),
+        (
+            "  python -c 'import torch'",
+            best_of(args.repeat, lambda: run_measured([sys.executable, "-c", "import torch"])),
+            False,
+        ),
+        (
+            "  alloy merge --help",
+            best_of(
+                args.repeat,
+                lambda: run_measured([sys.executable, "-m", "app.cli", "merge", "--help"], cwd=ROOT),
+            ),
+            False,
+        ),
+    ]
+    shutil.rmtree(outputs / "os-copy", ignore_errors=True)
     mk_dtypes = MERGEKIT_DTYPES if args.mergekit_dtype == "both" else (args.mergekit_dtype,)
     rows: list[tuple[str, Measured, dict[str, Measured]]] = [
         ("floor (read K+1, write 1)", (floor_s, floor_rss, floor_cpu), {})
@@ -302,6 +345,14 @@ def main() -> None:
         if gpu_peaks:
             line += f"{gpu_peaks[name]:>16.2f}" if name in gpu_peaks else f"{'-':>16}"
         print(line)
+        if name == rows[0][0]:
+            for ref_name, (ref_wall, ref_rss, ref_cpu), moves_bytes in references:
+                in_process = ref_name == "  floor I/O after imports"  # part of the floor's own run
+                print(
+                    f"{ref_name:<28}{ref_wall:>9.2f}{ref_wall / floor_s:>9.2f}"
+                    + (f"{'-':>8}{'-':>14}" if in_process else f"{ref_cpu:>8.1f}{ref_rss / 2**20:>14.0f}")
+                    + (f"{(in_bytes + out_bytes) / ref_wall / 1e9:>8.2f}" if moves_bytes else f"{'-':>8}")
+                )
     if not mergekit and not args.no_mergekit:
         print("(mergekit not installed: `pip install mergekit` to compare in the same run)")
 

@@ -3,7 +3,7 @@
 Eager torch runs each op of ``reference.fused_task_arithmetic`` over the whole tensor, so a merge of K bf16 inputs
 streams about 4K+4 float32 tensors through memory (convert, subtract, accumulate, scale, add, cast: each a full
 pass, each a DRAM round trip). Here the same ops, in the same order, run on blocks of ``BLOCK`` elements whose
-float32 temporaries (a few × 64 KiB) stay in the core's L2 cache; only the inputs are read from memory and only
+float32 temporaries (a few × 128 KiB) stay in the core's L2 cache; only the inputs are read from memory and only
 the output is written. Each element goes through exactly the reference's float32 operations, so the result is
 bit-identical to it (tested in ``tests/kernels/test_cpu_fused.py``).
 
@@ -31,8 +31,11 @@ from kernels.reference import HASH_BLOCK
 
 Tensor = torch.Tensor
 
-#: elements per block: 64 KiB of float32 per temporary; three temporaries stay in a 512 KiB+ L2
-BLOCK = 1 << 14
+#: elements per block: 128 KiB of float32 per temporary; the three temporaries (384 KiB) stay in a 512 KiB+ L2.
+#: Each block costs ~13 torch calls of a few µs of dispatch each, so larger blocks pay off until the temporaries
+#: leave L2 (measured, K=3 bf16 task arithmetic on the 2-core VM, ns an element: 16 Ki 4.5 → 32 Ki 3.4 on one
+#: thread, 6.1 → 5.3 wall on two; 64 Ki was slower on two threads)
+BLOCK = 1 << 15
 #: below this many elements one thread does it all (thread hand-off costs more than it saves)
 _PARALLEL_MIN = 1 << 18
 #: columns per block of ``fused_sparse_merge``: its steps are numpy calls (~1 µs of overhead each, ~40 per

@@ -9,11 +9,13 @@ in plan order straight from the caller's tensor. Memory is one tensor, whatever 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import shutil
 import struct
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,6 +25,28 @@ from merge_ops.checkpoint import DTYPES, INDEX_NAME, dtype_code
 from merge_ops.errors import OutputError
 
 PlanEntry = tuple[str, torch.dtype, tuple[int, ...]]
+
+#: Start the disk write-back of a written range without waiting for it (Linux ``sync_file_range`` with
+#: ``SYNC_FILE_RANGE_WRITE``), so the disk works while the next tensors are computed and the fsync at the end
+#: finds little left (measured: the fsync of a 0.74 GB output was ~1.2 s of a merge's wall time). A hint only:
+#: durability is still the caller's one fsync per file. Elsewhere, or when the call is refused, nothing is done.
+_WRITEBACK_EVERY = 8 * 2**20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_sync_file_range = _load_sync_file_range()
 
 #: Files copied next to a merged model: config, generation and tokenizer files (HF naming).
 SIDE_FILE_PATTERNS = (
@@ -99,6 +123,7 @@ class ShardedWriter:
         self._file: BinaryIO | None = None
         self._written: list[Path] = []
         self._closed = False
+        self._writeback_from = 0  # the current shard's first byte whose write-back is not started yet
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._closed:
@@ -121,6 +146,7 @@ class ShardedWriter:
         try:
             if data.numel():
                 self._file.write(data.numpy().data)
+                self._start_writeback(self._file)
         except OSError as exc:
             raise OutputError(
                 f"cannot write {self.paths[self._shard]}: {exc}", path=str(self.paths[self._shard])
@@ -168,8 +194,21 @@ class ShardedWriter:
         else:
             self.close()
 
+    def _start_writeback(self, file: BinaryIO) -> None:
+        if _sync_file_range is None:
+            return
+        end = file.raw.tell() if hasattr(file, "raw") else file.tell()  # bytes the OS has (not the buffer's)
+        if end - self._writeback_from < _WRITEBACK_EVERY:
+            return
+        if _sync_file_range(
+            file.fileno(), self._writeback_from, end - self._writeback_from, _SYNC_FILE_RANGE_WRITE
+        ):
+            return  # refused (e.g. a file system without it): the final fsync does all the work, as before
+        self._writeback_from = end
+
     def _open_next_shard(self) -> None:
         self._close_file()
+        self._writeback_from = 0
         self._shard += 1
         path = self.paths[self._shard]
         header: dict[str, object] = {"__metadata__": self.metadata}

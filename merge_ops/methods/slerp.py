@@ -34,12 +34,21 @@ def slerp(v0: torch.Tensor, v1: torch.Tensor, *, t: float) -> tuple[torch.Tensor
     norm_a = torch.where(norm_a > EPS, norm_a, 1.0)
     norm_b = torch.where(norm_b > EPS, norm_b, 1.0)
     # normalise before multiplying, so the raw dot product cannot overflow
-    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    unit_a = a / norm_a
+    dot = unit_a.mul_(b / norm_b).sum().clamp(-1, 1)  # in place: the same products, one temporary fewer
+    del unit_a
     if bool(dot.abs() > DOT_THRESHOLD):
-        return (1 - tt) * v0 + tt * v1, True
+        return _weighted_pair(1 - tt, v0, tt, v1), True
     theta = torch.acos(dot)
     sin_theta = torch.sin(theta)
-    return torch.sin((1 - tt) * theta) / sin_theta * v0 + torch.sin(tt * theta) / sin_theta * v1, False
+    return _weighted_pair(
+        torch.sin((1 - tt) * theta) / sin_theta, v0, torch.sin(tt * theta) / sin_theta, v1
+    ), False
+
+
+def _weighted_pair(c0: torch.Tensor, v0: torch.Tensor, c1: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """c0·v0 + c1·v1, the sum in place (the same float32 operations as out of place, one tensor fewer)."""
+    return (c0 * v0).add_(c1 * v1)
 
 
 @register_method("slerp")
@@ -53,4 +62,4 @@ def merge_slerp(task_vectors: torch.Tensor, ctx: TensorContext, params: SlerpPar
         v1 = model_weights(task_vectors, ctx, "slerp")[0]
     merged, lerp = slerp(base, v1, t=float(params.t))
     ctx.report["slerp_lerp"] = float(lerp)
-    return merged - base
+    return merged.sub_(base)  # merged is slerp's own fresh tensor
