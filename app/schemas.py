@@ -116,6 +116,18 @@ class BatchRequest(BaseModel):
         return self
 
 
+class JobScore(BaseModel):
+    """The evaluator's score of one finished job, from its report."""
+
+    job_id: str
+    metric: str = Field(
+        description="greedy_soup.final_score: the chosen soup's held-out score (higher is better; a loss is "
+        "negated); atlas.final_loss: the evaluator's loss after training (lower is better)."
+    )
+    value: float
+    higher_is_better: bool
+
+
 class BatchOut(BaseModel):
     id: str
     url: str
@@ -124,6 +136,11 @@ class BatchOut(BaseModel):
     total: int
     counts: dict[str, int] = Field(description="Jobs by status (every status listed).")
     jobs: list[JobOut]
+    scores: list[JobScore] = Field(
+        default_factory=list,
+        description="The evaluator's score of each succeeded job whose method scores its result (greedy_soup, "
+        "atlas with training steps), for a sweep's comparison table; empty when no job has one.",
+    )
 
 
 class AnalysisRequest(BaseModel):

@@ -486,6 +486,7 @@ function renderBatch(batch, id) {
   }));
   const jobs = (batch.jobs || batch.items || []).filter((j) => j && typeof j === "object");
   $("#batch-body").replaceChildren(...jobs.map(jobRow));
+  renderSweep(batch, jobs);
   return jobs;
 }
 
