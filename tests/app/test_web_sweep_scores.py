@@ -28,15 +28,26 @@ def _classifier_models(data: Path) -> None:
     import torch
     import transformers
 
-    from tests.merge_ops.test_evaluators import TEXTS, save_model, state_dict_of, tiny_bert_config, write_jsonl
+    from tests.merge_ops.test_evaluators import (
+        TEXTS,
+        save_model,
+        state_dict_of,
+        tiny_bert_config,
+        write_jsonl,
+    )
     from tests.utils.factories import make_checkpoint
 
     torch.manual_seed(0)
-    base = save_model(transformers.BertForSequenceClassification(tiny_bert_config(num_labels=2)), data / "base")
+    base = save_model(
+        transformers.BertForSequenceClassification(tiny_bert_config(num_labels=2)), data / "base"
+    )
     weights = state_dict_of(base)
     for i, name in enumerate(("task_a", "task_b")):
         gen = torch.Generator().manual_seed(10 + i)
-        tuned = {n: t + 0.2 * torch.randn(t.shape, generator=gen) if t.is_floating_point() else t for n, t in weights.items()}
+        tuned = {
+            n: t + 0.2 * torch.randn(t.shape, generator=gen) if t.is_floating_point() else t
+            for n, t in weights.items()
+        }
         make_checkpoint(data / name, tuned)
     write_jsonl(data / "shots.jsonl", [{"text": t, "label": i % 2} for i, t in enumerate(TEXTS)] * 2)
 
@@ -110,7 +121,9 @@ def test_a_sweep_with_an_evaluator_ranks_its_jobs_by_score(
     assert page.locator("#sweep-body tr.best").count() == 1
     assert page.evaluate("document.documentElement.scrollWidth") <= width
     # the score column is in view without scrolling the table sideways
-    right = page.evaluate("document.querySelector('#sweep-body tr.best td.score').getBoundingClientRect().right")
+    right = page.evaluate(
+        "document.querySelector('#sweep-body tr.best td.score').getBoundingClientRect().right"
+    )
     assert right <= width, right
     # keyboard: Tab reaches a job link in the table and Enter opens that job
     page.locator("#sweep-body tr.best a").focus()
