@@ -16,7 +16,7 @@ from app.api.deps import require_token
 from app.api.metrics import make_registry
 from app.api.openapi_docs import extra_components
 from app.api.problems import install_problem_handlers
-from app.api.routes import analyses, batches, files, health, merges, methods, recipes
+from app.api.routes import analyses, batches, files, health, merges, methods, recipes, sources
 from app.core.config import Settings, get_settings
 from app.core.ratelimit import SlidingWindowLimiter
 from app.core.readiness import ReadinessProbe
@@ -36,7 +36,7 @@ def _operation_id(route: APIRoute) -> str:
 def _v1_router() -> APIRouter:
     # the token dependency on the whole router: no /v1 route can be reached without a valid token
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
-    for module in (merges, batches, methods, recipes, analyses, files):
+    for module in (merges, batches, methods, recipes, analyses, files, sources):
         v1.include_router(module.router)
     return v1
 

@@ -116,6 +116,18 @@ class BatchRequest(BaseModel):
         return self
 
 
+class JobScore(BaseModel):
+    """The evaluator's score of one finished job, from its report."""
+
+    job_id: str
+    metric: str = Field(
+        description="greedy_soup.final_score: the chosen soup's held-out score (higher is better; a loss is "
+        "negated); atlas.final_loss: the evaluator's loss after training (lower is better)."
+    )
+    value: float
+    higher_is_better: bool
+
+
 class BatchOut(BaseModel):
     id: str
     url: str
@@ -124,6 +136,11 @@ class BatchOut(BaseModel):
     total: int
     counts: dict[str, int] = Field(description="Jobs by status (every status listed).")
     jobs: list[JobOut]
+    scores: list[JobScore] = Field(
+        default_factory=list,
+        description="The evaluator's score of each succeeded job whose method scores its result (greedy_soup, "
+        "atlas with training steps), for a sweep's comparison table; empty when no job has one.",
+    )
 
 
 class AnalysisRequest(BaseModel):
@@ -188,3 +205,53 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready"]
     checks: dict[str, Check]
+
+
+class ModelFacts(BaseModel):
+    """What a checkpoint is, from its config and its safetensors headers (no tensor is read)."""
+
+    kind: Literal["checkpoint", "adapter"] = Field(
+        description="adapter: a folder with adapter_config.json (LoRA)."
+    )
+    architecture: str | None = Field(None, description="config.json's architectures[0].")
+    model_type: str | None = Field(None, description="config.json's model_type (an adapter's peft_type).")
+    base_model: str | None = Field(None, description="An adapter's base_model_name_or_path.")
+    parameters: int | None = Field(None, description="Elements of every tensor in the safetensors headers.")
+    bytes: int | None = Field(
+        None, description="Size of the safetensors files (local) or the repo's files (Hub)."
+    )
+    dtypes: list[str] = Field(default_factory=list)
+    files: int = Field(0, description="safetensors files.")
+    problem: str | None = Field(
+        None, description="Why some header could not be read (the listing still works)."
+    )
+
+
+class FolderEntry(BaseModel):
+    name: str
+    path: str = Field(description="Absolute path inside the data dirs: put it in a model's `source`.")
+    model: ModelFacts | None = Field(description="None: a plain folder (no config or safetensors in it).")
+
+
+class FolderListing(BaseModel):
+    path: str | None = Field(description="The listed folder; None: the data dirs themselves are the entries.")
+    parent: str | None = Field(description="The folder above, while it is inside the data dirs.")
+    model: ModelFacts | None = Field(description="The listed folder itself, when it is a checkpoint.")
+    entries: list[FolderEntry]
+    truncated: bool = Field(description="More sub-folders than a listing shows (the first 500 by name).")
+
+
+class HubModel(BaseModel):
+    repo: str
+    revision: str | None = Field(None, description="The commit the facts are read at.")
+    private: bool | None = None
+    gated: bool | str | None = None
+    model: ModelFacts | None = Field(
+        None, description="Architecture (the repo's config) and size (the Hub's safetensors metadata)."
+    )
+    problem: str | None = Field(None, description="Why the details of this repo could not be read.")
+
+
+class HubSearch(BaseModel):
+    search: str
+    items: list[HubModel]

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from merge_ops import __version__
 from merge_ops.preflight import MergePlan, numel
+from merge_ops.task_vector_stats import aggregate
 
 if TYPE_CHECKING:
     from merge_ops.sources import SourceResolver
@@ -82,7 +83,8 @@ class MergeReport(BaseModel):
 def merge_totals(
     rows: list[dict[str, Any]], plan: MergePlan, files: list[Path], side: list[str]
 ) -> dict[str, Any]:
-    """The report's ``totals``: counts, bytes, files, and the size-weighted means of the per-tensor statistics."""
+    """The report's ``totals``: counts, bytes, files, the size-weighted means of the per-tensor statistics, and
+    the task vectors' norms and cosines of the whole model and of each layer (``task_vector_stats.aggregate``)."""
     merged = [r for r in rows if r["action"] == "merge"]
     totals: dict[str, Any] = {
         "tensors": len(rows),
@@ -98,6 +100,8 @@ def merge_totals(
         values = [(r[key], weights[r["name"]]) for r in merged if key in r]
         if values:
             totals[key] = round(sum(v * w for v, w in values) / max(1, sum(w for _, w in values)), 6)
+    if (task_vectors := aggregate(merged)) is not None:
+        totals["task_vectors"] = task_vectors
     return totals
 
 

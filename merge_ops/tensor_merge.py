@@ -31,6 +31,7 @@ from merge_ops.recipe import Recipe
 from merge_ops.registry import TensorContext, get_method
 from merge_ops.slices import gradient_positions
 from merge_ops.sources import Sources
+from merge_ops.task_vector_stats import with_task_vector_stats
 
 
 @dataclass
@@ -227,6 +228,7 @@ class TensorMerger:
         delta = self.method.fn(taus, ctx, self.params_for(tp))
         return delta, ctx
 
+    @with_task_vector_stats
     def merge(
         self, loaded: Loaded, tp: TensorPlan, scale: float, global_stats: Any
     ) -> tuple[torch.Tensor, dict[str, float | list[float]]]:

@@ -144,7 +144,8 @@ const Charts = (() => {
       const bx = left + i * cell + cell / 2, by = top + n * cell + 8;
       svg.append(el("text", { x: bx, y: by, transform: `rotate(40 ${bx} ${by})`, class: "tick" }, short(labels[i])));
       for (let j = 0; j < n; j++) {
-        const v = Number(matrix[i]?.[j]);
+        const raw = matrix[i]?.[j];
+        const v = raw === null || raw === undefined ? NaN : Number(raw); // null: a zero task vector, no cosine
         const rect = el("rect", { x: left + j * cell, y: top + i * cell, width: cell - 1, height: cell - 1, fill: diverging(v) });
         rect.append(el("title", {}, `${labels[i]} × ${labels[j]}: ${fmt(v)}`));
         svg.append(rect);

@@ -2,8 +2,10 @@
 // JSONL upload (POST /v1/files fills the data path), and the job page's table of ingredient scores.
 "use strict";
 
-/** Methods whose recipe carries an `evaluator` section. */
-const EVALUATOR_METHODS = new Set(["greedy_soup"]);
+/** Methods whose recipe carries an `evaluator` section (atlas: to train, unless its steps are 0). */
+const EVALUATOR_METHODS = new Set(["greedy_soup", "atlas"]);
+/** Of those, the ones that run without one: a blank data path leaves the section out. */
+const OPTIONAL_EVALUATOR = new Set(["atlas"]);
 
 function needsEvaluator(info) { return Boolean(info && EVALUATOR_METHODS.has(info.name)); }
 
@@ -15,6 +17,7 @@ function syncEvaluator() {
 function readEvaluator() {
   if (!needsEvaluator(state.method)) return undefined;
   const ev = { kind: $("#evaluator-kind").value, data: $("#evaluator-data").value.trim() };
+  if (!ev.data && OPTIONAL_EVALUATOR.has(state.method.name)) return undefined;
   const text = $("#evaluator-text-field").value.trim();
   if (text && text !== "text") ev.text_field = text;
   const label = $("#evaluator-label-field").value.trim();

@@ -191,6 +191,7 @@ function makeRow({ loc, label, withWeights, removable }) {
   // only the id field carries the loc a source error points at
   controls.kind.dataset.loc = ""; controls.rev.dataset.loc = "";
   if (!withWeights) { controls.weight.closest(".field").remove(); controls.density.closest(".field").remove(); }
+  $(".find", node).setAttribute("aria-label", `Find ${label}: data folders or Hub`);
   const rm = $(".remove", node);
   if (removable) {
     rm.addEventListener("click", () => {

@@ -93,6 +93,12 @@ function flatten(value, prefix = "", out = {}) {
   return out;
 }
 
+/** Totals without the per-layer task-vector matrices (charts, not fields to line up). */
+function withoutTaskVectors(totals) {
+  const { task_vectors: _, ...rest } = totals || {};
+  return rest;
+}
+
 async function openCompare(a, b) {
   const controller = new AbortController();
   state.jobStream = controller;
@@ -111,7 +117,7 @@ async function openCompare(a, b) {
     duration: fmtDuration(job.duration_s),
     output: job.output?.url || job.output?.path || "",
     ...flatten(job.recipe || {}, "recipe"),
-    ...(report.ok ? flatten({ totals: report.data?.totals || {}, timings: report.data?.timings || {} }) : {}),
+    ...(report.ok ? flatten({ totals: withoutTaskVectors(report.data?.totals), timings: report.data?.timings || {} }) : {}),
     ...(report.ok && report.data?.peak_rss_bytes ? { "peak memory": fmtBytes(report.data.peak_rss_bytes) } : {}),
   });
   const A = side(ja.data, ra), B = side(jb.data, rb);
@@ -480,6 +486,7 @@ function renderBatch(batch, id) {
   }));
   const jobs = (batch.jobs || batch.items || []).filter((j) => j && typeof j === "object");
   $("#batch-body").replaceChildren(...jobs.map(jobRow));
+  renderSweep(batch, jobs);
   return jobs;
 }
 

@@ -1,5 +1,7 @@
 // Turns a job report into charts. Two report shapes (see merge_ops/pipeline.py and merge_ops/inspect.py):
-//   merge:   {tensors: [{name, action, shape, layer, kept_density?, sign_conflict_rate?, lines_scale?, ...}], ...}
+//   merge:   {tensors: [{name, action, shape, layer, kept_density?, sign_conflict_rate?, lines_scale?,
+//             task_vector_gram?, ...}], totals: {task_vectors?: {norms, cosine, layers: [{layer, norms, cosine}]}}}
+//             (task_vectors: merge_ops/task_vector_stats.py, the Gram matrices summed per layer and model)
 //   analyze: {models: [label], norms: [n], cosine: [[c]], sign_conflict_rate, layers: [{layer, index, norms: [..],
 //             sign_conflict_rate, numel}]}  (possibly nested under "statistics"/"stats"/"analysis")
 // Defensive by design: a series that isn't in the report becomes a note, never an exception.
@@ -58,7 +60,8 @@ const AlloyCharts = (() => {
     const figs = [];
     const analysis = analysisOf(report);
     const tensors = Array.isArray(report?.tensors) ? report.tensors : [];
-    const labels = (analysis?.models || []).map((m, i) => shortLabel(m, i));
+    const tv = taskVectorsOf(report);
+    const labels = (analysis?.models || modelLabels(job, tv?.norms?.length)).map((m, i) => shortLabel(m, i));
     const isMerge = tensors.length > 0 || job?.kind === "merge";
 
     // 1. per-layer task-vector norm per model
@@ -70,6 +73,11 @@ const AlloyCharts = (() => {
         label: labels[i] || `model ${i + 1}`,
         points: rows.map((r, j) => [layerIndex(r, j), num(r.norms[i])]).filter((p) => p[1] !== null),
       })).filter((s) => s.points.length);
+    } else if (tv) {
+      normSeries = (tv.norms || []).map((_, i) => ({
+        label: labels[i] || `model ${i + 1}`,
+        points: tv.layers.map((r) => [num(r?.layer), num(r?.norms?.[i])]).filter((p) => p[0] !== null && p[1] !== null),
+      })).filter((s) => s.points.length);
     } else {
       normSeries = perLayerNormsFromTensors(tensors).filter((s) => s.points.length);
     }
@@ -80,13 +88,25 @@ const AlloyCharts = (() => {
         : "No per-layer norms in this report."));
 
     // 2. pairwise cosine similarity of the task vectors
-    const cos = analysis?.cosine ?? report?.cosine ?? report?.cosine_similarity;
+    const cos = analysis?.cosine ?? tv?.cosine ?? report?.cosine ?? report?.cosine_similarity;
     const okMatrix = Array.isArray(cos) && cos.length && cos.every((r) => Array.isArray(r) && r.length === cos.length);
     figs.push(okMatrix
       ? Charts.heatmap("Cosine similarity of the task vectors", cos.map((_, i) => labels[i] || `model ${i + 1}`), cos)
       : Charts.missing("Cosine similarity of the task vectors", isMerge && !analysis
         ? "Not in a merge report — run “Analyze task vectors” on the same models."
         : "No cosine matrix in this report."));
+
+    // 2b. per layer, the cosine of each pair of task vectors (from the layer's summed Gram matrix: exact)
+    const k = tv?.norms?.length || 0;
+    if (!analysis && tv && k > 1 && k <= 4) {
+      const pairs = [];
+      for (let i = 0; i < k; i++) for (let j = i + 1; j < k; j++) pairs.push([i, j]);
+      const pairSeries = pairs.map(([i, j]) => ({
+        label: `${labels[i] || `model ${i + 1}`} × ${labels[j] || `model ${j + 1}`}`,
+        points: tv.layers.map((r) => [num(r?.layer), num(r?.cosine?.[i]?.[j])]).filter((p) => p[0] !== null && p[1] !== null),
+      })).filter((s) => s.points.length);
+      if (pairSeries.length) figs.push(Charts.line("Cosine of the task vectors per layer", pairSeries, { xLabel: "layer", yLabel: "cos", yMin: Math.min(0, ...pairSeries.flatMap((s) => s.points.map((p) => p[1]))), yMax: 1 }));
+    }
 
     // 3. sign-conflict rate per layer (TIES)
     let conflict = [];
@@ -116,6 +136,21 @@ const AlloyCharts = (() => {
     return [Charts.missing("Charts", isMerge && !analysis
       ? "This merge reports no per-layer statistics; “Analyze task vectors” shows norms and cosines of the same models."
       : "No per-layer statistics in this report.")];
+  }
+
+  function taskVectorsOf(report) {
+    const tv = report?.totals?.task_vectors;
+    return tv && Array.isArray(tv.norms) && Array.isArray(tv.layers) ? tv : null;
+  }
+
+  /** The job's model sources as labels, when they line up with the K task vectors (else "model i"). */
+  function modelLabels(job, k) {
+    const models = Array.isArray(job?.recipe?.models) ? job.recipe.models : [];
+    if (!k || models.length !== k) return [];
+    return models.map((m) => {
+      const src = m?.source ?? m;
+      return typeof src === "string" ? src.replace(/^hf:\/\//, "") : src?.repo ?? "";
+    });
   }
 
   function shortLabel(label, i) {

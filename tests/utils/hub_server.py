@@ -1,7 +1,7 @@
 """A small Hugging Face Hub-compatible HTTP server for tests (stdlib only, loopback only).
 
 It implements the endpoints the real ``huggingface_hub`` client calls for what Alloy does — repo/model info,
-file resolve (HEAD/GET with ETag, X-Repo-Commit, Content-Length, ranged reads), create_repo, create_branch, refs,
+model search (``list_models``), file resolve (HEAD/GET with ETag, X-Repo-Commit, Content-Length, ranged reads), create_repo, create_branch, refs,
 validate-yaml, preupload, NDJSON commits (with ``parentCommit`` checks and ``create_pr``) and the LFS batch API
 with the basic transfer — so tests drive the real client with ``endpoint=server.url`` instead of patching it.
 
@@ -14,6 +14,7 @@ connections) are injected per method and path substring so retry and error paths
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -36,6 +37,7 @@ _REPO = r"(?P<repo>[\w.\-]+/[\w.\-]+)"
 _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     (m, re.compile(p), h)
     for m, p, h in [
+        ("GET", r"^/api/models$", "_list_models"),
         ("GET", rf"^/api/models/{_REPO}(/revision/(?P<rev>[^/]+))?$", "_model_info"),
         ("GET", rf"^/api/models/{_REPO}/refs$", "_refs"),
         ("GET", rf"^/api/models/{_REPO}/commits/(?P<rev>[^/]+)$", "_list_commits"),
@@ -488,7 +490,53 @@ class _Handler(BaseHTTPRequestHandler):
             card = hub._blob_path(files["README.md"].sha256).read_text()
             if match := re.match(r"^---\n(.*?)\n---", card, flags=re.DOTALL):
                 info["cardData"] = yaml.safe_load(match[1]) or {}
+        info.update(self._config_and_safetensors(files))
         self._send_json(200, info)
+
+    def _config_and_safetensors(self, files: Mapping[str, StoredFile]) -> dict[str, Any]:
+        """What the Hub derives from a repo's files: ``config`` (architectures, model_type of config.json) and
+        ``safetensors`` (parameters per dtype and their total, from the safetensors headers)."""
+        out: dict[str, Any] = {}
+        if "config.json" in files:
+            with contextlib.suppress(ValueError, UnicodeDecodeError):
+                config = json.loads(self.hub._blob_path(files["config.json"].sha256).read_text())
+                if isinstance(config, dict):
+                    out["config"] = {k: config[k] for k in ("architectures", "model_type") if k in config}
+        per_dtype: dict[str, int] = {}
+        for path, f in files.items():
+            if path.endswith(".safetensors"):
+                raw = self.hub._blob_path(f.sha256).read_bytes()
+                header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+                for name, entry in header.items():
+                    if name != "__metadata__":
+                        count = 1
+                        for dim in entry["shape"]:
+                            count *= int(dim)
+                        per_dtype[entry["dtype"]] = per_dtype.get(entry["dtype"], 0) + count
+        if per_dtype:
+            out["safetensors"] = {"parameters": per_dtype, "total": sum(per_dtype.values())}
+        return out
+
+    def _list_models(self, method: str, *, body: bytes) -> None:
+        """``/api/models?search=...&limit=N``: the repos whose id contains ``search`` (case-insensitive) that
+        the caller may read (public ones, and private ones its token grants), by id."""
+        hub = self.hub
+        search = self.query.get("search", [""])[0].lower()
+        limit = int(self.query.get("limit", ["1000"])[0])
+        with hub.lock:
+            token = hub._token_of(self.headers)
+            found = [
+                {
+                    "id": r.repo_id,
+                    "modelId": r.repo_id,
+                    "private": r.private,
+                    "gated": "auto" if r.gated else False,
+                }
+                for r in sorted(hub.repos.values(), key=lambda r: r.repo_id)
+                if search in r.repo_id.lower()
+                and (not r.private or hub._grants(token, r.repo_id, write=False))
+            ]
+        self._send_json(200, found[:limit])
 
     def _refs(self, method: str, *, body: bytes, repo: str) -> None:
         with self.hub.lock:

@@ -18,6 +18,7 @@ from app.api.openapi_docs import PROBLEM_RESPONSES, json_request_body
 from app.api.views import batch_out
 from app.schemas import BatchOut, BatchRequest
 from app.services import jobs
+from app.services.scores import batch_scores
 from merge_ops.errors import RecipeError
 from merge_ops.recipe import Recipe, recipe_error
 
@@ -89,12 +90,16 @@ def create_batch(
         session.commit()
     batch, counts, rows = jobs.batch_status(session, batch.id, caller=caller)
     out = batch_out(request, batch, counts=counts, jobs=rows)
+    out.scores = batch_scores(rows)
     response.headers["Location"] = out.url
     return out
 
 
 @router.get("/{batch_id}", response_model=BatchOut, summary="Get a batch")
 def get_batch(request: Request, batch_id: str, session: SessionDep, caller: CurrentToken) -> BatchOut:
-    """Counts of the batch's jobs by status, and the jobs."""
+    """Counts of the batch's jobs by status, the jobs, and the evaluator's score of each finished job that has
+    one (a sweep's comparison table)."""
     batch, counts, rows = jobs.batch_status(session, batch_id, caller=caller)
-    return batch_out(request, batch, counts=counts, jobs=rows)
+    out = batch_out(request, batch, counts=counts, jobs=rows)
+    out.scores = batch_scores(rows)
+    return out
