@@ -16,6 +16,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402 (after the environment it reads)
 
+from kernels import reference
 from kernels.dispatch import kernel, kernel_mode
 from kernels.errors import KernelUnavailable
 
@@ -29,9 +30,16 @@ def fused_task_arithmetic(
     *,
     scale: float = 1.0,
     out_dtype: torch.dtype,
+    gram: Tensor | None = None,
 ) -> Tensor:
     fn = kernel("fused_task_arithmetic", base, *finetuned)
-    return fn(base, finetuned, weights, scale=scale, out_dtype=out_dtype)
+    return fn(base, finetuned, weights, scale=scale, out_dtype=out_dtype, gram=gram)
+
+
+def task_vector_gram(taus: Tensor) -> Tensor:
+    """``reference.task_vector_gram``: float64 [K, K] Gram matrix of the task vectors [K, *S]. Not dispatched:
+    a chunked matmul in torch, on the tensors' own device, is already what a twin would be."""
+    return reference.task_vector_gram(taus)
 
 
 def fused_sparse_merge(
@@ -128,6 +136,7 @@ __all__ = [
     "fused_sparse_merge",
     "KernelUnavailable",
     "fused_task_arithmetic",
+    "task_vector_gram",
     "kernel",
     "kernel_mode",
     "pack_bits",

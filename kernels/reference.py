@@ -37,13 +37,21 @@ def fused_task_arithmetic(
     *,
     scale: float = 1.0,
     out_dtype: torch.dtype,
+    gram: Tensor | None = None,
 ) -> Tensor:
     """``(base.float() + scale·Σ_t w_t·(θ_t.float() − base.float())).to(out_dtype)``.
 
     Exact: float32 arithmetic in this order (deltas accumulated left to right), one cast at the end.
+    ``gram`` (float64 [K, K], optional) gains the task vectors' Gram matrix, ``task_vector_gram`` of the
+    unweighted deltas θ_t − θ_0 (for the report's norms and cosines).
     """
     if len(finetuned) != len(weights):
         raise ValueError(f"{len(finetuned)} fine-tuned tensors for {len(weights)} weights")
+    if gram is not None:
+        for theta in finetuned:
+            if theta.shape != base.shape:
+                raise ValueError(f"shape {tuple(theta.shape)} differs from the base's {tuple(base.shape)}")
+        gram += task_vector_gram(torch.stack([theta.float() - base.float() for theta in finetuned]))
     base32 = base.float()
     acc = torch.zeros_like(base32)
     delta = torch.empty_like(base32)  # one reused buffer: no allocation (and page faults) per model
@@ -55,6 +63,23 @@ def fused_task_arithmetic(
     # acc + base, not base.add_: for a float32 base, .float() is the base itself (an in-place add would overwrite
     # the caller's input, and a NaN in a fine-tune would then be found in the base). Addition commutes exactly.
     return acc.mul_(scale).add_(base32).to(out_dtype)
+
+
+#: columns per float32 product of ``task_vector_gram``: K × 512 KiB, summed in float64 across chunks
+GRAM_CHUNK = 1 << 17
+
+
+def task_vector_gram(taus: Tensor) -> Tensor:
+    """G = T·Tᵀ, float64 [K, K], of the task vectors ``taus`` [K, *S] flattened to T [K, N]: float32 products
+    (the task vectors' own precision) over chunks of ``GRAM_CHUNK`` columns, summed in float64. ‖τ_i‖ = √G_ii
+    and cos(τ_i, τ_j) = G_ij / (‖τ_i‖‖τ_j‖); Gram matrices of different tensors add, so a layer's cosine is the
+    exact cosine of its concatenated task vectors. Rounding: float32 per chunk, so relative error ~1e-6."""
+    flat = taus.reshape(taus.shape[0], -1)
+    gram = torch.zeros((flat.shape[0], flat.shape[0]), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.shape[1], GRAM_CHUNK):
+        part = flat[:, start : start + GRAM_CHUNK].float()
+        gram += (part @ part.T).double()
+    return gram
 
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)

@@ -31,7 +31,7 @@ from merge_ops.recipe import Recipe
 from merge_ops.registry import TensorContext, get_method
 from merge_ops.slices import gradient_positions
 from merge_ops.sources import Sources
-from merge_ops.task_vector_stats import with_task_vector_stats
+from merge_ops.task_vector_stats import GRAM_KEY
 
 
 @dataclass
@@ -220,23 +220,28 @@ class TensorMerger:
 
     def merged_delta(
         self, loaded: Loaded, tp: TensorPlan, global_stats: Any
-    ) -> tuple[torch.Tensor, TensorContext]:
+    ) -> tuple[torch.Tensor, TensorContext, torch.Tensor]:
+        """The method's merged delta, its context, and the task vectors' Gram matrix (taken before the method
+        runs: a method may work in place on its task vectors)."""
         taus = self.task_vectors(loaded, tp)
         if not all_finite(taus):
             raise self._non_finite(tp.name, loaded, taus)
+        gram = kernels.task_vector_gram(taus)
         ctx = self.context(tp.name, global_stats, loaded.base)
         delta = self.method.fn(taus, ctx, self.params_for(tp))
-        return delta, ctx
+        return delta, ctx, gram
 
-    @with_task_vector_stats
     def merge(
         self, loaded: Loaded, tp: TensorPlan, scale: float, global_stats: Any
-    ) -> tuple[torch.Tensor, dict[str, float | list[float]]]:
-        """The output tensor of one merged tensor (output dtype, on the device) and its report statistics."""
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The output tensor of one merged tensor (output dtype, on the device) and its report statistics,
+        among them the task vectors' Gram matrix (``merge_ops.task_vector_stats``)."""
         out_dtype = torch_dtype(tp.out_dtype)
         if self.fused_weights is not None:
-            return self._fused_output(loaded, tp, scale, out_dtype), {}
-        delta, ctx = self.merged_delta(loaded, tp, global_stats)
+            gram = torch.zeros((self.k, self.k), dtype=torch.float64, device=loaded.base.device)
+            out = self._fused_output(loaded, tp, scale, out_dtype, gram)
+            return out, {GRAM_KEY: gram.cpu().tolist()}
+        delta, ctx, gram = self.merged_delta(loaded, tp, global_stats)
         if self.zero_reference:
             out = torch.zeros_like(delta).add_(delta, alpha=scale) if scale != 0 else torch.zeros_like(delta)
         else:
@@ -245,17 +250,20 @@ class TensorMerger:
         out = out.to(out_dtype)
         if not all_finite(out):
             raise self._overflow(tp.name, out_dtype)  # the inputs are finite (checked above)
-        return out, {k: v if isinstance(v, list) else round(float(v), 6) for k, v in ctx.report.items()}
+        stats: dict[str, Any] = {
+            k: v if isinstance(v, list) else round(float(v), 6) for k, v in ctx.report.items()
+        }
+        return out, {**stats, GRAM_KEY: gram.cpu().tolist()}
 
     def _fused_output(
-        self, loaded: Loaded, tp: TensorPlan, scale: float, out_dtype: torch.dtype
+        self, loaded: Loaded, tp: TensorPlan, scale: float, out_dtype: torch.dtype, gram: torch.Tensor
     ) -> torch.Tensor:
         """base + scale·Σ w_t(θ_t − base) in one pass, cast to the output dtype. NaN/Inf in any input reaches the
         output, so checking the output finds every poisoned input; with none, the sum overflowed the dtype."""
         assert loaded.inputs is not None and self.fused_weights is not None
         inputs = [t for t in loaded.inputs if t is not None]  # the fused path has full checkpoints only
         out = kernels.fused_task_arithmetic(
-            loaded.base, inputs, self.fused_weights, scale=scale, out_dtype=out_dtype
+            loaded.base, inputs, self.fused_weights, scale=scale, out_dtype=out_dtype, gram=gram
         )
         if not all_finite(out):
             taus = torch.stack([t.float() - loaded.base.float() for t in inputs])

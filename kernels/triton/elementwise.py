@@ -105,9 +105,12 @@ def fused_task_arithmetic(
     *,
     scale: float = 1.0,
     out_dtype: torch.dtype,
+    gram: Tensor | None = None,
 ) -> Tensor:
     """``(base.float() + scale·Σ_t w_t·(θ_t.float() − base.float())).to(out_dtype)`` in one pass over K+1
-    inputs (K ≤ 8; larger K chains ⌈K/8⌉ passes through a float32 accumulator). ``scale`` carries λ·LiNeS."""
+    inputs (K ≤ 8; larger K chains ⌈K/8⌉ passes through a float32 accumulator). ``scale`` carries λ·LiNeS.
+    ``gram`` (the report's Gram matrix) is the reference's, in torch on the device: a GPU reads the inputs once
+    more far faster than the merge's host I/O delivers them."""
     if len(finetuned) != len(weights):
         raise ValueError(f"{len(finetuned)} fine-tuned tensors for {len(weights)} weights")
     _common.check_float(base, "base")
@@ -119,6 +122,8 @@ def fused_task_arithmetic(
         _common.check_float(theta, "fine-tuned tensor")
     if out_dtype not in _common.FLOAT_DTYPES:
         raise ValueError(f"out_dtype must be a floating dtype, got {out_dtype}")
+    if gram is not None:
+        gram += reference.task_vector_gram(torch.stack([theta.float() - base.float() for theta in finetuned]))
     out = _common.new_output(base.shape, dtype=out_dtype, device=base.device)
     n = base.numel()
     if n == 0:

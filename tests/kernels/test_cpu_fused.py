@@ -162,3 +162,23 @@ def test_fused_sparse_merge_threaded_split_is_bit_exact() -> None:
 def test_fused_sparse_merge_weight_count_is_checked() -> None:
     with pytest.raises(ValueError, match="weights"):
         cpu_fused.fused_sparse_merge(torch.zeros(2, 1, 4), torch.ones(3), consensus=True, mean=True)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_the_in_pass_gram_matrix_matches_float64_and_leaves_the_output_bit_identical(k: int) -> None:
+    gen = torch.Generator().manual_seed(100 + k)
+    n = cpu_fused._PARALLEL_MIN + 3 * cpu_fused.BLOCK + 123  # spans on every thread, blocks, an odd tail
+    base = torch.randn(n, generator=gen).to(torch.bfloat16)
+    fts = [(base.float() + 0.01 * torch.randn(n, generator=gen)).to(torch.bfloat16) for _ in range(k)]
+    weights = [0.5 + i for i in range(k)]
+    taus = torch.stack([t.double() - base.double() for t in fts])
+    want_gram = taus @ taus.T
+    for impl in (cpu_fused, reference):
+        gram = torch.zeros((k, k), dtype=torch.float64)
+        out = impl.fused_task_arithmetic(base, fts, weights, scale=0.7, out_dtype=torch.bfloat16, gram=gram)
+        plain = reference.fused_task_arithmetic(base, fts, weights, scale=0.7, out_dtype=torch.bfloat16)
+        assert torch.equal(out, plain)
+        torch.testing.assert_close(gram, want_gram, rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        reference.task_vector_gram(taus.float().reshape(k, 1, -1)), want_gram, rtol=1e-5, atol=0
+    )

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels import cpu_fused, reference
 from merge_ops import task_vector_stats
 from merge_ops.pipeline import run_merge
 from merge_ops.recipe import load_recipe
@@ -62,12 +63,16 @@ def _check(report: dict, task_vectors: dict[str, list[torch.Tensor]]) -> None:
     torch.testing.assert_close(
         torch.tensor(stats["norms"], dtype=torch.float64), whole.diagonal().sqrt(), rtol=1e-5, atol=0
     )
-    torch.testing.assert_close(torch.tensor(stats["cosine"], dtype=torch.float64), _cosine(whole), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(stats["cosine"], dtype=torch.float64), _cosine(whole), rtol=1e-5, atol=1e-6
+    )
     layers = sorted({r["layer"] for r in rows.values() if r["layer"] is not None})
     assert [entry["layer"] for entry in stats["layers"]] == layers == [0, 1, 2]
     for entry in stats["layers"]:
         names = [n for n, r in rows.items() if r["layer"] == entry["layer"]]
-        gram = _expected(task_vectors, names)  # the layer's tensors concatenated: exact, not a mean of cosines
+        gram = _expected(
+            task_vectors, names
+        )  # the layer's tensors concatenated: exact, not a mean of cosines
         torch.testing.assert_close(
             torch.tensor(entry["norms"], dtype=torch.float64), gram.diagonal().sqrt(), rtol=1e-5, atol=0
         )
@@ -79,16 +84,27 @@ def _check(report: dict, task_vectors: dict[str, list[torch.Tensor]]) -> None:
 def _full_task_vectors(models: dict[str, Path]) -> dict[str, list[torch.Tensor]]:
     base, fts = load_all(models["base"]), [load_all(models[k]) for k in "abc"]
     return {
-        name: [ft[name].float() - t.float() for ft in fts] for name, t in base.items() if t.is_floating_point()
+        name: [ft[name].float() - t.float() for ft in fts]
+        for name, t in base.items()
+        if t.is_floating_point()
     }
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])  # the fused path and the generic one
-@pytest.mark.parametrize("chunk", [task_vector_stats.CHUNK, 7])  # 7: many chunks per tensor, odd tails
+@pytest.mark.parametrize("chunk", [None, 7])  # 7: many blocks / chunks per tensor, odd tails
+@pytest.mark.parametrize("kernels_mode", ["auto", "torch"])  # the CPU twin's in-pass Gram and the reference's
 def test_norms_and_cosines_match_torch(
-    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, chunk: int
+    models: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    chunk: int | None,
+    kernels_mode: str,
 ) -> None:
-    monkeypatch.setattr(task_vector_stats, "CHUNK", chunk)
+    if chunk is not None:
+        monkeypatch.setattr(reference, "GRAM_CHUNK", chunk)
+        monkeypatch.setattr(cpu_fused, "BLOCK", chunk)
+    monkeypatch.setenv("ALLOY_KERNELS", kernels_mode)
     report = _report(
         tmp_path / "out",
         method=method,
@@ -101,7 +117,9 @@ def test_norms_and_cosines_match_torch(
 def test_a_lora_source_reports_its_own_delta_and_a_zero_vector_has_no_cosine(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
-    adapter = make_lora_adapter(tmp_path / "lora", base_dir=models["base"], r=2, alpha=4, dtype=torch.bfloat16)
+    adapter = make_lora_adapter(
+        tmp_path / "lora", base_dir=models["base"], r=2, alpha=4, dtype=torch.bfloat16
+    )
     report = _report(
         tmp_path / "out",
         method="task_arithmetic",
