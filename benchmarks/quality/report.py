@@ -304,7 +304,9 @@ def draw(rows: dict[tuple[int, str], list[dict[str, Any]]], k: int, tasks: list[
     right.axvline(0, color="black", linewidth=0.8)
     right.set_yticks(list(ys), [c["method"] for c in comparisons])
     right.invert_yaxis()
-    right.set_xlabel(f"Δ normalized accuracy vs {REFERENCE}, pp\n(bars: paired bootstrap 95% CI over test rows)")
+    right.set_xlabel(
+        f"Δ normalized accuracy vs {REFERENCE}, pp\n(bars: paired bootstrap 95% CI over test rows)"
+    )
     right.set_title("paired with task arithmetic (green/red: significant)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
