@@ -35,6 +35,16 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     ]
 }
 
+#: the Hub search's own answers, beside the common ones (``merge_ops.errors`` Hub errors)
+HUB_SEARCH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"description": description, "content": PROBLEM_CONTENT}
+    for status, description in [
+        (403, "The caller's Hub token is refused (`hub_access_denied`)"),
+        (502, "The Hub answered with an error (`hub_error`)"),
+        (503, "The Hub is unreachable (`hub_unavailable`)"),
+    ]
+}
+
 
 def recipe_request_body() -> dict[str, Any]:
     return {

@@ -3,6 +3,7 @@ response is a 5xx and that each conforms to the documented status codes, content
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from app.db import init_db
 from app.main import create_app
 from app.services.tokens import create_token
 from tests.app.conftest import make_settings
+from tests.utils.hub_server import HubServer
 
 _state: dict[str, Any] = {}
 # POST /v1/files takes raw JSONL bytes: send generated binary bodies as they are (the route answers 422 or 201)
@@ -31,10 +33,21 @@ CHECKS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
+    server = HubServer(tmp_path_factory.mktemp("hub"))
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def alloy_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+def alloy_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub: HubServer) -> Any:
     # no worker runs here: /readyz's 503 is tested in test_health; let it answer 200 so 5xx stays a failure
     monkeypatch.setattr("app.core.queue.ping_workers", lambda settings, timeout_s: ["celery@test"])
+    # the Hub search talks to the local Hub server: the default endpoint is unreachable from CI, and
+    # huggingface_hub's retries made each generated search wait out the 10 s read timeout
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
     for name in ("base", "ft1"):
         (tmp_path / "data" / name).mkdir(parents=True, exist_ok=True)
     app = create_app(

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from app.api.deps import CurrentToken, HfToken, SettingsDep
-from app.api.openapi_docs import PROBLEM_RESPONSES
+from app.api.openapi_docs import HUB_SEARCH_RESPONSES, PROBLEM_RESPONSES
 from app.schemas import FolderListing, HubSearch
 from app.services.hub_search import search_hub
 from app.services.local_models import list_folder
@@ -33,7 +33,7 @@ def list_local_sources(
     return list_folder(path, roots=settings.data_dirs)
 
 
-@router.get("/hub", response_model=HubSearch, summary="Search the Hub")
+@router.get("/hub", response_model=HubSearch, summary="Search the Hub", responses=HUB_SEARCH_RESPONSES)
 def search_hub_sources(
     caller: CurrentToken,
     hf_token: HfToken,
