@@ -20,9 +20,14 @@ REF = "#/components/schemas/{model}"
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 PROBLEM_CONTENT = {"application/problem+json": {"schema": PROBLEM_REF}}
 
-PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"description": description, "content": PROBLEM_CONTENT}
-    for status, description in [
+
+def problem_responses(described: list[tuple[int, str]]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for problem-detail answers: status -> description."""
+    return {status: {"description": text, "content": PROBLEM_CONTENT} for status, text in described}
+
+
+PROBLEM_RESPONSES = problem_responses(
+    [
         (400, "Malformed body or cursor"),
         (401, "Missing or invalid API token"),
         (404, "Not found"),
@@ -33,17 +38,16 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         (429, "Rate limited; see Retry-After"),
         (503, "Queue unreachable"),
     ]
-}
+)
 
 #: the Hub search's own answers, beside the common ones (``merge_ops.errors`` Hub errors)
-HUB_SEARCH_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"description": description, "content": PROBLEM_CONTENT}
-    for status, description in [
+HUB_SEARCH_RESPONSES = problem_responses(
+    [
         (403, "The caller's Hub token is refused (`hub_access_denied`)"),
         (502, "The Hub answered with an error (`hub_error`)"),
         (503, "The Hub is unreachable (`hub_unavailable`)"),
     ]
-}
+)
 
 
 def recipe_request_body() -> dict[str, Any]:
