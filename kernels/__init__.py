@@ -16,7 +16,6 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402 (after the environment it reads)
 
-from kernels import reference
 from kernels.dispatch import kernel, kernel_mode
 from kernels.errors import KernelUnavailable
 
@@ -37,9 +36,24 @@ def fused_task_arithmetic(
 
 
 def task_vector_gram(taus: Tensor) -> Tensor:
-    """``reference.task_vector_gram``: float64 [K, K] Gram matrix of the task vectors [K, *S]. Not dispatched:
-    a chunked matmul in torch, on the tensors' own device, is already what a twin would be."""
-    return reference.task_vector_gram(taus)
+    """``reference.task_vector_gram``: float64 [K, K] Gram matrix of the task vectors [K, *S] (on CPU one
+    compiled pass; on CUDA the reference's chunked matmul, already what a Triton twin would be)."""
+    return kernel("task_vector_gram", taus)(taus)
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """``reference.all_finite``: no NaN or ±Inf in ``tensor``."""
+    return bool(kernel("all_finite", tensor)(tensor))
+
+
+def apply_delta(base: Tensor | None, delta: Tensor, *, scale: float, out_dtype: torch.dtype) -> Tensor:
+    """``reference.apply_delta``: (θ_0 + scale·delta) in float32, cast once to ``out_dtype``."""
+    return kernel("apply_delta", delta, base)(base, delta, scale=scale, out_dtype=out_dtype)
+
+
+def task_vectors(base: Tensor, finetuned: Sequence[Tensor], *, gram: Tensor | None = None) -> Tensor:
+    """``reference.task_vectors``: [K, *S] float32 θ_t − θ_0; ``gram`` gains their Gram matrix."""
+    return kernel("task_vectors", base, *finetuned)(base, finetuned, gram=gram)
 
 
 def fused_sparse_merge(
@@ -137,6 +151,9 @@ __all__ = [
     "KernelUnavailable",
     "fused_task_arithmetic",
     "task_vector_gram",
+    "task_vectors",
+    "apply_delta",
+    "all_finite",
     "kernel",
     "kernel_mode",
     "pack_bits",

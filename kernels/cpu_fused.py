@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kernels import buffers, reference
+from kernels.compiled import jit, storage
 from kernels.reference import HASH_BLOCK
 
 Tensor = torch.Tensor
@@ -89,9 +91,27 @@ def fused_task_arithmetic(
     flat_base = base.contiguous().reshape(-1)
     flat_inputs = [t.contiguous().reshape(-1) for t in finetuned]
     ws = [float(w) for w in weights]
-    out = torch.empty(flat_base.shape, dtype=out_dtype)
+    out = buffers.take("output", flat_base.shape, out_dtype)
     k = len(flat_inputs)
     partial_grams: list[Tensor] = []
+    compiled = jit()
+    arrays = [storage(t) for t in (flat_base, out, *flat_inputs)] if compiled is not None else []
+    if compiled is not None and k and all(a is not None for a in arrays) and flat_base.numel():
+        base_np, out_np, *inputs_np = arrays
+        w32, scale32 = np.asarray(ws, dtype=np.float32), np.float32(scale)
+
+        def compiled_work(lo: int, hi: int) -> None:
+            part = np.zeros((k, k), dtype=np.float64)
+            compiled.task_arithmetic_span(
+                base_np, tuple(inputs_np), w32, scale32, out_np, part, gram is not None, lo, hi
+            )
+            partial_grams.append(torch.from_numpy(part))
+
+        _run_spans(flat_base.numel(), compiled_work)
+        if gram is not None:
+            for part in partial_grams:
+                gram += _symmetric(part).to(gram.device)
+        return out.view(base.shape)
 
     def work(lo: int, hi: int) -> None:
         size = min(BLOCK, hi - lo)
@@ -129,6 +149,101 @@ def fused_task_arithmetic(
     return out.view(base.shape)
 
 
+def task_vectors(base: Tensor, finetuned: Sequence[Tensor], *, gram: Tensor | None = None) -> Tensor:
+    """``reference.task_vectors``, bit-exact: one compiled loop per span (widen, subtract, store); ``gram`` gains
+    the Gram matrix from the same pass (up to float32 rounding, as ``task_vector_gram``)."""
+    compiled = jit()
+    flat_base = base.contiguous().reshape(-1)
+    flat_inputs = [t.contiguous().reshape(-1) for t in finetuned]
+    arrays = [storage(t) for t in (flat_base, *flat_inputs)] if compiled is not None else []
+    if (
+        compiled is None
+        or not finetuned
+        or not all(a is not None for a in arrays)
+        or any(t.shape != base.shape for t in finetuned)
+    ):
+        return reference.task_vectors(base, finetuned, gram=gram)
+    k = len(finetuned)
+    taus = buffers.take("task_vectors", (k, flat_base.numel()), torch.float32)
+    base_np, *inputs_np = arrays
+    out_np = taus.numpy()
+    parts: list[np.ndarray] = []
+
+    def work(lo: int, hi: int) -> None:
+        part = np.zeros((k, k), dtype=np.float64)
+        compiled.task_vectors_span(base_np, tuple(inputs_np), out_np, part, gram is not None, lo, hi)
+        parts.append(part)
+
+    if flat_base.numel():
+        _run_spans(flat_base.numel(), work)
+    if gram is not None:
+        for part in parts:
+            gram += _symmetric(torch.from_numpy(part)).to(gram.device)
+    return taus.view(k, *base.shape)
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """``reference.all_finite``: one compiled pass per span testing exponent bits (float32, bf16)."""
+    compiled = jit()
+    flat = tensor.reshape(-1) if tensor.is_contiguous() else None
+    values = storage(flat) if compiled is not None and flat is not None else None
+    if values is None:
+        return reference.all_finite(tensor)
+    bad: list[int] = []
+    if values.size:
+        _run_spans(values.size, lambda lo, hi: bad.append(int(compiled.non_finite_span(values, lo, hi))))
+    return not any(bad)
+
+
+def apply_delta(base: Tensor | None, delta: Tensor, *, scale: float, out_dtype: torch.dtype) -> Tensor:
+    """``reference.apply_delta``, bit-exact, as one compiled loop per span into a reused output buffer."""
+    compiled = jit()
+    if compiled is None or base is None or scale == 0 or base.shape != delta.shape:
+        return reference.apply_delta(base, delta, scale=scale, out_dtype=out_dtype)
+    flat_base, flat_delta = base.contiguous().reshape(-1), delta.contiguous().reshape(-1)
+    out = buffers.take("output", flat_base.shape, out_dtype)
+    arrays = [storage(t) for t in (flat_base, flat_delta, out)]
+    base_np, delta_np, out_np = arrays
+    if base_np is None or out_np is None or delta_np is None or delta_np.dtype != np.float32:
+        return reference.apply_delta(base, delta, scale=scale, out_dtype=out_dtype)
+    scale32 = np.float32(scale)
+    if flat_base.numel():
+        _run_spans(
+            flat_base.numel(),
+            lambda lo, hi: compiled.apply_delta_span(base_np, delta_np, scale32, out_np, lo, hi),
+        )
+    return out.view(base.shape)
+
+
+def task_vector_gram(taus: Tensor) -> Tensor:
+    """``reference.task_vector_gram`` (up to float32 rounding): one compiled pass over the float32 task
+    vectors, per span and block of columns, summed in float64."""
+    compiled = jit()
+    flat = taus.reshape(taus.shape[0], -1)
+    if compiled is None or flat.dtype != torch.float32 or not flat.is_contiguous() or flat.shape[0] == 0:
+        return reference.task_vector_gram(taus)
+    k = flat.shape[0]
+    parts: list[np.ndarray] = []
+    rows = flat.numpy()
+
+    def work(lo: int, hi: int) -> None:
+        part = np.zeros((k, k), dtype=np.float64)
+        compiled.gram_span(rows, part, lo, hi)
+        parts.append(part)
+
+    if flat.shape[1]:
+        _run_spans(flat.shape[1], work)
+    gram = torch.zeros((k, k), dtype=torch.float64)
+    for part in parts:
+        gram += torch.from_numpy(part)
+    return _symmetric(gram)
+
+
+def _symmetric(upper: Tensor) -> Tensor:
+    """A full symmetric matrix from its upper triangle (the compiled Gram loops fill only that)."""
+    return upper + torch.triu(upper, diagonal=1).T
+
+
 def fused_sparse_merge(
     x: Tensor,
     weights: Tensor,
@@ -161,8 +276,14 @@ def fused_sparse_merge(
         raise ValueError(f"{w.numel()} weights for {x.shape[0]} task vectors")
     if sum(v is not None for v in (keep, boundary, dare)) > 1:
         raise ValueError("pass one of keep (top-k), boundary (precomputed) or dare")
-    plan, masks = _in_pass_selection(x, keep, skip, boundary, lower_boundary, dare, scale, ternary)
-    if plan is not None or masks is not None:
+    compiled = jit()
+    band = _band_selection(x, keep, skip, boundary, lower_boundary, scale, ternary) if compiled else None
+    plan, masks = (
+        (None, None)
+        if band
+        else _in_pass_selection(x, keep, skip, boundary, lower_boundary, dare, scale, ternary)
+    )
+    if plan is not None or masks is not None or band is not None:
         sparse = x.float().contiguous()
     else:
         sparse = sparse_task_vectors(
@@ -178,16 +299,20 @@ def fused_sparse_merge(
     k = sparse.shape[0]
     rows = sparse.reshape(k, -1).numpy()
     numel = rows.shape[1]
-    merged = torch.empty(numel, dtype=torch.float32)
+    merged = buffers.take("sparse_merged", (numel,), torch.float32)
     counts: list[tuple[int, int]] = []
+    if compiled is not None and k:
+        return _compiled_sparse_merge(
+            compiled, rows, w, plan, masks, band, consensus, mean, merged, sparse.shape[1:]
+        )
     step = _SparseStep(w.tolist(), consensus=consensus, mean=mean, dare=plan, masks=masks)
 
     def work(lo: int, hi: int) -> None:
-        buffers = step.buffers(min(SPARSE_BLOCK, hi - lo))
+        block_buffers = step.buffers(min(SPARSE_BLOCK, hi - lo))
         kept = conflicts = 0
         for start in range(lo, hi, SPARSE_BLOCK):
             end = min(start + SPARSE_BLOCK, hi)
-            block_kept, block_conflicts = step.run(rows, start, end, merged.numpy()[start:end], buffers)
+            block_kept, block_conflicts = step.run(rows, start, end, merged.numpy()[start:end], block_buffers)
             kept += block_kept
             conflicts += block_conflicts
         counts.append((kept, conflicts))  # list.append is atomic under the GIL
@@ -199,6 +324,109 @@ def fused_sparse_merge(
         torch.tensor(sum(c[0] for c in counts), dtype=torch.int64),
         torch.tensor(sum(c[1] for c in counts), dtype=torch.int64),
     )
+
+
+def _compiled_sparse_merge(
+    compiled: Any,
+    rows: np.ndarray,
+    w: Tensor,
+    plan: list[tuple[int, int, float]] | None,
+    masks: np.ndarray | None,
+    band: tuple[np.ndarray, np.ndarray] | None,
+    consensus: bool,
+    mean: bool,
+    merged: Tensor,
+    shape: torch.Size,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``fused_sparse_merge``'s pass as one compiled loop per span (``cpu_jit.sparse_merge_span``)."""
+    k = rows.shape[0]
+    weights = w.cpu().numpy().astype(np.float32)
+    total_w = float(torch.tensor(weights.tolist(), dtype=torch.float32).sum())
+    plain_divisor = np.float32(total_w if abs(total_w) >= 1e-8 else 1.0)
+    keys = np.zeros(k, dtype=np.uint32)
+    thresholds = np.zeros(k, dtype=np.uint32)
+    scales = np.ones(k, dtype=np.float32)
+    selection = compiled.AS_STORED
+    if plan is not None:
+        selection = compiled.DARE
+        for t, (key, threshold, scale) in enumerate(plan):
+            keys[t], thresholds[t], scales[t] = key, min(threshold, 1 << 24), scale
+    elif masks is not None:
+        selection = compiled.MASKED
+    edges, cuts = band if band is not None else (np.zeros((k, 2), np.uint32), np.zeros((k, 2), np.int64))
+    if band is not None:
+        selection = compiled.BAND
+    mask_rows = masks if masks is not None else np.zeros((k, 1), dtype=np.bool_)
+    out = merged.numpy()
+    counts: list[tuple[int, int]] = []
+
+    def work(lo: int, hi: int) -> None:
+        counts.append(
+            compiled.sparse_merge_span(
+                rows,
+                mask_rows,
+                selection,
+                keys,
+                thresholds,
+                scales,
+                edges,
+                cuts,
+                weights,
+                consensus,
+                mean,
+                plain_divisor,
+                out,
+                lo,
+                hi,
+            )
+        )
+
+    if rows.shape[1]:
+        _run_spans(rows.shape[1], work)
+    return (
+        merged.view(shape),
+        torch.tensor(sum(int(c[0]) for c in counts), dtype=torch.int64),
+        torch.tensor(sum(int(c[1]) for c in counts) if consensus else 0, dtype=torch.int64),
+    )
+
+
+def _band_selection(
+    x: Tensor,
+    keep: Tensor | None,
+    skip: Tensor | None,
+    boundary: tuple[Tensor, Tensor] | None,
+    lower_boundary: tuple[Tensor, Tensor] | None,
+    scale: Tensor | None,
+    ternary: bool,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(edges, cuts) for the compiled pass to select by itself (``cpu_jit`` BAND) when x is [K, 1, m] with long
+    rows and an unscaled top-k or threshold selection: the exact radix-select boundaries of each model's
+    magnitudes, so no bool mask is written or read. None otherwise."""
+    from kernels import cpu_select
+
+    if x.dim() != 3 or x.shape[1] != 1 or ternary or scale is not None or (keep is None and boundary is None):
+        return None
+    k, m = x.shape[0], x.shape[2]
+    flat = x.float().reshape(k, m)
+
+    def per_model(values: Tensor) -> np.ndarray:
+        return np.ascontiguousarray(values.reshape(-1).expand(k).cpu().numpy())
+
+    if keep is not None:
+        upper_rank = (keep + (skip if skip is not None else 0)).clamp(0, m)
+        has_band = skip is not None and bool((skip > 0).any())
+        upper: tuple[np.ndarray | None, np.ndarray | None] = (per_model(upper_rank), None)
+        lower = (per_model(skip.clamp(0, m)), None) if has_band and skip is not None else None
+    else:
+        assert boundary is not None
+        upper = (per_model(boundary[0].float()), per_model(boundary[1].to(torch.int64)))
+        lower = (
+            (per_model(lower_boundary[0].float()), per_model(lower_boundary[1].to(torch.int64)))
+            if lower_boundary is not None
+            else None
+        )
+    found = cpu_select.compiled_band_edges(flat, upper, lower)
+    return None if found is None else (found[1], found[2])
 
 
 def _in_pass_selection(
@@ -231,7 +459,7 @@ def _in_pass_selection(
     if scale is not None or (keep is None and boundary is None):
         return None, None
     flat = x.float().reshape(k * n_rows, x.shape[2])
-    masks = np.empty(flat.shape, dtype=np.bool_)
+    masks = buffers.take("keep_masks", flat.shape, torch.bool).numpy()
     for part, mask in selection_masks(
         flat, keep=keep, skip=skip, boundary=boundary, lower_boundary=lower_boundary
     ):

@@ -22,6 +22,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from kernels.compiled import jit
+
 Tensor = torch.Tensor
 
 
@@ -312,8 +314,176 @@ def _as_rows(values: np.ndarray, rows: int) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(values.reshape(-1), (rows,)))
 
 
+#: rows at most this many (each at least _SAMPLE_MIN_N long) take the compiled radix select: its histograms are
+#: R × 2^16 counters per thread
+_JIT_MAX_ROWS = 64
+_HIGH = 1 << 16
+_LOW = 1 << 15
+_INF_BITS = np.uint32(0x7F800000)
+
+
+def _compiled_rows(x: Tensor) -> np.ndarray | None:
+    """``x[R, n]`` as float32 numpy rows when the compiled radix select takes it (long rows, few of them)."""
+    rows, n = x.shape
+    if n < _SAMPLE_MIN_N or rows > _JIT_MAX_ROWS or jit() is None:
+        return None
+    return np.ascontiguousarray(x.detach().float().numpy())
+
+
+def _column_spans(n: int) -> list[tuple[int, int]]:
+    parts = max(1, torch.get_num_threads()) if n >= _PARALLEL_MIN else 1
+    cuts = [n * i // parts for i in range(parts + 1)]
+    return list(zip(cuts, cuts[1:], strict=False))
+
+
+def _summed(fn: Callable[[int, int, np.ndarray], None], shape: tuple[int, int], n: int) -> np.ndarray:
+    """Σ over column spans (one per thread) of the int64 histograms ``fn(lo, hi, hist)`` fills."""
+
+    def work(span: tuple[int, int]) -> np.ndarray:
+        hist = np.zeros(shape, dtype=np.int64)
+        fn(span[0], span[1], hist)
+        return hist
+
+    parts = _parallel_map(work, _column_spans(n))
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+def _digit(hist: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``hist[M, B]``: the digit holding the ``wanted``-th largest (1-based) and how many lie in higher
+    digits."""
+    above = np.cumsum(hist[:, ::-1], axis=1)  # above[i, c]: count in the top c + 1 digits
+    index = np.array([np.searchsorted(row, w) for row, w in zip(above, wanted.tolist(), strict=True)])
+    index = np.minimum(index, hist.shape[1] - 1)
+    higher = np.where(index > 0, above[np.arange(hist.shape[0]), np.maximum(index - 1, 0)], 0)
+    return hist.shape[1] - 1 - index, higher
+
+
+def _compiled_boundaries(
+    rows: np.ndarray, ranks: list[np.ndarray]
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``rank_boundary`` of ``rows[R, n]`` per int64 rank array ([R], values in 0..n), exact, by the compiled
+    two-digit radix select: per rank (threshold bits uint32 [R], quota [R], ties at the threshold [R])."""
+    compiled = jit()
+    assert compiled is not None
+    r_count, n = rows.shape
+    high = _summed(lambda lo, hi, h: compiled.high_histogram_span(rows, lo, hi, h), (r_count, _HIGH), n)
+    live = np.concatenate([np.maximum(rank, 1) for rank in ranks])  # rank 0 is answered below
+    stacked_high = np.concatenate([high] * len(ranks))
+    bins, greater_high = _digit(stacked_high, live)
+    asked = np.where(np.concatenate(ranks) > 0, bins, -1)
+    # bins are asked row-major by rank: row i of rank block m is entry m·R + i; the kernel wants R-major
+    per_row = np.ascontiguousarray(asked.reshape(len(ranks), r_count).T.reshape(-1))
+    low = _summed(
+        lambda lo, hi, h: compiled.low_histogram_span(rows, lo, hi, per_row, h), (per_row.size, _LOW), n
+    )
+    low = low.reshape(r_count, len(ranks), _LOW).transpose(1, 0, 2).reshape(-1, _LOW)
+    digits, greater_low = _digit(low, live - greater_high)
+    bits = ((bins.astype(np.uint32) << np.uint32(15)) | digits.astype(np.uint32)).astype(np.uint32)
+    ties = low[np.arange(low.shape[0]), digits]
+    quota = live - greater_high - greater_low
+    out = []
+    for m, rank in enumerate(ranks):
+        part = slice(m * r_count, (m + 1) * r_count)
+        zero = rank <= 0
+        out.append(
+            (
+                np.where(zero, _INF_BITS, bits[part]).astype(np.uint32),
+                np.where(zero, 0, quota[part]).astype(np.int64),
+                np.where(zero, 0, ties[part]).astype(np.int64),
+            )
+        )
+    return out
+
+
+def _cuts(rows: np.ndarray, bits: np.ndarray, quota: np.ndarray, ties: np.ndarray | None) -> np.ndarray:
+    """Per row, the index before which ties at the threshold are kept: none for a quota of 0, all when the
+    quota covers them, else up to tie number ``quota``."""
+    compiled = jit()
+    assert compiled is not None
+    n = rows.shape[1]
+    cut = np.empty(rows.shape[0], dtype=np.int64)
+    for i in range(rows.shape[0]):
+        q = int(quota[i])
+        if q <= 0:
+            cut[i] = 0
+        elif ties is not None and q >= int(ties[i]):
+            cut[i] = n
+        else:
+            cut[i] = compiled.tie_cut(rows[i], np.uint32(bits[i]), q)
+    return cut
+
+
+def _compiled_select(
+    rows: np.ndarray,
+    upper: tuple[np.ndarray, np.ndarray],
+    lower: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """bool [R, n]: selected by the ``upper`` (threshold bits, cut) boundary and not by the ``lower`` one."""
+    compiled = jit()
+    assert compiled is not None
+    r_count, n = rows.shape
+    if lower is None:
+        lower = (np.full(r_count, _INF_BITS, dtype=np.uint32), np.zeros(r_count, dtype=np.int64))
+    out = np.empty((r_count, n), dtype=np.bool_)  # the caller keeps it: not a reused buffer
+
+    def work(span: tuple[int, int]) -> None:
+        compiled.band_select_span(rows, span[0], span[1], upper[0], upper[1], lower[0], lower[1], out)
+
+    _parallel_map(work, _column_spans(n))
+    return out
+
+
+def compiled_band_edges(
+    x: Tensor,
+    upper: tuple[np.ndarray | None, np.ndarray | None],
+    lower: tuple[np.ndarray | None, np.ndarray | None] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """For the in-pass selection of ``cpu_jit.sparse_merge_span`` (BAND): (float32 rows, edges uint32 [R, 2],
+    cuts int64 [R, 2]) of ``x[R, n]``, column 0 the upper boundary and column 1 the lower one; None when the
+    compiled radix select does not take ``x``. A boundary is (rank [R], None) for a top-k edge or (threshold [R],
+    quota [R]) for a precomputed one; ``lower`` None removes nothing."""
+    rows = _compiled_rows(x)
+    if rows is None:
+        return None
+    r_count = rows.shape[0]
+    edges = np.empty((r_count, 2), dtype=np.uint32)
+    cuts = np.empty((r_count, 2), dtype=np.int64)
+    ranked = [
+        (column, edge[0])
+        for column, edge in enumerate((upper, lower))
+        if edge is not None and edge[1] is None
+    ]
+    # the top-k edges (Breadcrumbs: both) from one pair of histogram passes
+    found = (
+        _compiled_boundaries(rows, [np.ascontiguousarray(r, dtype=np.int64) for _, r in ranked])
+        if ranked
+        else []
+    )
+    by_column = {column: boundary for (column, _), boundary in zip(ranked, found, strict=True)}
+    for column, edge in enumerate((upper, lower)):
+        if edge is None:
+            edges[:, column], cuts[:, column] = _INF_BITS, 0
+        elif column in by_column:
+            bits, q, ties = by_column[column]
+            edges[:, column], cuts[:, column] = bits, _cuts(rows, bits, q, ties)
+        else:  # a precomputed (threshold, quota)
+            bits = np.ascontiguousarray(edge[0], dtype=np.float32).view(np.uint32) & np.uint32(0x7FFFFFFF)
+            edges[:, column], cuts[:, column] = bits, _cuts(rows, bits, edge[1], None)
+    return rows, edges, cuts
+
+
+def _as_float(bits: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(bits, dtype=np.uint32).view(np.float32)
+
+
 def rank_boundary(x: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
     """``reference.rank_boundary`` for a CPU ``x[R, n]``; ``rank`` already clamped to [0, n]."""
+    if (rows := _compiled_rows(x)) is not None:
+        ((bits, quota, _),) = _compiled_boundaries(rows, [_as_rows(rank.numpy(), x.shape[0])])
+        return torch.from_numpy(_as_float(bits).copy()), torch.from_numpy(quota)
     ((threshold, quota),) = _boundaries_np(_magnitudes_np(x), [_as_rows(rank.numpy(), x.shape[0])])
     return torch.from_numpy(threshold), torch.from_numpy(quota)
 
@@ -321,6 +491,12 @@ def rank_boundary(x: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
 def select_by_threshold(x: Tensor, threshold: Tensor, tie_quota: Tensor) -> Tensor:
     """``reference.select_by_threshold`` for a CPU ``x[R, n]``."""
     rows = x.shape[0]
+    if (values := _compiled_rows(x)) is not None:
+        bits = _as_rows(threshold.to(dtype=torch.float32).cpu().numpy(), rows).view(np.uint32) & np.uint32(
+            0x7FFFFFFF
+        )
+        quota = _as_rows(tie_quota.to(dtype=torch.int64).cpu().numpy(), rows)
+        return torch.from_numpy(_compiled_select(values, (bits, _cuts(values, bits, quota, None))))
     return torch.from_numpy(
         _select_np(
             _magnitudes_np(x),
@@ -337,6 +513,12 @@ def topk_mask(x: Tensor, keep: Tensor, skip: Tensor) -> Tensor:
     upper = _as_rows((skip + keep).clamp(0, n).numpy(), rows)
     band = bool((skip > 0).any())
     ranks = [upper, _as_rows(skip.clamp(0, n).numpy(), rows)] if band else [upper]
+    if (values := _compiled_rows(x)) is not None:
+        edges = [
+            (bits, _cuts(values, bits, quota, ties))
+            for bits, quota, ties in _compiled_boundaries(values, ranks)
+        ]
+        return torch.from_numpy(_compiled_select(values, edges[0], edges[1] if band else None))
     magnitude = _magnitudes_np(x)
     boundaries = _boundaries_np(magnitude, ranks)
     mask = _select_np(magnitude, *boundaries[0], expected=upper)

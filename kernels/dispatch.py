@@ -26,6 +26,9 @@ from kernels import cpu_fused, reference
 from kernels.errors import KernelUnavailable
 
 _MODES = ("auto", "torch", "triton")
+#: ops with no Triton twin by design: one elementwise pass or a matmul, which torch on CUDA already runs at memory
+#: speed; ``triton`` mode runs their reference instead of refusing (on CPU tensors ``auto`` runs their CPU twin)
+REFERENCE_ON_TRITON = frozenset({"task_vectors", "task_vector_gram", "apply_delta", "all_finite"})
 _triton_module: ModuleType | None = None
 _triton_error: str | None = None
 _tried_import = False
@@ -68,6 +71,8 @@ def kernel(op_name: str, *tensors: Any) -> Callable[..., Any]:
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
     if mode == "auto" and not on_cuda:
         return getattr(cpu_fused, op_name, ref)
+    if op_name in REFERENCE_ON_TRITON:
+        return ref
     module = _load_triton_ops()
     triton_fn = getattr(module, op_name, None) if module is not None else None
     if triton_fn is not None and (on_cuda or interpreting(module)):

@@ -65,6 +65,40 @@ def fused_task_arithmetic(
     return acc.mul_(scale).add_(base32).to(out_dtype)
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """True when no element is NaN/Inf: one ``aminmax`` read (NaN propagates into it, ±Inf is an extreme), exact
+    with no overflow false alarm, and on CPU 10x faster for bf16/fp16 than a float32 sum (which converts)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+def apply_delta(base: Tensor | None, delta: Tensor, *, scale: float, out_dtype: torch.dtype) -> Tensor:
+    """``(θ_0.float() + scale·delta).to(out_dtype)``, the merged tensor from the method's float32 delta (torch's
+    ``add(alpha=scale)``: one fused multiply-add); ``base`` None is a zero reference (soups without normalize)."""
+    if base is None:
+        out = torch.zeros_like(delta).add_(delta, alpha=scale) if scale != 0 else torch.zeros_like(delta)
+    else:
+        # out of place: for a float32 base, .float() is the base itself
+        out = torch.add(base.float(), delta, alpha=scale) if scale != 0 else base.float()
+    return out.to(out_dtype)
+
+
+def task_vectors(base: Tensor, finetuned: Sequence[Tensor], *, gram: Tensor | None = None) -> Tensor:
+    """[K, *S] float32: τ_t = θ_t.float() − θ_0.float() (exact: one rounding each). ``gram`` (float64 [K, K],
+    optional) gains their Gram matrix (``task_vector_gram``)."""
+    base32 = base.float()
+    taus = torch.empty((len(finetuned), *base.shape), dtype=torch.float32, device=base.device)
+    for tau, theta in zip(taus, finetuned, strict=True):
+        if theta.shape != base.shape:
+            raise ValueError(f"shape {tuple(theta.shape)} differs from the base's {tuple(base.shape)}")
+        tau.copy_(theta).sub_(base32)  # convert, then subtract (fast on CPU)
+    if gram is not None:
+        gram += task_vector_gram(taus).to(gram.device)
+    return taus
+
+
 #: columns per float32 product of ``task_vector_gram``: K × 512 KiB, summed in float64 across chunks
 GRAM_CHUNK = 1 << 17
 

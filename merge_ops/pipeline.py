@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kernels import buffers
 from merge_ops import __version__
 from merge_ops.checkpoint import torch_dtype
 from merge_ops.errors import MergeCancelled, OutputError, maps_kernel_errors
@@ -216,32 +217,39 @@ def _merge_tensors(
     t_merge = time.perf_counter()
     load_s = compute_s = 0.0
     try:
-        for done, (tp, loaded) in enumerate(prefetched(merger, plan.tensors), start=1):
-            if should_cancel is not None and should_cancel():
-                raise MergeCancelled("the merge was cancelled")
-            load_s += loaded.load_s
-            c0 = time.perf_counter()
-            row: dict[str, Any] = {"name": tp.name, "action": tp.action, "shape": tp.shape, "layer": tp.layer}
-            if (position := merger.positions.get(tp.name)) is not None:
-                row.update(stack=position.stack, depth=position.depth, num_blocks=position.num_blocks)
-            if tp.action == "copy":
-                writer.write(tp.name, loaded.base.cpu())
-                row["reason"] = tp.reason
-            else:
-                scale = float(getattr(merger.params_for(tp), "lambda_", 1.0)) * scales.get(tp.name, 1.0)
-                row["scale"] = scale
-                out, stats = merger.merge(loaded, tp, scale, global_stats)
-                row.update(stats)
-                writer.write(tp.name, out.cpu())
-                if tp.name in scales:
-                    row["lines_scale"] = scales[tp.name]
-            compute_s += time.perf_counter() - c0
-            rows.append(row)
-            bytes_done += bytes_of(tp)
-            if progress is not None:
-                elapsed = time.perf_counter() - t_merge
-                eta = elapsed / bytes_done * (bytes_total - bytes_done) if bytes_done else None
-                progress(Progress(done, total, bytes_done, bytes_total, eta))
+        # each tensor's output is written before the next one starts: the passes' buffers can be reused
+        with buffers.reuse():
+            for done, (tp, loaded) in enumerate(prefetched(merger, plan.tensors), start=1):
+                if should_cancel is not None and should_cancel():
+                    raise MergeCancelled("the merge was cancelled")
+                load_s += loaded.load_s
+                c0 = time.perf_counter()
+                row: dict[str, Any] = {
+                    "name": tp.name,
+                    "action": tp.action,
+                    "shape": tp.shape,
+                    "layer": tp.layer,
+                }
+                if (position := merger.positions.get(tp.name)) is not None:
+                    row.update(stack=position.stack, depth=position.depth, num_blocks=position.num_blocks)
+                if tp.action == "copy":
+                    writer.write(tp.name, loaded.base.cpu())
+                    row["reason"] = tp.reason
+                else:
+                    scale = float(getattr(merger.params_for(tp), "lambda_", 1.0)) * scales.get(tp.name, 1.0)
+                    row["scale"] = scale
+                    out, stats = merger.merge(loaded, tp, scale, global_stats)
+                    row.update(stats)
+                    writer.write(tp.name, out.cpu())
+                    if tp.name in scales:
+                        row["lines_scale"] = scales[tp.name]
+                compute_s += time.perf_counter() - c0
+                rows.append(row)
+                bytes_done += bytes_of(tp)
+                if progress is not None:
+                    elapsed = time.perf_counter() - t_merge
+                    eta = elapsed / bytes_done * (bytes_total - bytes_done) if bytes_done else None
+                    progress(Progress(done, total, bytes_done, bytes_total, eta))
         files = writer.close()
     except BaseException:
         with contextlib.suppress(Exception):

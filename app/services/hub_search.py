@@ -10,13 +10,20 @@ Hub errors (``merge_ops.hub.map_hub_error``), so the answer is a problem detail,
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from app.schemas import HubModel, HubSearch, ModelFacts
-from merge_ops.errors import HubError
+from merge_ops.errors import HubError, HubTransientError
 
 #: repos described per search (each is one model_info call)
 MAX_RESULTS = 10
+#: seconds an interactive search waits for the Hub. huggingface_hub retries an unreachable Hub 5 times with
+#: backoff (~24 s, not configurable per call); the form's Find… dialog should say "unreachable" well before.
+#: The abandoned call finishes in its thread and is discarded.
+SEARCH_DEADLINE_S = 8.0
+_searches = ThreadPoolExecutor(max_workers=4, thread_name_prefix="alloy-hub-search")
 
 
 def _api(token: str | None) -> Any:
@@ -31,8 +38,13 @@ def search_hub(search: str, *, token: str | None, limit: int = MAX_RESULTS) -> H
     from merge_ops.hub import map_hub_error
 
     api = _api(token)
+    pending = _searches.submit(lambda: list(api.list_models(search=search, limit=min(limit, MAX_RESULTS))))
     try:
-        found = list(api.list_models(search=search, limit=min(limit, MAX_RESULTS)))
+        found = pending.result(timeout=SEARCH_DEADLINE_S)
+    except FutureTimeout:
+        raise HubTransientError(
+            f"the Hub at {api.endpoint} did not answer a search within {SEARCH_DEADLINE_S:g} s; try again later"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - mapped below; an unknown error re-raises unchanged
         mapped = map_hub_error(exc, what=f"searching the Hub for {search!r}")
         if mapped is None:

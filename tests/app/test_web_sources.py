@@ -12,6 +12,7 @@ import json
 import math
 import os
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.services.hub_search import SEARCH_DEADLINE_S
 from tests.app import test_web_form as web
 from tests.app.test_web_form import Deployment, running_deployment, screenshot
 from tests.utils.hub_server import READ_TOKEN, WRITE_TOKEN, HubServer
@@ -179,7 +181,10 @@ def test_hub_search_answers_problem_details(deployment: Deployment, hub: HubServ
     problem = bad_token.json()
     assert problem["code"] == "hub_access_denied" and "hf_not_a_token" not in bad_token.text, problem
     fault = hub.inject("GET", "/api/models", status=503, times=10)
+    started = time.monotonic()
     down = _get(deployment, "/v1/sources/hub", {"search": "tiny"})
+    # the search's deadline, not huggingface_hub's ~24 s of retries (a generous margin for a loaded runner)
+    assert time.monotonic() - started < SEARCH_DEADLINE_S + 6
     assert down.status_code == 503 and down.json()["code"] == "hub_unavailable", down.text
     assert "HF_HUB" not in down.text and "Traceback" not in down.text
     assert fault.hits >= 1

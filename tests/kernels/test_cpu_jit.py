@@ -1,0 +1,209 @@
+"""The compiled CPU loops (``kernels.cpu_jit`` through ``kernels.cpu_fused`` / ``kernels.cpu_select``) against the
+torch reference run with them switched off (``ALLOY_JIT=off``: the reference's own CPU selection then runs in
+numpy), on fresh random inputs: bit-exact for merged values, selections and counts; within float32 rounding for
+the Gram matrix. Also: the switch, the fallback for dtypes the loops don't compile, and the reused buffers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from kernels import buffers, compiled, cpu_fused, reference
+
+pytestmark = pytest.mark.skipif(compiled.jit() is None, reason=f"numba unavailable: {compiled.jit_error()}")
+
+LONG = (1 << 17) + 4099  # past the radix select's minimum row length and the parallel split, with a tail
+
+
+@contextlib.contextmanager
+def jit_off() -> Iterator[None]:
+    before = os.environ.get("ALLOY_JIT")
+    os.environ["ALLOY_JIT"] = "off"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("ALLOY_JIT")
+        else:
+            os.environ["ALLOY_JIT"] = before
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+def _models(n: int, k: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    fts = [(base + 0.01 * (t + 1) * torch.randn(n, generator=g)).to(dtype) for t in range(k)]
+    return base.to(dtype), fts
+
+
+def test_the_switch_turns_the_loops_off_and_the_blocked_twin_gives_the_same_bits() -> None:
+    base, fts = _models(LONG, 3, torch.bfloat16, seed=1)
+    weights = [0.7, -0.4, 1.3]
+    on = cpu_fused.fused_task_arithmetic(base, fts, weights, scale=0.37, out_dtype=torch.bfloat16).clone()
+    with jit_off():
+        assert compiled.jit() is None
+        off = cpu_fused.fused_task_arithmetic(base, fts, weights, scale=0.37, out_dtype=torch.bfloat16)
+    assert compiled.jit() is not None
+    assert torch.equal(_bits(on), _bits(off))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("n", [1, 4097, LONG])
+def test_task_vectors_are_the_reference_bit_for_bit(dtype: torch.dtype, n: int) -> None:
+    base, fts = _models(n, 3, dtype, seed=n)
+    got = cpu_fused.task_vectors(base, fts)
+    want = reference.task_vectors(base, fts)
+    assert got.dtype == torch.float32 and got.shape == (3, n)
+    assert torch.equal(_bits(got), _bits(want))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_task_vectors_with_the_gram_matrix_from_the_same_pass(k: int) -> None:
+    base, fts = _models(LONG, k, torch.bfloat16, seed=k)
+    gram = torch.zeros((k, k), dtype=torch.float64)
+    got = cpu_fused.task_vectors(base, fts, gram=gram)
+    want = reference.task_vectors(base, fts)
+    assert torch.equal(_bits(got), _bits(want))
+    exact = want.double() @ want.double().T
+    torch.testing.assert_close(gram, exact, rtol=1e-5, atol=1e-6)
+    reference_gram = torch.zeros((k, k), dtype=torch.float64)
+    reference.task_vectors(base, fts, gram=reference_gram)
+    torch.testing.assert_close(reference_gram, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_task_vectors_refuse_a_shape_mismatch() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        cpu_fused.task_vectors(torch.zeros(4), [torch.zeros(5)])
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_the_gram_matrix_is_float64_exact_up_to_float32_rounding(k: int) -> None:
+    taus = torch.randn(k, 3, LONG // 3, generator=torch.Generator().manual_seed(k))
+    want = taus.reshape(k, -1).double() @ taus.reshape(k, -1).double().T
+    got = cpu_fused.task_vector_gram(taus)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+    assert torch.equal(got, got.T)
+
+
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("scale", [1.0, 0.37, -2.0, 0.0])
+def test_apply_delta_is_the_reference_bit_for_bit(
+    base_dtype: torch.dtype, out_dtype: torch.dtype, scale: float
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(LONG, generator=g).to(base_dtype)
+    delta = 0.01 * torch.randn(LONG, generator=g)
+    delta[::97] = 0.0
+    got = cpu_fused.apply_delta(base, delta, scale=scale, out_dtype=out_dtype)
+    want = reference.apply_delta(base, delta, scale=scale, out_dtype=out_dtype)
+    assert got.dtype == out_dtype and torch.equal(_bits(got), _bits(want))
+    zero_reference = cpu_fused.apply_delta(None, delta, scale=scale, out_dtype=out_dtype)
+    assert torch.equal(
+        _bits(zero_reference), _bits(reference.apply_delta(None, delta, scale=scale, out_dtype=out_dtype))
+    )
+
+
+def test_apply_delta_rounds_to_nearest_even_and_keeps_nan_and_overflow() -> None:
+    base = torch.tensor([1.0, 1.0, 3.0e38, 0.0] * 1000, dtype=torch.float32)
+    delta = torch.tensor([2.0**-8, 3 * 2.0**-8, 3.0e38, float("nan")] * 1000)  # ties to even, overflow, NaN
+    got = cpu_fused.apply_delta(base, delta, scale=1.0, out_dtype=torch.bfloat16)
+    want = reference.apply_delta(base, delta, scale=1.0, out_dtype=torch.bfloat16)
+    assert torch.equal(_bits(got), _bits(want))
+    assert torch.isinf(got[2]) and torch.isnan(got[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16, torch.int64])
+def test_all_finite_finds_nan_and_inf_anywhere(dtype: torch.dtype) -> None:
+    clean = torch.ones(LONG, dtype=dtype)
+    assert cpu_fused.all_finite(clean)
+    if not dtype.is_floating_point:
+        return
+    for where in (0, LONG // 2, LONG - 1):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            poisoned = clean.clone()
+            poisoned[where] = bad
+            assert not cpu_fused.all_finite(poisoned)
+            assert not reference.all_finite(poisoned)
+    assert cpu_fused.all_finite(torch.ones(0, dtype=dtype))
+    assert cpu_fused.all_finite(torch.ones(64, 64, dtype=dtype).t())  # non-contiguous: the reference
+
+
+def _task_vectors_with_ties(k: int, seed: int) -> torch.Tensor:
+    """[K, 1, LONG]: differences of bf16 weights (few distinct magnitudes, exact zeros, many exact ties)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(k, 1, LONG, generator=g).bfloat16()
+    fine = (base.float() + 0.003 * torch.randn(k, 1, LONG, generator=g)).bfloat16()
+    return fine.float() - base.float()
+
+
+def _band_selections(k: int) -> list[dict]:
+    g = torch.Generator().manual_seed(k)
+    keep = torch.randint(1, LONG // 2, (k,), generator=g)
+    skip = torch.randint(0, LONG // 50, (k,), generator=g)
+    x = _task_vectors_with_ties(k, seed=k + 100)
+    with jit_off():
+        threshold, quota = reference.rank_boundary(x.reshape(k, -1), torch.full((k,), LONG // 5))
+        lower = reference.rank_boundary(x.reshape(k, -1), torch.full((k,), LONG // 100))
+    return [
+        {"keep": keep},
+        {"keep": keep, "skip": skip},
+        {"keep": torch.tensor(LONG // 5)},  # one count for every model
+        {"boundary": (threshold, quota)},
+        {"boundary": (threshold, quota), "lower_boundary": lower},
+        {"boundary": (threshold, torch.zeros_like(quota))},  # strict: no tie kept
+    ]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("weights", ["equal", "signed"])
+def test_the_in_pass_band_selection_is_the_reference_bit_for_bit(k: int, weights: str) -> None:
+    x = _task_vectors_with_ties(k, seed=k + 100)
+    w = torch.ones(k) if weights == "equal" else torch.tensor([(-1.0) ** t * (t + 1) * 0.5 for t in range(k)])
+    for selection in _band_selections(k):
+        for consensus, mean in [(True, True), (True, False), (False, True), (False, False)]:
+            args = {"consensus": consensus, "mean": mean, **selection}
+            got = [t.clone() for t in cpu_fused.fused_sparse_merge(x, w, **args)]
+            with jit_off():
+                want = reference.fused_sparse_merge(x, w, **args)
+            assert torch.equal(_bits(got[0]), _bits(want[0])), (list(selection), consensus, mean)
+            assert (int(got[1]), int(got[2])) == (int(want[1]), int(want[2]))
+
+
+def test_the_compiled_selection_is_the_same_with_one_thread() -> None:
+    x = _task_vectors_with_ties(3, seed=7).reshape(3, -1)
+    keep, skip = torch.tensor([40_000, 7, 90_000]), torch.tensor([1000, 0, 5])
+    want = reference.topk_mask(x, keep=keep, skip=skip)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(reference.topk_mask(x, keep=keep, skip=skip), want)
+    finally:
+        torch.set_num_threads(before)
+    with jit_off():
+        assert torch.equal(reference.topk_mask(x, keep=keep, skip=skip), want)
+
+
+def test_buffers_are_reused_only_inside_the_scope() -> None:
+    outside = buffers.take("role", (4, 5), torch.float32)
+    assert (
+        buffers.take("role", (4, 5), torch.float32).data_ptr() != outside.data_ptr() or outside.numel() == 0
+    )
+    with buffers.reuse():
+        first = buffers.take("role", (1000,), torch.float32)
+        again = buffers.take("role", (10, 10), torch.float32)
+        assert again.data_ptr() == first.data_ptr() and again.shape == (10, 10)
+        other = buffers.take("other", (1000,), torch.float32)
+        assert other.data_ptr() != first.data_ptr()
+        grown = buffers.take("role", (5000,), torch.float32)
+        assert grown.numel() == 5000
+        assert buffers.take("role", (5000,), torch.bfloat16).dtype == torch.bfloat16
+    assert buffers.take("role", (10,), torch.float32).data_ptr() != grown.data_ptr()
