@@ -33,7 +33,9 @@ def jit() -> ModuleType | None:
 
                 cpu_jit.start()
             _module = cpu_jit
-        except Exception as exc:  # numba missing, or built for another numpy
+        # numba missing or built for another numpy (ImportError), LLVM or its cache failing (OSError,
+        # RuntimeError); anything else (a Celery time limit, an interrupt) goes through
+        except (ImportError, OSError, RuntimeError) as exc:
             _error = f"{type(exc).__name__}: {exc}"
     return _module
 

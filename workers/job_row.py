@@ -25,6 +25,7 @@ from app import crud
 from app.core.config import Settings
 from app.db import get_engine, session_scope
 from merge_ops.errors import InternalError, MergeCancelled, MergeError, TimeLimitExceededError
+from workers.celery_app import soft_time_limit_s
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +110,20 @@ class JobTicker(threading.Thread):
         self._lock = threading.Lock()
         self._pending: Any = None
         self._interval = progress_interval(settings)
+        self._deadline = time.monotonic() + soft_time_limit_s(settings.task_time_limit_s)
 
     def report(self, progress: Any) -> None:
         with self._lock:
             self._pending = progress
 
     def should_stop(self) -> bool:
+        """Whether the merge should stop (cancelled, or the row is no longer ours). Past the soft time limit it
+        raises Celery's ``SoftTimeLimitExceeded`` itself: the limit's signal can land where Python drops the
+        exception (a weakref callback, a library's broad ``except``), and the merge asks here before each tensor."""
+        if time.monotonic() > self._deadline:
+            from celery.exceptions import SoftTimeLimitExceeded
+
+            raise SoftTimeLimitExceeded()
         return self.cancel.is_set() or self.lost.is_set()
 
     def run(self) -> None:
