@@ -198,30 +198,30 @@ def warm_up(workdir: Path, args: argparse.Namespace) -> None:
     exact selection, so every loop a timed merge runs is compiled here."""
     base, models = generate(workdir / "warm-up", k=args.k, hidden=64, layers=2, vocab=4096, dtype=args.dtype)
     for method in args.methods.split(","):
-        bench = METHODS[method]
-        used = models[: bench.fine_tunes] if bench.fine_tunes else models
         out = workdir / "warm-up" / f"out-{method}"
-        recipe = {
-            "method": method,
-            "base": str(base),
-            "models": [{"source": str(m)} for m in used],
-            "params": dict(bench.params),
-            "output": {"path": str(out)},
-        }
-        recipe_path = workdir / "warm-up" / f"{method}.yaml"
-        recipe_path.write_text(yaml.safe_dump(recipe))
-        command = [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "merge",
-            str(recipe_path),
-            "--quiet",
-            "--device",
-            args.device,
-        ]
+        _, command = alloy_merge(
+            method, base, models, out, workdir / "warm-up" / f"{method}.yaml", args.device
+        )
         subprocess.run(command, cwd=ROOT, check=True)
         shutil.rmtree(out, ignore_errors=True)
+
+
+def alloy_merge(
+    method: str, base: Path, models: list[Path], out: Path, recipe_path: Path, device: str
+) -> tuple[list[Path], list[str]]:
+    """Write the row's Alloy recipe (its params, the fine-tunes it takes) and return (the models it merges,
+    the `alloy merge` command line)."""
+    bench = METHODS[method]
+    used = models[: bench.fine_tunes] if bench.fine_tunes else models
+    recipe = {
+        "method": method,
+        "base": str(base),
+        "models": [{"source": str(m)} for m in used],
+        "params": dict(bench.params),
+        "output": {"path": str(out)},
+    }
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    return used, [sys.executable, "-m", "app.cli", "merge", str(recipe_path), "--quiet", "--device", device]
 
 
 def main() -> None:
@@ -319,34 +319,16 @@ def main() -> None:
     warm_up(workdir, args)
     for method in args.methods.split(","):
         bench = METHODS[method]
-        used = models_of[method] = models[: bench.fine_tunes] if bench.fine_tunes else models
-        recipe = {
-            "method": method,
-            "base": str(base),
-            "models": [{"source": str(m)} for m in used],
-            "params": dict(bench.params),
-            "output": {"path": str(outputs / method)},
-        }
-        recipe_path = workdir / f"{method}.yaml"
-        recipe_path.write_text(yaml.safe_dump(recipe))
+        used, command = alloy_merge(
+            method, base, models, outputs / method, workdir / f"{method}.yaml", args.device
+        )
+        models_of[method] = used
         report: dict[str, object] = {}
 
         def merge_run(
-            recipe_path: Path = recipe_path, method: str = method, report: dict[str, object] = report
+            command: list[str] = command, method: str = method, report: dict[str, object] = report
         ) -> Measured:
-            measured = run_measured(
-                [
-                    sys.executable,
-                    "-m",
-                    "app.cli",
-                    "merge",
-                    str(recipe_path),
-                    "--quiet",
-                    "--device",
-                    args.device,
-                ],
-                cwd=ROOT,
-            )
+            measured = run_measured(command, cwd=ROOT)
             report.update(json.loads((outputs / method / "alloy-report.json").read_text()))
             shutil.rmtree(outputs / method)  # 20 model-sized outputs would fill the disk and the page cache
             return measured

@@ -341,8 +341,7 @@ def _compiled_sparse_merge(
     """``fused_sparse_merge``'s pass as one compiled loop per span (``cpu_jit.sparse_merge_span``)."""
     k = rows.shape[0]
     weights = w.cpu().numpy().astype(np.float32)
-    total_w = float(torch.tensor(weights.tolist(), dtype=torch.float32).sum())
-    plain_divisor = np.float32(total_w if abs(total_w) >= 1e-8 else 1.0)
+    plain_divisor = np.float32(_plain_divisor(weights.tolist()))
     keys = np.zeros(k, dtype=np.uint32)
     thresholds = np.zeros(k, dtype=np.uint32)
     scales = np.ones(k, dtype=np.float32)
@@ -489,8 +488,7 @@ class _SparseStep:
         self.w, self.consensus, self.mean, self.dare, self.masks = weights, consensus, mean, dare, masks
         self.k = len(weights)
         self.equal_weights = len(set(weights)) == 1
-        total_w = float(torch.tensor(weights, dtype=torch.float32).sum())
-        self.plain_divisor = total_w if abs(total_w) >= 1e-8 else 1.0
+        self.plain_divisor = _plain_divisor(weights)
         self.count_dtype = np.uint8 if self.k < 256 else np.int32
 
     def buffers(self, size: int) -> dict[str, Any]:
@@ -596,6 +594,12 @@ class _SparseStep:
         else:
             np.copyto(merged, total)
         return kept, conflicts
+
+
+def _plain_divisor(weights: list[float]) -> float:
+    """The plain mean's divisor, as the reference takes it: Σ w in float32, and 1 where |Σ w| < 1e-8."""
+    total = float(torch.tensor(weights, dtype=torch.float32).sum())
+    return total if abs(total) >= 1e-8 else 1.0
 
 
 def _accumulate(acc: np.ndarray, x: np.ndarray, weight: float) -> None:

@@ -416,21 +416,18 @@ def _cuts(rows: np.ndarray, bits: np.ndarray, quota: np.ndarray, ties: np.ndarra
     return cut
 
 
-def _compiled_select(
-    rows: np.ndarray,
-    upper: tuple[np.ndarray, np.ndarray],
-    lower: tuple[np.ndarray, np.ndarray] | None = None,
-) -> np.ndarray:
-    """bool [R, n]: selected by the ``upper`` (threshold bits, cut) boundary and not by the ``lower`` one."""
+def _compiled_select(rows: np.ndarray, edges: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+    """bool [R, n]: selected by the upper boundary (column 0 of ``compiled_band_edges``' edges and cuts) and not
+    by the lower one (column 1)."""
     compiled = jit()
     assert compiled is not None
-    r_count, n = rows.shape
-    if lower is None:
-        lower = (np.full(r_count, _INF_BITS, dtype=np.uint32), np.zeros(r_count, dtype=np.int64))
-    out = np.empty((r_count, n), dtype=np.bool_)  # the caller keeps it: not a reused buffer
+    n = rows.shape[1]
+    upper_bits, lower_bits = np.ascontiguousarray(edges[:, 0]), np.ascontiguousarray(edges[:, 1])
+    upper_cut, lower_cut = np.ascontiguousarray(cuts[:, 0]), np.ascontiguousarray(cuts[:, 1])
+    out = np.empty(rows.shape, dtype=np.bool_)  # the caller keeps it: not a reused buffer
 
     def work(span: tuple[int, int]) -> None:
-        compiled.band_select_span(rows, span[0], span[1], upper[0], upper[1], lower[0], lower[1], out)
+        compiled.band_select_span(rows, span[0], span[1], upper_bits, upper_cut, lower_bits, lower_cut, out)
 
     _parallel_map(work, _column_spans(n))
     return out
@@ -491,19 +488,11 @@ def rank_boundary(x: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
 def select_by_threshold(x: Tensor, threshold: Tensor, tie_quota: Tensor) -> Tensor:
     """``reference.select_by_threshold`` for a CPU ``x[R, n]``."""
     rows = x.shape[0]
-    if (values := _compiled_rows(x)) is not None:
-        bits = _as_rows(threshold.to(dtype=torch.float32).cpu().numpy(), rows).view(np.uint32) & np.uint32(
-            0x7FFFFFFF
-        )
-        quota = _as_rows(tie_quota.to(dtype=torch.int64).cpu().numpy(), rows)
-        return torch.from_numpy(_compiled_select(values, (bits, _cuts(values, bits, quota, None))))
-    return torch.from_numpy(
-        _select_np(
-            _magnitudes_np(x),
-            _as_rows(threshold.to(dtype=torch.float32).cpu().numpy(), rows),
-            _as_rows(tie_quota.to(dtype=torch.int64).cpu().numpy(), rows),
-        )
-    )
+    quotas = _as_rows(tie_quota.to(dtype=torch.int64).cpu().numpy(), rows)
+    thresholds = _as_rows(threshold.to(dtype=torch.float32).cpu().numpy(), rows)
+    if (found := compiled_band_edges(x, (thresholds, quotas), None)) is not None:
+        return torch.from_numpy(_compiled_select(*found))
+    return torch.from_numpy(_select_np(_magnitudes_np(x), thresholds, quotas))
 
 
 def topk_mask(x: Tensor, keep: Tensor, skip: Tensor) -> Tensor:
@@ -513,12 +502,8 @@ def topk_mask(x: Tensor, keep: Tensor, skip: Tensor) -> Tensor:
     upper = _as_rows((skip + keep).clamp(0, n).numpy(), rows)
     band = bool((skip > 0).any())
     ranks = [upper, _as_rows(skip.clamp(0, n).numpy(), rows)] if band else [upper]
-    if (values := _compiled_rows(x)) is not None:
-        edges = [
-            (bits, _cuts(values, bits, quota, ties))
-            for bits, quota, ties in _compiled_boundaries(values, ranks)
-        ]
-        return torch.from_numpy(_compiled_select(values, edges[0], edges[1] if band else None))
+    if (found := compiled_band_edges(x, (upper, None), (ranks[1], None) if band else None)) is not None:
+        return torch.from_numpy(_compiled_select(*found))
     magnitude = _magnitudes_np(x)
     boundaries = _boundaries_np(magnitude, ranks)
     mask = _select_np(magnitude, *boundaries[0], expected=upper)
