@@ -187,11 +187,12 @@ def all_finite(tensor: Tensor) -> bool:
     compiled = jit()
     flat = tensor.reshape(-1) if tensor.is_contiguous() else None
     values = storage(flat) if compiled is not None and flat is not None else None
-    if values is None:
+    if values is None or compiled is None:
         return reference.all_finite(tensor)
     bad: list[int] = []
     if values.size:
-        _run_spans(values.size, lambda lo, hi: bad.append(int(compiled.non_finite_span(values, lo, hi))))
+        span = compiled.non_finite_span
+        _run_spans(values.size, lambda lo, hi: bad.append(int(span(values, lo, hi))))
     return not any(bad)
 
 
@@ -415,7 +416,9 @@ def _band_selection(
         upper_rank = (keep + (skip if skip is not None else 0)).clamp(0, m)
         has_band = skip is not None and bool((skip > 0).any())
         upper: tuple[np.ndarray | None, np.ndarray | None] = (per_model(upper_rank), None)
-        lower = (per_model(skip.clamp(0, m)), None) if has_band and skip is not None else None
+        lower: tuple[np.ndarray | None, np.ndarray | None] | None = (
+            (per_model(skip.clamp(0, m)), None) if has_band and skip is not None else None
+        )
     else:
         assert boundary is not None
         upper = (per_model(boundary[0].float()), per_model(boundary[1].to(torch.int64)))

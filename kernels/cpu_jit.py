@@ -21,7 +21,10 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-_JIT = {"nogil": True, "cache": True, "boundscheck": False}
+#: every loop: released GIL (spans run on threads), compiled once into the on-disk cache, no bounds checks
+compiled_loop = njit(nogil=True, cache=True, boundscheck=False)
+#: the Gram block alone may reassociate its float64 sums
+compiled_fast_loop = njit(nogil=True, cache=True, boundscheck=False, fastmath=True)
 
 
 def start() -> None:
@@ -105,7 +108,7 @@ def _store_impl(out, j, value):  # type: ignore[no-untyped-def]
 BLOCK = 4096
 
 
-@njit(fastmath=True, **_JIT)
+@compiled_fast_loop
 def _gram_block(deltas, start, n, gram):  # type: ignore[no-untyped-def]
     """gram[a, c] += Σ_j d_a[j]·d_c[j] over columns [start, start + n) of the C-contiguous ``deltas`` [K, ·]
     (float32 sums, reassociated so they vectorize: the Gram matrix is a statistic, equal to the reference up to
@@ -121,7 +124,7 @@ def _gram_block(deltas, start, n, gram):  # type: ignore[no-untyped-def]
             gram[a, c] += s
 
 
-@njit(**_JIT)
+@compiled_loop
 def task_arithmetic_span(base, inputs, weights, scale, out, gram, with_gram, lo, hi):  # type: ignore[no-untyped-def]
     """out[j] = θ_0 + scale·Σ_t w_t·(θ_t − θ_0) for j in [lo, hi), the reference's float32 ops in its order:
     acc = fma(d_t, w_t, acc) left to right from +0, then acc·scale (skipped at 1), then θ_0 + acc, one cast.
@@ -155,7 +158,7 @@ def task_arithmetic_span(base, inputs, weights, scale, out, gram, with_gram, lo,
                 _store(o, j, b32[j] + acc[j])
 
 
-@njit(**_JIT)
+@compiled_loop
 def apply_delta_span(base, delta, scale, out, lo, hi):  # type: ignore[no-untyped-def]
     """out[j] = cast(fma(delta[j], scale, θ_0[j])) for j in [lo, hi) (torch's add(alpha=scale), one cast)."""
     bs, ds, os_ = base[lo:hi], delta[lo:hi], out[lo:hi]
@@ -163,7 +166,7 @@ def apply_delta_span(base, delta, scale, out, lo, hi):  # type: ignore[no-untype
         _store(os_, j, _fma(ds[j], scale, _widen(bs[j])))
 
 
-@njit(**_JIT)
+@compiled_loop
 def task_vectors_span(base, inputs, out, gram, with_gram, lo, hi):  # type: ignore[no-untyped-def]
     """out[t, j] = float32(θ_t[j]) − float32(θ_0[j]) for j in [lo, hi) (exact: one rounding), block by block;
     with ``with_gram`` each block's rows, still in cache, add their products to ``gram`` (upper triangle)."""
@@ -180,7 +183,7 @@ def task_vectors_span(base, inputs, out, gram, with_gram, lo, hi):  # type: igno
             _gram_block(out, start, n, gram)
 
 
-@njit(**_JIT)
+@compiled_loop
 def gram_span(taus, gram, lo, hi):  # type: ignore[no-untyped-def]
     """gram (float64 [K, K], upper triangle) += the float32 task vectors ``taus`` [K, N]'s products over
     columns [lo, hi), block by block."""
@@ -204,7 +207,7 @@ MAGNITUDE = np.uint32(0x7FFFFFFF)
 _LANES = 4
 
 
-@njit(**_JIT)
+@compiled_loop
 def high_histogram_span(rows, lo, hi, hist):  # type: ignore[no-untyped-def]
     """hist[r, b] += how many |rows[r, lo:hi]| have high digit b (hist: int64 [R, 2^16])."""
     lanes = np.zeros((_LANES, hist.shape[1]), np.int32)
@@ -224,7 +227,7 @@ def high_histogram_span(rows, lo, hi, hist):  # type: ignore[no-untyped-def]
                 h[b] += lanes[lane, b]
 
 
-@njit(**_JIT)
+@compiled_loop
 def low_histogram_span(rows, lo, hi, bins, hist):  # type: ignore[no-untyped-def]
     """hist[i, d] += how many |rows[i // m, lo:hi]| have high digit bins[i] and low digit d, for the m = len(bins)
     // R bins asked per row, all of a row's bins in one pass (hist: int64 [len(bins), 2^15]; a bin < 0 asks
@@ -248,7 +251,7 @@ def low_histogram_span(rows, lo, hi, bins, hist):  # type: ignore[no-untyped-def
                     h1[u & low_mask] += 1
 
 
-@njit(**_JIT)
+@compiled_loop
 def tie_cut(row, bits, quota):  # type: ignore[no-untyped-def]
     """The index of tie number ``quota`` (0-based) of the row, the first tie past the quota, or the row's length:
     elements with |x| bits == ``bits`` before it are kept. Ties are counted a block at a time (a compare and a
@@ -270,7 +273,7 @@ def tie_cut(row, bits, quota):  # type: ignore[no-untyped-def]
     return n
 
 
-@njit(**_JIT)
+@compiled_loop
 def band_select_span(rows, lo, hi, upper_bits, upper_cut, lower_bits, lower_cut, out):  # type: ignore[no-untyped-def]
     """out[r, j] for j in [lo, hi): selected by the upper boundary (|x| above it, or equal and before its cut) and
     not by the lower one (the same test; a lower boundary of +Inf bits and cut 0 removes nothing)."""
@@ -297,7 +300,7 @@ def _non_finite_impl(value):  # type: ignore[no-untyped-def]
     return None
 
 
-@njit(**_JIT)
+@compiled_loop
 def non_finite_span(flat, lo, hi):  # type: ignore[no-untyped-def]
     """How many of ``flat[lo:hi]`` (float32, or bf16 as uint16 bits) are NaN or ±Inf."""
     xs = flat[lo:hi]
@@ -312,7 +315,7 @@ def non_finite_span(flat, lo, hi):  # type: ignore[no-untyped-def]
 AS_STORED, MASKED, DARE, BAND = 0, 1, 2, 3
 
 
-@njit(**_JIT)
+@compiled_loop
 def _mix32(x):  # type: ignore[no-untyped-def]
     """``reference.mix32`` on uint32 (products truncated to 32 bits, as the reference's modular arithmetic)."""
     x = x ^ (x >> np.uint32(16))
@@ -322,7 +325,7 @@ def _mix32(x):  # type: ignore[no-untyped-def]
     return x ^ (x >> np.uint32(16))
 
 
-@njit(**_JIT)
+@compiled_loop
 def sparse_merge_span(  # type: ignore[no-untyped-def]
     rows,
     masks,
@@ -442,7 +445,7 @@ def warm_up(ks: tuple[int, ...] = (1, 2, 3, 4)) -> int:
     so the first merges of a fresh machine (a CI run, a container's first job) don't each pay ~1–3 s a
     signature. Returns how many signatures it touched. ``python -m kernels.cpu_jit`` runs it."""
     n = 8
-    stored = {"bf16": np.zeros(n, np.uint16), "f32": np.zeros(n, np.float32)}
+    stored: dict[str, np.ndarray] = {"bf16": np.zeros(n, np.uint16), "f32": np.zeros(n, np.float32)}
     f32 = stored["f32"]
     count = 0
     for x in stored.values():

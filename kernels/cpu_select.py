@@ -467,8 +467,10 @@ def compiled_band_edges(
             bits, q, ties = by_column[column]
             edges[:, column], cuts[:, column] = bits, _cuts(rows, bits, q, ties)
         else:  # a precomputed (threshold, quota)
-            bits = np.ascontiguousarray(edge[0], dtype=np.float32).view(np.uint32) & np.uint32(0x7FFFFFFF)
-            edges[:, column], cuts[:, column] = bits, _cuts(rows, bits, edge[1], None)
+            threshold, quota = edge
+            assert quota is not None, "a boundary without a quota is a rank, ranked above"
+            bits = np.ascontiguousarray(threshold, dtype=np.float32).view(np.uint32) & np.uint32(0x7FFFFFFF)
+            edges[:, column], cuts[:, column] = bits, _cuts(rows, bits, quota, None)
     return rows, edges, cuts
 
 
