@@ -57,6 +57,10 @@ class Bench:
     fine_tunes: int | None = None
     #: mergekit's slerp configs list the base as an input too and take ``t`` as a global parameter
     mergekit_lists_base: bool = False
+    #: the recipe's method when the row is a variant of one (None: the row's name)
+    method: str | None = None
+    #: per-model weights (None: each model's default)
+    weights: tuple[float, ...] | None = None
 
 
 SPARSE = {"density": 0.2}
@@ -66,6 +70,8 @@ METHODS: dict[str, Bench] = {
     "linear": Bench(mergekit={}),
     "model_soup": Bench(),
     "lines": Bench(),
+    # unequal weights: LiNeS' automatic α then needs its own pass over the model (equal weights have it in closed form)
+    "lines_weighted": Bench(method="lines", weights=(1.0, 0.6, 0.3)),
     "ties": Bench(SPARSE, SPARSE),
     "breadcrumbs": Bench(SPARSE, SPARSE),
     "breadcrumbs_ties": Bench(SPARSE, SPARSE),
@@ -213,10 +219,14 @@ def alloy_merge(
     the `alloy merge` command line)."""
     bench = METHODS[method]
     used = models[: bench.fine_tunes] if bench.fine_tunes else models
+    weights = bench.weights or ()
     recipe = {
-        "method": method,
+        "method": bench.method or method,
         "base": str(base),
-        "models": [{"source": str(m)} for m in used],
+        "models": [
+            {"source": str(m)} | ({"weight": weights[i]} if i < len(weights) else {})
+            for i, m in enumerate(used)
+        ],
         "params": dict(bench.params),
         "output": {"path": str(out)},
     }

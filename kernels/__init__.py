@@ -126,6 +126,27 @@ def magnitude_histogram(
     return fn(x, prefix=prefix, prefix_shift=prefix_shift, digit_shift=digit_shift, digit_bits=digit_bits)
 
 
+def radix_passes(x: Tensor) -> tuple[tuple[int, int, int], ...]:
+    """The ``magnitude_histogram`` digit splits (prefix_shift, digit_shift, digit_bits) of an exact radix select
+    that run fastest where ``x`` would go: two wide passes on the compiled CPU loops, else three of ≤ 2^11 bins."""
+    from kernels import cpu_fused, reference
+    from kernels.compiled import jit
+
+    if kernel("magnitude_histogram", x) is cpu_fused.magnitude_histogram and jit() is not None:
+        return reference.RADIX_PASSES_WIDE
+    return reference.RADIX_PASSES_SMALL
+
+
+def row_moments(x: Tensor) -> Tensor:
+    """``reference.row_moments``: float64 [3, R] Σx, Σx², Σ|x| per row of ``x[R, n]``."""
+    return kernel("row_moments", x)(x)
+
+
+def sum_l1(x: Tensor, weights: Tensor) -> Tensor:
+    """``reference.sum_l1``: float64 [2] ‖Σ_t x_t‖₁ and ‖Σ_t w_t·x_t‖₁ of ``x[K, *S]``."""
+    return kernel("sum_l1", x)(x, weights)
+
+
 def elect_sign(x: Tensor, weights: Tensor) -> Tensor:
     return kernel("elect_sign", x)(x, weights)
 
@@ -142,6 +163,9 @@ __all__ = [
     "disjoint_merge",
     "elect_sign",
     "magnitude_histogram",
+    "radix_passes",
+    "row_moments",
+    "sum_l1",
     "rank_boundary",
     "select_by_threshold",
     "ternarize",

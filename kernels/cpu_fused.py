@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -196,6 +197,70 @@ def all_finite(tensor: Tensor) -> bool:
     return not any(bad)
 
 
+def row_moments(x: Tensor) -> Tensor:
+    """``reference.row_moments``: one compiled pass per span (float32 rows), the spans' sums added in float64."""
+    compiled = jit()
+    values = storage(x.reshape(x.shape[0], -1)) if x.dtype == torch.float32 else None
+    if compiled is None or values is None:
+        return reference.row_moments(x)
+    parts: list[np.ndarray] = []
+
+    def work(lo: int, hi: int) -> None:
+        out = np.zeros((3, values.shape[0]))
+        compiled.moments_span(values, lo, hi, out)
+        parts.append(out)
+
+    if values.size:
+        _run_spans(values.shape[1], work)
+    return torch.from_numpy(sum(parts, np.zeros((3, values.shape[0]))))
+
+
+def sum_l1(x: Tensor, weights: Tensor) -> Tensor:
+    """``reference.sum_l1``: one compiled pass per span over float32 ``x[K, n]``, the spans' norms added."""
+    compiled = jit()
+    values = storage(x.reshape(x.shape[0], -1)) if x.dtype == torch.float32 else None
+    if compiled is None or values is None:
+        return reference.sum_l1(x, weights)
+    w = np.ascontiguousarray(weights.to(torch.float32).reshape(-1).cpu().numpy())
+    if w.size != values.shape[0]:
+        raise ValueError(f"{w.size} weights for {values.shape[0]} task vectors")
+    parts: list[tuple[float, float]] = []
+    if values.size:
+        _run_spans(values.shape[1], lambda lo, hi: parts.append(compiled.sum_l1_span(values, w, lo, hi)))
+    return torch.tensor([sum(p[0] for p in parts), sum(p[1] for p in parts)], dtype=torch.float64)
+
+
+def magnitude_histogram(
+    x: Tensor, *, prefix: Tensor, prefix_shift: int, digit_shift: int, digit_bits: int
+) -> Tensor:
+    """``reference.magnitude_histogram``, exact, as the compiled radix-select loops for the two digit splits of
+    ``reference.RADIX_PASSES_WIDE`` (float32 rows; each span its own counts, added after)."""
+    compiled = jit()
+    split = (prefix_shift, digit_shift, digit_bits)
+    values = storage(x.reshape(x.shape[0], -1)) if x.dtype == torch.float32 else None
+    if compiled is None or values is None or split not in reference.RADIX_PASSES_WIDE:
+        return reference.magnitude_histogram(
+            x, prefix=prefix, prefix_shift=prefix_shift, digit_shift=digit_shift, digit_bits=digit_bits
+        )
+    r = values.shape[0]
+    high = split == reference.RADIX_PASSES_WIDE[0]
+    # the low pass filters on the high digit: a row's prefix is its bin (the first pass has prefix 0: no filter)
+    bins = np.ascontiguousarray(prefix.to(torch.int64).reshape(-1).expand(r).cpu().numpy())
+    parts: list[np.ndarray] = []
+
+    def work(lo: int, hi: int) -> None:
+        hist = np.zeros((r, 1 << digit_bits), np.int64)
+        if high:
+            compiled.high_histogram_span(values, lo, hi, hist)
+        else:
+            compiled.low_histogram_span(values, lo, hi, bins, hist)
+        parts.append(hist)
+
+    if values.size:
+        _run_spans(values.shape[1], work)
+    return torch.from_numpy(sum(parts, np.zeros((r, 1 << digit_bits), np.int64)))
+
+
 def apply_delta(base: Tensor | None, delta: Tensor, *, scale: float, out_dtype: torch.dtype) -> Tensor:
     """``reference.apply_delta``, bit-exact, as one compiled loop per span into a reused output buffer."""
     compiled = jit()
@@ -333,7 +398,7 @@ def _compiled_sparse_merge(
     w: Tensor,
     plan: list[tuple[int, int, float]] | None,
     masks: np.ndarray | None,
-    band: tuple[np.ndarray, np.ndarray] | None,
+    band: Band | None,
     consensus: bool,
     mean: bool,
     merged: Tensor,
@@ -353,9 +418,12 @@ def _compiled_sparse_merge(
             keys[t], thresholds[t], scales[t] = key, min(threshold, 1 << 24), scale
     elif masks is not None:
         selection = compiled.MASKED
-    edges, cuts = band if band is not None else (np.zeros((k, 2), np.uint32), np.zeros((k, 2), np.int64))
+    edges, cuts = np.zeros((k, 2), np.uint32), np.zeros((k, 2), np.int64)
     if band is not None:
-        selection = compiled.BAND
+        edges, cuts = band.edges, band.cuts
+        selection = compiled.BAND_TERNARY if band.ternary else compiled.BAND
+        if band.scales is not None:
+            scales = band.scales
     mask_rows = masks if masks is not None else np.zeros((k, 1), dtype=np.bool_)
     out = merged.numpy()
     counts: list[tuple[int, int]] = []
@@ -390,6 +458,17 @@ def _compiled_sparse_merge(
     )
 
 
+@dataclass(frozen=True)
+class Band:
+    """The compiled pass's own selection: edges (magnitude bits) uint32 [K, 2] and cuts int64 [K, 2] (upper,
+    lower) per model, kept values times ``scales`` [K] (None: as stored) or, ``ternary``, ±``scales``."""
+
+    edges: np.ndarray
+    cuts: np.ndarray
+    scales: np.ndarray | None
+    ternary: bool
+
+
 def _band_selection(
     x: Tensor,
     keep: Tensor | None,
@@ -398,15 +477,20 @@ def _band_selection(
     lower_boundary: tuple[Tensor, Tensor] | None,
     scale: Tensor | None,
     ternary: bool,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """(edges, cuts) for the compiled pass to select by itself (``cpu_jit`` BAND) when x is [K, 1, m] with long
-    rows and an unscaled top-k or threshold selection: the exact radix-select boundaries of each model's
-    magnitudes, so no bool mask is written or read. None otherwise."""
+) -> Band | None:
+    """The band for the compiled pass to select by itself (``cpu_jit`` BAND, BAND_TERNARY) when x is [K, 1, m]
+    with long rows and a top-k or threshold selection, optionally scaled or ternarized per model (ComPEFT): the
+    exact radix-select boundaries of each model's magnitudes, so no bool mask is written or read. None
+    otherwise."""
     from kernels import cpu_select
+    from kernels.reference import scale_per_row
 
-    if x.dim() != 3 or x.shape[1] != 1 or ternary or scale is not None or (keep is None and boundary is None):
+    if x.dim() != 3 or x.shape[1] != 1 or (keep is None and boundary is None) or (ternary and scale is None):
         return None
     k, m = x.shape[0], x.shape[2]
+    scales = None
+    if scale is not None:
+        scales = np.ascontiguousarray(scale_per_row(scale, k, 1).cpu().numpy(), dtype=np.float32)
     flat = x.float().reshape(k, m)
 
     def per_model(values: Tensor) -> np.ndarray:
@@ -428,7 +512,7 @@ def _band_selection(
             else None
         )
     found = cpu_select.compiled_band_edges(flat, upper, lower)
-    return None if found is None else (found[1], found[2])
+    return None if found is None else Band(found[1], found[2], scales, ternary)
 
 
 def _in_pass_selection(

@@ -300,6 +300,39 @@ def _non_finite_impl(value):  # type: ignore[no-untyped-def]
     return None
 
 
+@compiled_fast_loop
+def moments_span(rows, lo, hi, out):  # type: ignore[no-untyped-def]
+    """out (float64 [3, R]) += Σx, Σx², Σ|x| of each row's float32 ``rows[r, lo:hi]`` (the sums may reassociate)."""
+    for r in range(rows.shape[0]):
+        xs = rows[r][lo:hi]
+        total = squares = magnitude = 0.0
+        for j in range(hi - lo):
+            v = np.float64(xs[j])
+            total += v
+            squares += v * v
+            magnitude += abs(v)
+        out[0, r] += total
+        out[1, r] += squares
+        out[2, r] += magnitude
+
+
+@compiled_loop
+def sum_l1_span(rows, weights, lo, hi):  # type: ignore[no-untyped-def]
+    """(‖Σ_t rows[t]‖₁, ‖Σ_t w_t·rows[t]‖₁) over columns [lo, hi): the sums over t in float32, the norms in
+    float64 (``reference.sum_l1``)."""
+    plain = weighted = 0.0
+    for j in range(lo, hi):
+        total = np.float32(0.0)
+        scaled = np.float32(0.0)
+        for t in range(rows.shape[0]):
+            v = rows[t, j]
+            total += v
+            scaled += weights[t] * v
+        plain += abs(np.float64(total))
+        weighted += abs(np.float64(scaled))
+    return plain, weighted
+
+
 @compiled_loop
 def non_finite_span(flat, lo, hi):  # type: ignore[no-untyped-def]
     """How many of ``flat[lo:hi]`` (float32, or bf16 as uint16 bits) are NaN or ±Inf."""
@@ -311,8 +344,9 @@ def non_finite_span(flat, lo, hi):  # type: ignore[no-untyped-def]
 
 
 # -- sparsify + consensus + aggregate (``reference.fused_sparse_merge``) ------------------------------------------
-#: how ``sparse_merge_span`` gets τ̂_t from the rows: as stored, times a bool keep mask, or DARE's hashed mask
-AS_STORED, MASKED, DARE, BAND = 0, 1, 2, 3
+#: how ``sparse_merge_span`` gets τ̂_t from the rows: as stored, times a bool keep mask, DARE's hashed mask, the
+#: magnitude band (times ``scales[t]``), or the band ternarized to ``±scales[t]`` (ComPEFT)
+AS_STORED, MASKED, DARE, BAND, BAND_TERNARY = 0, 1, 2, 3, 4
 
 
 @compiled_loop
@@ -346,8 +380,8 @@ def sparse_merge_span(  # type: ignore[no-untyped-def]
     """out[j] for j in [lo, hi) and (kept, conflicts) there: per element the reference's float32 operations in its
     order. τ̂_t = rows[t] as stored, where ``masks[t]`` (MASKED), times ``scales[t]`` where DARE's 24-bit
     counter hash of (flat index, ``keys[t]``) is below ``thresholds[t]`` (DARE), or where |rows[t]| is selected by
-    the band of ``band_select_span`` with edges (bits) ``edges[t]`` and ``cuts[t]`` (upper, lower) (BAND); a
-    dropped entry is +0.
+    the band of ``band_select_span`` with edges (bits) ``edges[t]`` and ``cuts[t]`` (upper, lower), times
+    ``scales[t]`` (BAND) or as sgn(rows[t])·``scales[t]`` (BAND_TERNARY); a dropped entry is +0.
     With ``consensus``: γ = +1 where fma-accumulated Σ_t w_t·τ̂_t >= 0, else −1; entry t agrees iff
     sgn(w_t·τ̂_t) == γ; out = Σ_agree w_t·τ̂_t, with ``mean`` ÷ Σ_agree w_t (equal weights: contributors·w_0; a
     zero divisor counts as 1). Without: out = Σ_t w_t·τ̂_t, with ``mean`` ÷ ``plain_divisor``. kept counts
@@ -377,13 +411,18 @@ def sparse_merge_span(  # type: ignore[no-untyped-def]
                 keep = masks[t][start : start + n]
                 for j in range(n):
                     tt[j] = x[j] if keep[j] else np.float32(0.0)
-            elif selection == BAND:
+            elif selection >= BAND:  # BAND or BAND_TERNARY
                 ub, lb = edges[t, 0], edges[t, 1]
                 uc, lc = cuts[t, 0] - start, cuts[t, 1] - start
+                s = scales[t]
+                ternary = selection == BAND_TERNARY
                 for j in range(n):
                     u = _f32_as_u32(x[j]) & MAGNITUDE
                     chosen = (u > ub or (u == ub and j < uc)) and not (u > lb or (u == lb and j < lc))
-                    tt[j] = x[j] if chosen else np.float32(0.0)
+                    v = x[j]
+                    # ternary: torch.sign(x)·s exactly; else x·s (x·1 = x when unscaled; ±0 stays a zero)
+                    v = (s if v > 0.0 else -s) if ternary and v != 0.0 else v * s
+                    tt[j] = v if chosen else np.float32(0.0)
             elif selection == DARE:
                 key, threshold, scale = keys[t], thresholds[t], scales[t]
                 for j in range(n):
@@ -466,6 +505,8 @@ def warm_up(ks: tuple[int, ...] = (1, 2, 3, 4)) -> int:
             count += 1
     rows = np.zeros((2, n), np.float32)
     gram_span(rows, np.zeros((2, 2)), 0, n)
+    moments_span(rows, 0, n, np.zeros((3, 2)))
+    sum_l1_span(rows, np.ones(2, np.float32), 0, n)
     high_histogram_span(rows, 0, n, np.zeros((2, 1 << 16), np.int64))
     low_histogram_span(rows, 0, n, np.zeros(2, np.int64), np.zeros((2, 1 << LOW_BITS), np.int64))
     tie_cut(rows[0], np.uint32(0), 0)
@@ -497,7 +538,7 @@ def warm_up(ks: tuple[int, ...] = (1, 2, 3, 4)) -> int:
         0,
         n,
     )
-    return count + 8
+    return count + 10
 
 
 if __name__ == "__main__":

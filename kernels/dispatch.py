@@ -28,7 +28,9 @@ from kernels.errors import KernelUnavailable
 _MODES = ("auto", "torch", "triton")
 #: ops with no Triton twin by design: one elementwise pass or a matmul, which torch on CUDA already runs at memory
 #: speed; ``triton`` mode runs their reference instead of refusing (on CPU tensors ``auto`` runs their CPU twin)
-REFERENCE_ON_TRITON = frozenset({"task_vectors", "task_vector_gram", "apply_delta", "all_finite"})
+REFERENCE_ON_TRITON = frozenset(
+    {"task_vectors", "task_vector_gram", "apply_delta", "all_finite", "row_moments", "sum_l1"}
+)
 _triton_module: ModuleType | None = None
 _triton_error: str | None = None
 _tried_import = False

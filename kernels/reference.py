@@ -384,16 +384,53 @@ def magnitude_histogram(
     [R, 2^digit_bits]. Exact."""
     rows = x.shape[0]
     buckets = 1 << digit_bits
-    bits = magnitude_bits(x).reshape(rows, -1)
+    flat = x.reshape(rows, -1)
     prefixes = prefix.to(dtype=torch.int64).reshape(-1).expand(rows).tolist()
     counts = torch.zeros(rows, buckets, dtype=torch.int64, device=x.device)
-    for r in range(rows):  # filter on int32 first (every element matches on the first pass: no filter)
-        if prefix_shift >= 31:  # bit 31 of |x| is 0
-            row = bits[r] if prefixes[r] == 0 else bits[r][:0]
-        else:
-            row = bits[r][(bits[r] >> prefix_shift) == prefixes[r]]
-        counts[r] = torch.bincount((row >> digit_shift) & (buckets - 1), minlength=buckets)
+    step = max(1, (1 << 22) // max(1, rows))  # column chunks: the int32 patterns stay chunk-sized
+    for start in range(0, flat.shape[1], step):
+        bits = magnitude_bits(flat[:, start : start + step])
+        for r in range(rows):  # filter on int32 first (every element matches on the first pass: no filter)
+            if prefix_shift >= 31:  # bit 31 of |x| is 0
+                row = bits[r] if prefixes[r] == 0 else bits[r][:0]
+            else:
+                row = bits[r][(bits[r] >> prefix_shift) == prefixes[r]]
+            counts[r] += torch.bincount((row >> digit_shift) & (buckets - 1), minlength=buckets)
     return counts
+
+
+#: magnitude_histogram's digit splits for an exact radix select of the 31 magnitude bits: three passes of at
+#: most 2^11 bins (what a GPU's on-chip histogram holds), or two of 2^16 and 2^15 (the compiled CPU loops)
+RADIX_PASSES_SMALL = ((31, 20, 11), (20, 9, 11), (9, 0, 9))
+RADIX_PASSES_WIDE = ((31, 15, 16), (15, 0, 15))
+
+
+def row_moments(x: Tensor) -> Tensor:
+    """float64 [3, R]: per row of ``x[R, n]``, Σx, Σx² and Σ|x| in float64 (column chunks keep temporaries small;
+    within float64 rounding of any summation order)."""
+    rows = x.reshape(x.shape[0], -1)
+    out = torch.zeros(3, rows.shape[0], dtype=torch.float64, device=x.device)
+    step = max(1, (1 << 22) // max(1, rows.shape[0]))
+    for start in range(0, rows.shape[1], step):
+        chunk = rows[:, start : start + step].to(torch.float64)
+        out[0] += chunk.sum(dim=1)
+        out[1] += chunk.square().sum(dim=1)
+        out[2] += chunk.abs().sum(dim=1)
+    return out
+
+
+def sum_l1(x: Tensor, weights: Tensor) -> Tensor:
+    """float64 [2]: ‖Σ_t x_t‖₁ and ‖Σ_t w_t·x_t‖₁ of ``x[K, *S]`` (each sum over t in float32, the norms in float64;
+    LiNeS' automatic α). Column chunks keep temporaries small."""
+    rows = x.reshape(x.shape[0], -1).float()
+    w = weights.to(device=x.device, dtype=torch.float32).reshape(-1, 1)
+    out = torch.zeros(2, dtype=torch.float64, device=x.device)
+    step = max(1, (1 << 22) // max(1, rows.shape[0]))
+    for start in range(0, rows.shape[1], step):
+        chunk = rows[:, start : start + step]
+        out[0] += chunk.sum(dim=0).abs().sum(dtype=torch.float64)
+        out[1] += (chunk * w).sum(dim=0).abs().sum(dtype=torch.float64)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------

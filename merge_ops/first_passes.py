@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+import kernels
+from kernels import buffers
 from merge_ops.errors import MergeCancelled
 from merge_ops.preflight import element_size, global_pass_needed, lines_params, numel
 from merge_ops.report import Progress
@@ -59,6 +61,16 @@ def run_first_passes(
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> FirstPasses:
+    # each pass is done with a tensor's task vectors before it asks for the next: their buffers can be reused
+    with buffers.reuse():
+        return _run_first_passes(merger, progress, should_cancel)
+
+
+def _run_first_passes(
+    merger: TensorMerger,
+    progress: Callable[[Progress], None] | None,
+    should_cancel: Callable[[], bool] | None,
+) -> FirstPasses:
     recipe = merger.recipe
     result = FirstPasses()
     if global_pass_needed(recipe):
@@ -77,7 +89,7 @@ def run_first_passes(
     if lines is not None:
         from merge_ops.lines import lines_scales
 
-        alpha = lines.alpha
+        alpha = lines.alpha if lines.alpha is not None else equal_weights_alpha(merger)
         if alpha is None:
             t1 = time.perf_counter()
             tensors = tracked(merger, "lines_alpha", progress, should_cancel)
@@ -99,14 +111,35 @@ def auto_lines_alpha(
     global_stats: Any,
     tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]] | None = None,
 ) -> float:
-    """LiNeS multi-task α = (‖Σ_t τ_t‖₁ / ‖τ_merged‖₁) / T over the merged tensors (one streaming pass)."""
+    """LiNeS multi-task α = (‖Σ_t τ_t‖₁ / ‖τ_merged‖₁) / T over the merged tensors (one streaming pass). When the
+    merge is a plain weighted sum (``merger.fused_weights``) both norms come from one ``kernels.sum_l1`` pass over
+    each tensor's task vectors; otherwise the method runs on them."""
     from merge_ops.lines import auto_alpha
 
     sum_l1 = merged_l1 = 0.0
     plans = {t.name: t for t in merger.plan.tensors}
+    weights = (
+        None if merger.fused_weights is None else torch.tensor(merger.fused_weights, dtype=torch.float32)
+    )
     for name, taus in (tensors or merger.iter_task_vectors)():
+        if weights is not None:
+            plain, weighted = kernels.sum_l1(taus, weights).tolist()
+            sum_l1, merged_l1 = sum_l1 + plain, merged_l1 + weighted
+            continue
         sum_l1 += float(taus.sum(dim=0).abs().sum(dtype=torch.float64))
         ctx = merger.context(name, global_stats)
         merged = merger.method.fn(taus, ctx, merger.params_for(plans[name]))
         merged_l1 += float(merged.abs().sum(dtype=torch.float64))
     return auto_alpha(sum_l1=sum_l1, merged_l1=merged_l1, num_models=merger.k)
+
+
+def equal_weights_alpha(merger: TensorMerger) -> float | None:
+    """LiNeS' automatic α without its pass, when the merge is Σ_t c·τ_t with one weight c ≠ 0 for every model:
+    ‖Σ_t τ_t‖₁ / ‖c·Σ_t τ_t‖₁ = 1/|c|, so α = 1/(|c|·T) (the pass computes the same ratio, up to float32
+    rounding of the sums; for c = 1 the two sums are the same bits). None otherwise: the pass is needed. A model
+    whose task vectors are all zero gets 1/(|c|·T) here and 1/T from the pass; its merged delta is zero either
+    way."""
+    weights = merger.fused_weights
+    if not weights or any(w != weights[0] for w in weights) or weights[0] == 0:
+        return None
+    return 1.0 / (abs(weights[0]) * len(weights))

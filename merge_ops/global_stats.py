@@ -1,15 +1,15 @@
 """First streaming pass for ``scope=global``: per-model statistics over every merged tensor, memory bounded.
 
 The paper versions of TIES and ComPEFT rank (and take σ over) a whole model as one vector. Alloy never builds
-that vector: ``compute_global_stats`` iterates the tensors (``batches()`` yields ``(name, τ[K, *S])``) three
-times and keeps only O(K·2^11) counters plus a few floats per model:
+that vector: ``compute_global_stats`` iterates the tensors (``batches()`` yields ``(name, τ[K, *S])``) once per
+radix digit and keeps only O(K·2^digit bits) counters plus a few floats per model:
 
 1. element count N, float64 Στ, Στ², Σ|τ| (σ is the unbiased std of the uncompressed τ), the DARE-masked Σ|τ|
-   (for ``rescale=l1``), and a histogram of the top 11 bits of each |τ| bit pattern;
-2. a histogram of the next 11 bits inside the chosen top bucket;
-3. a histogram of the last 9 bits inside the chosen bucket, per tensor.
+   (for ``rescale=l1``), and a histogram of the top digit of each |τ| bit pattern;
+2. a histogram of the next digit inside the chosen bucket, and so on; the last digit's histogram per tensor.
 
-That is an exact MSB-first radix select of the k-th largest magnitude (non-negative float32 bit patterns are
+The digits are ``kernels.radix_passes``: 16 + 15 bits (two passes) on the compiled CPU loops, 11 + 11 + 9 bits
+(three passes, what a GPU's on-chip histogram holds) elsewhere; both select the same elements. That is an exact MSB-first radix select of the k-th largest magnitude (non-negative float32 bit patterns are
 monotonic in the value). The last pass also counts, per tensor, the elements equal to the threshold, so ties are
 taken by lowest flat index in iteration order (tensor by tensor, row-major within a tensor): the tensor's
 ``tie_quota``. Methods then select with ``GlobalStats.selection_mask`` (|τ| > threshold, plus the tensor's quota
@@ -21,20 +21,20 @@ one choice per model for the whole model (per-tensor overrides of them do not re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from kernels import dare_keep_mask, magnitude_histogram, select_by_threshold
+from kernels import dare_keep_mask, magnitude_histogram, radix_passes, row_moments, select_by_threshold
 from kernels.reference import INF_BITS
 from merge_ops.methods._scope import floor_count, kept_count
 from merge_ops.params import Sparsify
 
 Batches = Callable[[], Iterable[tuple[str, torch.Tensor]]]
-#: (prefix_shift, digit_shift, digit_bits): bits 20..30, then 9..19, then 0..8 of |x| (bit 31 is always 0).
-_RADIX_PASSES = ((31, 20, 11), (20, 9, 11), (9, 0, 9))
+#: the digits of one radix select, each (prefix_shift, digit_shift, digit_bits) of |x| (bit 31 is always 0)
+RadixPasses = tuple[tuple[int, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,8 @@ def compute_global_stats(
     seed: int = 0,
     source_indices: Sequence[int] | None = None,
 ) -> GlobalStats:
-    """Stream ``batches()`` (called up to three times, same order each time) and return the per-model statistics
-    the sparsifier in ``params`` needs under ``scope=global``."""
+    """Stream ``batches()`` (once per radix digit, and again per further digit for Breadcrumbs' lower cut; the same
+    order each time) and return the per-model statistics the sparsifier in ``params`` needs under ``scope=global``."""
     sparsify = Sparsify(getattr(params, "sparsify", Sparsify.none))
     needs_rank = sparsify in (Sparsify.magnitude, Sparsify.compeft, Sparsify.breadcrumbs)
     dare_l1 = sparsify == Sparsify.dare and getattr(params, "rescale", "inverse") == "l1"
@@ -108,18 +108,16 @@ def compute_global_stats(
     # rows of totals: Στ, Στ², Σ|τ|, Σ|DARE-kept τ| (float64, per model)
     totals: torch.Tensor | None = None
     top_hist: torch.Tensor | None = None
+    passes: RadixPasses = ()
     for name, tv in batches():
         flat = tv.reshape(tv.shape[0], -1)
         k = flat.shape[0]
         if totals is None or top_hist is None:
+            passes = radix_passes(tv)
             totals = torch.zeros(4, k, dtype=torch.float64)
-            top_hist = torch.zeros(k, 1 << 11, dtype=torch.int64)
+            top_hist = torch.zeros(k, 1 << passes[0][2], dtype=torch.int64)
         numel += flat.shape[1]
-        for chunk in _column_chunks(flat):
-            rows = chunk.to(torch.float64)
-            totals[0] += rows.sum(dim=1).cpu()
-            totals[1] += rows.square().sum(dim=1).cpu()
-            totals[2] += rows.abs().sum(dim=1).cpu()
+        totals[:3] += row_moments(flat).cpu()
         if dare_l1:
             for i in range(k):
                 keep = dare_keep_mask(
@@ -132,7 +130,7 @@ def compute_global_stats(
                 )
                 totals[3, i] += flat[i].abs()[keep.reshape(-1)].sum(dtype=torch.float64).cpu()
         if needs_rank:
-            top_hist += _histogram(tv, torch.zeros(k, dtype=torch.int64), _RADIX_PASSES[0])
+            top_hist += _histogram(tv, torch.zeros(k, dtype=torch.int64), passes[0])
     if totals is None or top_hist is None:
         return GlobalStats(numel=0, sigma=(), l1=())
     k = totals.shape[1]
@@ -149,11 +147,11 @@ def compute_global_stats(
             skip = floor_count(torch.full((k,), float(params.top_removed), dtype=torch.float64), numel)
             upper_rank = (skip + keep).clamp(max=numel)
             stats["lower"] = (
-                _radix_select(batches, skip.tolist(), top_hist) if bool((skip > 0).any()) else None
+                _radix_select(batches, skip.tolist(), top_hist, passes) if bool((skip > 0).any()) else None
             )
         else:
             upper_rank = keep
-        stats["upper"] = _radix_select(batches, upper_rank.tolist(), top_hist)
+        stats["upper"] = _radix_select(batches, upper_rank.tolist(), top_hist, passes)
     return GlobalStats(**stats)
 
 
@@ -175,20 +173,13 @@ def _unbiased_std(total: float, total_sq: float, n: int) -> float:
 def _histogram(tv: torch.Tensor, prefix: torch.Tensor, radix_pass: tuple[int, int, int]) -> torch.Tensor:
     prefix_shift, digit_shift, digit_bits = radix_pass
     rows = tv.reshape(tv.shape[0], -1)
-    prefix = prefix.to(tv.device)
-    total = torch.zeros(rows.shape[0], 1 << digit_bits, dtype=torch.int64)
-    for chunk in _column_chunks(rows):  # histograms of column chunks add up; temporaries stay chunk-sized
-        total += magnitude_histogram(
-            chunk, prefix=prefix, prefix_shift=prefix_shift, digit_shift=digit_shift, digit_bits=digit_bits
-        ).cpu()
-    return total
-
-
-def _column_chunks(rows: torch.Tensor, elements: int = 1 << 22) -> Iterator[torch.Tensor]:
-    """Column slices of ``rows[K, n]`` holding about ``elements`` elements in all (at least one column)."""
-    step = max(1, elements // max(1, rows.shape[0]))
-    for start in range(0, rows.shape[1], step):
-        yield rows[:, start : start + step]
+    return magnitude_histogram(
+        rows,
+        prefix=prefix.to(tv.device),
+        prefix_shift=prefix_shift,
+        digit_shift=digit_shift,
+        digit_bits=digit_bits,
+    ).cpu()
 
 
 def _descend(hist: torch.Tensor, remaining: list[int]) -> tuple[list[int], list[int]]:
@@ -206,7 +197,7 @@ def _descend(hist: torch.Tensor, remaining: list[int]) -> tuple[list[int], list[
     return buckets, above
 
 
-def _radix_select(batches: Batches, ranks: list[int], top_hist: torch.Tensor) -> RankCut:
+def _radix_select(batches: Batches, ranks: list[int], top_hist: torch.Tensor, passes: RadixPasses) -> RankCut:
     """Exact threshold and per-tensor tie quotas of the first ``ranks[k]`` elements of each model."""
     k = len(ranks)
     active = [r > 0 for r in ranks]
@@ -215,18 +206,18 @@ def _radix_select(batches: Batches, ranks: list[int], top_hist: torch.Tensor) ->
     hist = top_hist
     # last pass: per tensor, the non-zero (model, digit) -> count cells (sparse: few tensors hit the bucket)
     per_tensor_ties: list[tuple[str, dict[tuple[int, int], int]]] = []
-    for step, radix_pass in enumerate(_RADIX_PASSES):
+    for step, radix_pass in enumerate(passes):
         buckets, above = _descend(hist, remaining)
         digit_bits = radix_pass[2]
         for i in range(k):
             prefix[i] = (prefix[i] << digit_bits) | buckets[i]
             remaining[i] -= above[i]
-        if step + 1 == len(_RADIX_PASSES):
+        if step + 1 == len(passes):
             break
-        next_pass = _RADIX_PASSES[step + 1]
+        next_pass = passes[step + 1]
         prefix_tensor = torch.tensor(prefix, dtype=torch.int64)
         hist = torch.zeros(k, 1 << next_pass[2], dtype=torch.int64)
-        last = step + 2 == len(_RADIX_PASSES)
+        last = step + 2 == len(passes)
         for name, tv in batches():
             counts = _histogram(tv, prefix_tensor, next_pass)
             hist += counts
@@ -239,7 +230,7 @@ def _radix_select(batches: Batches, ranks: list[int], top_hist: torch.Tensor) ->
     threshold = torch.tensor(threshold_bits, dtype=torch.int32).view(torch.float32).tolist()
     tie_quota: dict[str, tuple[int, ...]] = {}
     left = [r if a else 0 for r, a in zip(remaining, active, strict=True)]
-    final_digit = [p & ((1 << _RADIX_PASSES[-1][2]) - 1) for p in prefix]
+    final_digit = [p & ((1 << passes[-1][2]) - 1) for p in prefix]
     for name, cells in per_tensor_ties:
         ties = [cells.get((i, final_digit[i]), 0) for i in range(k)]
         take = [min(t, q) for t, q in zip(ties, left, strict=True)]

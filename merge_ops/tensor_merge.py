@@ -295,14 +295,13 @@ class TensorMerger:
         )
 
     def iter_task_vectors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, [K, *S]) for every merged tensor, for the first passes (global statistics, LiNeS α)."""
-        for tp in self.plan.tensors:
-            if tp.action == "merge":
-                loaded = self.load(tp)
-                taus = self.task_vectors(loaded, tp)
-                if not all_finite(taus):
-                    raise self._non_finite(tp.name, loaded, taus)
-                yield tp.name, taus
+        """(name, [K, *S]) for every merged tensor, for the first passes (global statistics, LiNeS α); the next
+        tensor loads while the caller works on this one."""
+        for tp, loaded in prefetched(self, [t for t in self.plan.tensors if t.action == "merge"]):
+            taus = self.task_vectors(loaded, tp)
+            if not all_finite(taus):
+                raise self._non_finite(tp.name, loaded, taus)
+            yield tp.name, taus
 
 
 def prefetched(merger: TensorMerger, tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, Loaded]]:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+import kernels
 from kernels import buffers, compiled, cpu_fused, reference
 
 pytestmark = pytest.mark.skipif(compiled.jit() is None, reason=f"numba unavailable: {compiled.jit_error()}")
@@ -160,6 +161,10 @@ def _band_selections(k: int) -> list[dict]:
         {"boundary": (threshold, quota)},
         {"boundary": (threshold, quota), "lower_boundary": lower},
         {"boundary": (threshold, torch.zeros_like(quota))},  # strict: no tie kept
+        # ComPEFT: the kept entries become ±α·σ per model (BAND_TERNARY), local top-k and global boundary
+        {"keep": keep, "scale": torch.rand(k, generator=g) + 0.1, "ternary": True},
+        {"boundary": (threshold, quota), "scale": torch.rand(k, generator=g) * 1e-3, "ternary": True},
+        {"keep": keep, "skip": skip, "scale": torch.rand(k, generator=g) + 0.5},  # scaled, not ternary
     ]
 
 
@@ -207,3 +212,56 @@ def test_buffers_are_reused_only_inside_the_scope() -> None:
         assert grown.numel() == 5000
         assert buffers.take("role", (5000,), torch.bfloat16).dtype == torch.bfloat16
     assert buffers.take("role", (10,), torch.float32).data_ptr() != grown.data_ptr()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_wide_radix_histograms_are_the_reference_exactly(rows: int) -> None:
+    x = _task_vectors_with_ties(rows, seed=40 + rows).reshape(rows, -1)
+    high_pass, low_pass = reference.RADIX_PASSES_WIDE
+    zero = torch.zeros(rows, dtype=torch.int64)
+    with jit_off():
+        want_high = reference.magnitude_histogram(
+            x, prefix=zero, prefix_shift=31, digit_shift=15, digit_bits=16
+        )
+    got_high = cpu_fused.magnitude_histogram(x, prefix=zero, prefix_shift=31, digit_shift=15, digit_bits=16)
+    assert high_pass == (31, 15, 16) and torch.equal(got_high, want_high)
+    assert int(got_high.sum()) == x.numel()
+    busiest = got_high.argmax(dim=1)  # the low digits inside each row's fullest bin
+    with jit_off():
+        want_low = reference.magnitude_histogram(
+            x, prefix=busiest, prefix_shift=15, digit_shift=0, digit_bits=15
+        )
+    got_low = cpu_fused.magnitude_histogram(x, prefix=busiest, prefix_shift=15, digit_shift=0, digit_bits=15)
+    assert low_pass == (15, 0, 15) and torch.equal(got_low, want_low)
+    assert got_low.sum(dim=1).tolist() == got_high.gather(1, busiest[:, None]).squeeze(1).tolist()
+
+
+def test_row_moments_match_float64_and_the_radix_plan_follows_the_loops() -> None:
+    x = _task_vectors_with_ties(3, seed=9).reshape(3, -1)
+    x[1] *= -7.5
+    want = torch.stack([x.double().sum(1), x.double().square().sum(1), x.double().abs().sum(1)])
+    torch.testing.assert_close(cpu_fused.row_moments(x), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(reference.row_moments(x), want, rtol=1e-12, atol=0)
+    assert kernels.radix_passes(x) == reference.RADIX_PASSES_WIDE
+    with jit_off():
+        assert kernels.radix_passes(x) == reference.RADIX_PASSES_SMALL
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_sum_l1_is_the_reference_within_float32_rounding(k: int) -> None:
+    x = _task_vectors_with_ties(k, seed=60 + k).reshape(k, -1)
+    weights = torch.tensor([0.8, -0.3, 1.7][:k])
+    got = cpu_fused.sum_l1(x, weights)
+    with jit_off():
+        want = reference.sum_l1(x, weights)
+    exact = torch.tensor(
+        [
+            float(x.double().sum(0).abs().sum()),
+            float((x.double() * weights.double()[:, None]).sum(0).abs().sum()),
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, exact, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="weights"):
+        cpu_fused.sum_l1(x, torch.ones(k + 1))

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from kernels import compiled
 from merge_ops.global_stats import compute_global_stats
 from merge_ops.params import CATALOG, Scope
 from merge_ops.registry import get_method
@@ -149,3 +150,28 @@ def test_global_stats_is_bounded_to_the_batches_it_is_given():
     compute_global_stats(batches, params=CATALOG["breadcrumbs"].params(density=0.3, top_removed=0.05))
     assert len(calls) <= 5  # one statistics pass + two radix passes per cut (upper and lower)
     assert compute_global_stats(lambda: iter(()), params=CATALOG["ties"].params()).numel == 0
+
+
+@pytest.mark.parametrize("method", ["ties", "compeft", "breadcrumbs"])
+def test_two_wide_radix_passes_select_what_three_narrow_ones_do(method, monkeypatch):
+    # the compiled CPU loops select with 16 + 15 bit digits, the reference (and a GPU) with 11 + 11 + 9
+    tensors = model(3, seed=11, integers=True)  # integer-valued: many exact ties at the threshold
+    params = CATALOG[method].params(density=0.3, **({"top_removed": 0.05} if method == "breadcrumbs" else {}))
+    calls = []
+
+    def batches():
+        calls.append(1)
+        return iter(tensors.items())
+
+    jit_available = compiled.jit() is not None
+    wide = compute_global_stats(batches, params=params)
+    wide_calls = len(calls)
+    monkeypatch.setenv("ALLOY_JIT", "off")
+    calls.clear()
+    narrow = compute_global_stats(batches, params=params)
+    assert (wide.upper, wide.lower, wide.numel) == (narrow.upper, narrow.lower, narrow.numel)
+    assert wide.sigma == pytest.approx(narrow.sigma, rel=1e-12)
+    assert wide.l1 == pytest.approx(narrow.l1, rel=1e-12)
+    cuts = 2 if method == "breadcrumbs" else 1  # Breadcrumbs selects a lower cut too
+    assert len(calls) == 1 + 2 * cuts  # the statistics pass, then two more digits per cut
+    assert wide_calls == (1 + cuts if jit_available else 1 + 2 * cuts)

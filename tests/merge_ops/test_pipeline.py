@@ -171,6 +171,31 @@ def test_lines_identity_and_global_scope(models: dict[str, Path], tmp_path: Path
     assert report.scope == "global"
 
 
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (2.0, 2.0), (1.0, 0.5), (0.8, -0.3)])
+def test_lines_automatic_alpha_is_the_norm_ratio_over_the_model(
+    models: dict[str, Path], tmp_path: Path, weights: tuple[float, float]
+) -> None:
+    # α = (‖Σ_t τ_t‖₁ / ‖Σ_t w_t·τ_t‖₁)/T over every merged tensor; equal weights take it without the pass
+    report = run_merge(
+        _recipe(
+            tmp_path / "lines",
+            method="lines",
+            base=str(models["base"]),
+            models=[{"source": str(models[m]), "weight": w} for m, w in zip("ab", weights, strict=True)],
+        )
+    )
+    base, a, b = (load_all(models[m]) for m in ("base", "a", "b"))
+    plain = weighted = 0.0
+    for name, theta in base.items():
+        if theta.is_floating_point():
+            ta, tb = a[name].double() - theta.double(), b[name].double() - theta.double()
+            plain += float((ta + tb).abs().sum())
+            weighted += float((weights[0] * ta + weights[1] * tb).abs().sum())
+    assert report.lines is not None and report.lines["alpha_auto"]
+    assert report.lines["alpha"] == pytest.approx(plain / weighted / 2, rel=1e-5)
+    assert ("lines_alpha_s" in report.timings) == (weights[0] != weights[1])
+
+
 def test_lora_source_contributes_scaled_ba(models: dict[str, Path], tmp_path: Path) -> None:
     adapter = make_lora_adapter(tmp_path / "lora", base_dir=models["base"], r=2, alpha=4)
     merged = _merge(
