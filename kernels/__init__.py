@@ -147,6 +147,22 @@ def sum_l1(x: Tensor, weights: Tensor) -> Tensor:
     return kernel("sum_l1", x)(x, weights)
 
 
+def magnitude_ranks(x: Tensor) -> Tensor:
+    """``reference.magnitude_ranks``: each element's 0-based position in its dim-1 slice sorted by |x| (stable)."""
+    return kernel("magnitude_ranks", x)(x)
+
+
+def counter_bits24(numel: int, *, key: int, device: torch.device | str | None = None) -> Tensor:
+    """``reference.counter_bits24``: the 24-bit counter hash stream behind DARE's and DELLA's keep masks."""
+    probe = torch.empty(0, device=device)  # dispatch decides by device; the op itself takes no tensor
+    return kernel("counter_bits24", probe)(numel, key=key, device=device)
+
+
+def magprune_mask(tau: Tensor, *, density: float, epsilon: float, key: int) -> Tensor:
+    """``reference.magprune_mask``: DELLA's rank-weighted keep draw applied to ``tau``."""
+    return kernel("magprune_mask", tau)(tau, density=density, epsilon=epsilon, key=key)
+
+
 def elect_sign(x: Tensor, weights: Tensor) -> Tensor:
     return kernel("elect_sign", x)(x, weights)
 
@@ -165,6 +181,9 @@ __all__ = [
     "magnitude_histogram",
     "radix_passes",
     "row_moments",
+    "magnitude_ranks",
+    "counter_bits24",
+    "magprune_mask",
     "sum_l1",
     "rank_boundary",
     "select_by_threshold",

@@ -230,6 +230,54 @@ def sum_l1(x: Tensor, weights: Tensor) -> Tensor:
     return torch.tensor([sum(p[0] for p in parts), sum(p[1] for p in parts)], dtype=torch.float64)
 
 
+def magnitude_ranks(x: Tensor) -> Tensor:
+    """``reference.magnitude_ranks``, exactly, as a compiled radix sort per row of a 2-D float32 ``x``, rows split
+    across threads (other shapes and dtypes: the reference)."""
+    compiled = jit()
+    values = storage(x) if x.dim() == 2 and x.dtype == torch.float32 else None
+    if compiled is None or values is None:
+        return reference.magnitude_ranks(x)
+    r, n = values.shape
+    out = np.empty((r, n), np.int64)
+    if values.size:
+        # the spans split the elements; each takes the rows that start inside it
+        _run_spans(r * n, lambda lo, hi: compiled.magnitude_ranks_span(values, -(-lo // n), -(-hi // n), out))
+    return torch.from_numpy(out)
+
+
+def magprune_mask(tau: Tensor, *, density: float, epsilon: float, key: int) -> Tensor:
+    """``reference.magprune_mask``, exactly: the compiled ranks, then one compiled pass per span that derives each
+    element's keep probability, hashes its draw and writes the masked value (float32 CPU tensors; rows of one
+    element and other dtypes: the reference)."""
+    compiled = jit()
+    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
+    values = storage(rows) if rows.dim() == 2 and rows.dtype == torch.float32 else None
+    if compiled is None or values is None or values.shape[1] < 2:
+        return reference.magprune_mask(tau, density=density, epsilon=epsilon, key=key)
+    r, n = values.shape
+    ranks = magnitude_ranks(rows).numpy()
+    out = torch.empty_like(rows)
+    low, spread = np.float32(density - epsilon), np.float32(epsilon)
+    _run_spans(
+        r * n,
+        lambda lo, hi: compiled.magprune_span(
+            values, ranks, low, spread, np.uint32(key), -(-lo // n), -(-hi // n), out.numpy()
+        ),
+    )
+    return out.view(tau.shape)
+
+
+def counter_bits24(numel: int, *, key: int, device: torch.device | str | None = None) -> Tensor:
+    """``reference.counter_bits24`` bit for bit, as one compiled loop per span (CPU)."""
+    compiled = jit()
+    if compiled is None or torch.device(device or "cpu").type != "cpu":
+        return reference.counter_bits24(numel, key=key, device=device)
+    out = np.empty(numel, np.uint32)
+    if numel:
+        _run_spans(numel, lambda lo, hi: compiled.counter_bits_span(np.uint32(key), lo, hi, out))
+    return torch.from_numpy(out.view(np.int32))  # the values are below 2^24: int32, as the reference
+
+
 def magnitude_histogram(
     x: Tensor, *, prefix: Tensor, prefix_shift: int, digit_shift: int, digit_bits: int
 ) -> Tensor:

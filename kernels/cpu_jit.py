@@ -343,6 +343,80 @@ def non_finite_span(flat, lo, hi):  # type: ignore[no-untyped-def]
     return bad
 
 
+# -- DELLA's MagPrune: ranks by magnitude, and the counter hash behind its Bernoulli draws -------------------------
+#: 8-bit digits of the LSD radix sort (the top one holds the last 7 of the 31 magnitude bits)
+_RANK_DIGITS = 4
+
+
+@compiled_loop
+def magnitude_ranks_span(rows, lo, hi, out):  # type: ignore[no-untyped-def]
+    """out[r, j] = the position of rows[r, j] when row r is sorted by |x| ascending, ties by lower index, for the
+    rows [lo, hi) of float32 ``rows`` [R, n]: a stable LSD radix sort on the magnitude bits (``reference.magnitude_ranks``,
+    exactly). A digit every element shares is skipped."""
+    n = rows.shape[1]
+    keys, spare_keys = np.empty(n, np.uint32), np.empty(n, np.uint32)
+    index, spare_index = np.empty(n, np.int64), np.empty(n, np.int64)
+    counts = np.empty((_RANK_DIGITS, 256), np.int64)
+    for r in range(lo, hi):
+        x = rows[r]
+        counts[:] = 0
+        for j in range(n):
+            u = _f32_as_u32(x[j]) & MAGNITUDE
+            keys[j] = u
+            index[j] = j
+            for d in range(_RANK_DIGITS):
+                counts[d, (u >> np.uint32(8 * d)) & np.uint32(255)] += 1
+        src_k, src_i, dst_k, dst_i = keys, index, spare_keys, spare_index
+        for d in range(_RANK_DIGITS):
+            shift = np.uint32(8 * d)
+            c = counts[d]
+            if n == 0 or c[(src_k[0] >> shift) & np.uint32(255)] == n:
+                continue
+            total = 0
+            for b in range(256):
+                here = c[b]
+                c[b] = total
+                total += here
+            for j in range(n):
+                key = src_k[j]
+                b = (key >> shift) & np.uint32(255)
+                at = c[b]
+                c[b] = at + 1
+                dst_k[at] = key
+                dst_i[at] = src_i[j]
+            src_k, src_i, dst_k, dst_i = dst_k, dst_i, src_k, src_i
+        o = out[r]
+        for j in range(n):
+            o[src_i[j]] = j
+
+
+@compiled_loop
+def counter_bits_span(key, lo, hi, out):  # type: ignore[no-untyped-def]
+    """out[i] = h_i >> 8 for i in [lo, hi): ``reference.counter_bits24``'s stream (uint32 ``out``)."""
+    for i in range(lo, hi):
+        at = np.uint64(i)
+        h = _mix32(_mix32(np.uint32(at & np.uint64(0xFFFFFFFF)) ^ key) ^ np.uint32(at >> np.uint64(32)))
+        out[i] = h >> np.uint32(8)
+
+
+@compiled_loop
+def magprune_span(rows, ranks, low, spread, key, lo, hi, out):  # type: ignore[no-untyped-def]
+    """``reference.magprune_mask`` for the rows [lo, hi) of float32 ``rows`` [R, n] (n ≥ 2) with their 0-based
+    magnitude positions ``ranks``: out = rows where h_{r·n+j} >> 8 < ⌊p·2^24⌋, else +0, p = low + (ρ·2)·spread and
+    ρ = rank/(n − 1), each in float32 in torch's order (low = float32(density − ε), spread = float32(ε))."""
+    n = rows.shape[1]
+    denominator = np.float32(n - 1)
+    for r in range(lo, hi):
+        x, rank, o = rows[r], ranks[r], out[r]
+        for j in range(n):
+            rho = min(max(np.float32(rank[j]) / denominator, np.float32(0.0)), np.float32(1.0))
+            p = low + (rho * np.float32(2.0)) * spread
+            threshold = np.floor(p * np.float32(16777216.0))
+            at = np.uint64(r * n + j)
+            h = _mix32(_mix32(np.uint32(at & np.uint64(0xFFFFFFFF)) ^ key) ^ np.uint32(at >> np.uint64(32)))
+            o[j] = x[j] if np.float32(h >> np.uint32(8)) < threshold else np.float32(0.0)
+
+
 # -- sparsify + consensus + aggregate (``reference.fused_sparse_merge``) ------------------------------------------
 #: how ``sparse_merge_span`` gets τ̂_t from the rows: as stored, times a bool keep mask, DARE's hashed mask, the
 #: magnitude band (times ``scales[t]``), or the band ternarized to ``±scales[t]`` (ComPEFT)
@@ -507,6 +581,11 @@ def warm_up(ks: tuple[int, ...] = (1, 2, 3, 4)) -> int:
     gram_span(rows, np.zeros((2, 2)), 0, n)
     moments_span(rows, 0, n, np.zeros((3, 2)))
     sum_l1_span(rows, np.ones(2, np.float32), 0, n)
+    magnitude_ranks_span(rows, 0, 2, np.zeros((2, n), np.int64))
+    counter_bits_span(np.uint32(1), 0, n, np.zeros(n, np.uint32))
+    magprune_span(
+        rows, np.zeros((2, n), np.int64), np.float32(0.4), np.float32(0.1), np.uint32(1), 0, 2, rows.copy()
+    )
     high_histogram_span(rows, 0, n, np.zeros((2, 1 << 16), np.int64))
     low_histogram_span(rows, 0, n, np.zeros(2, np.int64), np.zeros((2, 1 << LOW_BITS), np.int64))
     tie_cut(rows[0], np.uint32(0), 0)
@@ -538,7 +617,7 @@ def warm_up(ks: tuple[int, ...] = (1, 2, 3, 4)) -> int:
         0,
         n,
     )
-    return count + 10
+    return count + 13
 
 
 if __name__ == "__main__":

@@ -29,7 +29,17 @@ _MODES = ("auto", "torch", "triton")
 #: ops with no Triton twin by design: one elementwise pass or a matmul, which torch on CUDA already runs at memory
 #: speed; ``triton`` mode runs their reference instead of refusing (on CPU tensors ``auto`` runs their CPU twin)
 REFERENCE_ON_TRITON = frozenset(
-    {"task_vectors", "task_vector_gram", "apply_delta", "all_finite", "row_moments", "sum_l1"}
+    {
+        "task_vectors",
+        "task_vector_gram",
+        "apply_delta",
+        "all_finite",
+        "row_moments",
+        "sum_l1",
+        "magnitude_ranks",
+        "counter_bits24",
+        "magprune_mask",
+    }
 )
 _triton_module: ModuleType | None = None
 _triton_error: str | None = None

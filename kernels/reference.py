@@ -216,6 +216,35 @@ def counter_bits24(numel: int, *, key: int, device: torch.device | str | None = 
     return _counter_bits_torch(numel, key=key, device=device)
 
 
+def magnitude_ranks(x: Tensor) -> Tensor:
+    """int64, shaped like ``x`` (at least 2-D): each element's 0-based position when its slice along dim 1 is
+    sorted by |x| ascending, ties by lower index (a stable argsort, inverted with one scatter). Exact."""
+    if x.dim() < 2:
+        raise ValueError(f"magnitude_ranks ranks along dim 1; got {x.dim()} dims")
+    n = x.shape[1]
+    order = torch.argsort(x.abs(), dim=1, stable=True)
+    positions = torch.arange(n, device=x.device).reshape(1, n, *([1] * (x.dim() - 2))).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
+def magprune_mask(tau: Tensor, *, density: float, epsilon: float, key: int) -> Tensor:
+    """DELLA's MagPrune draw on ``tau`` (float32): τ where the counter hash ``counter_bits24(·, key)`` of the flat
+    index is below ⌊p_i·2^24⌋, else +0, with p_i = (density − ε) + 2ε·(r_i − 1)/(n − 1) from the rank r_i
+    (1 = smallest) of |τ_i| along dim 1 (1-D tensors: the whole tensor; rows of one element: p = density)."""
+    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
+    n = rows.shape[1]
+    if n < 2:
+        probs = torch.full(rows.shape, density, dtype=torch.float32, device=tau.device)
+    else:
+        ranks = magnitude_ranks(rows).to(torch.float32) + 1
+        rank_norm = ((ranks - 1) / (n - 1)).clamp(0, 1)
+        probs = (density - epsilon) + rank_norm * 2 * epsilon
+    bits = counter_bits24(probs.numel(), key=key, device=tau.device)
+    # exact in float32: p·2^24 is a power-of-two scaling and both sides are integers below 2^24
+    keep = bits.to(torch.float32) < torch.floor(probs.reshape(-1) * (1 << 24))
+    return torch.where(keep.reshape(tau.shape), tau, 0.0)
+
+
 def _counter_bits_torch(numel: int, *, key: int, device: torch.device) -> Tensor:
     """The accelerator path of ``counter_bits24`` (torch int64 ops; equal to the numpy path bit for bit)."""
     out = torch.empty(numel, dtype=torch.int32, device=device)

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import fused_sparse_merge
-from kernels.reference import counter_bits24, dare_key
+from kernels import fused_sparse_merge, magprune_mask
+from kernels.reference import dare_key
 from merge_ops.errors import RecipeError
 from merge_ops.methods._points import per_model_densities, per_model_values
 from merge_ops.params import DellaParams, check_della_window
@@ -34,29 +34,11 @@ from merge_ops.registry import TensorContext, register_method
 _L1_EPS = 1e-7  # mergekit rescaled_masked_tensor
 
 
-def keep_probabilities(tau: torch.Tensor, *, density: float, epsilon: float) -> torch.Tensor:
-    """p_i of MagPrune, float32, shaped like ``tau`` viewed with at least 2 dims."""
-    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
-    n = rows.shape[1]
-    if n < 2:
-        return torch.full(rows.shape, density, dtype=torch.float32, device=tau.device)
-    order = torch.argsort(rows.abs(), dim=1, stable=True)
-    # invert the permutation with a scatter (one sort instead of mergekit's two)
-    positions = torch.arange(n, device=tau.device).reshape(1, n, *([1] * (rows.dim() - 2))).expand_as(order)
-    ranks = torch.empty_like(order).scatter_(1, order, positions).to(torch.float32) + 1
-    rank_norm = ((ranks - 1) / (n - 1)).clamp(0, 1)
-    return (density - epsilon) + rank_norm * 2 * epsilon
-
-
 def magprune(tau: torch.Tensor, *, density: float, epsilon: float, rescale: bool, key: int) -> torch.Tensor:
     """One task vector through MagPrune (see the module docstring); density 1 is the identity."""
     if density >= 1:
         return tau.clone()
-    probs = keep_probabilities(tau, density=density, epsilon=epsilon).reshape(-1)
-    bits = counter_bits24(probs.numel(), key=key, device=tau.device)
-    # exact in float32: p·2^24 is a power-of-two scaling and both sides are integers below 2^24
-    keep = bits.to(torch.float32) < torch.floor(probs * (1 << 24))
-    masked = torch.where(keep.reshape(tau.shape), tau, 0.0)
+    masked = magprune_mask(tau, density=density, epsilon=epsilon, key=key)
     if not rescale:
         return masked
     before, after = tau.abs().sum(), masked.abs().sum()

@@ -265,3 +265,50 @@ def test_sum_l1_is_the_reference_within_float32_rounding(k: int) -> None:
     torch.testing.assert_close(got, exact, rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="weights"):
         cpu_fused.sum_l1(x, torch.ones(k + 1))
+
+
+@pytest.mark.parametrize(("rows", "n"), [(1, 1), (3, 2), (5, 700), (40, 5000)])
+def test_magnitude_ranks_are_the_stable_argsort_exactly(rows: int, n: int) -> None:
+    g = torch.Generator().manual_seed(rows * n)
+    x = (torch.randn(rows, n, generator=g) * 4).round() / 4  # few distinct magnitudes: ties everywhere
+    x[:, ::7] = -x[:, ::7]
+    x[:, ::11] = -0.0
+    x[0, -1] = 3e38  # the top digit differs too
+    got = cpu_fused.magnitude_ranks(x)
+    with jit_off():
+        want = reference.magnitude_ranks(x)
+    assert got.dtype == want.dtype == torch.int64 and torch.equal(got, want)
+    assert torch.equal(got.sort(dim=1).values, torch.arange(n).expand(rows, n))  # a permutation per row
+
+
+def test_magnitude_ranks_keep_the_reference_for_other_shapes() -> None:
+    x = torch.randn(2, 3, 4)
+    assert torch.equal(cpu_fused.magnitude_ranks(x), reference.magnitude_ranks(x))
+    with pytest.raises(ValueError, match="dim 1"):
+        reference.magnitude_ranks(torch.randn(5))
+
+
+@pytest.mark.parametrize("numel", [0, 1, 4099, (1 << 17) + 3])
+def test_counter_bits_are_the_reference_stream(numel: int) -> None:
+    for key in (0, 1, 0xDEADBEEF):
+        got = cpu_fused.counter_bits24(numel, key=key)
+        with jit_off():
+            want = reference.counter_bits24(numel, key=key)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+        assert numel == 0 or int(got.max()) < 1 << 24
+
+
+@pytest.mark.parametrize("shape", [(1,), (5,), (3, 700), (40, 5000), (1 << 17,), (4, 3, 5)])
+def test_magprune_mask_is_the_reference_bit_for_bit(shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(len(shape) * 1000 + shape[0])
+    tau = (torch.randn(shape, generator=g) * 8).round() / 8  # ties in the ranks
+    tau.view(-1)[::13] = 0.0
+    for density, epsilon in [(0.5, 0.1), (0.2, 0.15), (0.9, 0.05), (0.33, 0.01)]:
+        key = reference.dare_key(seed=3, source_index=1, name=f"w{shape}")
+        got = cpu_fused.magprune_mask(tau, density=density, epsilon=epsilon, key=key)
+        with jit_off():
+            want = reference.magprune_mask(tau, density=density, epsilon=epsilon, key=key)
+        assert got.shape == tau.shape and torch.equal(_bits(got), _bits(want)), (density, epsilon)
+        if tau.numel() > 1000:  # the draw keeps about `density` of the entries
+            kept = float((got != 0).sum()) / float((tau != 0).sum())
+            assert abs(kept - density) < 0.02
