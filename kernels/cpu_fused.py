@@ -68,6 +68,28 @@ def _run_spans(numel: int, work: Callable[[int, int], None]) -> None:
         future.result()  # re-raises a worker's exception here
 
 
+def _summed_over_spans(numel: int, part: Callable[[int, int, np.ndarray], None], zero: np.ndarray) -> Tensor:
+    """Σ over the spans of [0, numel) of what ``part(lo, hi, out)`` adds into a zeroed copy of ``zero`` (each span
+    its own accumulator, so threads never share one)."""
+    parts: list[np.ndarray] = []
+
+    def work(lo: int, hi: int) -> None:
+        out = np.zeros_like(zero)
+        part(lo, hi, out)
+        parts.append(out)  # list.append is atomic under the GIL
+
+    if numel:
+        _run_spans(numel, work)
+    return torch.from_numpy(sum(parts, zero))
+
+
+def _run_row_spans(rows: int, n: int, work: Callable[[int, int], None]) -> None:
+    """``work(first, last)`` over the rows of a [rows, n] array, split like ``_run_spans`` splits its elements:
+    each span takes the rows that start inside it."""
+    if rows and n:
+        _run_spans(rows * n, lambda lo, hi: work(-(-lo // n), -(-hi // n)))
+
+
 def fused_task_arithmetic(
     base: Tensor,
     finetuned: Sequence[Tensor],
@@ -203,16 +225,11 @@ def row_moments(x: Tensor) -> Tensor:
     values = storage(x.reshape(x.shape[0], -1)) if x.dtype == torch.float32 else None
     if compiled is None or values is None:
         return reference.row_moments(x)
-    parts: list[np.ndarray] = []
 
-    def work(lo: int, hi: int) -> None:
-        out = np.zeros((3, values.shape[0]))
+    def part(lo: int, hi: int, out: np.ndarray) -> None:
         compiled.moments_span(values, lo, hi, out)
-        parts.append(out)
 
-    if values.size:
-        _run_spans(values.shape[1], work)
-    return torch.from_numpy(sum(parts, np.zeros((3, values.shape[0]))))
+    return _summed_over_spans(values.shape[1], part, np.zeros((3, values.shape[0])))
 
 
 def sum_l1(x: Tensor, weights: Tensor) -> Tensor:
@@ -224,10 +241,11 @@ def sum_l1(x: Tensor, weights: Tensor) -> Tensor:
     w = np.ascontiguousarray(weights.to(torch.float32).reshape(-1).cpu().numpy())
     if w.size != values.shape[0]:
         raise ValueError(f"{w.size} weights for {values.shape[0]} task vectors")
-    parts: list[tuple[float, float]] = []
-    if values.size:
-        _run_spans(values.shape[1], lambda lo, hi: parts.append(compiled.sum_l1_span(values, w, lo, hi)))
-    return torch.tensor([sum(p[0] for p in parts), sum(p[1] for p in parts)], dtype=torch.float64)
+
+    def part(lo: int, hi: int, out: np.ndarray) -> None:
+        out[:] = compiled.sum_l1_span(values, w, lo, hi)
+
+    return _summed_over_spans(values.shape[1], part, np.zeros(2))
 
 
 def magnitude_ranks(x: Tensor) -> Tensor:
@@ -239,9 +257,7 @@ def magnitude_ranks(x: Tensor) -> Tensor:
         return reference.magnitude_ranks(x)
     r, n = values.shape
     out = np.empty((r, n), np.int64)
-    if values.size:
-        # the spans split the elements; each takes the rows that start inside it
-        _run_spans(r * n, lambda lo, hi: compiled.magnitude_ranks_span(values, -(-lo // n), -(-hi // n), out))
+    _run_row_spans(r, n, lambda first, last: compiled.magnitude_ranks_span(values, first, last, out))
     return torch.from_numpy(out)
 
 
@@ -256,15 +272,16 @@ def magprune_mask(tau: Tensor, *, density: float, epsilon: float, key: int) -> T
         return reference.magprune_mask(tau, density=density, epsilon=epsilon, key=key)
     r, n = values.shape
     ranks = magnitude_ranks(rows).numpy()
-    out = torch.empty_like(rows)
+    out = np.empty((r, n), np.float32)
     low, spread = np.float32(density - epsilon), np.float32(epsilon)
-    _run_spans(
-        r * n,
-        lambda lo, hi: compiled.magprune_span(
-            values, ranks, low, spread, np.uint32(key), -(-lo // n), -(-hi // n), out.numpy()
+    _run_row_spans(
+        r,
+        n,
+        lambda first, last: compiled.magprune_span(
+            values, ranks, low, spread, np.uint32(key), first, last, out
         ),
     )
-    return out.view(tau.shape)
+    return torch.from_numpy(out).view(tau.shape)
 
 
 def counter_bits24(numel: int, *, key: int, device: torch.device | str | None = None) -> Tensor:
@@ -294,19 +311,14 @@ def magnitude_histogram(
     high = split == reference.RADIX_PASSES_WIDE[0]
     # the low pass filters on the high digit: a row's prefix is its bin (the first pass has prefix 0: no filter)
     bins = np.ascontiguousarray(prefix.to(torch.int64).reshape(-1).expand(r).cpu().numpy())
-    parts: list[np.ndarray] = []
 
-    def work(lo: int, hi: int) -> None:
-        hist = np.zeros((r, 1 << digit_bits), np.int64)
+    def part(lo: int, hi: int, hist: np.ndarray) -> None:
         if high:
             compiled.high_histogram_span(values, lo, hi, hist)
         else:
             compiled.low_histogram_span(values, lo, hi, bins, hist)
-        parts.append(hist)
 
-    if values.size:
-        _run_spans(values.shape[1], work)
-    return torch.from_numpy(sum(parts, np.zeros((r, 1 << digit_bits), np.int64)))
+    return _summed_over_spans(values.shape[1], part, np.zeros((r, 1 << digit_bits), np.int64))
 
 
 def apply_delta(base: Tensor | None, delta: Tensor, *, scale: float, out_dtype: torch.dtype) -> Tensor:

@@ -9,8 +9,9 @@ radix digit and keeps only O(K·2^digit bits) counters plus a few floats per mod
 2. a histogram of the next digit inside the chosen bucket, and so on; the last digit's histogram per tensor.
 
 The digits are ``kernels.radix_passes``: 16 + 15 bits (two passes) on the compiled CPU loops, 11 + 11 + 9 bits
-(three passes, what a GPU's on-chip histogram holds) elsewhere; both select the same elements. That is an exact MSB-first radix select of the k-th largest magnitude (non-negative float32 bit patterns are
-monotonic in the value). The last pass also counts, per tensor, the elements equal to the threshold, so ties are
+(three passes, what a GPU's on-chip histogram holds) elsewhere; both select the same elements. That is an exact
+MSB-first radix select of the k-th largest magnitude (non-negative float32 bit patterns are monotonic in the
+value). The last pass also counts, per tensor, the elements equal to the threshold, so ties are
 taken by lowest flat index in iteration order (tensor by tensor, row-major within a tensor): the tensor's
 ``tie_quota``. Methods then select with ``GlobalStats.selection_mask`` (|τ| > threshold, plus the tensor's quota
 of ties) and read ``sigma``/``l1``.
