@@ -22,7 +22,7 @@ import torch
 
 import kernels
 from merge_ops import patterns
-from merge_ops.checkpoint import torch_dtype
+from merge_ops.checkpoint import release_pages, torch_dtype
 from merge_ops.errors import IncompatibleModelsError, NonFiniteTensorError
 from merge_ops.lines import block_map
 from merge_ops.params import CATALOG, StagesParams
@@ -305,7 +305,9 @@ class TensorMerger:
 
 
 def prefetched(merger: TensorMerger, tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, Loaded]]:
-    """Load tensor i+1 in a thread while the caller computes tensor i (torch and the reader release the GIL)."""
+    """Load tensor i+1 in a thread while the caller computes tensor i (torch and the reader release the GIL).
+    When the caller asks for tensor i+1, that thread also takes tensor i's pages out of the page tables
+    (``checkpoint.release_pages``), work the main thread would otherwise do when it drops them."""
     if not tensors:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="alloy-loader") as pool:
@@ -315,6 +317,13 @@ def prefetched(merger: TensorMerger, tensors: list[TensorPlan]) -> Iterator[tupl
             if i + 1 < len(tensors):
                 pending = pool.submit(merger.load, tensors[i + 1])
             yield tp, loaded
+            pool.submit(_release_pages, loaded)
+
+
+def _release_pages(loaded: Loaded) -> None:
+    for tensor in (loaded.base, *(loaded.inputs or ())):
+        if tensor is not None:
+            release_pages(tensor)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

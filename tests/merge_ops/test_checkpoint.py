@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merge_ops.checkpoint import Checkpoint, read_safetensors_header, torch_dtype
+from merge_ops.checkpoint import Checkpoint, read_safetensors_header, release_pages, torch_dtype
 from merge_ops.errors import (
     CorruptCheckpointError,
     IncompatibleModelsError,
@@ -345,3 +345,20 @@ def test_loaded_tensors_are_private_copies_on_write(tmp_path: Path) -> None:
         assert torch.equal(ckpt.load("w"), torch.arange(4096, dtype=torch.float32))
         assert torch.equal(ckpt.load("h"), torch.ones(3, dtype=torch.float16))
     assert path.read_bytes() == before
+
+
+def test_released_pages_read_back_from_the_file(tmp_path: Path) -> None:
+    """``release_pages`` drops a mapped tensor's pages; the tensor still reads the file's values (the loader
+    thread calls it for tensors the merge is done with). A tensor it did not map is left alone."""
+    path = tmp_path / "model.safetensors"
+    values = torch.randn(3, 70_000, generator=torch.Generator().manual_seed(1))
+    save_file({"w": values}, str(path))
+    with Checkpoint.open(path) as ckpt:
+        w = ckpt.load("w")
+        release_pages(w)
+        assert torch.equal(w, values)
+        release_pages(w[1:])  # a view is not the mapping's tensor: nothing happens
+        assert torch.equal(w, values)
+    own = values.clone()
+    release_pages(own)  # anonymous memory would be zeroed by MADV_DONTNEED: it must not be touched
+    assert torch.equal(own, values)
