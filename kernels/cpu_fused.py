@@ -21,7 +21,7 @@ unless ``ALLOY_KERNELS=torch`` (then the reference runs: it is the oracle and th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,11 +59,17 @@ def _run_spans(numel: int, work: Callable[[int, int], None]) -> None:
     if threads == 1:
         work(0, numel)
         return
-    if _pool is None or _pool._max_workers != threads:  # noqa: SLF001 (torch's thread count can change)
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="alloy-cpu")
+    if _pool is None or _pool._max_workers != threads - 1:  # noqa: SLF001 (torch's thread count can change)
+        _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="alloy-cpu")
     step = -(-numel // threads)
     step += -step % BLOCK
-    futures = [_pool.submit(work, lo, min(lo + step, numel)) for lo in range(0, numel, step)]
+    # the calling thread takes the first span itself: one thread hand-off fewer per pass (a futex wake and a
+    # context switch each, ~25k of them in a task-arithmetic merge, strace)
+    futures = [_pool.submit(work, lo, min(lo + step, numel)) for lo in range(step, numel, step)]
+    try:
+        work(0, min(step, numel))
+    finally:
+        wait(futures)  # every span ends before anything returns or raises: they write shared buffers
     for future in futures:
         future.result()  # re-raises a worker's exception here
 
@@ -366,8 +372,12 @@ def task_vector_gram(taus: Tensor) -> Tensor:
 
 
 def _symmetric(upper: Tensor) -> Tensor:
-    """A full symmetric matrix from its upper triangle (the compiled Gram loops fill only that)."""
-    return upper + torch.triu(upper, diagonal=1).T
+    """A full symmetric matrix from its upper triangle (the compiled Gram loops fill only that). In numpy:
+    ``torch.triu`` always enters an OpenMP parallel region (grain 0), and waking its threads while the loader
+    thread and the compiled spans hold both cores cost ~2 ms a call, a fifth of a task-arithmetic merge's
+    main-thread time (py-spy, measured)."""
+    u = upper.numpy()
+    return torch.from_numpy(u + np.triu(u, 1).T)
 
 
 def fused_sparse_merge(

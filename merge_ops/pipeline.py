@@ -189,7 +189,7 @@ def _merge_tensors(
     """The main pass: every tensor of the plan merged (or copied) and written in plan order; the shards'
     metadata name ``recipe`` (the recipe asked for, not the one streamed for it)."""
     from merge_ops.tensor_merge import prefetched
-    from merge_ops.writer import ShardedWriter
+    from merge_ops.writer import ShardedWriter, WriteBehind
 
     plan, k = merger.plan, merger.k
     metadata = {
@@ -200,11 +200,13 @@ def _merge_tensors(
     }
     if recipe.vocab_policy != "error":
         metadata["alloy_vocab_policy"] = recipe.vocab_policy
-    writer = ShardedWriter(
-        scratch,
-        plan=[(t.name, torch_dtype(t.out_dtype), tuple(t.shape)) for t in plan.tensors],
-        shard_size=int(recipe.output.shard_size),
-        metadata=metadata,
+    writer = WriteBehind(
+        ShardedWriter(
+            scratch,
+            plan=[(t.name, torch_dtype(t.out_dtype), tuple(t.shape)) for t in plan.tensors],
+            shard_size=int(recipe.output.shard_size),
+            metadata=metadata,
+        )
     )
 
     def bytes_of(tp: TensorPlan) -> int:
@@ -217,7 +219,8 @@ def _merge_tensors(
     t_merge = time.perf_counter()
     load_s = compute_s = 0.0
     try:
-        # each tensor's output is written before the next one starts: the passes' buffers can be reused
+        # the passes' buffers are reused from tensor to tensor; each output is written while the next tensor
+        # computes, from the output buffer ``buffers.turn()`` then sets aside (or at once, when it is another)
         with buffers.reuse():
             for done, (tp, loaded) in enumerate(prefetched(merger, plan.tensors), start=1):
                 if should_cancel is not None and should_cancel():
@@ -240,9 +243,11 @@ def _merge_tensors(
                     row["scale"] = scale
                     out, stats = merger.merge(loaded, tp, scale, global_stats)
                     row.update(stats)
-                    writer.write(tp.name, out.cpu())
+                    out = out.cpu()
+                    writer.write(tp.name, out, hold=buffers.may_hold(out))
                     if tp.name in scales:
                         row["lines_scale"] = scales[tp.name]
+                buffers.turn()
                 compute_s += time.perf_counter() - c0
                 rows.append(row)
                 bytes_done += bytes_of(tp)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -214,6 +216,27 @@ def test_buffers_are_reused_only_inside_the_scope() -> None:
     assert buffers.take("role", (10,), torch.float32).data_ptr() != grown.data_ptr()
 
 
+def test_the_output_role_alternates_so_a_written_output_survives_the_next_tensor() -> None:
+    """The pipeline writes tensor i's output while tensor i+1 computes: after ``turn()`` the output role hands
+    out its other buffer; any other role's buffer is reused at once, so ``may_hold`` says to write it first."""
+    with buffers.reuse():
+        out_i = buffers.take("output", (100,), torch.bfloat16)
+        scratch = buffers.take("task_vectors", (3, 100), torch.float32)
+        assert buffers.may_hold(out_i) and buffers.may_hold(out_i[10:])
+        assert not buffers.may_hold(scratch) and not buffers.may_hold(scratch[1])
+        assert buffers.may_hold(torch.empty(5))  # not a reused buffer
+        buffers.turn()
+        out_next = buffers.take("output", (100,), torch.bfloat16)
+        assert out_next.data_ptr() != out_i.data_ptr()
+        assert not buffers.may_hold(out_i)  # handed out before this turn: reused at the next one
+        assert buffers.take("task_vectors", (3, 100), torch.float32).data_ptr() == scratch.data_ptr()
+        buffers.turn()
+        assert buffers.take("output", (100,), torch.bfloat16).data_ptr() == out_i.data_ptr()
+    out = buffers.take("output", (4,), torch.float32)
+    buffers.turn()  # outside a scope: nothing to alternate, every tensor is the caller's own
+    assert buffers.may_hold(out)
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_the_wide_radix_histograms_are_the_reference_exactly(rows: int) -> None:
     x = _task_vectors_with_ties(rows, seed=40 + rows).reshape(rows, -1)
@@ -312,3 +335,30 @@ def test_magprune_mask_is_the_reference_bit_for_bit(shape: tuple[int, ...]) -> N
         if tau.numel() > 1000:  # the draw keeps about `density` of the entries
             kept = float((got != 0).sum()) / float((tau != 0).sum())
             assert abs(kept - density) < 0.02
+
+
+def test_spans_cover_the_range_once_and_every_error_reaches_the_caller() -> None:
+    """``_run_spans``: the calling thread takes the first span, the pool the rest; all of them end before an
+    error (from either) is raised."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        numel = (1 << 18) + 12345
+        seen = np.zeros(numel, dtype=np.int64)
+        cpu_fused._run_spans(numel, lambda lo, hi: seen.__setitem__(slice(lo, hi), seen[lo:hi] + 1))
+        assert (seen == 1).all()
+        ended: list[int] = []
+
+        def failing(lo: int, hi: int) -> None:
+            if lo == 0:
+                raise ValueError("first span")
+            time.sleep(0.05)
+            ended.append(lo)
+
+        with pytest.raises(ValueError, match="first span"):
+            cpu_fused._run_spans(numel, failing)
+        assert len(ended) == 1  # the pool's span ended before the error was raised
+        with pytest.raises(ZeroDivisionError):
+            cpu_fused._run_spans(numel, lambda lo, hi: 1 // 0 if lo else None)
+    finally:
+        torch.set_num_threads(before)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from merge_ops import writer as writer_module
 from merge_ops.checkpoint import Checkpoint
 from merge_ops.errors import OutputError
-from merge_ops.writer import ShardedWriter, copy_side_files, plan_shards
+from merge_ops.writer import ShardedWriter, WriteBehind, copy_side_files, plan_shards
 from tests.utils.factories import make_llama_like
 
 
@@ -63,11 +64,14 @@ def test_one_shard_is_model_safetensors_without_index(tmp_path: Path) -> None:
             assert torch.equal(f.get_tensor(name).view(torch.uint8), tensor.view(torch.uint8))
 
 
-def test_headers_come_first_and_tensors_are_not_retained(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [False, True])
+def test_headers_come_first_and_tensors_are_not_retained(tmp_path: Path, direct: bool) -> None:
     """Bounded memory: each shard's header is fixed before its data, data reaches the file as it is written
-    (the file grows tensor by tensor), and the writer keeps no reference to any tensor it was given."""
+    (the file grows tensor by tensor; with direct I/O, all but the staging buffer's last bytes), and the writer
+    keeps no reference to any tensor it was given."""
     plan = [(f"t{i}", torch.float32, (64, 1024)) for i in range(6)]  # 256 KiB each
-    writer = ShardedWriter(tmp_path, plan=plan, shard_size=600_000, metadata={})
+    writer = ShardedWriter(tmp_path, plan=plan, shard_size=600_000, metadata={}, direct=direct)
+    in_user_space = writer_module._STAGING_BYTES if direct else 0
     refs = []
     for i, (name, _, shape) in enumerate(plan):
         tensor = torch.full(shape, float(i))
@@ -76,8 +80,7 @@ def test_headers_come_first_and_tensors_are_not_retained(tmp_path: Path) -> None
         del tensor  # refcounting frees it at once unless the writer kept a reference
         shard = writer.paths[writer._shard_of[i]]
         done_in_shard = sum(1 for j in range(i + 1) if writer._shard_of[j] == writer._shard_of[i])
-        # at most one io buffer (8 KiB) of the streamed bytes may still be in user space
-        assert shard.stat().st_size >= done_in_shard * 64 * 1024 * 4 - 8192
+        assert shard.stat().st_size >= done_in_shard * 64 * 1024 * 4 - in_user_space
     assert all(r() is None for r in refs)
     paths = writer.close()
     assert len(paths) == 4  # 3 shards of 2 tensors + index
@@ -104,6 +107,34 @@ def test_out_of_plan_writes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="1 of 2"):
         writer.close()
     assert list((tmp_path / "x").iterdir()) == []  # partial shard removed
+
+
+def test_write_behind_writes_in_order_and_surfaces_errors(tmp_path: Path) -> None:
+    """One write in flight: the caller may overwrite a tensor written with ``hold=False`` as soon as the call
+    returns; a failed write (here: out of plan order) raises at the next call, and ``abort`` removes the files."""
+    tensors = _tensors(4)
+    writes = WriteBehind(ShardedWriter(tmp_path / "ok", plan=_plan(tensors), shard_size=5000, metadata={}))
+    for i, (name, tensor) in enumerate(tensors.items()):
+        scratch = tensor.clone()
+        writes.write(name, scratch, hold=i % 2 == 0)
+        if i % 2:
+            scratch.zero_()  # written already
+    paths = writes.close()
+    loaded = {}
+    for path in paths:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                loaded.update({k: handle.get_tensor(k) for k in handle.keys()})  # noqa: SIM118
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+    bad = WriteBehind(ShardedWriter(tmp_path / "bad", plan=_plan(tensors), shard_size=5000, metadata={}))
+    bad.write("layers.0.weight", tensors["layers.0.weight"])
+    bad.write("layers.2.weight", tensors["layers.2.weight"])  # out of order: fails in the writer's thread
+    with pytest.raises(OutputError, match="plan order"):
+        bad.write("layers.3.weight", tensors["layers.3.weight"])
+    bad.abort()
+    assert list((tmp_path / "bad").iterdir()) == []
 
 
 def test_exception_inside_with_removes_partial_files(tmp_path: Path) -> None:
