@@ -11,6 +11,7 @@ are re-sent, with bounded attempts). Start a worker with::
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -100,3 +101,6 @@ def _preload_engine(sender: Any = None, **_: Any) -> None:
         import merge_ops.pipeline  # noqa: F401
     except ImportError:  # a broken engine install surfaces as a failed job, with the error on the row
         log.warning("could not preload merge_ops.pipeline", exc_info=True)
+    # what the imports made lives as long as the process: out of the cyclic GC's walks, and not copied into
+    # each forked child when a collection there would touch it
+    gc.freeze()
