@@ -7,12 +7,12 @@ for and is handed out again, so a merge touches fresh memory once per role inste
 memory is what the largest tensor needed anyway. Outside it (first passes, tests, other callers) ``take`` is a
 plain ``torch.empty``.
 
-The caller of ``reuse()`` promises that a role's previous buffer is dead when the role is asked for again, with
-one exception: the merge pipeline writes a tensor's output in a thread while the next tensor computes, so the
-``output`` role has two buffers, and ``turn()`` (called between tensors) hands out the other one. ``may_hold``
-tells whether a tensor survives the next tensor's passes (a method may return one of its other buffers as its
-output; the pipeline then writes it before going on). Buffers are per thread (concurrent merges in one process
-never share them) and are freed when the scope ends.
+The caller of ``reuse()`` promises that a role's previous buffer is dead when the role is asked for again, or
+lent: the merge pipeline writes a tensor's output in a thread while the next tensor computes, and ``lend(tensor,
+busy)`` makes the next ``take`` of the buffer holding ``tensor`` wait until ``busy`` is done. So the write overlaps
+every pass of the next tensor before the one that fills its output, and no second output buffer is held (a
+second one raised a merge's peak RSS by up to one output tensor, measured). Buffers are per thread (concurrent
+merges in one process never share them) and are freed when the scope ends.
 """
 
 from __future__ import annotations
@@ -21,65 +21,52 @@ import contextlib
 import math
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, wait
+from typing import Any
 
 import torch
 
 _local = threading.local()
 
 
-#: roles whose buffer the caller may still read while the next tensor computes: two buffers each, ``turn()``
-#: switching between them
-_ALTERNATING = frozenset({"output"})
-
-_Key = tuple[str, torch.dtype, int]  # role, dtype, which of an alternating role's two buffers (else 0)
-
-
 @contextlib.contextmanager
 def reuse() -> Iterator[None]:
     """Hand out reused buffers in this thread until the scope ends (nested scopes get their own)."""
-    previous = getattr(_local, "buffers", None), getattr(_local, "turn", 0)
-    _local.buffers, _local.turn = {}, 0
+    previous = getattr(_local, "buffers", None), getattr(_local, "lent", None)
+    _local.buffers, _local.lent = {}, {}
     try:
         yield
     finally:
-        _local.buffers, _local.turn = previous
-
-
-def _held() -> dict[_Key, torch.Tensor] | None:
-    held: dict[_Key, torch.Tensor] | None = getattr(_local, "buffers", None)
-    return held
+        wait(_local.lent.values())  # what was lent from these buffers is done with them before they go
+        _local.buffers, _local.lent = previous
 
 
 def take(role: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised contiguous CPU tensor of ``shape``: the role's reused buffer inside ``reuse()``, else new."""
-    buffers = _held()
+    """An uninitialised contiguous CPU tensor of ``shape``: the role's reused buffer inside ``reuse()``, else new.
+    A buffer lent out (``lend``) is handed out once its borrower is done with it."""
+    buffers: dict[tuple[str, torch.dtype], torch.Tensor] | None = getattr(_local, "buffers", None)
     if buffers is None:
         return torch.empty(tuple(shape), dtype=dtype)
     numel = math.prod(shape)
-    key = (role, dtype, _local.turn if role in _ALTERNATING else 0)
-    held = buffers.get(key)
+    held = buffers.get((role, dtype))
+    if held is not None:
+        busy = _local.lent.pop(held.untyped_storage().data_ptr(), None)
+        if busy is not None:
+            wait([busy])  # its errors are the borrower's to report
     if held is None or held.numel() < numel:
-        buffers.pop(key, None)  # free the smaller one before the larger one is allocated
+        buffers.pop((role, dtype), None)  # free the smaller one before the larger one is allocated
         held = torch.empty(numel, dtype=dtype)
-        buffers[key] = held
+        buffers[(role, dtype)] = held
     return held[:numel].view(tuple(shape))
 
 
-def turn() -> None:
-    """The next tensor starts: alternating roles hand out their other buffer, so what the last one handed out
-    stays intact until the turn after this one."""
-    if _held() is not None:
-        _local.turn ^= 1
-
-
-def may_hold(tensor: torch.Tensor) -> bool:
-    """True when ``tensor`` stays intact through the next tensor's passes (after one ``turn()``): it is in no
-    reused buffer, or in the buffer an alternating role handed out since the last turn."""
-    buffers = _held()
-    if buffers is None or tensor.device.type != "cpu":
-        return True
+def lend(tensor: torch.Tensor, busy: Future[Any]) -> None:
+    """``tensor`` is read elsewhere until ``busy`` is done: when it lives in a reused buffer, the next ``take`` of
+    that buffer waits for ``busy`` first (outside ``reuse()``, or for a tensor of its own, nothing to do)."""
+    lent: dict[int, Future[Any]] | None = getattr(_local, "lent", None)
+    buffers: dict[tuple[str, torch.dtype], torch.Tensor] | None = getattr(_local, "buffers", None)
+    if lent is None or buffers is None or tensor.device.type != "cpu":
+        return
     address = tensor.untyped_storage().data_ptr()
-    for (role, _, which), held in buffers.items():
-        if held.untyped_storage().data_ptr() == address:
-            return role in _ALTERNATING and which == _local.turn
-    return True
+    if any(held.untyped_storage().data_ptr() == address for held in buffers.values()):
+        lent[address] = busy

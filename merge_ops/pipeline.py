@@ -220,7 +220,7 @@ def _merge_tensors(
     load_s = compute_s = 0.0
     try:
         # the passes' buffers are reused from tensor to tensor; each output is written while the next tensor
-        # computes, from the output buffer ``buffers.turn()`` then sets aside (or at once, when it is another)
+        # computes, until that tensor asks for the buffer the output is in (``buffers.lend``)
         with buffers.reuse():
             for done, (tp, loaded) in enumerate(prefetched(merger, plan.tensors), start=1):
                 if should_cancel is not None and should_cancel():
@@ -244,10 +244,9 @@ def _merge_tensors(
                     out, stats = merger.merge(loaded, tp, scale, global_stats)
                     row.update(stats)
                     out = out.cpu()
-                    writer.write(tp.name, out, hold=buffers.may_hold(out))
+                    buffers.lend(out, writer.write(tp.name, out))
                     if tp.name in scales:
                         row["lines_scale"] = scales[tp.name]
-                buffers.turn()
                 compute_s += time.perf_counter() - c0
                 rows.append(row)
                 bytes_done += bytes_of(tp)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -216,25 +218,25 @@ def test_buffers_are_reused_only_inside_the_scope() -> None:
     assert buffers.take("role", (10,), torch.float32).data_ptr() != grown.data_ptr()
 
 
-def test_the_output_role_alternates_so_a_written_output_survives_the_next_tensor() -> None:
-    """The pipeline writes tensor i's output while tensor i+1 computes: after ``turn()`` the output role hands
-    out its other buffer; any other role's buffer is reused at once, so ``may_hold`` says to write it first."""
-    with buffers.reuse():
-        out_i = buffers.take("output", (100,), torch.bfloat16)
+def test_a_lent_buffer_is_handed_out_again_only_when_its_borrower_is_done() -> None:
+    """The pipeline writes tensor i's output in a thread while tensor i+1 computes: ``lend`` makes the next
+    ``take`` of that buffer wait for the write (its error stays the writer's); other buffers are not held up."""
+    gate = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as pool, buffers.reuse():
+        out = buffers.take("output", (100,), torch.bfloat16)
         scratch = buffers.take("task_vectors", (3, 100), torch.float32)
-        assert buffers.may_hold(out_i) and buffers.may_hold(out_i[10:])
-        assert not buffers.may_hold(scratch) and not buffers.may_hold(scratch[1])
-        assert buffers.may_hold(torch.empty(5))  # not a reused buffer
-        buffers.turn()
-        out_next = buffers.take("output", (100,), torch.bfloat16)
-        assert out_next.data_ptr() != out_i.data_ptr()
-        assert not buffers.may_hold(out_i)  # handed out before this turn: reused at the next one
+        busy = pool.submit(lambda: gate.wait(5) and 1 // 0)
+        buffers.lend(out[10:], busy)  # a view of the buffer counts as the buffer
+        buffers.lend(torch.empty(4), busy)  # not a reused buffer: nothing to wait for
         assert buffers.take("task_vectors", (3, 100), torch.float32).data_ptr() == scratch.data_ptr()
-        buffers.turn()
-        assert buffers.take("output", (100,), torch.bfloat16).data_ptr() == out_i.data_ptr()
-    out = buffers.take("output", (4,), torch.float32)
-    buffers.turn()  # outside a scope: nothing to alternate, every tensor is the caller's own
-    assert buffers.may_hold(out)
+        threading.Timer(0.2, gate.set).start()
+        started = time.perf_counter()
+        again = buffers.take("output", (100,), torch.bfloat16)
+        assert busy.done() and time.perf_counter() - started >= 0.15
+        assert again.data_ptr() == out.data_ptr()
+        assert isinstance(busy.exception(), ZeroDivisionError)  # not raised by take
+        buffers.take("output", (100,), torch.bfloat16)  # no longer lent
+    buffers.lend(torch.empty(3), busy)  # outside a scope: nothing to do
 
 
 @pytest.mark.parametrize("rows", [1, 3])

@@ -110,15 +110,14 @@ def test_out_of_plan_writes_are_refused(tmp_path: Path) -> None:
 
 
 def test_write_behind_writes_in_order_and_surfaces_errors(tmp_path: Path) -> None:
-    """One write in flight: the caller may overwrite a tensor written with ``hold=False`` as soon as the call
-    returns; a failed write (here: out of plan order) raises at the next call, and ``abort`` removes the files."""
+    """One write in flight: the tensor is written once the returned future is done; a failed write (here: out of
+    plan order) raises at the next call, and ``abort`` removes the files."""
     tensors = _tensors(4)
     writes = WriteBehind(ShardedWriter(tmp_path / "ok", plan=_plan(tensors), shard_size=5000, metadata={}))
-    for i, (name, tensor) in enumerate(tensors.items()):
+    for name, tensor in tensors.items():
         scratch = tensor.clone()
-        writes.write(name, scratch, hold=i % 2 == 0)
-        if i % 2:
-            scratch.zero_()  # written already
+        writes.write(name, scratch).result()
+        scratch.zero_()  # written already
     paths = writes.close()
     loaded = {}
     for path in paths:

@@ -80,7 +80,7 @@ def _load(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _odd_sized() -> dict[str, torch.Tensor]:
-    """Tensors whose sizes put every later one at an unaligned offset, one larger than the staging buffer."""
+    """Tensors whose sizes put every later one at an unaligned offset, one of them ten staging buffers long."""
     gen = torch.Generator().manual_seed(11)
     return {
         "a": torch.randn(1001, generator=gen),
