@@ -147,6 +147,11 @@ def sum_l1(x: Tensor, weights: Tensor) -> Tensor:
     return kernel("sum_l1", x)(x, weights)
 
 
+def task_vector_sum_l1(base: Tensor, finetuned: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """``reference.task_vector_sum_l1``: float64 [3] ``sum_l1`` of the task vectors, and their NaN/Inf count."""
+    return kernel("task_vector_sum_l1", base, *finetuned)(base, finetuned, weights)
+
+
 def magnitude_ranks(x: Tensor) -> Tensor:
     """``reference.magnitude_ranks``: each element's 0-based position in its dim-1 slice sorted by |x| (stable)."""
     return kernel("magnitude_ranks", x)(x)
@@ -185,6 +190,7 @@ __all__ = [
     "counter_bits24",
     "magprune_mask",
     "sum_l1",
+    "task_vector_sum_l1",
     "rank_boundary",
     "select_by_threshold",
     "ternarize",

@@ -254,6 +254,31 @@ def sum_l1(x: Tensor, weights: Tensor) -> Tensor:
     return _summed_over_spans(values.shape[1], part, np.zeros(2))
 
 
+def task_vector_sum_l1(base: Tensor, finetuned: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """``reference.task_vector_sum_l1`` (the norms up to float64 rounding, the count exactly): one compiled pass
+    per span over the stored tensors; LiNeS' α pass then reads each input once and writes nothing."""
+    compiled = jit()
+    flat_base = base.contiguous().reshape(-1)
+    flat_inputs = [t.contiguous().reshape(-1) for t in finetuned]
+    arrays = [storage(t) for t in (flat_base, *flat_inputs)] if compiled is not None else []
+    w = np.ascontiguousarray(weights.to(torch.float32).reshape(-1).cpu().numpy())
+    if w.size != len(finetuned):
+        raise ValueError(f"{w.size} weights for {len(finetuned)} task vectors")
+    if (
+        compiled is None
+        or not finetuned
+        or not all(a is not None for a in arrays)
+        or any(t.shape != base.shape for t in finetuned)
+    ):
+        return reference.task_vector_sum_l1(base, finetuned, weights)
+    base_np, *inputs_np = arrays
+
+    def part(lo: int, hi: int, out: np.ndarray) -> None:
+        out[:] = compiled.task_vector_sum_l1_span(base_np, tuple(inputs_np), w, lo, hi)
+
+    return _summed_over_spans(flat_base.numel(), part, np.zeros(3))
+
+
 def magnitude_ranks(x: Tensor) -> Tensor:
     """``reference.magnitude_ranks``, exactly, as a compiled radix sort per row of a 2-D float32 ``x``, rows split
     across threads (other shapes and dtypes: the reference)."""

@@ -205,6 +205,8 @@ MAGNITUDE = np.uint32(0x7FFFFFFF)
 #: interleaved copies of the high histogram: consecutive elements of a smooth distribution fall in the same few
 #: bins, and one table makes each increment wait for the previous one's store
 _LANES = 4
+#: independent float64 accumulators of a norm's sum (one AVX-512 register; the adds then pipeline)
+_SUM_LANES = 8
 
 
 @compiled_loop
@@ -331,6 +333,45 @@ def sum_l1_span(rows, weights, lo, hi):  # type: ignore[no-untyped-def]
         plain += abs(np.float64(total))
         weighted += abs(np.float64(scaled))
     return plain, weighted
+
+
+@compiled_loop
+def task_vector_sum_l1_span(base, inputs, weights, lo, hi):  # type: ignore[no-untyped-def]
+    """``sum_l1_span`` of the task vectors θ_t − θ_0 over [lo, hi), computed from the stored tensors as
+    ``task_vectors_span`` does (no [K, n] copy), and how many of them are NaN or ±Inf; block by block, the sums
+    over t in float32 (t in order, as the reference), the norms' float64 sums in _SUM_LANES lanes (a statistic, like
+    the Gram matrix: equal to the reference up to rounding)."""
+    k = len(inputs)
+    b32 = np.empty(BLOCK, np.float32)
+    total = np.empty(BLOCK, np.float32)
+    scaled = np.empty(BLOCK, np.float32)
+    plain = np.zeros(_SUM_LANES, np.float64)
+    weighted = np.zeros(_SUM_LANES, np.float64)
+    bad = 0
+    for start in range(lo, hi, BLOCK):
+        n = min(BLOCK, hi - start)
+        stored = base[start : start + n]
+        for j in range(n):
+            b32[j] = _widen(stored[j])
+            total[j] = 0.0
+            scaled[j] = 0.0
+        for t in range(k):
+            x = inputs[t][start : start + n]
+            w = weights[t]
+            for j in range(n):
+                v = _widen(x[j]) - b32[j]
+                bad += _non_finite(v)
+                total[j] += v
+                scaled[j] += w * v
+        body = n - n % _SUM_LANES
+        for j in range(0, body, _SUM_LANES):
+            for lane in range(_SUM_LANES):
+                plain[lane] += abs(np.float64(total[j + lane]))
+                weighted[lane] += abs(np.float64(scaled[j + lane]))
+        for j in range(body, n):
+            plain[0] += abs(np.float64(total[j]))
+            weighted[0] += abs(np.float64(scaled[j]))
+    return plain.sum(), weighted.sum(), bad
 
 
 @compiled_loop
@@ -576,7 +617,8 @@ def warm_up(ks: tuple[int, ...] = (1, 2, 3, 4)) -> int:
         for k in ks:
             inputs = tuple(x.copy() for _ in range(k))
             task_vectors_span(x, inputs, np.zeros((k, n), np.float32), np.zeros((k, k)), True, 0, n)
-            count += 1
+            task_vector_sum_l1_span(x, inputs, np.ones(k, np.float32), 0, n)
+            count += 2
     rows = np.zeros((2, n), np.float32)
     gram_span(rows, np.zeros((2, 2)), 0, n)
     moments_span(rows, 0, n, np.zeros((3, 2)))

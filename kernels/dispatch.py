@@ -36,6 +36,7 @@ REFERENCE_ON_TRITON = frozenset(
         "all_finite",
         "row_moments",
         "sum_l1",
+        "task_vector_sum_l1",
         "magnitude_ranks",
         "counter_bits24",
         "magprune_mask",

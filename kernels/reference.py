@@ -462,6 +462,14 @@ def sum_l1(x: Tensor, weights: Tensor) -> Tensor:
     return out
 
 
+def task_vector_sum_l1(base: Tensor, finetuned: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """float64 [3]: ``sum_l1`` of ``task_vectors(base, finetuned)``, and how many of those task vectors' entries are
+    NaN or ±Inf, from the stored tensors (LiNeS' α pass when the merge is a plain weighted sum)."""
+    taus = task_vectors(base, finetuned)
+    bad = (~torch.isfinite(taus)).sum().to(torch.float64).reshape(1)
+    return torch.cat([sum_l1(taus, weights), bad])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Consensus and aggregation over K task vectors
 # --------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-import kernels
 from kernels import buffers
 from merge_ops.errors import MergeCancelled
 from merge_ops.preflight import element_size, global_pass_needed, lines_params, numel
@@ -34,16 +33,18 @@ def tracked(
     phase: str,
     progress: Callable[[Progress], None] | None,
     should_cancel: Callable[[], bool] | None,
+    items: Callable[[], Iterator[tuple[str, torch.Tensor]]] | None = None,
 ) -> Callable[[], Iterator[tuple[str, torch.Tensor]]]:
-    """``merger.iter_task_vectors`` as a first pass of its own: progress in bytes under ``phase``, and a cancel
-    check before every tensor (a first pass reads the whole model, so it must stop like the main pass does)."""
+    """``merger.iter_task_vectors`` (or another per-tensor pass, ``items``) as a first pass of its own: progress in
+    bytes under ``phase``, and a cancel check before every tensor (a first pass reads the whole model, so it must
+    stop like the main pass does)."""
     merged = [t for t in merger.plan.tensors if t.action == "merge"]
     sizes = {t.name: numel(t.shape) * element_size(t.in_dtype) * (merger.k + 1) for t in merged}
     total = sum(sizes.values())
 
     def run() -> Iterator[tuple[str, torch.Tensor]]:
         started, done_bytes = time.perf_counter(), 0
-        for done, (name, taus) in enumerate(merger.iter_task_vectors(), start=1):
+        for done, (name, taus) in enumerate((items or merger.iter_task_vectors)(), start=1):
             if should_cancel is not None and should_cancel():
                 raise MergeCancelled("the merge was cancelled")
             yield name, taus
@@ -92,8 +93,7 @@ def _run_first_passes(
         alpha = lines.alpha if lines.alpha is not None else equal_weights_alpha(merger)
         if alpha is None:
             t1 = time.perf_counter()
-            tensors = tracked(merger, "lines_alpha", progress, should_cancel)
-            alpha = auto_lines_alpha(merger, result.global_stats, tensors)
+            alpha = auto_lines_alpha(merger, result.global_stats, progress, should_cancel)
             result.timings["lines_alpha_s"] = round(time.perf_counter() - t1, 4)
         merged_names = [t.name for t in merger.plan.tensors if t.action == "merge"]
         result.scales = lines_scales(merged_names, alpha=alpha, beta=lines.beta, head_scale=lines.head_scale)
@@ -109,23 +109,25 @@ def _run_first_passes(
 def auto_lines_alpha(
     merger: TensorMerger,
     global_stats: Any,
-    tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]] | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> float:
     """LiNeS multi-task α = (‖Σ_t τ_t‖₁ / ‖τ_merged‖₁) / T over the merged tensors (one streaming pass). When the
-    merge is a plain weighted sum (``merger.fused_weights``) both norms come from one ``kernels.sum_l1`` pass over
-    each tensor's task vectors; otherwise the method runs on them."""
+    merge is a plain weighted sum (``merger.fused_weights``) both norms come from the stored inputs
+    (``merger.iter_sum_l1``: no task vectors are built); otherwise the method runs on each tensor's task vectors."""
     from merge_ops.lines import auto_alpha
 
     sum_l1 = merged_l1 = 0.0
-    plans = {t.name: t for t in merger.plan.tensors}
-    weights = (
-        None if merger.fused_weights is None else torch.tensor(merger.fused_weights, dtype=torch.float32)
-    )
-    for name, taus in (tensors or merger.iter_task_vectors)():
-        if weights is not None:
-            plain, weighted = kernels.sum_l1(taus, weights).tolist()
+    if merger.fused_weights is not None:
+        weights = torch.tensor(merger.fused_weights, dtype=torch.float32)
+        for _, norms in tracked(
+            merger, "lines_alpha", progress, should_cancel, lambda: merger.iter_sum_l1(weights)
+        )():
+            plain, weighted = norms.tolist()
             sum_l1, merged_l1 = sum_l1 + plain, merged_l1 + weighted
-            continue
+        return auto_alpha(sum_l1=sum_l1, merged_l1=merged_l1, num_models=merger.k)
+    plans = {t.name: t for t in merger.plan.tensors}
+    for name, taus in tracked(merger, "lines_alpha", progress, should_cancel)():
         sum_l1 += float(taus.sum(dim=0).abs().sum(dtype=torch.float64))
         ctx = merger.context(name, global_stats)
         merged = merger.method.fn(taus, ctx, merger.params_for(plans[name]))

@@ -294,6 +294,23 @@ class TensorMerger:
             tensor=name,
         )
 
+    def iter_sum_l1(self, weights: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, float64 [2]: ‖Σ_t τ_t‖₁ and ‖Σ_t w_t·τ_t‖₁) for every merged tensor, for LiNeS' α over a plain
+        weighted sum. From the stored inputs where every input is a full checkpoint of the base
+        (``kernels.task_vector_sum_l1``: no task vectors are built), else from the task vectors; NaN/Inf raises
+        as in ``iter_task_vectors``. The next tensor loads meanwhile."""
+        for tp, loaded in prefetched(self, [t for t in self.plan.tensors if t.action == "merge"]):
+            raws = [raw for raw in loaded.inputs or () if raw is not None]
+            if len(raws) == self.k and not self.zero_reference and not self.sources.reference_is_input:
+                norms = kernels.task_vector_sum_l1(loaded.base, raws, weights)
+                if float(norms[2]) == 0:
+                    yield tp.name, norms[:2]
+                    continue
+            taus = self.task_vectors(loaded, tp)
+            if not all_finite(taus):
+                raise self._non_finite(tp.name, loaded, taus)
+            yield tp.name, kernels.sum_l1(taus, weights)
+
     def iter_task_vectors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, [K, *S]) for every merged tensor, for the first passes (global statistics, LiNeS α); the next
         tensor loads while the caller works on this one."""

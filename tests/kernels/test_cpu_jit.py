@@ -292,6 +292,42 @@ def test_sum_l1_is_the_reference_within_float32_rounding(k: int) -> None:
         cpu_fused.sum_l1(x, torch.ones(k + 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_task_vector_sum_l1_is_the_reference_from_the_stored_tensors(k: int, dtype: torch.dtype) -> None:
+    """LiNeS' α pass from bf16/float32 storage: the norms of the task vectors within float rounding, the NaN/Inf
+    count exactly (a NaN input, an Inf, and a difference of finite bf16 values that overflows float32)."""
+    g = torch.Generator().manual_seed(70 + k)
+    n = (1 << 18) + 4099  # two spans, an odd tail
+    base = torch.randn(n, generator=g).to(dtype)
+    fine = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(dtype) for _ in range(k)]
+    weights = torch.tensor([0.8, -0.3, 1.7, 0.5][:k])
+    got = cpu_fused.task_vector_sum_l1(base, fine, weights)
+    with jit_off():
+        want = reference.task_vector_sum_l1(base, fine, weights)
+        fallback = cpu_fused.task_vector_sum_l1(base, fine, weights)
+    taus = torch.stack([t.double() - base.double() for t in fine])
+    exact = [float(taus.sum(0).abs().sum()), float((taus * weights.double()[:, None]).sum(0).abs().sum())]
+    torch.testing.assert_close(got[:2], want[:2], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[:2], torch.tensor(exact, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert got[2] == want[2] == fallback[2] == 0
+    fine[-1][5] = float("nan")
+    fine[0][n - 1] = float("inf")
+    base[7], fine[0][7] = -3e38, 3e38  # finite, and so is bf16's nearest value; their difference is not
+    got, want = (
+        cpu_fused.task_vector_sum_l1(base, fine, weights),
+        reference.task_vector_sum_l1(base, fine, weights),
+    )
+    assert (
+        float(got[2])
+        == float(want[2])
+        == float((~torch.isfinite(torch.stack([t.float() - base.float() for t in fine]))).sum())
+    )
+    assert float(got[2]) >= 2 + (k > 1)
+    with pytest.raises(ValueError, match="weights"):
+        cpu_fused.task_vector_sum_l1(base, fine, torch.ones(k + 1))
+
+
 @pytest.mark.parametrize(("rows", "n"), [(1, 1), (3, 2), (5, 700), (40, 5000)])
 def test_magnitude_ranks_are_the_stable_argsort_exactly(rows: int, n: int) -> None:
     g = torch.Generator().manual_seed(rows * n)

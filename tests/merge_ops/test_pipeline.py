@@ -354,6 +354,24 @@ def test_nan_input_names_tensor_and_source(models: dict[str, Path], tmp_path: Pa
     )
 
 
+def test_nan_is_found_by_the_lines_alpha_pass_and_blamed_on_its_source(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Unequal weights: LiNeS' α pass reads every input first (from the stored tensors), and a NaN stops it there,
+    named, with nothing written."""
+    tensors = load_all(models["a"])
+    tensors["model.layers.0.mlp.up_proj.weight"][1, 2] = float("nan")
+    poisoned = make_checkpoint(tmp_path / "poisoned", tensors)
+    _assert_fails(
+        tmp_path,
+        NonFiniteTensorError,
+        r"model\.layers\.0\.mlp\.up_proj\.weight.*poisoned",
+        method="lines",
+        base=str(models["base"]),
+        models=[{"source": str(models["b"]), "weight": 1.0}, {"source": str(poisoned), "weight": 0.5}],
+    )
+
+
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
 def test_fp16_overflow_is_refused_after_the_cast(tmp_path: Path, method: str) -> None:
     """Finite in float32 (60000 + 3·(4000 + 5000) = 87000) but Inf once cast to float16: refused on the generic
