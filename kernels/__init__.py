@@ -152,6 +152,16 @@ def task_vector_sum_l1(base: Tensor, finetuned: Sequence[Tensor], weights: Tenso
     return kernel("task_vector_sum_l1", base, *finetuned)(base, finetuned, weights)
 
 
+def slerp_moments(v0: Tensor, tau: Tensor) -> Tensor:
+    """``reference.slerp_moments``: float64 [3] Σv0², Σv1², Σv0·v1 with v1 = τ + v0."""
+    return kernel("slerp_moments", v0, tau)(v0, tau)
+
+
+def slerp_delta(v0: Tensor, tau: Tensor, c0: float, c1: float) -> Tensor:
+    """``reference.slerp_delta``: (c0·v0 + c1·v1) − v0 with v1 = τ + v0, float32."""
+    return kernel("slerp_delta", v0, tau)(v0, tau, c0, c1)
+
+
 def magnitude_ranks(x: Tensor) -> Tensor:
     """``reference.magnitude_ranks``: each element's 0-based position in its dim-1 slice sorted by |x| (stable)."""
     return kernel("magnitude_ranks", x)(x)
@@ -191,6 +201,8 @@ __all__ = [
     "magprune_mask",
     "sum_l1",
     "task_vector_sum_l1",
+    "slerp_moments",
+    "slerp_delta",
     "rank_boundary",
     "select_by_threshold",
     "ternarize",

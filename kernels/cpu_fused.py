@@ -279,6 +279,35 @@ def task_vector_sum_l1(base: Tensor, finetuned: Sequence[Tensor], weights: Tenso
     return _summed_over_spans(flat_base.numel(), part, np.zeros(3))
 
 
+def slerp_moments(v0: Tensor, tau: Tensor) -> Tensor:
+    """``reference.slerp_moments`` up to float64 rounding: one compiled pass per span over float32 ``v0``, ``tau``."""
+    compiled = jit()
+    a = storage(v0.reshape(-1)) if v0.dtype == torch.float32 and v0.is_contiguous() else None
+    t = storage(tau.reshape(-1)) if tau.dtype == torch.float32 and tau.is_contiguous() else None
+    if compiled is None or a is None or t is None or a.shape != t.shape:
+        return reference.slerp_moments(v0, tau)
+    return _summed_over_spans(
+        a.size,
+        lambda lo, hi, out: out.__setitem__(slice(None), compiled.slerp_moments_span(a, t, lo, hi)),
+        np.zeros(3),
+    )
+
+
+def slerp_delta(v0: Tensor, tau: Tensor, c0: float, c1: float) -> Tensor:
+    """``reference.slerp_delta``, bit-exact: one compiled loop per span into a reused buffer."""
+    compiled = jit()
+    a = storage(v0.reshape(-1)) if v0.dtype == torch.float32 and v0.is_contiguous() else None
+    t = storage(tau.reshape(-1)) if tau.dtype == torch.float32 and tau.is_contiguous() else None
+    if compiled is None or a is None or t is None or a.shape != t.shape:
+        return reference.slerp_delta(v0, tau, c0, c1)
+    out = buffers.take("method_delta", v0.shape, torch.float32)
+    out_np = out.reshape(-1).numpy()
+    c0_, c1_ = np.float32(c0), np.float32(c1)
+    if a.size:
+        _run_spans(a.size, lambda lo, hi: compiled.slerp_delta_span(a, t, c0_, c1_, out_np, lo, hi))
+    return out
+
+
 def magnitude_ranks(x: Tensor) -> Tensor:
     """``reference.magnitude_ranks``, exactly, as a compiled radix sort per row of a 2-D float32 ``x``, rows split
     across threads (other shapes and dtypes: the reference)."""

@@ -375,6 +375,41 @@ def task_vector_sum_l1_span(base, inputs, weights, lo, hi):  # type: ignore[no-u
 
 
 @compiled_loop
+def slerp_moments_span(v0, tau, lo, hi):  # type: ignore[no-untyped-def]
+    """(Σ v0², Σ v1², Σ v0·v1) over [lo, hi) of float32 ``v0`` and ``tau``, v1 = τ + v0 in float32, the sums in
+    float64 in _SUM_LANES lanes (``reference.slerp_moments`` up to rounding)."""
+    aa = np.zeros(_SUM_LANES, np.float64)
+    bb = np.zeros(_SUM_LANES, np.float64)
+    ab = np.zeros(_SUM_LANES, np.float64)
+    body = lo + (hi - lo) - (hi - lo) % _SUM_LANES
+    for j in range(lo, body, _SUM_LANES):
+        for lane in range(_SUM_LANES):
+            a = v0[j + lane]
+            b = np.float64(tau[j + lane] + a)
+            a64 = np.float64(a)
+            aa[lane] += a64 * a64
+            bb[lane] += b * b
+            ab[lane] += a64 * b
+    for j in range(body, hi):
+        a = v0[j]
+        b = np.float64(tau[j] + a)
+        a64 = np.float64(a)
+        aa[0] += a64 * a64
+        bb[0] += b * b
+        ab[0] += a64 * b
+    return aa.sum(), bb.sum(), ab.sum()
+
+
+@compiled_loop
+def slerp_delta_span(v0, tau, c0, c1, out, lo, hi):  # type: ignore[no-untyped-def]
+    """out[j] = (c0·v0[j] + c1·(τ[j] + v0[j])) − v0[j] for j in [lo, hi), float32, each operation rounded once in
+    the reference's order (``reference.slerp_delta``, bit for bit)."""
+    for j in range(lo, hi):
+        a = v0[j]
+        out[j] = (c0 * a + c1 * (tau[j] + a)) - a
+
+
+@compiled_loop
 def non_finite_span(flat, lo, hi):  # type: ignore[no-untyped-def]
     """How many of ``flat[lo:hi]`` (float32, or bf16 as uint16 bits) are NaN or ±Inf."""
     xs = flat[lo:hi]
@@ -623,6 +658,8 @@ def warm_up(ks: tuple[int, ...] = (1, 2, 3, 4)) -> int:
     gram_span(rows, np.zeros((2, 2)), 0, n)
     moments_span(rows, 0, n, np.zeros((3, 2)))
     sum_l1_span(rows, np.ones(2, np.float32), 0, n)
+    slerp_moments_span(f32, f32, 0, n)
+    slerp_delta_span(f32, f32, np.float32(0.5), np.float32(0.5), f32.copy(), 0, n)
     magnitude_ranks_span(rows, 0, 2, np.zeros((2, n), np.int64))
     counter_bits_span(np.uint32(1), 0, n, np.zeros(n, np.uint32))
     magprune_span(
@@ -659,7 +696,7 @@ def warm_up(ks: tuple[int, ...] = (1, 2, 3, 4)) -> int:
         0,
         n,
     )
-    return count + 13
+    return count + 15
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ REFERENCE_ON_TRITON = frozenset(
         "row_moments",
         "sum_l1",
         "task_vector_sum_l1",
+        "slerp_moments",
+        "slerp_delta",
         "magnitude_ranks",
         "counter_bits24",
         "magprune_mask",

@@ -470,6 +470,28 @@ def task_vector_sum_l1(base: Tensor, finetuned: Sequence[Tensor], weights: Tenso
     return torch.cat([sum_l1(taus, weights), bad])
 
 
+def slerp_moments(v0: Tensor, tau: Tensor) -> Tensor:
+    """float64 [3]: Σ v0², Σ v1², Σ v0·v1 over the whole tensors, v1 = τ + v0 in float32 (SLERP's two norms and
+    its angle's dot product; column chunks keep the float64 temporaries small)."""
+    a_all, t_all = v0.reshape(-1), tau.reshape(-1)
+    out = torch.zeros(3, dtype=torch.float64, device=v0.device)
+    step = 1 << 22
+    for start in range(0, a_all.numel(), step):
+        a = a_all[start : start + step].float()
+        b = (t_all[start : start + step].float() + a).double()
+        a = a.double()
+        out += torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()])
+    return out
+
+
+def slerp_delta(v0: Tensor, tau: Tensor, c0: float, c1: float) -> Tensor:
+    """float32 (c0·v0 + c1·v1) − v0 elementwise, v1 = τ + v0: SLERP's (or its lerp fallback's) merged delta, each
+    product, the sum and the difference rounded once, in that order."""
+    a = v0.float()
+    c0_, c1_ = (torch.tensor(c, dtype=torch.float32, device=v0.device) for c in (c0, c1))
+    return (c0_ * a).add_(c1_ * (tau.float() + a)).sub_(a)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Consensus and aggregation over K task vectors
 # --------------------------------------------------------------------------------------------------------------

@@ -8,15 +8,20 @@ The two inputs are the base (t = 0) and the one model, or, without a base, the f
 second; mergekit requires the base (its configs list it in ``models`` too). The angle is over the whole tensor
 (one vector per tensor), the interpolation is of the raw weights, not of task vectors. ``t`` has no default
 (mergekit requires it) and no bounds (outside [0, 1] it extrapolates); a list is a gradient over the layers,
-per-tensor values come from filters, as every param. Returns θ − θ_ref; float32 throughout (mergekit uses
-float64 only for float64 inputs). Report stat: ``slerp_lerp`` (1 where the colinear fallback was taken).
+per-tensor values come from filters, as every param. Returns θ − θ_ref in float32; d is v0·v1/(‖v0‖‖v1‖) from
+float64 sums (one compiled pass; mergekit sums float32 products of the normalised vectors, so d agrees up to
+rounding), the coefficients and the interpolation are float32. Report stat: ``slerp_lerp`` (1 where the colinear
+fallback was taken).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from merge_ops.methods._points import count_models, model_weights, reference_weights
+import kernels
+from merge_ops.methods._points import count_models, reference_weights
 from merge_ops.params import SlerpParams
 from merge_ops.registry import TensorContext, register_method
 
@@ -24,31 +29,27 @@ DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
-def slerp(v0: torch.Tensor, v1: torch.Tensor, *, t: float) -> tuple[torch.Tensor, bool]:
-    """SLERP of two same-shape float32 tensors, each taken as one vector; also whether it fell back to lerp."""
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    tt = torch.tensor(t, dtype=torch.float32, device=v0.device)
-    if a.numel() == 0:
-        return (1 - tt) * v0 + tt * v1, True
-    norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    norm_a = torch.where(norm_a > EPS, norm_a, 1.0)
-    norm_b = torch.where(norm_b > EPS, norm_b, 1.0)
-    # normalise before multiplying, so the raw dot product cannot overflow
-    unit_a = a / norm_a
-    dot = unit_a.mul_(b / norm_b).sum().clamp(-1, 1)  # in place: the same products, one temporary fewer
-    del unit_a
-    if bool(dot.abs() > DOT_THRESHOLD):
-        return _weighted_pair(1 - tt, v0, tt, v1), True
-    theta = torch.acos(dot)
+def slerp_delta(v0: torch.Tensor, tau: torch.Tensor, *, t: float) -> tuple[torch.Tensor, bool]:
+    """SLERP of v0 and v1 = τ + v0 (same-shape float32 tensors, each taken as one vector) as its delta from v0,
+    and whether it fell back to lerp. The angle comes from float64 sums over the tensors (``kernels.slerp_moments``:
+    ‖v0‖, ‖v1‖ and v0·v1 in one pass, so d = v0·v1/(‖v0‖‖v1‖) where mergekit sums the float32 products of the
+    normalised vectors: the same d up to rounding, the branch the same but within ~1e-7 of the threshold); the
+    coefficients are then float32 as before, and the delta is (c0·v0 + c1·v1) − v0, elementwise
+    (``kernels.slerp_delta``), without v1 or the interpolation ever stored."""
+    if v0.numel() == 0:
+        return torch.zeros_like(v0), True
+    s00, s11, s01 = kernels.slerp_moments(v0, tau).tolist()
+    norm_a, norm_b = math.sqrt(s00), math.sqrt(s11)
+    norm_a = norm_a if norm_a > EPS else 1.0
+    norm_b = norm_b if norm_b > EPS else 1.0
+    dot = min(1.0, max(-1.0, s01 / norm_a / norm_b))
+    tt = torch.tensor(t, dtype=torch.float32)
+    if abs(dot) > DOT_THRESHOLD:
+        return kernels.slerp_delta(v0, tau, float(1 - tt), float(tt)), True
+    theta = torch.acos(torch.tensor(dot, dtype=torch.float32))
     sin_theta = torch.sin(theta)
-    return _weighted_pair(
-        torch.sin((1 - tt) * theta) / sin_theta, v0, torch.sin(tt * theta) / sin_theta, v1
-    ), False
-
-
-def _weighted_pair(c0: torch.Tensor, v0: torch.Tensor, c1: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """c0·v0 + c1·v1, the sum in place (the same float32 operations as out of place, one tensor fewer)."""
-    return (c0 * v0).add_(c1 * v1)
+    c0, c1 = torch.sin((1 - tt) * theta) / sin_theta, torch.sin(tt * theta) / sin_theta
+    return kernels.slerp_delta(v0, tau, float(c0), float(c1)), False
 
 
 @register_method("slerp")
@@ -56,10 +57,10 @@ def merge_slerp(task_vectors: torch.Tensor, ctx: TensorContext, params: SlerpPar
     base = reference_weights(ctx, "slerp")
     if ctx.reference_is_input:  # no base: model 0 (= the reference) to model 1
         count_models(task_vectors, "slerp", expected=2)
-        v1 = model_weights(task_vectors[1:], ctx, "slerp")[0]
+        tau = task_vectors[1]
     else:
         count_models(task_vectors, "slerp", expected=1)
-        v1 = model_weights(task_vectors, ctx, "slerp")[0]
-    merged, lerp = slerp(base, v1, t=float(params.t))
+        tau = task_vectors[0]
+    delta, lerp = slerp_delta(base, tau.float(), t=float(params.t))
     ctx.report["slerp_lerp"] = float(lerp)
-    return merged.sub_(base)  # merged is slerp's own fresh tensor
+    return delta
