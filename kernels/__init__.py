@@ -13,6 +13,9 @@ from collections.abc import Sequence
 # at its first large allocation, so set before any; a value the user set is kept. Memory use is unchanged
 # (only allocations of 2 MiB and more are rounded to 2 MiB pages).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# torch's OpenMP threads wait without spinning, so they leave the cores to the compiled passes; read when torch
+# loads libgomp: also set by ``merge_ops/__init__``, which the engine imports before torch (the reason is there)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402 (after the environment it reads)
 
