@@ -150,6 +150,13 @@ def sum_l1(x: Tensor, weights: Tensor) -> Tensor:
     return kernel("sum_l1", x)(x, weights)
 
 
+def checked_task_vectors(
+    base: Tensor, finetuned: Sequence[Tensor], *, gram: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``reference.checked_task_vectors``: ``task_vectors`` and their NaN/Inf count, from one pass on the CPU."""
+    return kernel("checked_task_vectors", base, *finetuned)(base, finetuned, gram=gram)
+
+
 def task_vector_sum_l1(base: Tensor, finetuned: Sequence[Tensor], weights: Tensor) -> Tensor:
     """``reference.task_vector_sum_l1``: float64 [3] ``sum_l1`` of the task vectors, and their NaN/Inf count."""
     return kernel("task_vector_sum_l1", base, *finetuned)(base, finetuned, weights)
@@ -204,6 +211,7 @@ __all__ = [
     "magprune_mask",
     "sum_l1",
     "task_vector_sum_l1",
+    "checked_task_vectors",
     "slerp_moments",
     "slerp_delta",
     "rank_boundary",

@@ -181,6 +181,14 @@ def fused_task_arithmetic(
 def task_vectors(base: Tensor, finetuned: Sequence[Tensor], *, gram: Tensor | None = None) -> Tensor:
     """``reference.task_vectors``, bit-exact: one compiled loop per span (widen, subtract, store); ``gram`` gains
     the Gram matrix from the same pass (up to float32 rounding, as ``task_vector_gram``)."""
+    return checked_task_vectors(base, finetuned, gram=gram)[0]
+
+
+def checked_task_vectors(
+    base: Tensor, finetuned: Sequence[Tensor], *, gram: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``reference.checked_task_vectors``: ``task_vectors`` with the NaN/Inf count from the same pass (the
+    values it writes are tested as they are made, not read again)."""
     compiled = jit()
     flat_base = base.contiguous().reshape(-1)
     flat_inputs = [t.contiguous().reshape(-1) for t in finetuned]
@@ -191,24 +199,24 @@ def task_vectors(base: Tensor, finetuned: Sequence[Tensor], *, gram: Tensor | No
         or not all(a is not None for a in arrays)
         or any(t.shape != base.shape for t in finetuned)
     ):
-        return reference.task_vectors(base, finetuned, gram=gram)
+        return reference.checked_task_vectors(base, finetuned, gram=gram)
     k = len(finetuned)
     taus = buffers.take("task_vectors", (k, flat_base.numel()), torch.float32)
     base_np, *inputs_np = arrays
     out_np = taus.numpy()
-    parts: list[np.ndarray] = []
+    parts: list[tuple[np.ndarray, int]] = []
 
     def work(lo: int, hi: int) -> None:
         part = np.zeros((k, k), dtype=np.float64)
-        compiled.task_vectors_span(base_np, tuple(inputs_np), out_np, part, gram is not None, lo, hi)
-        parts.append(part)
+        bad = compiled.task_vectors_span(base_np, tuple(inputs_np), out_np, part, gram is not None, lo, hi)
+        parts.append((part, int(bad)))
 
     if flat_base.numel():
         _run_spans(flat_base.numel(), work)
     if gram is not None:
-        for part in parts:
+        for part, _ in parts:
             gram += _symmetric(torch.from_numpy(part)).to(gram.device)
-    return taus.view(k, *base.shape)
+    return taus.view(k, *base.shape), torch.tensor(sum(bad for _, bad in parts), dtype=torch.int64)
 
 
 def all_finite(tensor: Tensor) -> bool:

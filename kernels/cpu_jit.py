@@ -169,8 +169,10 @@ def apply_delta_span(base, delta, scale, out, lo, hi):  # type: ignore[no-untype
 @compiled_loop
 def task_vectors_span(base, inputs, out, gram, with_gram, lo, hi):  # type: ignore[no-untyped-def]
     """out[t, j] = float32(θ_t[j]) − float32(θ_0[j]) for j in [lo, hi) (exact: one rounding), block by block;
-    with ``with_gram`` each block's rows, still in cache, add their products to ``gram`` (upper triangle)."""
+    with ``with_gram`` each block's rows, still in cache, add their products to ``gram`` (upper triangle).
+    Returns how many of the values written are NaN or ±Inf (the check a merge makes of every task vector)."""
     k = len(inputs)
+    bad = 0
     for start in range(lo, hi, BLOCK):
         n = min(BLOCK, hi - start)
         bs = base[start : start + n]
@@ -178,9 +180,12 @@ def task_vectors_span(base, inputs, out, gram, with_gram, lo, hi):  # type: igno
             xs = inputs[t][start : start + n]
             o = out[t][start : start + n]
             for j in range(n):
-                o[j] = _widen(xs[j]) - _widen(bs[j])
+                v = _widen(xs[j]) - _widen(bs[j])
+                o[j] = v
+                bad += _non_finite(v)
         if with_gram:
             _gram_block(out, start, n, gram)
+    return bad
 
 
 @compiled_loop

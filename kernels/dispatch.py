@@ -37,6 +37,7 @@ REFERENCE_ON_TRITON = frozenset(
         "row_moments",
         "sum_l1",
         "task_vector_sum_l1",
+        "checked_task_vectors",
         "slerp_moments",
         "slerp_delta",
         "magnitude_ranks",

@@ -103,6 +103,15 @@ def task_vectors(base: Tensor, finetuned: Sequence[Tensor], *, gram: Tensor | No
 GRAM_CHUNK = 1 << 17
 
 
+def checked_task_vectors(
+    base: Tensor, finetuned: Sequence[Tensor], *, gram: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``task_vectors`` and how many of their entries are NaN or ±Inf (int64, 0-dim): the merge checks every task
+    vector before a method sees it."""
+    taus = task_vectors(base, finetuned, gram=gram)
+    return taus, (~torch.isfinite(taus)).sum()
+
+
 def task_vector_gram(taus: Tensor) -> Tensor:
     """G = T·Tᵀ, float64 [K, K], of the task vectors ``taus`` [K, *S] flattened to T [K, N]: float32 products
     (the task vectors' own precision) over chunks of ``GRAM_CHUNK`` columns, summed in float64. ‖τ_i‖ = √G_ii

@@ -110,13 +110,35 @@ class TensorMerger:
         return tensor
 
     # -- compute (main thread) -------------------------------------------------------------------------
+    def finite_task_vectors(
+        self, loaded: Loaded, tp: TensorPlan, gram: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``task_vectors``, checked: a NaN or ±Inf in any of them raises ``NonFiniteTensorError`` naming its
+        source (tested in the same pass where every input is a full checkpoint)."""
+        if self._full_inputs(loaded):
+            assert loaded.inputs is not None
+            raws = [raw for raw in loaded.inputs if raw is not None]
+            taus, bad = kernels.checked_task_vectors(loaded.base, raws, gram=gram)
+            finite = int(bad) == 0
+        else:
+            taus = self.task_vectors(loaded, tp, gram)
+            finite = all_finite(taus)
+        if not finite:
+            raise self._non_finite(tp.name, loaded, taus)
+        return taus
+
+    def _full_inputs(self, loaded: Loaded) -> bool:
+        """Every input a full checkpoint of the base's shape (the one-pass path from stored tensors)."""
+        raws = [raw for raw in loaded.inputs or () if raw is not None]
+        return len(raws) == self.k and not self.zero_reference and not self.sources.reference_is_input
+
     def task_vectors(self, loaded: Loaded, tp: TensorPlan, gram: torch.Tensor | None = None) -> torch.Tensor:
         """[K, *S] float32: θ_t − θ_0 (or the source's own delta), computed in place, one model at a time.
         ``gram`` gains the task vectors' Gram matrix (in the same pass where every input is a full checkpoint)."""
         assert loaded.inputs is not None
         base = loaded.base
         raws = [raw for raw in loaded.inputs if raw is not None]
-        if len(raws) == self.k and not self.zero_reference and not self.sources.reference_is_input:
+        if self._full_inputs(loaded):
             return kernels.task_vectors(base, raws, gram=gram)  # every input a full checkpoint: one pass
         base_f = torch.zeros_like(base, dtype=torch.float32) if self.zero_reference else base.float()
         taus = torch.empty((self.k, *base.shape), dtype=torch.float32, device=self.device)
@@ -230,9 +252,7 @@ class TensorMerger:
         """The method's merged delta, its context, and the task vectors' Gram matrix (taken before the method
         runs: a method may work in place on its task vectors)."""
         gram = torch.zeros((self.k, self.k), dtype=torch.float64, device=loaded.base.device)
-        taus = self.task_vectors(loaded, tp, gram)
-        if not all_finite(taus):
-            raise self._non_finite(tp.name, loaded, taus)
+        taus = self.finite_task_vectors(loaded, tp, gram)
         ctx = self.context(tp.name, global_stats, loaded.base)
         delta = self.method.fn(taus, ctx, self.params_for(tp))
         return delta, ctx, gram
@@ -300,25 +320,19 @@ class TensorMerger:
         (``kernels.task_vector_sum_l1``: no task vectors are built), else from the task vectors; NaN/Inf raises
         as in ``iter_task_vectors``. The next tensor loads meanwhile."""
         for tp, loaded in prefetched(self, [t for t in self.plan.tensors if t.action == "merge"]):
-            raws = [raw for raw in loaded.inputs or () if raw is not None]
-            if len(raws) == self.k and not self.zero_reference and not self.sources.reference_is_input:
+            if self._full_inputs(loaded):
+                raws = [raw for raw in loaded.inputs or () if raw is not None]
                 norms = kernels.task_vector_sum_l1(loaded.base, raws, weights)
                 if float(norms[2]) == 0:
                     yield tp.name, norms[:2]
                     continue
-            taus = self.task_vectors(loaded, tp)
-            if not all_finite(taus):
-                raise self._non_finite(tp.name, loaded, taus)
-            yield tp.name, kernels.sum_l1(taus, weights)
+            yield tp.name, kernels.sum_l1(self.finite_task_vectors(loaded, tp), weights)
 
     def iter_task_vectors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, [K, *S]) for every merged tensor, for the first passes (global statistics, LiNeS α); the next
         tensor loads while the caller works on this one."""
         for tp, loaded in prefetched(self, [t for t in self.plan.tensors if t.action == "merge"]):
-            taus = self.task_vectors(loaded, tp)
-            if not all_finite(taus):
-                raise self._non_finite(tp.name, loaded, taus)
-            yield tp.name, taus
+            yield tp.name, self.finite_task_vectors(loaded, tp)
 
 
 def prefetched(merger: TensorMerger, tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, Loaded]]:

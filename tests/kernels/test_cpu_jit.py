@@ -293,6 +293,31 @@ def test_sum_l1_is_the_reference_within_float32_rounding(k: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_checked_task_vectors_count_what_all_finite_would_find(dtype: torch.dtype) -> None:
+    """The task vectors bit for bit, the NaN/Inf count exactly: a NaN, an Inf, and finite values whose difference
+    overflows float32; the Gram matrix as before."""
+    g = torch.Generator().manual_seed(5)
+    n = (1 << 18) + 77
+    base = torch.randn(n, generator=g).to(dtype)
+    fine = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(dtype) for _ in range(3)]
+    taus, bad = cpu_fused.checked_task_vectors(base, fine)
+    want = reference.task_vectors(base, fine)
+    assert torch.equal(taus.view(torch.int32), want.view(torch.int32)) and int(bad) == 0
+    fine[1][9] = float("nan")
+    fine[2][n - 1] = float("-inf")
+    base[3], fine[0][3] = -3e38, 3e38
+    gram = torch.zeros(3, 3, dtype=torch.float64)
+    taus, bad = cpu_fused.checked_task_vectors(base, fine, gram=gram)
+    want_taus, want_bad = reference.checked_task_vectors(base, fine)
+    assert torch.equal(taus.view(torch.int32), want_taus.view(torch.int32))
+    assert int(bad) == int(want_bad) == 3  # τ_1 and τ_2 at index 3 are ≈ 3e38: finite
+    assert not cpu_fused.all_finite(taus)
+    with jit_off():
+        off_taus, off_bad = cpu_fused.checked_task_vectors(base, fine)
+    assert int(off_bad) == int(bad) and torch.equal(off_taus.view(torch.int32), taus.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("k", [1, 3, 4])
 def test_task_vector_sum_l1_is_the_reference_from_the_stored_tensors(k: int, dtype: torch.dtype) -> None:
     """LiNeS' α pass from bf16/float32 storage: the norms of the task vectors within float rounding, the NaN/Inf
