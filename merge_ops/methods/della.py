@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import fused_sparse_merge, magprune_mask
+from kernels import buffers, fused_sparse_merge, magprune_mask
 from kernels.reference import dare_key
 from merge_ops.errors import RecipeError
 from merge_ops.methods._points import per_model_densities, per_model_values
@@ -34,17 +34,29 @@ from merge_ops.registry import TensorContext, register_method
 _L1_EPS = 1e-7  # mergekit rescaled_masked_tensor
 
 
-def magprune(tau: torch.Tensor, *, density: float, epsilon: float, rescale: bool, key: int) -> torch.Tensor:
-    """One task vector through MagPrune (see the module docstring); density 1 is the identity."""
+def magprune(
+    tau: torch.Tensor,
+    *,
+    density: float,
+    epsilon: float,
+    rescale: bool,
+    key: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One task vector through MagPrune (see the module docstring), into ``out`` when given; density 1 is the
+    identity. The L1 norms are torch's sums of |τ| and |m ⊙ τ| (their |·| in a reused buffer: the same values)."""
+    result = out if out is not None else torch.empty_like(tau)
     if density >= 1:
-        return tau.clone()
+        return result.copy_(tau)
     masked = magprune_mask(tau, density=density, epsilon=epsilon, key=key)
     if not rescale:
-        return masked
-    before, after = tau.abs().sum(), masked.abs().sum()
+        return result.copy_(masked)
+    magnitudes = buffers.take("magprune_abs", tau.shape, torch.float32) if tau.device.type == "cpu" else None
+    before = torch.abs(tau, out=magnitudes).sum() if magnitudes is not None else tau.abs().sum()
+    after = torch.abs(masked, out=magnitudes).sum() if magnitudes is not None else masked.abs().sum()
     if float(before) < _L1_EPS or float(after) < _L1_EPS:
-        return masked
-    return masked * (before / after)
+        return result.copy_(masked)
+    return torch.mul(masked, before / after, out=result)
 
 
 def _merge_della(
@@ -54,15 +66,19 @@ def _merge_della(
     k = tv.shape[0]
     densities = per_model_densities(ctx, params, k)
     epsilons = per_model_values(ctx, "epsilon", [float(params.epsilon)] * k)
-    pruned = torch.empty_like(tv)
+    pruned = (
+        buffers.take("della_pruned", tv.shape, torch.float32)
+        if tv.device.type == "cpu"
+        else torch.empty_like(tv)
+    )
     for i in range(k):
         try:
             check_della_window(densities[i], epsilons[i])
         except ValueError as exc:
             raise RecipeError(f"model {ctx.source_indices[i]}: {exc}", tensor=ctx.name) from None
         key = dare_key(seed=ctx.seed, source_index=ctx.source_indices[i], name=ctx.name)
-        pruned[i] = magprune(
-            tv[i], density=densities[i], epsilon=epsilons[i], rescale=params.rescale, key=key
+        magprune(
+            tv[i], density=densities[i], epsilon=epsilons[i], rescale=params.rescale, key=key, out=pruned[i]
         )
     merged, kept, conflicts = fused_sparse_merge(
         pruned.reshape(k, 1, -1), ctx.weights, consensus=consensus, mean=params.normalize
