@@ -14,7 +14,6 @@ import contextlib
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +45,7 @@ from merge_ops.report import (
     merge_totals,
     peak_rss_bytes,
 )
+from merge_ops.scratch import new_scratch, remove_abandoned
 from merge_ops.sources import SourceResolver, Sources, open_sources
 
 if TYPE_CHECKING:
@@ -80,7 +80,8 @@ def run_merge(
     streamed: Recipe = chosen.streamed
     info = CATALOG[streamed.method]
     sources = open_sources(streamed, info, resolver)
-    scratch = (scratch_root or target.parent) / f".{target.name}.alloy-tmp-{uuid.uuid4().hex[:12]}"
+    remove_abandoned(scratch_root or target.parent, target.name)  # what killed merges into this output left
+    scratch = new_scratch(scratch_root or target.parent, target.name)
     try:
         check_compatible(streamed, sources)
         plan = build_plan(streamed, info, sources)
