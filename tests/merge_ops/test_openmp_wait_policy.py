@@ -4,31 +4,20 @@ package before torch."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+from tests.utils.env_probe import probe
 
-ROOT = Path(__file__).resolve().parents[2]
 # the policy as set when torch (and with it libgomp) is imported by the merge pipeline
 PROBE = "import sys, os, merge_ops.pipeline; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
 
 
 def _probe(env_value: str | None, code: str = PROBE) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env["PYTHONPATH"] = str(ROOT)
-    if env_value is not None:
-        env["OMP_WAIT_POLICY"] = env_value
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout.strip()
+    return probe(code, variable="OMP_WAIT_POLICY", value=env_value)
 
 
 def test_passive_by_default_and_the_users_choice_is_kept() -> None:
     assert _probe(None) == "PASSIVE True"
     assert _probe("ACTIVE") == "ACTIVE True"
+    assert _probe(None, "import os, kernels; print(os.environ['OMP_WAIT_POLICY'])") == "PASSIVE"
 
 
 def test_the_engine_package_comes_before_torch() -> None:

@@ -25,18 +25,6 @@ from merge_ops.recipe import load_recipe
 from tests.utils.factories import load_all, make_checkpoint, make_llama_like, make_lora_adapter
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    base = make_llama_like(root / "base", seed=0)
-    return {
-        "base": base,
-        "a": make_llama_like(root / "a", seed=1, perturb_from=base),
-        "b": make_llama_like(root / "b", seed=2, perturb_from=base, sharded_max_bytes=4096),
-        "c": make_llama_like(root / "c", seed=3, perturb_from=base),
-    }
-
-
 def _recipe(out: Path, **fields: object) -> object:
     return load_recipe({"output": {"path": str(out)}, **fields})
 
