@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import buffers, fused_sparse_merge, magprune_mask
+from kernels import fused_sparse_merge, magprune_mask
 from kernels.reference import dare_key
 from merge_ops.errors import RecipeError
 from merge_ops.methods._points import per_model_densities, per_model_values
@@ -43,17 +43,15 @@ def magprune(
     key: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One task vector through MagPrune (see the module docstring), into ``out`` when given; density 1 is the
-    identity. The L1 norms are torch's sums of |τ| and |m ⊙ τ| (their |·| in a reused buffer: the same values)."""
+    """One task vector through MagPrune (see the module docstring), into ``out`` when given (``tau`` itself may be
+    it: τ is read whole before ``out`` is written); density 1 is the identity."""
     result = out if out is not None else torch.empty_like(tau)
     if density >= 1:
         return result.copy_(tau)
     masked = magprune_mask(tau, density=density, epsilon=epsilon, key=key)
     if not rescale:
         return result.copy_(masked)
-    magnitudes = buffers.take("magprune_abs", tau.shape, torch.float32) if tau.device.type == "cpu" else None
-    before = torch.abs(tau, out=magnitudes).sum() if magnitudes is not None else tau.abs().sum()
-    after = torch.abs(masked, out=magnitudes).sum() if magnitudes is not None else masked.abs().sum()
+    before, after = tau.abs().sum(), masked.abs().sum()
     if float(before) < _L1_EPS or float(after) < _L1_EPS:
         return result.copy_(masked)
     return torch.mul(masked, before / after, out=result)
@@ -66,11 +64,7 @@ def _merge_della(
     k = tv.shape[0]
     densities = per_model_densities(ctx, params, k)
     epsilons = per_model_values(ctx, "epsilon", [float(params.epsilon)] * k)
-    pruned = (
-        buffers.take("della_pruned", tv.shape, torch.float32)
-        if tv.device.type == "cpu"
-        else torch.empty_like(tv)
-    )
+    pruned = tv  # each model is pruned in place: its task vector is read whole before its row is written
     for i in range(k):
         try:
             check_della_window(densities[i], epsilons[i])
