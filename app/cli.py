@@ -7,6 +7,7 @@ one line ``alloy: error [code]: detail`` and exit 1 (2 for usage errors).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -302,8 +303,10 @@ def run() -> None:
     pydantic took another 0.5–0.7 s of a 3.4 s merge's wall time (measured)."""
     code = main()
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        # a reader that went away (`alloy inspect … | head`) or a closed stream: nothing left to tell it
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            stream.flush()
     os._exit(code)
 
 
