@@ -207,7 +207,8 @@ def _radix_select(batches: Batches, ranks: list[int], top_hist: torch.Tensor, pa
     prefix = [0] * k
     hist = top_hist
     # last pass: per tensor, its non-zero cells as arrays of (model, digit, count) (sparse: few tensors hit the
-    # bucket; arrays, since a Python dict of them took ~0.5 s of a ComPEFT merge's global pass)
+    # bucket; arrays, since building a Python dict of them per tensor showed in py-spy: ComPEFT's global pass
+    # went from 2.99 s to 2.80–2.93 s without it)
     per_tensor_ties: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
     for step, radix_pass in enumerate(passes):
         buckets, above = _descend(hist, remaining)

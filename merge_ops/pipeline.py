@@ -80,8 +80,9 @@ def run_merge(
     streamed: Recipe = chosen.streamed
     info = CATALOG[streamed.method]
     sources = open_sources(streamed, info, resolver)
-    remove_abandoned(scratch_root or target.parent, target.name)  # what killed merges into this output left
-    scratch = new_scratch(scratch_root or target.parent, target.name)
+    scratch_parent = scratch_root or target.parent
+    remove_abandoned(scratch_parent, target.name)  # what killed merges into this output left
+    scratch = new_scratch(scratch_parent, target.name)
     try:
         check_compatible(streamed, sources)
         plan = build_plan(streamed, info, sources)

@@ -115,9 +115,8 @@ class TensorMerger:
     ) -> torch.Tensor:
         """``task_vectors``, checked: a NaN or ±Inf in any of them raises ``NonFiniteTensorError`` naming its
         source (tested in the same pass where every input is a full checkpoint)."""
-        if self._full_inputs(loaded):
-            assert loaded.inputs is not None
-            raws = [raw for raw in loaded.inputs if raw is not None]
+        raws = self._full_inputs(loaded)
+        if raws is not None:
             taus, bad = kernels.checked_task_vectors(loaded.base, raws, gram=gram)
             finite = int(bad) == 0
         else:
@@ -127,18 +126,20 @@ class TensorMerger:
             raise self._non_finite(tp.name, loaded, taus)
         return taus
 
-    def _full_inputs(self, loaded: Loaded) -> bool:
-        """Every input a full checkpoint of the base's shape (the one-pass path from stored tensors)."""
+    def _full_inputs(self, loaded: Loaded) -> list[torch.Tensor] | None:
+        """The K stored inputs when every one is a full checkpoint of the base's shape (the one-pass path from
+        stored tensors), else None."""
         raws = [raw for raw in loaded.inputs or () if raw is not None]
-        return len(raws) == self.k and not self.zero_reference and not self.sources.reference_is_input
+        full = len(raws) == self.k and not self.zero_reference and not self.sources.reference_is_input
+        return raws if full else None
 
     def task_vectors(self, loaded: Loaded, tp: TensorPlan, gram: torch.Tensor | None = None) -> torch.Tensor:
         """[K, *S] float32: θ_t − θ_0 (or the source's own delta), computed in place, one model at a time.
         ``gram`` gains the task vectors' Gram matrix (in the same pass where every input is a full checkpoint)."""
         assert loaded.inputs is not None
         base = loaded.base
-        raws = [raw for raw in loaded.inputs if raw is not None]
-        if self._full_inputs(loaded):
+        raws = self._full_inputs(loaded)
+        if raws is not None:
             return kernels.task_vectors(base, raws, gram=gram)  # every input a full checkpoint: one pass
         base_f = torch.zeros_like(base, dtype=torch.float32) if self.zero_reference else base.float()
         taus = torch.empty((self.k, *base.shape), dtype=torch.float32, device=self.device)
@@ -320,8 +321,8 @@ class TensorMerger:
         (``kernels.task_vector_sum_l1``: no task vectors are built), else from the task vectors; NaN/Inf raises
         as in ``iter_task_vectors``. The next tensor loads meanwhile."""
         for tp, loaded in prefetched(self, [t for t in self.plan.tensors if t.action == "merge"]):
-            if self._full_inputs(loaded):
-                raws = [raw for raw in loaded.inputs or () if raw is not None]
+            raws = self._full_inputs(loaded)
+            if raws is not None:
                 norms = kernels.task_vector_sum_l1(loaded.base, raws, weights)
                 if float(norms[2]) == 0:
                     yield tp.name, norms[:2]
