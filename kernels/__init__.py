@@ -123,10 +123,19 @@ def topk_mask(x: Tensor, *, keep: Tensor, skip: Tensor | None = None) -> Tensor:
 
 
 def magnitude_histogram(
-    x: Tensor, *, prefix: Tensor, prefix_shift: int, digit_shift: int, digit_bits: int
+    x: Tensor,
+    *,
+    prefix: Tensor,
+    prefix_shift: int,
+    digit_shift: int,
+    digit_bits: int,
+    out: Tensor | None = None,
 ) -> Tensor:
+    """``reference.magnitude_histogram``; with ``out`` the counts are added into it (and it is returned)."""
     fn = kernel("magnitude_histogram", x)
-    return fn(x, prefix=prefix, prefix_shift=prefix_shift, digit_shift=digit_shift, digit_bits=digit_bits)
+    return fn(
+        x, prefix=prefix, prefix_shift=prefix_shift, digit_shift=digit_shift, digit_bits=digit_bits, out=out
+    )
 
 
 def radix_passes(x: Tensor) -> tuple[tuple[int, int, int], ...]:

@@ -413,18 +413,25 @@ def topk_mask(x: Tensor, *, keep: Tensor, skip: Tensor | None = None) -> Tensor:
 
 
 def magnitude_histogram(
-    x: Tensor, *, prefix: Tensor, prefix_shift: int, digit_shift: int, digit_bits: int
+    x: Tensor,
+    *,
+    prefix: Tensor,
+    prefix_shift: int,
+    digit_shift: int,
+    digit_bits: int,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Radix histogram of |x| bit patterns for the global-scope selection (one pass of an MSB-first radix
     select). For each row r of ``x[R, n]``, counts the elements whose pattern b satisfies
     ``b >> prefix_shift == prefix[r]``, bucketed by ``(b >> digit_shift) & (2^digit_bits − 1)``.
     ``prefix_shift = 31`` with prefix 0 counts every element (bit 31 of |x| is 0). Returns int64
-    [R, 2^digit_bits]. Exact."""
+    [R, 2^digit_bits]; given ``out`` (that shape, int64, on x's device), adds the counts into it and returns it
+    (a pass over many tensors then keeps one histogram). Exact."""
     rows = x.shape[0]
     buckets = 1 << digit_bits
     flat = x.reshape(rows, -1)
     prefixes = prefix.to(dtype=torch.int64).reshape(-1).expand(rows).tolist()
-    counts = torch.zeros(rows, buckets, dtype=torch.int64, device=x.device)
+    counts = histogram_out(out, rows, digit_bits, x.device)
     step = max(1, (1 << 22) // max(1, rows))  # column chunks: the int32 patterns stay chunk-sized
     for start in range(0, flat.shape[1], step):
         bits = magnitude_bits(flat[:, start : start + step])
@@ -435,6 +442,24 @@ def magnitude_histogram(
                 row = bits[r][(bits[r] >> prefix_shift) == prefixes[r]]
             counts[r] += torch.bincount((row >> digit_shift) & (buckets - 1), minlength=buckets)
     return counts
+
+
+def histogram_out(out: Tensor | None, rows: int, digit_bits: int, device: torch.device) -> Tensor:
+    """``out`` checked as ``magnitude_histogram``'s accumulator, or a new zeroed histogram."""
+    shape = (rows, 1 << digit_bits)
+    if out is None:
+        return torch.zeros(shape, dtype=torch.int64, device=device)
+    if (
+        tuple(out.shape) != shape
+        or out.dtype != torch.int64
+        or out.device != device
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"out must be a contiguous int64 {list(shape)} tensor on {device}, got {out.dtype} {list(out.shape)} "
+            f"on {out.device}"
+        )
+    return out
 
 
 #: magnitude_histogram's digit splits for an exact radix select of the 31 magnitude bits: three passes of at

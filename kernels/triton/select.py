@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import INF_BITS
+from kernels.reference import INF_BITS, histogram_out
 from kernels.triton import _common
 
 Tensor = torch.Tensor
@@ -92,21 +92,28 @@ def _as_rows(x: Tensor) -> Tensor:
 
 
 def magnitude_histogram(
-    x: Tensor, *, prefix: Tensor, prefix_shift: int, digit_shift: int, digit_bits: int
+    x: Tensor,
+    *,
+    prefix: Tensor,
+    prefix_shift: int,
+    digit_shift: int,
+    digit_bits: int,
+    out: Tensor | None = None,
 ) -> Tensor:
     """int64 [R, 2^digit_bits]: per row, the elements whose |x| pattern b has ``b >> prefix_shift == prefix[r]``,
-    bucketed by ``(b >> digit_shift) & (2^digit_bits − 1)``. Exact."""
+    bucketed by ``(b >> digit_shift) & (2^digit_bits − 1)``; added into ``out`` when given. Exact."""
     rows = x.reshape(x.shape[0], -1)
     _common.check_float(rows, "x")
     r, n = rows.shape
-    out = _common.new_output((r, 1 << digit_bits), dtype=torch.int64, device=x.device)
-    if r == 0:
-        return out
-    if n == 0:
-        return out.zero_()
+    if out is not None:
+        counts = histogram_out(out, r, digit_bits, x.device)
+    else:
+        counts = _common.new_output((r, 1 << digit_bits), dtype=torch.int64, device=x.device).zero_()
+    if r == 0 or n == 0:
+        return counts
     prefix64 = prefix.to(device=x.device, dtype=torch.int64).reshape(-1).expand(r).contiguous()
-    out.copy_(_histogram(rows.contiguous(), prefix64, prefix_shift, digit_shift, digit_bits))
-    return out
+    counts += _histogram(rows.contiguous(), prefix64, prefix_shift, digit_shift, digit_bits)
+    return counts
 
 
 def _descend(hist: Tensor, remaining: Tensor) -> tuple[Tensor, Tensor, Tensor]:

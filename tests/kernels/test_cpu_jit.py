@@ -261,6 +261,45 @@ def test_the_wide_radix_histograms_are_the_reference_exactly(rows: int) -> None:
     assert got_low.sum(dim=1).tolist() == got_high.gather(1, busiest[:, None]).squeeze(1).tolist()
 
 
+@pytest.mark.parametrize("split", reference.RADIX_PASSES_WIDE)
+def test_radix_histograms_add_into_out_as_a_sum_of_fresh_ones(split: tuple[int, int, int]) -> None:
+    """A pass over many tensors keeps one histogram (``out``): after two tensors it holds the sum of their own
+    histograms, on the compiled loops and on the reference alike; a mis-shaped accumulator is refused."""
+    prefix_shift, digit_shift, digit_bits = split
+    first, second = (_task_vectors_with_ties(3, seed=60 + i).reshape(3, -1) for i in range(2))
+    second = second[:, : second.shape[1] // 2 + 5].contiguous()  # another tensor, another length
+    high = split == reference.RADIX_PASSES_WIDE[0]
+    prefix = torch.zeros(3, dtype=torch.int64)
+    if not high:  # the low digits inside each row's fullest bin of the first tensor
+        top = cpu_fused.magnitude_histogram(
+            first, prefix=prefix, prefix_shift=31, digit_shift=15, digit_bits=16
+        )
+        prefix = top.argmax(dim=1)
+    digits = {
+        "prefix": prefix,
+        "prefix_shift": prefix_shift,
+        "digit_shift": digit_shift,
+        "digit_bits": digit_bits,
+    }
+    with jit_off():
+        want = reference.magnitude_histogram(first, **digits) + reference.magnitude_histogram(
+            second, **digits
+        )
+        on_reference = torch.zeros(3, 1 << digit_bits, dtype=torch.int64)
+        for x in (first, second):
+            assert reference.magnitude_histogram(x, **digits, out=on_reference) is on_reference
+    compiled = torch.zeros(3, 1 << digit_bits, dtype=torch.int64)
+    for x in (first, second):
+        assert cpu_fused.magnitude_histogram(x, **digits, out=compiled) is compiled
+    assert torch.equal(on_reference, want) and torch.equal(compiled, want) and int(want.sum()) > 0
+    for bad in (
+        torch.zeros(3, 1 << digit_bits, dtype=torch.int32),
+        torch.zeros(2, 1 << digit_bits, dtype=torch.int64),
+    ):
+        with pytest.raises(ValueError, match="out must be"):
+            cpu_fused.magnitude_histogram(first, **digits, out=bad)
+
+
 def test_row_moments_match_float64_and_the_radix_plan_follows_the_loops() -> None:
     x = _task_vectors_with_ties(3, seed=9).reshape(3, -1)
     x[1] *= -7.5
