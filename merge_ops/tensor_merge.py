@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 import kernels
+from kernels import buffers
 from merge_ops import patterns
 from merge_ops.checkpoint import release_pages, torch_dtype
 from merge_ops.errors import IncompatibleModelsError, NonFiniteTensorError
@@ -201,7 +202,9 @@ class TensorMerger:
             densities=densities,
             global_stats=global_stats,
             model_params=model_params,
-            base=base.float() if base is not None and self.method.info.needs_base_weights else None,
+            base=_float32_reference(base)
+            if base is not None and self.method.info.needs_base_weights
+            else None,
             reference_is_input=self.sources.reference_is_input,
         )
 
@@ -356,6 +359,14 @@ def _release_pages(loaded: Loaded) -> None:
     for tensor in (loaded.base, *(loaded.inputs or ())):
         if tensor is not None:
             release_pages(tensor)
+
+
+def _float32_reference(base: torch.Tensor) -> torch.Tensor:
+    """θ_0 in float32, in a buffer reused from tensor to tensor inside ``buffers.reuse()`` (a new one per tensor,
+    ``base.float()``, page-faulted fresh memory: 15 % of the main thread's py-spy samples in a SLERP merge)."""
+    if base.dtype == torch.float32 or base.device.type != "cpu":
+        return base.float()
+    return buffers.take("reference_float32", base.shape, torch.float32).copy_(base)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
