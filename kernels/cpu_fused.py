@@ -354,26 +354,23 @@ def magnitude_ranks(x: Tensor) -> Tensor:
 
 
 def magprune_mask(tau: Tensor, *, density: float, epsilon: float, key: int) -> Tensor:
-    """``reference.magprune_mask``, exactly: the compiled ranks, then one compiled pass per span that derives each
-    element's keep probability, hashes its draw and writes the masked value (float32 CPU tensors; rows of one
-    element and other dtypes: the reference)."""
+    """``reference.magprune_mask``, exactly: one compiled pass per span of rows that ranks each row (in a row-sized
+    scratch) and then derives each element's keep probability, hashes its draw and writes the masked value
+    (float32 CPU tensors; rows of one element and other dtypes: the reference)."""
     compiled = jit()
     rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
     values = storage(rows) if rows.dim() == 2 and rows.dtype == torch.float32 else None
     if compiled is None or values is None or values.shape[1] < 2:
         return reference.magprune_mask(tau, density=density, epsilon=epsilon, key=key)
     r, n = values.shape
-    # fresh, not reused buffers: they would stay allocated through the merge pass that follows, and raise its peak
-    # (a DELLA merge's peak RSS rose from ~1.8 to 2.0 GiB with them, measured)
-    ranks = magnitude_ranks(rows).numpy()
+    # a fresh output, not a reused buffer: it would stay allocated through the merge pass that follows, and raise
+    # its peak (a DELLA merge's peak RSS rose from ~1.8 to 2.0 GiB with reused ones, measured)
     out = np.empty((r, n), np.float32)
     low, spread = np.float32(density - epsilon), np.float32(epsilon)
     _run_row_spans(
         r,
         n,
-        lambda first, last: compiled.magprune_span(
-            values, ranks, low, spread, np.uint32(key), first, last, out
-        ),
+        lambda first, last: compiled.magprune_span(values, low, spread, np.uint32(key), first, last, out),
     )
     return torch.from_numpy(out).view(tau.shape)
 

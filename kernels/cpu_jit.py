@@ -430,45 +430,50 @@ _RANK_DIGITS = 4
 
 
 @compiled_loop
+def _row_ranks(x, keys, spare_keys, index, spare_index, counts, o):  # type: ignore[no-untyped-def]
+    """o[j] = the position of x[j] when x is sorted by |x| ascending, ties by lower index: a stable LSD radix sort
+    on the magnitude bits in the row-sized scratch arrays given. A digit every element shares is skipped."""
+    n = x.shape[0]
+    counts[:] = 0
+    for j in range(n):
+        u = _f32_as_u32(x[j]) & MAGNITUDE
+        keys[j] = u
+        index[j] = j
+        for d in range(_RANK_DIGITS):
+            counts[d, (u >> np.uint32(8 * d)) & np.uint32(255)] += 1
+    src_k, src_i, dst_k, dst_i = keys, index, spare_keys, spare_index
+    for d in range(_RANK_DIGITS):
+        shift = np.uint32(8 * d)
+        c = counts[d]
+        if n == 0 or c[(src_k[0] >> shift) & np.uint32(255)] == n:
+            continue
+        total = 0
+        for b in range(256):
+            here = c[b]
+            c[b] = total
+            total += here
+        for j in range(n):
+            key = src_k[j]
+            b = (key >> shift) & np.uint32(255)
+            at = c[b]
+            c[b] = at + 1
+            dst_k[at] = key
+            dst_i[at] = src_i[j]
+        src_k, src_i, dst_k, dst_i = dst_k, dst_i, src_k, src_i
+    for j in range(n):
+        o[src_i[j]] = j
+
+
+@compiled_loop
 def magnitude_ranks_span(rows, lo, hi, out):  # type: ignore[no-untyped-def]
     """out[r, j] = the position of rows[r, j] when row r is sorted by |x| ascending, ties by lower index, for the
-    rows [lo, hi) of float32 ``rows`` [R, n]: a stable LSD radix sort on the magnitude bits (``reference.magnitude_ranks``,
-    exactly). A digit every element shares is skipped."""
+    rows [lo, hi) of float32 ``rows`` [R, n] (``reference.magnitude_ranks``, exactly)."""
     n = rows.shape[1]
     keys, spare_keys = np.empty(n, np.uint32), np.empty(n, np.uint32)
     index, spare_index = np.empty(n, np.int64), np.empty(n, np.int64)
     counts = np.empty((_RANK_DIGITS, 256), np.int64)
     for r in range(lo, hi):
-        x = rows[r]
-        counts[:] = 0
-        for j in range(n):
-            u = _f32_as_u32(x[j]) & MAGNITUDE
-            keys[j] = u
-            index[j] = j
-            for d in range(_RANK_DIGITS):
-                counts[d, (u >> np.uint32(8 * d)) & np.uint32(255)] += 1
-        src_k, src_i, dst_k, dst_i = keys, index, spare_keys, spare_index
-        for d in range(_RANK_DIGITS):
-            shift = np.uint32(8 * d)
-            c = counts[d]
-            if n == 0 or c[(src_k[0] >> shift) & np.uint32(255)] == n:
-                continue
-            total = 0
-            for b in range(256):
-                here = c[b]
-                c[b] = total
-                total += here
-            for j in range(n):
-                key = src_k[j]
-                b = (key >> shift) & np.uint32(255)
-                at = c[b]
-                c[b] = at + 1
-                dst_k[at] = key
-                dst_i[at] = src_i[j]
-            src_k, src_i, dst_k, dst_i = dst_k, dst_i, src_k, src_i
-        o = out[r]
-        for j in range(n):
-            o[src_i[j]] = j
+        _row_ranks(rows[r], keys, spare_keys, index, spare_index, counts, out[r])
 
 
 @compiled_loop
@@ -481,14 +486,20 @@ def counter_bits_span(key, lo, hi, out):  # type: ignore[no-untyped-def]
 
 
 @compiled_loop
-def magprune_span(rows, ranks, low, spread, key, lo, hi, out):  # type: ignore[no-untyped-def]
-    """``reference.magprune_mask`` for the rows [lo, hi) of float32 ``rows`` [R, n] (n ≥ 2) with their 0-based
-    magnitude positions ``ranks``: out = rows where h_{r·n+j} >> 8 < ⌊p·2^24⌋, else +0, p = low + (ρ·2)·spread and
-    ρ = rank/(n − 1), each in float32 in torch's order (low = float32(density − ε), spread = float32(ε))."""
+def magprune_span(rows, low, spread, key, lo, hi, out):  # type: ignore[no-untyped-def]
+    """``reference.magprune_mask`` for the rows [lo, hi) of float32 ``rows`` [R, n] (n ≥ 2): each row's 0-based
+    magnitude positions (``_row_ranks``, into a row-sized scratch: no [R, n] array of ranks is written and read
+    back), then out = rows where h_{r·n+j} >> 8 < ⌊p·2^24⌋, else +0, p = low + (ρ·2)·spread and ρ = rank/(n − 1),
+    each in float32 in torch's order (low = float32(density − ε), spread = float32(ε))."""
     n = rows.shape[1]
+    keys, spare_keys = np.empty(n, np.uint32), np.empty(n, np.uint32)
+    index, spare_index = np.empty(n, np.int64), np.empty(n, np.int64)
+    counts = np.empty((_RANK_DIGITS, 256), np.int64)
+    rank = np.empty(n, np.int64)
     denominator = np.float32(n - 1)
     for r in range(lo, hi):
-        x, rank, o = rows[r], ranks[r], out[r]
+        x, o = rows[r], out[r]
+        _row_ranks(x, keys, spare_keys, index, spare_index, counts, rank)
         for j in range(n):
             rho = min(max(np.float32(rank[j]) / denominator, np.float32(0.0)), np.float32(1.0))
             p = low + (rho * np.float32(2.0)) * spread
@@ -667,9 +678,7 @@ def warm_up(ks: tuple[int, ...] = (1, 2, 3, 4)) -> int:
     slerp_delta_span(f32, f32, np.float32(0.5), np.float32(0.5), f32.copy(), 0, n)
     magnitude_ranks_span(rows, 0, 2, np.zeros((2, n), np.int64))
     counter_bits_span(np.uint32(1), 0, n, np.zeros(n, np.uint32))
-    magprune_span(
-        rows, np.zeros((2, n), np.int64), np.float32(0.4), np.float32(0.1), np.uint32(1), 0, 2, rows.copy()
-    )
+    magprune_span(rows, np.float32(0.4), np.float32(0.1), np.uint32(1), 0, 2, rows.copy())
     high_histogram_span(rows, 0, n, np.zeros((2, 1 << 16), np.int64))
     low_histogram_span(rows, 0, n, np.zeros(2, np.int64), np.zeros((2, 1 << LOW_BITS), np.int64))
     tie_cut(rows[0], np.uint32(0), 0)
