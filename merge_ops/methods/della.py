@@ -51,7 +51,10 @@ def magprune(
     masked = magprune_mask(tau, density=density, epsilon=epsilon, key=key)
     if not rescale:
         return result.copy_(masked)
-    before, after = tau.abs().sum(), masked.abs().sum()
+    # the L1 norms as torch.abs(·).sum(), with ``result`` as the |·| scratch (τ is no longer needed): a new
+    # full-size temporary per norm took 45 % of the main thread's py-spy samples in a DELLA merge
+    before = torch.abs(tau, out=result).sum()
+    after = torch.abs(masked, out=result).sum()
     if float(before) < _L1_EPS or float(after) < _L1_EPS:
         return result.copy_(masked)
     return torch.mul(masked, before / after, out=result)
