@@ -259,6 +259,23 @@ def low_histogram_span(rows, lo, hi, bins, hist):  # type: ignore[no-untyped-def
 
 
 @compiled_loop
+def histogram_descend(hist, row_of, wanted, digit, higher):  # type: ignore[no-untyped-def]
+    """For each entry e: in histogram row ``row_of[e]`` of int64 ``hist`` [M, B], the digit holding the
+    ``wanted[e]``-th largest element (1-based, counting from the top digit; the lowest digit when fewer are there)
+    and how many elements lie in higher digits, walking down from the top (no cumulative array)."""
+    bins = hist.shape[1]
+    for e in range(row_of.shape[0]):
+        h = hist[row_of[e]]
+        seen = 0
+        d = bins - 1
+        while d > 0 and seen + h[d] < wanted[e]:
+            seen += h[d]
+            d -= 1
+        digit[e] = d
+        higher[e] = seen
+
+
+@compiled_loop
 def tie_cut(row, bits, quota):  # type: ignore[no-untyped-def]
     """The index of tie number ``quota`` (0-based) of the row, the first tie past the quota, or the row's length:
     elements with |x| bits == ``bits`` before it are kept. Ties are counted a block at a time (a compare and a
@@ -682,6 +699,13 @@ def warm_up(ks: tuple[int, ...] = (1, 2, 3, 4)) -> int:
     high_histogram_span(rows, 0, n, np.zeros((2, 1 << 16), np.int64))
     low_histogram_span(rows, 0, n, np.zeros(2, np.int64), np.zeros((2, 1 << LOW_BITS), np.int64))
     tie_cut(rows[0], np.uint32(0), 0)
+    histogram_descend(
+        np.zeros((2, 4), np.int64),
+        np.zeros(2, np.int64),
+        np.ones(2, np.int64),
+        np.zeros(2, np.int64),
+        np.zeros(2, np.int64),
+    )
     pair = np.zeros((2, 2), np.uint32), np.zeros((2, 2), np.int64)
     band_select_span(
         rows,
@@ -710,7 +734,7 @@ def warm_up(ks: tuple[int, ...] = (1, 2, 3, 4)) -> int:
         0,
         n,
     )
-    return count + 15
+    return count + 16
 
 
 if __name__ == "__main__":

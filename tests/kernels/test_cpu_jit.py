@@ -464,3 +464,25 @@ def test_spans_cover_the_range_once_and_every_error_reaches_the_caller() -> None
             cpu_fused._run_spans(numel, lambda lo, hi: 1 // 0 if lo else None)
     finally:
         torch.set_num_threads(before)
+
+
+def test_histogram_descend_is_the_cumulative_search_it_replaces() -> None:
+    """The digit holding the wanted-th largest element, and the count above it, for fresh random histograms
+    (sparse, dense, empty rows, wanted beyond the row's total), against a cumulative sum over the reversed digits
+    and a left search (what ``cpu_select._digit`` computed before)."""
+    jitted = compiled.jit()
+    assert jitted is not None
+    rng = np.random.default_rng(17)
+    hist = rng.integers(0, 4, size=(5, 64)) * (rng.random((5, 64)) < 0.3)
+    hist[2] = 0
+    hist[3, 0] = 1000
+    row_of = rng.integers(0, 5, size=40).astype(np.int64)
+    totals = hist.sum(axis=1)
+    wanted = np.maximum(1, (rng.random(40) * (totals[row_of] + 3)).astype(np.int64))
+    digit, higher = np.empty(40, np.int64), np.empty(40, np.int64)
+    jitted.histogram_descend(hist, row_of, wanted, digit, higher)
+    for e, (r, w) in enumerate(zip(row_of.tolist(), wanted.tolist(), strict=True)):
+        above = np.cumsum(hist[r, ::-1])
+        index = min(int(np.searchsorted(above, w)), hist.shape[1] - 1)
+        assert digit[e] == hist.shape[1] - 1 - index, e
+        assert higher[e] == (above[index - 1] if index > 0 else 0), e
