@@ -340,16 +340,14 @@ def _column_spans(n: int) -> list[tuple[int, int]]:
 def _summed(
     fn: Callable[[int, int, np.ndarray], None], shape: tuple[int, int], n: int, role: str
 ) -> np.ndarray:
-    """Σ over column spans (one per thread) of the int64 histograms ``fn(lo, hi, hist)`` fills, into the reused
-    buffer ``role`` (valid until the next call with that role). Inside ``buffers.reuse()`` neither the span
-    histograms nor the sum are new memory: fresh 1.5 MiB histograms per tensor, page-faulted, were most of a
-    Breadcrumbs merge's selection time in py-spy."""
-    spans = _column_spans(n)
-    parts = buffers.take("select_span_histograms", (len(spans), *shape), torch.int64).numpy()
-    parts.fill(0)
-    _parallel_map(lambda i: fn(spans[i][0], spans[i][1], parts[i]), list(range(len(spans))))
+    """Σ over the column spans of the int64 histograms ``fn(lo, hi, hist)`` fills (``cpu_fused``'s span sums),
+    into the reused buffer ``role``, valid until the next call with that role: inside ``buffers.reuse()`` no
+    histogram is new memory."""
+    from kernels.cpu_fused import _summed_over_spans  # here: cpu_fused imports reference, which imports us
+
     total = buffers.take(role, shape, torch.int64).numpy()
-    np.sum(parts, axis=0, out=total)
+    total.fill(0)
+    _summed_over_spans(n, fn, total, into=total)
     return total
 
 

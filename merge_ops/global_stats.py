@@ -175,8 +175,8 @@ def _unbiased_std(total: float, total_sq: float, n: int) -> float:
 def _histogram(
     tv: torch.Tensor, prefix: torch.Tensor, radix_pass: tuple[int, int, int], out: torch.Tensor
 ) -> None:
-    """Add ``tv``'s counts for ``radix_pass`` into ``out`` (one histogram for the pass: a new one per tensor, and
-    torch adding it up, took 13 % of ComPEFT's global passes in py-spy)."""
+    """Add ``tv``'s counts for ``radix_pass`` into ``out`` (one histogram for the pass: torch adding a new one per
+    tensor into it took 249 of the 2144 py-spy samples of ComPEFT's global passes)."""
     prefix_shift, digit_shift, digit_bits = radix_pass
     rows = tv.reshape(tv.shape[0], -1)
     magnitude_histogram(
@@ -190,7 +190,7 @@ def _histogram(
 
 
 def _zero(t: torch.Tensor) -> None:
-    # numpy on the CPU: torch's fill of a 2^15-bin histogram wakes its OpenMP threads for a microsecond's work
+    # numpy on the CPU, as in ``_add``: a torch op on a histogram this size enters an OpenMP parallel region
     if t.device.type == "cpu":
         t.numpy().fill(0)
     else:
